@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# Usage: launch/gpu_multi.sh --config=CFG --workdir=DIR
+#          [--coordinator=HOST:PORT --num-processes=N --process-id=I] [options] [-- MAIN_ARGS...]
+#
+# Runs smope_jax on several GPU machines: start this script once on every
+# machine (one process per machine, driving all of its GPUs), with the same
+# --coordinator, --num-processes and --config, and --process-id 0..N-1.
+# Process 0 must run on the coordinator host; HOST:PORT must be reachable from
+# every machine. The main program gets
+#   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+#
+# Under SLURM (run with `srun`, one task per node; see launch/slurm_example.sbatch)
+# any of the three left out is derived: N from SLURM_NTASKS, I from
+# SLURM_PROCID, HOST from the first node of SLURM_STEP_NODELIST (or
+# SLURM_JOB_NODELIST) via `scontrol show hostnames`, PORT from --port or, as
+# JAX does, from the job id (61440 + SLURM_JOB_ID % 4096).
+#
+# The workdir must be shared by all machines: gs://... or a shared filesystem.
+#
+# GPU memory: unless already set in the environment, the run gets
+#   XLA_PYTHON_CLIENT_PREALLOCATE=false, XLA_PYTHON_CLIENT_MEM_FRACTION=.9,
+#   JAX_PLATFORMS=cuda (a machine without a usable GPU fails loudly).
+# A missing nvidia-smi is only a warning here (compute nodes and containers
+# often lack it although their GPUs work); JAX_PLATFORMS=cuda still stops a
+# machine without GPUs. Use --require-gpu-check to make it an error.
+#
+# Options (--opt VALUE and --opt=VALUE both work):
+#   --config CFG            config file, e.g. configs/cifar100.py (required)
+#   --workdir DIR           shared output directory, gs://... or shared FS (required)
+#   --coordinator HOST:PORT address of process 0 (required outside SLURM)
+#   --num-processes N       number of machines/processes (required outside SLURM)
+#   --process-id I          this machine's index, 0..N-1 (required outside SLURM)
+#   --port P                coordinator port when HOST is derived from SLURM
+#   --gpus LIST             GPUs to use on this machine (CUDA_VISIBLE_DEVICES)
+#   --config-args "..."     extra overrides, e.g. "--config.seed=3";
+#                           arguments after `--` are passed on verbatim as well
+#   --python PY             Python interpreter (default: $PYTHON, else python3, else python)
+#   --preallocate           XLA_PYTHON_CLIENT_PREALLOCATE=true
+#   --mem-fraction F        XLA_PYTHON_CLIENT_MEM_FRACTION, 0 < F <= 1 (default .9)
+#   --require-gpu-check     fail if nvidia-smi is missing
+#   --dry-run               print the command instead of running it
+#   -h, --help              print this help
+#
+# Example (two machines, 8 GPUs each):
+#   node-a$ launch/gpu_multi.sh --config=configs/cifar100.py --workdir=gs://b/run \
+#             --coordinator=node-a:12355 --num-processes=2 --process-id=0
+#   node-b$ launch/gpu_multi.sh --config=configs/cifar100.py --workdir=gs://b/run \
+#             --coordinator=node-a:12355 --num-processes=2 --process-id=1
+set -euo pipefail
+
+PROG=${0##*/}
+case ${BASH_SOURCE[0]} in
+  */*) SCRIPT_DIR=$(cd "${BASH_SOURCE[0]%/*}" && pwd) ;;
+  *) SCRIPT_DIR=$(pwd) ;;
+esac
+REPO_ROOT=${SCRIPT_DIR%/*}
+
+usage() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      '#!'*) continue ;;
+      '#'*) line=${line#\#}; printf '%s\n' "${line# }" ;;
+      *) break ;;
+    esac
+  done <"${BASH_SOURCE[0]}"
+}
+
+die() {
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  exit 2
+}
+
+warn() {
+  printf '%s: warning: %s\n' "$PROG" "$*" >&2
+}
+
+# Shell-quote one word, leaving it bare when that is safe.
+q() {
+  local s=$1
+  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$s"
+  elif [[ $s =~ ^(--?[A-Za-z0-9_.-]+=)(.+)$ ]]; then
+    printf '%s' "${BASH_REMATCH[1]}"
+    q "${BASH_REMATCH[2]}"
+  else
+    printf "'%s'" "${s//\'/\'\\\'\'}"
+  fi
+}
+
+qcmd() {
+  local out="" w
+  for w in "$@"; do
+    out+="${out:+ }$(q "$w")"
+  done
+  printf '%s' "$out"
+}
+
+# First host of a SLURM node list such as "gpu[03-05,09],gpu11" -> "gpu03",
+# for when scontrol is not available.
+first_host() {
+  local list=$1 head
+  head=${list%%,*}
+  if [[ $list == *\[* && ${list%%\[*} != *,* ]]; then
+    local prefix=${list%%\[*} inner=${list#*\[}
+    inner=${inner%%\]*}
+    inner=${inner%%,*}
+    head=$prefix${inner%%-*}
+  fi
+  printf '%s' "$head"
+}
+
+# ---------------------------------------------------------------- arguments
+CONFIG="" WORKDIR="" COORD="" NPROC="" PID_ARG="" PORT="" GPUS="" CONFIG_ARGS="" PY=${PYTHON:-}
+MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.9}
+PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+REQUIRE_GPU_CHECK=0 DRY_RUN=0
+EXTRA=()
+
+for a in "$@"; do
+  case $a in
+    --) break ;;
+    -h | --help) usage; exit 0 ;;
+  esac
+done
+
+while (($# > 0)); do
+  arg=$1
+  shift
+  case $arg in
+    --) EXTRA+=("$@"); break ;;
+    --*=*) name=${arg%%=*} val=${arg#*=} has_val=1 ;;
+    *) name=$arg val="" has_val=0 ;;
+  esac
+  case $name in
+    --dry-run | --preallocate | --require-gpu-check)
+      ((has_val)) && die "$name takes no value"
+      case $name in
+        --dry-run) DRY_RUN=1 ;;
+        --preallocate) PREALLOCATE=true ;;
+        --require-gpu-check) REQUIRE_GPU_CHECK=1 ;;
+      esac
+      ;;
+    --config | --workdir | --coordinator | --num-processes | --process-id | --port | --gpus | \
+      --config-args | --python | --mem-fraction)
+      if ((!has_val)); then
+        (($# > 0)) || die "$name needs a value"
+        val=$1
+        shift
+        [[ $val != -* || $name == --config-args ]] || die "$name needs a value (got '$val')"
+      fi
+      case $name in
+        --config) CONFIG=$val ;;
+        --workdir) WORKDIR=$val ;;
+        --coordinator) COORD=$val ;;
+        --num-processes) NPROC=$val ;;
+        --process-id) PID_ARG=$val ;;
+        --port) PORT=$val ;;
+        --gpus) GPUS=$val ;;
+        --config-args) CONFIG_ARGS=$val ;;
+        --python) PY=$val ;;
+        --mem-fraction) MEM_FRACTION=$val ;;
+      esac
+      ;;
+    *) die "unknown argument: $arg (see --help)" ;;
+  esac
+done
+
+[[ -n $CONFIG ]] || die "--config is required (see --help)"
+[[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
+
+# Fill in from SLURM what was not given.
+if [[ -n ${SLURM_PROCID:-} ]]; then
+  [[ -n $NPROC ]] || NPROC=${SLURM_NTASKS:-}
+  [[ -n $PID_ARG ]] || PID_ARG=$SLURM_PROCID
+  if [[ -z $COORD ]]; then
+    nodelist=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}
+    [[ -n $nodelist ]] || die "--coordinator is required: SLURM_STEP_NODELIST/SLURM_JOB_NODELIST are not set"
+    host=""
+    if command -v scontrol >/dev/null 2>&1; then
+      host=$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n 1 || true)
+    fi
+    [[ -n $host ]] || host=$(first_host "$nodelist")
+    if [[ -z $PORT ]]; then
+      [[ ${SLURM_JOB_ID:-} =~ ^[0-9]+$ ]] || die "--port is required: SLURM_JOB_ID is not set"
+      PORT=$((SLURM_JOB_ID % 4096 + 61440))
+    fi
+    COORD=$host:$PORT
+  fi
+  if [[ ${SLURM_NTASKS_PER_NODE:-1} =~ ^[0-9]+$ ]] && ((${SLURM_NTASKS_PER_NODE:-1} > 1)); then
+    warn "SLURM_NTASKS_PER_NODE=$SLURM_NTASKS_PER_NODE: each process drives all GPUs it sees; use one task per node (--ntasks-per-node=1)"
+  fi
+fi
+
+[[ -n $COORD ]] || die "--coordinator HOST:PORT is required (or run under SLURM with srun)"
+[[ -n $NPROC ]] || die "--num-processes is required (or run under SLURM with srun)"
+[[ -n $PID_ARG ]] || die "--process-id is required (or run under SLURM with srun)"
+[[ $COORD =~ ^[^:[:space:]]+:[0-9]+$ || $COORD =~ ^\[[0-9a-fA-F:.]+\]:[0-9]+$ ]] ||
+  die "--coordinator must be HOST:PORT, got '$COORD'"
+((10#${COORD##*:} >= 1 && 10#${COORD##*:} <= 65535)) || die "--coordinator port out of range: '$COORD'"
+if ! [[ $NPROC =~ ^[0-9]+$ ]] || ((10#$NPROC < 1)); then
+  die "--num-processes must be a positive integer, got '$NPROC'"
+fi
+[[ $PID_ARG =~ ^[0-9]+$ ]] || die "--process-id must be an integer in 0..$((10#$NPROC - 1)), got '$PID_ARG'"
+((10#$PID_ARG < 10#$NPROC)) || die "--process-id must be in 0..$((10#$NPROC - 1)), got '$PID_ARG'"
+if [[ -n $GPUS ]]; then
+  [[ $GPUS =~ ^[0-9]+(,[0-9]+)*$ || $GPUS =~ ^(GPU|MIG)-[-0-9a-fA-F/]+(,(GPU|MIG)-[-0-9a-fA-F/]+)*$ ]] ||
+    die "--gpus must be a comma-separated list of GPU indices or UUIDs (e.g. 0,1,2,3), got '$GPUS'"
+fi
+[[ $MEM_FRACTION =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] ||
+  die "--mem-fraction must be a number in (0, 1], e.g. .9, got '$MEM_FRACTION'"
+case $PREALLOCATE in
+  true | false) ;;
+  *) die "XLA_PYTHON_CLIENT_PREALLOCATE must be true or false, got '$PREALLOCATE'" ;;
+esac
+if ((10#$NPROC > 1)) && [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
+  warn "--workdir '$WORKDIR' is relative: every machine must see the same shared directory (gs://... or an absolute path on a shared filesystem)"
+fi
+
+if [[ -z $PY ]]; then
+  if command -v python3 >/dev/null 2>&1; then PY=python3; else PY=python; fi
+fi
+
+MAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR"
+  --coordinator_address="$COORD" --num_processes="$NPROC" --process_id="$PID_ARG")
+if [[ -n $CONFIG_ARGS ]]; then
+  read -r -a cfg_words <<<"$CONFIG_ARGS"
+  MAIN_ARGS+=(${cfg_words[@]+"${cfg_words[@]}"})
+fi
+MAIN_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+
+# Tools: checked before anything runs.
+if ((!DRY_RUN)); then
+  command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found (use --python)"
+fi
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  if ((REQUIRE_GPU_CHECK && !DRY_RUN)); then
+    die "nvidia-smi not found on PATH (--require-gpu-check)"
+  fi
+  warn "nvidia-smi not found on PATH; relying on JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} to find the GPUs"
+elif ((!DRY_RUN)); then
+  if gpu_list=$(nvidia-smi -L 2>&1); then
+    printf 'process %s/%s on %s:\n%s\n' "$PID_ARG" "$NPROC" "$(hostname 2>/dev/null || echo '?')" "$gpu_list" >&2
+  elif ((REQUIRE_GPU_CHECK)); then
+    die "nvidia-smi failed: ${gpu_list//$'\n'/ }"
+  else
+    warn "nvidia-smi failed: ${gpu_list//$'\n'/ }"
+  fi
+fi
+
+ENV=(env)
+[[ -n $GPUS ]] && ENV+=(CUDA_VISIBLE_DEVICES="$GPUS")
+ENV+=(
+  XLA_PYTHON_CLIENT_PREALLOCATE="$PREALLOCATE"
+  XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION"
+  JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+  PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  PYTHONUNBUFFERED=1
+)
+CMD=("${ENV[@]}" "$PY" -m smope_jax.main "${MAIN_ARGS[@]}")
+
+if ((DRY_RUN)); then
+  printf '%s\n' "$(qcmd "${CMD[@]}")"
+  exit 0
+fi
+printf '+ %s\n' "$(qcmd "${CMD[@]}")" >&2
+exec "${CMD[@]}"

@@ -1,0 +1,225 @@
+"""Saving and resuming the trainer's run state with Orbax.
+
+One checkpoint per step holds two items: `state`, a pytree of arrays
+(parameters, optimizer state, expert counts, RNG key data, ...) written with
+`StandardSave`, and `meta`, a JSON dict (task index, phase, accuracy matrix so
+far, ...). Every process of a multi-process run must call `save` and
+`restore_latest`; Orbax decides who writes what.
+
+A run killed mid-save, a full disk or a damaged copy can leave the newest step
+unreadable. `restore_latest` then falls back to the newest readable step and
+moves the unreadable newer ones aside to `<directory>/corrupt-<step>` (so the
+resumed run can save those step numbers again); nothing is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from smope_jax import errors
+
+_STATE = 'state'
+_META = 'meta'
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` (state, meta) checkpoints in `directory`."""
+
+  def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 3):
+    self._directory = epath.Path(directory)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add(_STATE, args_type, ocp.handlers.StandardCheckpointHandler)
+    for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add(_META, args_type, ocp.handlers.JsonCheckpointHandler)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self._directory, options=options, handler_registry=registry
+    )
+
+  @property
+  def directory(self) -> epath.Path:
+    return self._directory
+
+  def save(
+      self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False
+  ) -> bool:
+    """Starts writing `state` and `meta` as `step`; True if a save began.
+
+    The write may finish in the background: call `wait_until_finished` before
+    relying on it. Returns False (nothing written) if `step` is not newer
+    than the latest checkpoint, unless `force`.
+    """
+    # A JSON round trip fails here, not in the background writer, on values
+    # JSON cannot hold, and snapshots `meta` against later mutation.
+    meta = json.loads(json.dumps(meta))
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _META: ocp.args.JsonSave(meta),
+    })
+    return self._manager.save(step, args=args, force=force)
+
+  def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
+    """Returns (step, state, meta) of the newest readable checkpoint.
+
+    Args:
+      template: a pytree shaped like the saved state. Its leaves (numpy or
+        jax arrays, `jax.ShapeDtypeStruct`s with shardings, Python or numpy
+        scalars) say what type, dtype and sharding each restored leaf gets.
+
+    Returns:
+      None if the directory holds no finished checkpoint.
+
+    Raises:
+      errors.UserError: no checkpoint is readable, or the newest readable one
+        was written for a differently shaped state (another config).
+    """
+    self._warn_unfinished_saves()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    target = jax.tree.map(_restorable_leaf, template)
+    bad_steps = []
+    for step in steps:
+      restored, error = self._try_restore(step, target)
+      if _all_processes_succeeded(restored is not None):
+        self._move_aside(bad_steps)
+        state = jax.tree.map(_like_template, template, restored[_STATE])
+        return step, state, restored[_META]
+      error = _first_line(error) if error else 'it failed on another process'
+      logging.warning(
+          'Checkpoint step %d in %s is unreadable (%s); trying an older one.',
+          step, self._directory, error)
+      bad_steps.append(step)
+    raise errors.UserError(
+        f'No readable checkpoint in {self._directory} (steps {steps} all'
+        f' failed; the last error was: {error}). To start fresh, pass a new'
+        ' --workdir or delete that directory.'
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def wait_until_finished(self) -> None:
+    """Blocks until every started save is committed; raises if one failed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def _try_restore(self, step: int, target: Any):
+    """Returns (restored composite, None) or (None, the error)."""
+    try:
+      saved = self._manager.item_metadata(step)[_STATE]
+      saved_leaves = ocp.tree.to_flat_dict(saved.tree)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      return None, e
+    _check_compatible(step, self._directory, saved_leaves, target)
+    try:
+      args = ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(target),
+          _META: ocp.args.JsonRestore(),
+      })
+      return self._manager.restore(step, args=args), None
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Orbax and TensorStore raise many types (ValueError, KeyError,
+      # FileNotFoundError, JSONDecodeError...) for missing or damaged files.
+      return None, e
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames unreadable steps so the resumed run can reuse their numbers."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        source = self._directory / str(step)
+        target = self._directory / f'corrupt-{step}'
+        suffix = 1
+        while target.exists():
+          suffix += 1
+          target = self._directory / f'corrupt-{step}-{suffix}'
+        try:
+          source.rename(target)
+          logging.warning('Moved unreadable checkpoint %s to %s.', source,
+                          target)
+        except OSError as e:
+          logging.warning(
+              'Could not move unreadable checkpoint %s aside (%s); saves at'
+              ' steps up to %d will be skipped until it is removed.',
+              source, e, step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('smope_jax_checkpoint_move_aside')
+    self._manager.reload()
+
+  def _warn_unfinished_saves(self) -> None:
+    for tmp in ocp.utils.tmp_checkpoints(self._directory):
+      logging.warning(
+          'Ignoring %s: a checkpoint whose save never finished (the run'
+          ' was probably interrupted while saving).', tmp.get())
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """TensorStore errors embed kilobytes of spec; keep logs readable."""
+  text = f'{type(error).__name__}: {error}'.split('\n', 1)[0]
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _restorable_leaf(leaf: Any) -> Any:
+  """Orbax restores into arrays but rejects numpy scalars as templates."""
+  if isinstance(leaf, np.generic):
+    return np.asarray(leaf)
+  return leaf
+
+
+def _like_template(template_leaf: Any, restored_leaf: Any) -> Any:
+  if isinstance(template_leaf, np.generic):
+    return restored_leaf[()]
+  return restored_leaf
+
+
+def _check_compatible(step, directory, saved_leaves, target) -> None:
+  """Raises UserError when the checkpoint was saved for another state layout.
+
+  Orbax would otherwise restore a differently shaped numpy leaf silently, or
+  fail with an error indistinguishable from a damaged file.
+  """
+  wanted = {k: tuple(getattr(v, 'shape', ()))
+            for k, v in ocp.tree.to_flat_dict(target).items()}
+  saved = {k: tuple(v.shape) for k, v in saved_leaves.items()}
+  if wanted == saved:
+    return
+  names = lambda keys: ', '.join('/'.join(k) for k in sorted(keys)[:5])
+  problems = []
+  if missing := wanted.keys() - saved.keys():
+    problems.append(f'missing {names(missing)}')
+  if extra := saved.keys() - wanted.keys():
+    problems.append(f'unexpected {names(extra)}')
+  if reshaped := [k for k in wanted.keys() & saved.keys()
+                  if wanted[k] != saved[k]]:
+    problems.append(f'other shapes for {names(reshaped)}')
+  raise errors.UserError(
+      f'Checkpoint step {step} in {directory} does not fit the current model'
+      f' and config ({"; ".join(problems)}). Resume with the config that wrote'
+      ' it, or start fresh with a new --workdir.'
+  )
+
+
+def _all_processes_succeeded(ok: bool) -> bool:
+  """Makes every process fall back together if any failed to read a step."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))

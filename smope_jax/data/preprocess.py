@@ -1,0 +1,117 @@
+"""Per-image preprocessing: the reference's train augmentation and test resize.
+
+Images come in as uint8 (0..255) or float (0..1) tensors of shape (h, w, 3)
+and leave as float32 (size, size, 3) in [0, 1]; the model normalises nothing
+further. Random ops are TF *stateless* ops driven by an explicit seed, so an
+example's augmentation is a pure function of (seed, image).
+"""
+
+import math
+
+import tensorflow as tf
+
+TEST_RESIZES = ('resize', 'resize_crop')
+
+
+def to_unit_float(image: tf.Tensor) -> tf.Tensor:
+  """uint8 0..255 -> float32 0..1; float images are assumed already in 0..1."""
+  return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
+  # Antialiased bilinear matches PIL's bilinear filter used by torchvision.
+  image = tf.image.resize(image, [height, width], 'bilinear', antialias=True)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def random_resized_crop(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tf.Tensor:
+  """torchvision's RandomResizedCrop with stateless randomness.
+
+  Draws `attempts` (area, log-aspect) candidates at once and keeps the first
+  that fits inside the image; if none fits, falls back to the largest
+  centred crop whose aspect ratio lies in `ratio`, as torchvision does.
+
+  Args:
+    image: float (h, w, 3).
+    seed: int (2,) stateless seed.
+    size: output side.
+    scale: range of the crop area as a fraction of the image area.
+    ratio: range of the crop aspect ratio (width / height).
+    attempts: number of candidates.
+
+  Returns:
+    float32 (size, size, 3).
+  """
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  area = h * w * tf.random.stateless_uniform(
+      [attempts], seeds[0], scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1])))
+  crop_w = tf.round(tf.sqrt(area * aspect))
+  crop_h = tf.round(tf.sqrt(area / aspect))
+  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
+  top = tf.floor(tf.random.stateless_uniform([attempts], seeds[2])
+                 * (h - crop_h + 1))
+  left = tf.floor(tf.random.stateless_uniform([attempts], seeds[3])
+                  * (w - crop_w + 1))
+  first = tf.argmax(tf.cast(fits, tf.int32))
+
+  # Fallback: centred crop with the aspect ratio clamped into `ratio`.
+  in_ratio = w / h
+  fall_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+  fall_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  found = tf.reduce_any(fits)
+  crop_h = tf.where(found, crop_h[first], fall_h)
+  crop_w = tf.where(found, crop_w[first], fall_w)
+  top = tf.where(found, top[first], tf.floor((h - crop_h) / 2))
+  left = tf.where(found, left[first], tf.floor((w - crop_w) / 2))
+
+  begin = tf.cast(tf.stack([top, left, 0.0]), tf.int32)
+  extent = tf.cast(tf.stack([crop_h, crop_w, 3.0]), tf.int32)
+  return _resize(tf.slice(image, begin, extent), size, size)
+
+
+def train_image(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """The training augmentation: random-resized-crop, then horizontal flip."""
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
+  image = random_resized_crop(to_unit_float(image), crop_seed, size)
+  flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
+  """The evaluation transform.
+
+  Args:
+    image: uint8 or float (h, w, 3).
+    size: output side (`config.image_size`).
+    mode: 'resize' (CIFAR, digits): resize to size x size. 'resize_crop'
+      (ImageNet-R, CUB): resize to r x r with r = round(size * 256 / 224),
+      then take the centred size x size crop, i.e. the reference's
+      256 -> 224 at 224 px.
+
+  Returns:
+    float32 (size, size, 3).
+  """
+  image = to_unit_float(image)
+  if mode == 'resize':
+    image = _resize(image, size, size)
+  elif mode == 'resize_crop':
+    big = round(size * 256 / 224)
+    offset = int(round((big - size) / 2))
+    image = _resize(image, big, big)[offset:offset + size,
+                                     offset:offset + size]
+  else:
+    raise ValueError(f'Unknown test resize {mode!r}; use one of {TEST_RESIZES}.')
+  return tf.ensure_shape(image, [size, size, 3])

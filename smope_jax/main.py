@@ -1,0 +1,81 @@
+r"""Command line: `python -m smope_jax.main --config=CONFIG --workdir=DIR`.
+
+Re-running the same command resumes from the newest checkpoint in DIR; a
+finished run only reports. Problems the user can fix end with one message
+and exit status 2 instead of a traceback.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from smope_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar100.py or "
+    "configs/imagenet_r.py:tasks=20; override fields with --config.x=y.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory (local or gs://) for checkpoints, metrics, "
+    "plots and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 in a multi-process "
+    "run (GPU/CPU clusters; TPU pods are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "This process's index in a multi-process run.")
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps our INFO lines; libraries (orbax, tfds, ...) only from WARNING."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or
+            "smope_jax" in record.pathname)
+
+
+def _setup_logging(workdir: str) -> None:
+  """Quiet library logs; also log to WORKDIR/log.txt on process 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(workdir)
+    log_file = std_logging.StreamHandler(
+        tf.io.gfile.GFile(f"{workdir}/log.txt", "a"))
+    log_file.setFormatter(std_logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s"))
+    log_file.addFilter(_QuietLibraries())
+    std_logging.getLogger().addHandler(log_file)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  # Imported here so that --help stays fast and flag errors come first.
+  from smope_jax import distributed  # pylint: disable=g-import-not-at-top
+  from smope_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+    _setup_logging(_WORKDIR.value)
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3 if isinstance(e, trainer.Preempted) else 2)
+
+
+def run():
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""Models: the ViT backbone with SMoPE prompt-expert attention."""

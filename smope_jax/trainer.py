@@ -1,0 +1,364 @@
+"""The continual-learning task loop: `train_and_evaluate(config, workdir)`.
+
+Per task (spec section 4): [task 0: dense warm-up] -> top-K training ->
+expert counting -> class statistics -> [t >= 1: classifier alignment] ->
+evaluation of every seen task. The loop is a small state machine whose
+position (task, phase, epoch, step) is saved with the run state, so a
+re-run of the same command resumes where the last one stopped and ends with
+the results of an uninterrupted run.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from smope_jax import alignment, checkpointing, configuration, experts
+from smope_jax import distributed, metrics, reporting, schedules
+from smope_jax import train_step as steps_lib
+from smope_jax.data import pipeline
+from smope_jax.errors import UserError
+from smope_jax.models.vit import SMoPEViT
+
+# Phases of a task, in order; `meta['phase']` names the next one to run.
+PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
+# Data keys of the passes that read the training set outside the epochs.
+COUNT_PASS, STATS_PASS = -1, -2
+
+
+class Preempted(UserError):
+  """Raised by the `exit_at_step` fault injection, like a preemption."""
+
+
+def build_model(config, dims: dict) -> SMoPEViT:
+  return SMoPEViT(
+      num_classes=config.num_classes, num_prompted_layers=config.num_prompted_layers,
+      num_experts=config.num_experts, top_k=config.top_k,
+      epsilon=config.epsilon, inference_penalty=config.inference_penalty,
+      dtype=jnp.dtype(config.dtype), fused_attention=config.fused_attention,
+      **dims)
+
+
+def init_params(config, model: SMoPEViT) -> dict:
+  """Random prompts and head; the backbone from `config.pretrained`."""
+  images = jnp.zeros((1, config.image_size, config.image_size, 3))
+  state = experts.init_expert_state(config.num_prompted_layers,
+                                    model.num_heads, config.num_experts)
+  params = jax.jit(lambda k: model.init(k, images, state, mode="train"))(
+      jax.random.PRNGKey(config.seed))["params"]
+  params = jax.tree_util.tree_map(np.asarray, params)
+  if config.pretrained:
+    from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+    trainable, frozen = steps_lib.split_params(params)
+    frozen = pretrained.load_backbone(config.pretrained, frozen)
+    params = steps_lib.merge_params(trainable, frozen)
+  return params
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one seed's run needs; built once, then `run()`."""
+  config: object
+  workdir: str
+
+  def __post_init__(self):
+    config = self.config
+    configuration.validate(config)
+    configuration.validate_devices(config, jax.device_count(),
+                                   jax.process_count())
+    self.mesh = distributed.make_mesh()
+    self.replicated = distributed.replicated(self.mesh)
+    self.batch_sharding = distributed.batch_sharded(self.mesh)
+    self.data = pipeline.build_continual_data(
+        config, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    self.model = build_model(config, configuration.model_dims(config))
+    self.cpt = config.num_classes // config.num_tasks
+    self.weights = steps_lib.LossWeights(
+        router=config.router_weight, prototype=config.prototype_weight,
+        epsilon=config.epsilon, top_k=config.top_k)
+    self.steps = steps_lib.make_steps(self.model, self.optimizer,
+                                      self.weights, self.replicated)
+    self.reporter = reporting.Reporter(self.workdir, distributed.is_primary(),
+                                       config.progress_bar)
+    self.checkpointer = checkpointing.Checkpointer(
+        f"{self.workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
+
+  # ----------------------------------------------------------------- state
+
+  def fresh_state(self) -> tuple[dict, dict]:
+    params = init_params(self.config, self.model)
+    trainable, frozen = steps_lib.split_params(params)
+    dims = trainable["prompts"]["keys"].shape
+    hidden = self.model.hidden_size
+    state = {
+        "trainable": trainable,
+        "opt_state": self.optimizer((1, 1)).init(trainable),
+        "expert_state": jax.tree_util.tree_map(
+            np.asarray, experts.init_expert_state(*dims[:3])),
+        "snapshot": jax.tree_util.tree_map(np.array, trainable["prompts"]),
+        "class_means": np.zeros((self.config.num_classes, hidden), np.float32),
+        "class_vars": np.zeros((self.config.num_classes, hidden), np.float32),
+    }
+    meta = {"task": 0, "phase": "start", "epoch": 0, "step": 0,
+            "global_step": 0, "save_id": 0, "seed": int(self.config.seed),
+            "acc_matrix": [], "correct": [], "task_seconds": [],
+            "train_images_per_second": []}
+    return (distributed.put_replicated(state, self.mesh),
+            distributed.put_replicated(frozen, self.mesh)), meta
+
+  def optimizer(self, key):
+    steps_per_epoch, epochs = key
+    return schedules.task_optimizer(self.config, steps_per_epoch, epochs)
+
+  def save(self, state, meta, force=False):
+    meta["save_id"] += 1
+    self.checkpointer.save(meta["save_id"], state, meta, force=force)
+
+  # ------------------------------------------------------------------ loop
+
+  def run(self) -> dict:
+    self.reporter.write_config(self.config)
+    (state, self.frozen), meta = self.fresh_state()
+    restored = self.checkpointer.restore_latest(state)
+    if restored is not None:
+      _, state, meta = restored
+      logging.info("resuming task %d, phase %s, epoch %d, step %d",
+                   meta["task"], meta["phase"], meta["epoch"], meta["step"])
+    try:
+      while meta["task"] < self.config.num_tasks:
+        state = getattr(self, "phase_" + meta["phase"])(state, meta)
+      self.checkpointer.wait_until_finished()
+      return self.summary(state, meta)
+    finally:
+      self.reporter.close()
+      self.checkpointer.close()
+
+  def advance(self, meta, phase):
+    meta.update(phase=phase, epoch=0, step=0)
+
+  def phase_start(self, state, meta):
+    meta["task_clock"] = time.time()
+    if meta["task"] > 0:
+      # Snapshot for the prototype loss, then mark frequently used experts.
+      state["snapshot"] = jax.tree_util.tree_map(
+          jnp.copy, state["trainable"]["prompts"])
+      state["expert_state"] = jax.jit(experts.mark_frequent)(
+          state["expert_state"])
+    warm = meta["task"] == 0 and self.config.dense_warmup
+    phase = "warmup" if warm else "train"
+    state["opt_state"] = self.optimizer(self.phase_shape(meta, phase)).init(
+        state["trainable"])
+    self.advance(meta, phase)
+    return state
+
+  def phase_shape(self, meta, phase) -> tuple[int, int]:
+    """(schedule steps per epoch, epochs) of a training phase."""
+    epochs = self.config.epochs
+    if phase == "warmup":
+      epochs = max(int(epochs * 0.5), 1)
+    per_epoch = (self.config.steps_per_epoch or
+                 self.data.steps_per_epoch(meta["task"],
+                                           self.config.batch_size))
+    return per_epoch, epochs
+
+  def phase_warmup(self, state, meta):
+    return self.train_epochs(state, meta, "dense", next_phase="train")
+
+  def phase_train(self, state, meta):
+    return self.train_epochs(state, meta, "train", next_phase="count")
+
+  def train_epochs(self, state, meta, mode, next_phase):
+    task, config = meta["task"], self.config
+    shape = self.phase_shape(meta, meta["phase"])
+    epochs = shape[1]
+    batches_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
+    class_range = jnp.array([task * self.cpt, (task + 1) * self.cpt],
+                            jnp.int32)
+    use_prototype = mode == "train" and task > 0
+    label = f"task {task + 1}/{config.num_tasks} {meta['phase']}"
+    images, clock = 0, time.perf_counter()
+    while meta["epoch"] < epochs:
+      totals, logged = None, 0
+      for local in self.data.train_batches(task, meta["epoch"],
+                                           config.batch_size,
+                                           start_step=meta["step"]):
+        batch = distributed.global_batch(local, self.batch_sharding)
+        state["trainable"], state["opt_state"], step_metrics = self.steps.train(
+            mode, use_prototype, shape, state["trainable"], state["opt_state"],
+            self.frozen, state["expert_state"], state["snapshot"]["keys"],
+            batch, class_range)
+        totals = step_metrics if totals is None else jax.tree_util.tree_map(
+            jnp.add, totals, step_metrics)
+        logged += 1
+        meta["step"] += 1
+        meta["global_step"] += 1
+        images += local["image"].shape[0] * jax.process_count()
+        if meta["global_step"] == config.exit_at_step:
+          raise Preempted(f"stopped at global step {config.exit_at_step} "
+                          "(config.exit_at_step); re-run to resume.")
+        if meta["step"] % config.log_every_steps == 0:
+          self.log_train(meta, totals, logged, label, batches_per_epoch,
+                         epochs, images / (time.perf_counter() - clock))
+          totals, logged = None, 0
+        if meta["global_step"] % config.checkpoint_every_steps == 0:
+          self.save(state, meta)
+      if totals is not None:
+        self.log_train(meta, totals, logged, label, batches_per_epoch, epochs,
+                       images / (time.perf_counter() - clock))
+      meta["epoch"] += 1
+      meta["step"] = 0
+    self.reporter.progress.close()
+    seconds = time.perf_counter() - clock
+    if mode == "train" and seconds > 0:
+      meta["train_images_per_second"].append(images / seconds)
+    self.advance(meta, next_phase)
+    self.save(state, meta)
+    return state
+
+  def log_train(self, meta, totals, steps, label, per_epoch, epochs,
+                images_per_s):
+    """Logs the mean of the step metrics accumulated over `steps` steps."""
+    host = distributed.to_host(totals)
+    values = {name: float(host[name]) / steps
+              for name in ("loss", "ce", "router", "prototype") if name in host}
+    values["acc"] = 100.0 * float(host["correct"]) / max(
+        float(host["count"]), 1.0)
+    values["img/s"] = images_per_s
+    self.reporter.scalars(meta["global_step"], values,
+                          prefix=f"train/{meta['phase']}/")
+    done = meta["epoch"] * per_epoch + meta["step"]
+    self.reporter.progress.update(label, done, per_epoch * epochs, values)
+
+  def phase_count(self, state, meta):
+    """Inference-mode pass over the task's training set, counts per batch."""
+    task = meta["task"]
+    for local in self.data.train_batches(task, COUNT_PASS,
+                                         self.config.batch_size,
+                                         start_step=meta["step"]):
+      batch = distributed.global_batch(local, self.batch_sharding)
+      state["expert_state"] = self.steps.count(
+          state["trainable"], self.frozen, state["expert_state"], batch)
+      meta["step"] += 1
+    self.advance(meta, "stats")
+    self.save(state, meta)
+    return state
+
+  def phase_stats(self, state, meta):
+    """Mean and variance of each new class's pre-logits (train augmentation)."""
+    task = meta["task"]
+    feats, labels = [], []
+    for local in self.data.train_batches(task, STATS_PASS,
+                                         self.config.batch_size):
+      batch = distributed.global_batch(local, self.batch_sharding)
+      out = self.steps.features(state["trainable"], self.frozen,
+                                state["expert_state"], batch)
+      keep = distributed.gather_to_host(batch["mask"]) > 0
+      feats.append(distributed.gather_to_host(out)[keep])
+      labels.append(distributed.gather_to_host(batch["label"])[keep])
+    classes = np.arange(task * self.cpt, (task + 1) * self.cpt)
+    means, variances = alignment.class_statistics(
+        np.concatenate(feats), np.concatenate(labels), classes)
+    host_means = distributed.to_host(state["class_means"]).copy()
+    host_vars = distributed.to_host(state["class_vars"]).copy()
+    host_means[classes], host_vars[classes] = means, variances
+    state["class_means"], state["class_vars"] = distributed.put_replicated(
+        (host_means, host_vars), self.mesh)
+    self.advance(meta, "align")
+    return state
+
+  def phase_align(self, state, meta):
+    task = meta["task"]
+    if task >= 1 and self.config.align_epochs > 0:
+      seen = (task + 1) * self.cpt
+      per_class = self.config.batch_size * self.config.align_ratio
+      iterations = task * self.cpt  # classes of the earlier tasks
+      tx = schedules.alignment_optimizer(
+          self.config, iterations * self.config.align_epochs)
+      key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task)
+      means, variances, key = distributed.put_replicated(
+          (distributed.to_host(state["class_means"])[:seen],
+           distributed.to_host(state["class_vars"])[:seen],
+           np.asarray(key)), self.mesh)
+      trainable = dict(state["trainable"])
+      trainable["head"] = alignment.align_head(
+          trainable["head"], means, variances, key, tx=tx,
+          per_class=per_class, steps_per_epoch=iterations,
+          num_epochs=self.config.align_epochs)
+      state["trainable"] = trainable
+    self.advance(meta, "eval")
+    return state
+
+  def phase_eval(self, state, meta):
+    task = meta["task"]
+    seen = jnp.int32((task + 1) * self.cpt)
+    row, correct_row = [], []
+    for j in range(task + 1):
+      correct = jnp.int32(0)
+      for local in self.data.test_batches(j, self.config.eval_batch_size):
+        batch = distributed.global_batch(local, self.batch_sharding)
+        correct = correct + self.steps.eval(state["trainable"], self.frozen,
+                                            state["expert_state"], batch, seen)
+      correct = int(distributed.to_host(correct))
+      correct_row.append(correct)
+      row.append(100.0 * correct / self.data.test_size(j))
+    meta["acc_matrix"].append(row)
+    meta["correct"].append(correct_row)
+    meta["task_seconds"].append(time.time() - meta.pop("task_clock",
+                                                       time.time()))
+    logging.info("after task %d: accuracies %s",
+                 task + 1, " ".join(f"{a:.2f}" for a in row))
+    meta["task"] += 1
+    self.advance(meta, "start")
+    final = meta["task"] == self.config.num_tasks
+    summary = self.summary(state, meta)
+    self.reporter.scalars(task + 1, {k: summary[k] for k in
+                                     ("faa", "caa", "ffm")}, prefix="eval/")
+    self.reporter.task_report(summary, np.asarray(
+        distributed.to_host(state["expert_state"]["counts"])), final)
+    self.save(state, meta, force=True)
+    return state
+
+  def summary(self, state, meta) -> dict:
+    matrix = accuracy_matrix(meta["acc_matrix"])
+    sizes = [self.data.test_size(j) for j in range(len(meta["acc_matrix"]))]
+    out = metrics.summarize(matrix, test_sizes=sizes)
+    out.update(
+        seed=meta["seed"], tasks_done=len(meta["acc_matrix"]),
+        task_seconds=meta["task_seconds"],
+        train_images_per_second=meta["train_images_per_second"],
+        expert_counts=np.asarray(distributed.to_host(
+            state["expert_state"]["counts"])).tolist(),
+        expert_frequent=np.asarray(distributed.to_host(
+            state["expert_state"]["frequent"])).tolist())
+    return out
+
+
+def accuracy_matrix(rows: list[list[float]]) -> np.ndarray:
+  """Square matrix of the finished tasks; NaN above the diagonal."""
+  matrix = np.full((len(rows), len(rows)), np.nan)
+  for t, row in enumerate(rows):
+    matrix[t, :len(row)] = row
+  return matrix
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs every requested seed; returns the summary (or the seed table)."""
+  configuration.validate(config)
+  seeds = configuration.parse_seeds(config)
+  if len(seeds) == 1:
+    config = config.copy_and_resolve_references()
+    config.seed = seeds[0]
+    return Run(config, workdir).run()
+  summaries = []
+  for seed in seeds:
+    seed_config = config.copy_and_resolve_references()
+    seed_config.seed, seed_config.seeds = seed, ""
+    summaries.append(Run(seed_config, f"{workdir}/seed_{seed}").run())
+  reporter = reporting.Reporter(workdir, distributed.is_primary(), False)
+  reporter.seed_report(summaries, seeds)
+  reporter.close()
+  return {"seeds": seeds, "runs": summaries}

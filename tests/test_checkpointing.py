@@ -1,0 +1,200 @@
+"""Tests for smope_jax.checkpointing: round trips and recovery from damage."""
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from smope_jax import checkpointing
+from smope_jax import errors
+
+# After a failed read, TensorStore callbacks can reach Orbax's already closed
+# event loop; Python reports that as an unraisable exception. It is harmless.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+def _state(value: float = 1.0):
+  params = {
+      'prompt': {'keys': jnp.full((2, 3, 4), value), 'values': jnp.zeros(5)},
+      'head': {'w': jnp.full((4, 2), value, jnp.bfloat16)},
+  }
+  opt_state = optax.adam(1e-3).init(params)
+  return {
+      'params': params,
+      'opt_state': opt_state,
+      'counts': np.arange(6, dtype=np.int32).reshape(2, 3) * int(value),
+      'marks': np.array([[True, False, value > 1]]),
+      'rng': jax.random.key_data(jax.random.key(int(value))),
+      'step': np.int64(7 * value),
+      'epoch': int(value),
+  }
+
+
+def _meta(step: int):
+  return {'task': step, 'phase': 'topk', 'acc': [[90.5, None], [80.0, 70.25]]}
+
+
+def _assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert type(a) is type(e), (type(a), type(e))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    assert np.asarray(a).dtype == np.asarray(e).dtype
+
+
+def _save_steps(directory, steps, **kwargs):
+  ckpt = checkpointing.Checkpointer(directory, **kwargs)
+  for step in steps:
+    assert ckpt.save(step, _state(float(step)), _meta(step))
+  ckpt.wait_until_finished()
+  ckpt.close()
+
+
+def _restore(directory):
+  ckpt = checkpointing.Checkpointer(directory)
+  try:
+    return ckpt.restore_latest(_state(0.0))
+  finally:
+    ckpt.close()
+
+
+def test_round_trip_into_concrete_template(tmp_path):
+  _save_steps(tmp_path, [5])
+  step, state, meta = _restore(tmp_path)
+  assert step == 5
+  _assert_trees_equal(state, _state(5.0))
+  assert isinstance(state['opt_state'][0], optax.ScaleByAdamState)
+  assert meta == _meta(5)
+
+
+def test_round_trip_into_abstract_template(tmp_path):
+  _save_steps(tmp_path, [3])
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      _state(0.0)['params'])
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  template = dict(_state(0.0), params=abstract)
+  step, state, _ = ckpt.restore_latest(template)
+  ckpt.close()
+  assert step == 3
+  _assert_trees_equal(state['params'], _state(3.0)['params'])
+  assert all(isinstance(x, jax.Array) and x.sharding == sharding
+             for x in jax.tree.leaves(state['params']))
+
+
+def test_empty_directory_gives_none(tmp_path):
+  assert _restore(tmp_path / 'checkpoints') is None
+
+
+def test_max_to_keep_and_steps(tmp_path):
+  _save_steps(tmp_path, [1, 2, 3, 4], max_to_keep=2)
+  ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=2)
+  assert ckpt.all_steps() == [3, 4]
+  assert ckpt.latest_step() == 4
+  assert not ckpt.save(4, _state(), _meta(4))  # not newer: skipped
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['3', '4']
+
+
+def test_meta_that_is_not_json_fails_at_save(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  with pytest.raises(TypeError):
+    ckpt.save(1, _state(), {'acc': np.float32(1.0)})
+  ckpt.close()
+
+
+def test_meta_is_snapshotted_at_save(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  meta = _meta(1)
+  ckpt.save(1, _state(), meta)
+  meta['acc'].append([1.0])
+  ckpt.wait_until_finished()
+  assert ckpt.restore_latest(_state())[2] == _meta(1)
+  ckpt.close()
+
+
+def _delete_array_data(step_dir: pathlib.Path):
+  data = [p for p in (step_dir / 'state').rglob('*') if p.parent.name == 'd']
+  assert data
+  for path in data:
+    path.unlink()
+
+
+def _truncate_array_data(step_dir: pathlib.Path):
+  data = [p for p in (step_dir / 'state').rglob('*') if p.parent.name == 'd']
+  assert data
+  for path in data:
+    with path.open('r+b') as f:
+      f.truncate(7)
+
+
+def _truncate_tree_metadata(step_dir: pathlib.Path):
+  with (step_dir / 'state' / '_METADATA').open('r+b') as f:
+    f.truncate(20)
+
+
+def _delete_meta_json(step_dir: pathlib.Path):
+  (step_dir / 'meta' / 'metadata').unlink()
+
+
+@pytest.mark.parametrize('damage', [
+    _delete_array_data, _truncate_array_data, _truncate_tree_metadata,
+    _delete_meta_json])
+def test_falls_back_to_previous_readable_step(tmp_path, caplog, damage):
+  _save_steps(tmp_path, [1, 2])
+  damage(tmp_path / '2')
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    step, state, meta = ckpt.restore_latest(_state(0.0))
+  assert step == 1
+  _assert_trees_equal(state, _state(1.0))
+  assert meta == _meta(1)
+  assert any('step 2' in r.getMessage() and r.levelno == logging.WARNING
+             for r in caplog.records)
+  # The bad step is kept, under a name that frees step 2 for the new run.
+  assert (tmp_path / 'corrupt-2').is_dir()
+  assert ckpt.all_steps() == [1]
+  assert ckpt.save(2, _state(2.0), _meta(2))
+  ckpt.wait_until_finished()
+  assert ckpt.restore_latest(_state(0.0))[0] == 2
+  ckpt.close()
+
+
+def test_unfinished_save_is_ignored_with_a_warning(tmp_path, caplog):
+  _save_steps(tmp_path, [1])
+  unfinished = tmp_path / '2.orbax-checkpoint-tmp-1700000000'
+  (unfinished / 'state').mkdir(parents=True)
+  (unfinished / 'state' / '_METADATA').write_text('{"tree_meta')
+  with caplog.at_level(logging.WARNING):
+    assert _restore(tmp_path)[0] == 1
+  assert any(unfinished.name in r.getMessage() for r in caplog.records)
+  assert unfinished.is_dir()
+
+
+def test_all_steps_unreadable_raises_user_error(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  for step in ('1', '2'):
+    _delete_array_data(tmp_path / step)
+  with pytest.raises(errors.UserError, match='--workdir') as info:
+    _restore(tmp_path)
+  assert str(tmp_path) in str(info.value)
+  # Nothing is moved or deleted when there is nothing to resume from.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
+
+
+def test_other_state_layout_raises_user_error(tmp_path):
+  _save_steps(tmp_path, [1])
+  template = _state(0.0)
+  template['counts'] = np.zeros((4, 3), np.int32)
+  template['extra'] = np.zeros(2)
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  with pytest.raises(errors.UserError, match='counts.*extra|extra.*counts'):
+    ckpt.restore_latest(template)
+  ckpt.close()
+  assert (tmp_path / '1').is_dir()

