@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from smope_jax import losses
 
@@ -22,14 +23,19 @@ def class_statistics(features: np.ndarray, labels: np.ndarray,
                      classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-class mean and population variance, computed in float64.
 
-  Returns two (len(classes), D) float32 arrays.
+  Returns two (len(classes), D) float32 arrays. A class without training
+  images (only possible with synthetic data) gets zeros and a warning.
   """
   features = np.asarray(features, np.float64)
+  empty = [int(c) for c in classes if not np.any(labels == c)]
+  if empty:
+    logging.warning("classes %s have no training images; their replay "
+                    "statistics are zero", empty)
   means, variances = [], []
   for c in classes:
     rows = features[labels == c]
     if len(rows) == 0:
-      raise ValueError(f"class {c} has no training features")
+      rows = np.zeros((1, features.shape[1]))
     means.append(rows.mean(axis=0))
     variances.append(rows.var(axis=0))
   return (np.stack(means).astype(np.float32),

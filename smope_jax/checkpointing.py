@@ -40,9 +40,14 @@ class Checkpointer:
       registry.add(_STATE, args_type, ocp.handlers.StandardCheckpointHandler)
     for args_type in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add(_META, args_type, ocp.handlers.JsonCheckpointHandler)
+    # Synchronous saves: the run state (prompts, head, optimizer moments,
+    # class statistics) is a few MB, and orbax 0.12's async finaliser was
+    # seen racing its own metadata writer on quick consecutive saves
+    # ("Checkpoint directory does not exist: N.orbax-checkpoint-tmp/...").
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
         create=True,
+        enable_async_checkpointing=False,
     )
     self._manager = ocp.CheckpointManager(
         self._directory, options=options, handler_registry=registry
@@ -55,10 +60,9 @@ class Checkpointer:
   def save(
       self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False
   ) -> bool:
-    """Starts writing `state` and `meta` as `step`; True if a save began.
+    """Writes `state` and `meta` as `step`; True if a save happened.
 
-    The write may finish in the background: call `wait_until_finished` before
-    relying on it. Returns False (nothing written) if `step` is not newer
+    Returns False (nothing written) if `step` is not newer
     than the latest checkpoint, unless `force`.
     """
     # A JSON round trip fails here, not in the background writer, on values

@@ -7,7 +7,7 @@ differs; `validate` turns a wrong value into one clear `ConfigError`.
 import ml_collections
 
 from smope_jax.errors import ConfigError
-from smope_jax.models.vit import VIT_VARIANTS
+from smope_jax.models.variants import VIT_VARIANTS
 
 DATASETS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
 SCHEDULES = ("cosine", "epoch_cosine")

@@ -20,11 +20,10 @@ import numpy as np
 from smope_jax import pretrained
 from smope_jax.errors import UserError
 
+# Not `required=True`: that would bind every program importing this module.
 _INPUT = flags.DEFINE_string(
-    'input', None, 'A preset name, a checkpoint file or a converted dir.',
-    required=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'Directory to write.',
-                              required=True)
+    'input', None, 'A preset name, a checkpoint file or a converted dir.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory to write.')
 _MODEL = flags.DEFINE_enum('model', 'B/16', list(pretrained.VIT_VARIANTS),
                            'ViT variant the weights are for.')
 _IMAGE_SIZE = flags.DEFINE_integer(
@@ -50,6 +49,8 @@ def save_backbone(params, directory, *, source, model, image_size):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError('--input and --output are required')
   try:
     template = pretrained.backbone_template(_MODEL.value, _IMAGE_SIZE.value)
     params = pretrained.load_backbone(_INPUT.value, template)

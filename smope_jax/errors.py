@@ -10,7 +10,7 @@ class UserError(Exception):
   """A problem the user can fix; the message says how."""
 
 
-class ConfigError(UserError):
+class ConfigError(UserError, ValueError):
   """A config value is invalid."""
 
 

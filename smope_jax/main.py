@@ -5,8 +5,14 @@ finished run only reports. Problems the user can fix end with one message
 and exit status 2 instead of a traceback.
 """
 
-import logging as std_logging
-import sys
+import os
+
+# TensorFlow serves only the input pipeline; keep its C++ start-up chatter
+# out. Set before anything imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import logging as std_logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app
 from absl import flags
@@ -39,12 +45,10 @@ class _QuietLibraries(std_logging.Filter):
             "smope_jax" in record.pathname)
 
 
-def _setup_logging(workdir: str) -> None:
-  """Quiet library logs; also log to WORKDIR/log.txt on process 0."""
+def _log_to_workdir(workdir: str) -> None:
+  """Also logs to WORKDIR/log.txt on process 0."""
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  handler = logging.get_absl_handler()
-  handler.addFilter(_QuietLibraries())
   if jax.process_index() == 0:
     tf.io.gfile.makedirs(workdir)
     log_file = std_logging.StreamHandler(
@@ -61,10 +65,11 @@ def main(argv):
   # Imported here so that --help stays fast and flag errors come first.
   from smope_jax import distributed  # pylint: disable=g-import-not-at-top
   from smope_jax import trainer  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
-    _setup_logging(_WORKDIR.value)
+    _log_to_workdir(_WORKDIR.value)
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     logging.flush()
@@ -72,9 +77,58 @@ def main(argv):
     sys.exit(3 if isinstance(e, trainer.Preempted) else 2)
 
 
+def _cause(error: BaseException):
+  """The first UserError in an exception's cause/context chain, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, UserError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _last_line(text: str) -> str:
+  """The final line of a flag error, which config_flags pads with a traceback.
+
+  For "pkg.SomeError: what went wrong" only "what went wrong" is kept.
+  """
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  last = lines[-1] if lines else text
+  head, sep, rest = last.partition(": ")
+  if sep and " " not in head and head.split(".")[-1][:1].isupper():
+    return rest
+  return last
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad flag or config ends with one line and status 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a field that does not
+    # exist, e.g. --config.nosuch=1.
+    name = str(e).strip("\"'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    culprit = next((o for o in overrides if name in o.split(".")), name)
+    message = (f"{culprit}: the config has no field {name!r}; see the "
+               "config file for the fields it has.")
+  except flags.Error as e:
+    message = _last_line(str(_cause(e) or e))
+  else:
+    try:  # config_flags loads the file lazily: surface a missing file now.
+      flags.FLAGS.config.keys()
+    except OSError as e:
+      message = _last_line(str(e))
+    else:
+      return remaining
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

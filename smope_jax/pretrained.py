@@ -6,6 +6,7 @@ instead of leaving randomly initialised weights behind.
 """
 
 import collections
+import collections.abc
 import hashlib
 import http.client
 import json
@@ -26,17 +27,8 @@ import safetensors.numpy
 
 from smope_jax.errors import ConfigError
 from smope_jax.errors import MissingWeightsError
+from smope_jax.models.variants import VIT_VARIANTS
 
-VIT_VARIANTS = {
-    'Ti/16': dict(hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768,
-                  patch_size=16),
-    'S/16': dict(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536,
-                 patch_size=16),
-    'B/16': dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                 patch_size=16),
-    'L/16': dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
-                 patch_size=16),
-}
 
 _IBOT = ('https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/'
          '2022/ibot')
@@ -353,7 +345,7 @@ def _resize_pos_embedding(pos, num_tokens):
 
 def flatten(tree, prefix=''):
   """Nested dict -> {'a/b/c': leaf}, the Google checkpoint key names."""
-  if isinstance(tree, dict):
+  if isinstance(tree, collections.abc.Mapping):
     return {k: v for name, sub in tree.items()
             for k, v in flatten(sub, f'{prefix}{name}/').items()}
   return {prefix[:-1]: tree}
@@ -366,10 +358,10 @@ def load_backbone(source, template, *, cache_dir=None, base_url=None):
   part of the parameter tree). Raises MissingWeightsError naming every
   missing, unexpected or wrongly shaped key rather than leaving any random.
   """
-  path = source
+  path = os.path.expanduser(source)
   if source in PRESETS:
     path = fetch_preset(source, cache_dir=cache_dir, base_url=base_url)
-  elif not os.path.exists(source):
+  elif not os.path.exists(path):
     raise MissingWeightsError(
         f'pretrained weights {source!r} are neither a file, a directory nor '
         f'a preset ({", ".join(PRESETS)})')

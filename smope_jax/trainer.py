@@ -106,6 +106,7 @@ class Run:
     meta = {"task": 0, "phase": "start", "epoch": 0, "step": 0,
             "global_step": 0, "save_id": 0, "seed": int(self.config.seed),
             "acc_matrix": [], "correct": [], "task_seconds": [],
+            "train_log": [],
             "train_images_per_second": []}
     return (distributed.put_replicated(state, self.mesh),
             distributed.put_replicated(frozen, self.mesh)), meta
@@ -227,6 +228,9 @@ class Run:
               for name in ("loss", "ce", "router", "prototype") if name in host}
     values["acc"] = 100.0 * float(host["correct"]) / max(
         float(host["count"]), 1.0)
+    meta["train_log"].append(
+        {"global_step": meta["global_step"], "task": meta["task"],
+         "phase": meta["phase"], **values})
     values["img/s"] = images_per_s
     self.reporter.scalars(meta["global_step"], values,
                           prefix=f"train/{meta['phase']}/")
@@ -330,6 +334,7 @@ class Run:
         seed=meta["seed"], tasks_done=len(meta["acc_matrix"]),
         task_seconds=meta["task_seconds"],
         train_images_per_second=meta["train_images_per_second"],
+        train_log=meta["train_log"],
         expert_counts=np.asarray(distributed.to_host(
             state["expert_state"]["counts"])).tolist(),
         expert_frequent=np.asarray(distributed.to_host(

@@ -1,9 +1,10 @@
-"""An independent float64 NumPy ViT forward for the Google checkpoint layout.
+"""Independent references: a float64 NumPy ViT and the timm weight layout.
 
-Written from the model description (pre-LN blocks, LayerNorm eps 1e-6, erf
-GELU, qkv with bias, scale d**-0.5, CLS prepended before the position
-embedding, pre-logits = final-LayerNorm'd CLS), not from the Flax code, so
-that agreement between the two checks the converters and the model alike.
+The forward is written from the model description (pre-LN blocks, LayerNorm
+eps 1e-6, erf GELU, qkv with bias, scale d**-0.5, CLS prepended before the
+position embedding, pre-logits = final-LayerNorm'd CLS), not from the Flax
+code, and `google_to_timm` from timm's conventions, not from the loader, so
+that agreement checks the converters and the model alike.
 """
 
 import math
@@ -69,3 +70,50 @@ def _to64(tree):
   if isinstance(tree, dict):
     return {k: _to64(v) for k, v in tree.items()}
   return np.asarray(tree, np.float64)
+
+
+def unflatten(flat):
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split('/')
+    node = tree
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def google_to_timm(flat):
+  """The timm state dict of '/'-joined Google-layout backbone weights.
+
+  timm's Linear weights are (out, in); its qkv projection stacks q, k, v
+  along the output, each with heads as contiguous blocks of d outputs; its
+  patch embedding is a (D, 3, p, p) NCHW convolution kernel.
+  """
+  out = {'cls_token': flat['cls'],
+         'pos_embed': flat['Transformer/posembed_input/pos_embedding'],
+         'patch_embed.proj.weight': flat['embedding/kernel'].transpose(
+             3, 2, 0, 1),
+         'patch_embed.proj.bias': flat['embedding/bias'],
+         'norm.weight': flat['Transformer/encoder_norm/scale'],
+         'norm.bias': flat['Transformer/encoder_norm/bias']}
+  i = 0
+  while f'Transformer/encoderblock_{i}/LayerNorm_0/scale' in flat:
+    g = lambda name: flat[f'Transformer/encoderblock_{i}/{name}']  # noqa: E731
+    a = lambda name: g(f'MultiHeadDotProductAttention_1/{name}')  # noqa: E731
+    t, d = f'blocks.{i}.', g('LayerNorm_0/scale').shape[0]
+    for norm, ln in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_2')):
+      out[f'{t}{norm}.weight'] = g(f'{ln}/scale')
+      out[f'{t}{norm}.bias'] = g(f'{ln}/bias')
+    out[t + 'attn.qkv.weight'] = np.concatenate(
+        [a(f'{n}/kernel').reshape(d, d).T for n in ('query', 'key', 'value')])
+    out[t + 'attn.qkv.bias'] = np.concatenate(
+        [a(f'{n}/bias').reshape(d) for n in ('query', 'key', 'value')])
+    out[t + 'attn.proj.weight'] = a('out/kernel').reshape(d, d).T
+    out[t + 'attn.proj.bias'] = a('out/bias')
+    for fc, dense in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+      out[f'{t}mlp.{fc}.weight'] = g(f'MlpBlock_3/{dense}/kernel').T
+      out[f'{t}mlp.{fc}.bias'] = g(f'MlpBlock_3/{dense}/bias')
+    i += 1
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}

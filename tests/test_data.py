@@ -1,6 +1,7 @@
 """Tests of the continual splits and input pipeline (TFDS is mocked)."""
 
 import contextlib
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from smope_jax import data
 from smope_jax import errors
+from smope_jax.data import preprocess
 
 SIZE = 16  # Small images keep the pipeline tests fast.
 
@@ -28,7 +30,7 @@ def _config(dataset, **overrides):
   num_classes, num_tasks, test_resize, _ = _TFDS_SETTINGS.get(
       dataset, (10, 5, 'resize', None))
   config = ml_collections.ConfigDict(dict(
-      dataset=dataset, data_dir=None, num_classes=num_classes,
+      dataset=dataset, data_dir='', num_classes=num_classes,
       num_tasks=num_tasks, image_size=SIZE, seed=0, split_seed=0,
       cache_data=False, test_resize=test_resize))
   config.update(overrides)
@@ -118,7 +120,30 @@ def test_imagenet_r_split_per_class_and_deterministic():
   assert set(names[test_other]) != set(names[test])
 
 
-# --- TFDS pipelines (mocked) ---------------------------------------------------
+# --- preprocessing -----------------------------------------------------------
+
+
+def test_random_resized_crop_falls_back_to_centre_crop():
+  # A 3x50 strip: no candidate crop fits, so torchvision takes the centred
+  # crop of aspect 4/3, i.e. columns 23..26; pixel value = column / 50.
+  image = tf.constant(np.tile(
+      np.arange(50, dtype=np.float32)[None, :, None] / 50, [3, 1, 3]))
+  out = preprocess.random_resized_crop(image, tf.constant([0, 1]), 8).numpy()
+  assert out.shape == (8, 8, 3)
+  np.testing.assert_allclose([out.min() * 50, out.max() * 50], [23, 26],
+                             atol=1e-4)
+
+
+def test_test_image_resize_crop():
+  # At 224 px: resize to 256, keep the centre 224 (offset 16).
+  image = tf.constant(np.arange(256, dtype=np.float32)[None, :, None]
+                      * np.ones([256, 1, 3], np.float32) / 255)
+  out = preprocess.test_image(image, 224, 'resize_crop').numpy()
+  np.testing.assert_allclose(out[0, :, 0] * 255, np.arange(16, 240),
+                             atol=1e-3)
+
+
+# --- TFDS pipelines (mocked) -------------------------------------------------
 
 
 @pytest.mark.parametrize('dataset', sorted(_TFDS_SETTINGS))
@@ -170,16 +195,17 @@ def test_tfds_pipeline(dataset):
     # Another epoch: another order; another build: the same batches.
     other = _collect(cd.train_batches(task, 1, g))
     assert not np.array_equal(other['label'], train['label'])
-    again = _collect(data.build_continual_data(config).train_batches(task, 0, g))
+    rebuilt = data.build_continual_data(config)
+    again = _collect(rebuilt.train_batches(task, 0, g))
     for key in train:
       np.testing.assert_array_equal(again[key], train[key])
 
 
-@pytest.mark.parametrize('dataset', ['cifar100', 'imagenet_r'])
-def test_cache_data_changes_nothing(dataset):
-  with _mocked(dataset):
-    plain = data.build_continual_data(_config(dataset))
-    cached = data.build_continual_data(_config(dataset, cache_data=True))
+def test_cache_data_changes_nothing():
+  with _mocked('imagenet_r'):  # Images of varying sizes.
+    plain = data.build_continual_data(_config('imagenet_r'))
+    cached = data.build_continual_data(
+        _config('imagenet_r', cache_data=True))
     for a, b in ((plain.train_batches(0, 3, 8), cached.train_batches(0, 3, 8)),
                  (plain.test_batches(0, 8), cached.test_batches(0, 8))):
       a, b = _collect(a), _collect(b)
@@ -198,7 +224,32 @@ def test_imagenet_r_classes_and_split():
         _IMR_PER_CLASS - held_out)
 
 
-# --- digits, errors ------------------------------------------------------------
+def test_real_prepared_imagenet_r(tmp_path):
+  """Reads real TFRecords (the mocks above replace TFDS's reader)."""
+  pytest.importorskip('importlib_resources')  # TFDS needs it to prepare.
+  wnids = tfds.builder('imagenet_r').info.features['label'].names
+  rng = np.random.default_rng(0)
+  for label in _IMR_RAW_CLASSES[:4]:
+    folder = tmp_path / 'raw' / 'imagenet-r' / wnids[label]
+    folder.mkdir(parents=True)
+    for k in range(10):
+      image = rng.integers(0, 256, (*rng.integers(20, 60, size=2), 3),
+                           dtype=np.uint8)
+      tf.io.write_file(str(folder / f'art_{k}.jpg'), tf.io.encode_jpeg(image))
+  data_dir = str(tmp_path / 'tfds')
+  with mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
+                         lambda self, url: str(tmp_path / 'raw')):
+    tfds.builder('imagenet_r', data_dir=data_dir).download_and_prepare()
+  cd = data.build_continual_data(
+      _config('imagenet_r', data_dir=data_dir, num_classes=4, num_tasks=2))
+  assert [cd.train_size(t) for t in range(2)] == [16, 16]
+  assert [cd.test_size(t) for t in range(2)] == [4, 4]
+  test = _collect(cd.test_batches(1, 8))
+  assert test['image'].shape == (1, 8, SIZE, SIZE, 3)
+  assert test['mask'].sum() == 4 and set(test['label'].ravel()) <= {2, 3}
+
+
+# --- digits, errors ----------------------------------------------------------
 
 
 def test_digits():

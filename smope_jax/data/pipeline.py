@@ -1,4 +1,4 @@
-"""Continual-learning batches: which images a task, epoch and step see, per host.
+"""Continual-learning batches: what each task, epoch, step and host sees.
 
 A batch's contents are a pure function of (config.seed, task, epoch, step):
 the epoch's shuffle is a seeded NumPy permutation and each example's
@@ -140,20 +140,19 @@ class ContinualData:
           f'of the number of processes ({self._process_count}).')
     return global_batch // self._process_count
 
-  def _positions(self, n: int, global_batch: int, start_step: int):
+  def _positions(self, n: int, global_batch: int, b: int, start_step: int):
     """Positions in the epoch's order that this process reads, and validity.
 
     Global batch j is positions [j*G, (j+1)*G); process p reads
     [j*G + p*b, j*G + (p+1)*b). Positions >= n pad the last batch.
     """
-    b = self._local_batch(global_batch)
     steps = np.arange(start_step, math.ceil(n / global_batch))
     pos = (steps[:, None] * global_batch + self._process_index * b
            + np.arange(b)).reshape(-1)
     return pos, pos < n
 
   def _batches(self, store: _Store, pos, index, valid, image_fn,
-               global_batch: int) -> Iterator[Batch]:
+               b: int) -> Iterator[Batch]:
     size = self._config.image_size
 
     def example(p, i, ok):
@@ -165,7 +164,7 @@ class ContinualData:
     ds = tf.data.Dataset.from_tensor_slices(
         (pos.astype(np.int64), index.astype(np.int64), valid))
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(self._local_batch(global_batch)).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
 
   def train_batches(self, task: int, epoch: int, global_batch: int, *,
@@ -183,11 +182,14 @@ class ContinualData:
       An iterator over `steps_per_epoch - start_step` local batches; the last
       one is padded to the full batch with mask 0.
     """
+    b = self._local_batch(global_batch)
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0.')
     store = self._train(task)
     seed = self._config.seed
     perm = np.random.default_rng(
         _seed_sequence(_SHUFFLE, seed, task, epoch)).permutation(store.size)
-    pos, valid = self._positions(store.size, global_batch, start_step)
+    pos, valid = self._positions(store.size, global_batch, b, start_step)
     index = np.where(valid, perm[np.minimum(pos, store.size - 1)], 0)
     base = tf.constant(_seed_sequence(_AUGMENT, seed, task, epoch)
                        .generate_state(2).astype(np.int64))
@@ -197,7 +199,7 @@ class ContinualData:
       p_seed = tf.random.experimental.stateless_fold_in(base, p)
       return preprocess.train_image(image, p_seed, size)
 
-    return self._batches(store, pos, index, valid, augment, global_batch)
+    return self._batches(store, pos, index, valid, augment, b)
 
   def test_batches(self, task: int, global_batch: int) -> Iterator[Batch]:
     """The task's test images in a fixed order, each counted exactly once.
@@ -205,13 +207,14 @@ class ContinualData:
     The last batch is padded with mask 0, so summing mask-weighted results
     over all steps and processes covers every test image once.
     """
+    b = self._local_batch(global_batch)
     store = self._test(task)
-    pos, valid = self._positions(store.size, global_batch, 0)
+    pos, valid = self._positions(store.size, global_batch, b, 0)
     index = np.where(valid, pos, 0)
     size, mode = self._config.image_size, self._config.test_resize
     return self._batches(
         store, pos, index, valid,
-        lambda image, _: preprocess.test_image(image, size, mode), global_batch)
+        lambda image, _: preprocess.test_image(image, size, mode), b)
 
 
 def _keep_tf_on_cpu():

@@ -113,5 +113,5 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     image = _resize(image, big, big)[offset:offset + size,
                                      offset:offset + size]
   else:
-    raise ValueError(f'Unknown test resize {mode!r}; use one of {TEST_RESIZES}.')
+    raise ValueError(f'Unknown test resize {mode!r}; use {TEST_RESIZES}.')
   return tf.ensure_shape(image, [size, size, 3])

@@ -172,4 +172,6 @@ def make_source(config) -> TfdsSource | DigitsSource:
     raise errors.ConfigError(
         f'Unknown config.dataset={config.dataset!r}; valid: '
         f'{", ".join(DATASETS)}.')
-  return TfdsSource(config.dataset, config.data_dir, config.split_seed)
+  # An empty data_dir means TFDS's default ($TFDS_DATA_DIR or
+  # ~/tensorflow_datasets).
+  return TfdsSource(config.dataset, config.data_dir or None, config.split_seed)

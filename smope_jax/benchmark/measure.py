@@ -1,0 +1,118 @@
+"""Measuring one compiled function: FLOPs, time, memory, and the matmul probe.
+
+FLOPs come from XLA's cost analysis of the compiled executable, so they are
+what the device is asked to do after fusion and dead-code elimination, not
+a hand count. Times exclude compilation and warm-up and are medians, since
+the machine may be shared.
+"""
+
+import dataclasses
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+MEMORY_DEVICE = "device memory_stats() peak_bytes_in_use"
+MEMORY_RSS = "process peak RSS (resource.getrusage ru_maxrss)"
+
+
+def compiled_flops(compiled) -> float:
+  """Total 'flops' of a compiled executable (dict or list of dicts)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, dict):
+    analysis = [analysis]
+  return float(sum(a.get("flops", 0.0) for a in analysis or []))
+
+
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """Arguments + outputs + temporaries XLA allocates for one call."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
+             stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def memory_source() -> str:
+  stats = jax.local_devices()[0].memory_stats()
+  return MEMORY_DEVICE if stats and "peak_bytes_in_use" in stats else MEMORY_RSS
+
+
+def peak_memory_bytes() -> int:
+  """Peak so far: device allocator if it reports one, else the process RSS."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class MatmulProbe:
+  """A large float32 matmul, timed between the measured calls.
+
+  Sampling it throughout the run, not once, makes every row's fraction of
+  it comparable on a machine whose load changes.
+  """
+
+  def __init__(self, size: int):
+    self.size = size
+    self.flops = 2.0 * size ** 3
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    self._a = jax.random.normal(key_a, (size, size), jnp.float32)
+    self._b = jax.random.normal(key_b, (size, size), jnp.float32)
+    self._fn = jax.jit(jnp.matmul).lower(self._a, self._b).compile()
+    self.seconds: list[float] = []
+    jax.block_until_ready(self._fn(self._a, self._b))
+
+  def sample(self) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(self._fn(self._a, self._b))
+    self.seconds.append(time.perf_counter() - start)
+    return self.seconds[-1]
+
+  @property
+  def flop_per_second(self) -> float:
+    return self.flops / statistics.median(self.seconds)
+
+
+@dataclasses.dataclass
+class Measurement:
+  flops: float
+  seconds: list[float]
+  compile_seconds: float
+  compiled_memory_bytes: Optional[int]
+  peak_memory_bytes: int
+
+
+def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
+            carry: Optional[Callable[[tuple, Any], tuple]] = None,
+            repeats: int, warmup: int, probe: MatmulProbe) -> Measurement:
+  """Compiles `fn(*args)`, then times `repeats` calls after `warmup` calls.
+
+  Args:
+    fn: the function to jit.
+    args: its arguments.
+    donate: positions of arguments whose buffers the call may reuse.
+    carry: `carry(args, outputs) -> args` for the next call; needed when
+      arguments are donated (a training loop feeds its state back).
+    repeats, warmup: timed and untimed calls.
+    probe: sampled once after every timed call.
+  """
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  seconds = []
+  for i in range(warmup + repeats):
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(compiled(*args))
+    if i >= warmup:
+      seconds.append(time.perf_counter() - start)
+      probe.sample()
+    if carry is not None:
+      args = carry(args, outputs)
+  return Measurement(compiled_flops(compiled), seconds, compile_seconds,
+                     compiled_memory_bytes(compiled), peak_memory_bytes())

@@ -1,0 +1,169 @@
+"""Runs every row, relates it to the matmul probe, and formats the results."""
+
+import datetime
+import os
+import platform
+import statistics
+
+import jax
+
+from smope_jax.benchmark import measure
+from smope_jax.benchmark import rows as rows_lib
+
+# Batch on CPU when neither --batch nor --config.batch_size is given: the
+# configs' training batches (64-128) take minutes per ViT-B/16 step there.
+CPU_BATCH = 16
+
+PRETRAINED_NOTE = ("random backbone weights and random images; "
+                   "config.pretrained is ignored (cost does not depend on "
+                   "the weights)")
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+  device = jax.local_devices()[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "device_count": jax.device_count(), "cpu": cpu_name(),
+          "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def resolve_batch(config, batch_flag: int, batch_overridden: bool,
+                  platform_name: str) -> tuple[int, str]:
+  """The benchmark batch and where it came from."""
+  if batch_flag > 0:
+    return batch_flag, "--batch"
+  if batch_overridden:
+    return int(config.batch_size), "--config.batch_size"
+  if platform_name == "cpu" and config.batch_size > CPU_BATCH:
+    return CPU_BATCH, (f"CPU default (the config's batch_size "
+                       f"{config.batch_size} is for accelerators)")
+  return int(config.batch_size), "config.batch_size"
+
+
+def row_result(m: measure.Measurement, batch: int, description: str,
+               matmul_flop_per_second: float) -> dict:
+  seconds = statistics.median(m.seconds)
+  flop_per_second = m.flops / seconds
+  return {
+      "description": description,
+      "gflops_per_image": m.flops / batch / 1e9,
+      "gflops_per_step": m.flops / 1e9,
+      "seconds_median": seconds,
+      "seconds": m.seconds,
+      "images_per_second": batch / seconds,
+      "gflop_per_second": flop_per_second / 1e9,
+      "fraction_of_matmul": flop_per_second / matmul_flop_per_second,
+      "compile_seconds": m.compile_seconds,
+      "compiled_memory_bytes": m.compiled_memory_bytes,
+      "peak_memory_bytes": m.peak_memory_bytes,
+  }
+
+
+def run(config, batch: int, *, repeats: int, warmup: int,
+        matmul_size: int, batch_source: str = "argument", log=print) -> dict:
+  """Measures every row for `config` at `batch`; returns the JSON record."""
+  setup = rows_lib.Setup(config, batch)
+  probe = measure.MatmulProbe(matmul_size)
+  measured = {}
+  for name, row in setup.rows().items():
+    log(f"measuring {name} ...")
+    measured[name] = measure.measure(
+        row.fn, row.args, donate=row.donate, carry=row.carry,
+        repeats=repeats, warmup=warmup, probe=probe)
+  matmul = probe.flop_per_second
+  results = {name: row_result(m, batch, rows_lib.DESCRIPTIONS[name], matmul)
+             for name, m in measured.items()}
+  results["matmul"] = {
+      "description": f"float32 {matmul_size}x{matmul_size} matmul, sampled "
+                     "after every timed call",
+      "size": matmul_size,
+      "gflops_per_step": probe.flops / 1e9,
+      "seconds_median": statistics.median(probe.seconds),
+      "seconds": probe.seconds,
+      "gflop_per_second": matmul / 1e9,
+      "fraction_of_matmul": 1.0,
+  }
+  flops = {name: r["gflops_per_image"] for name, r in results.items()
+           if "gflops_per_image" in r}
+  model = setup.model
+  return {
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "machine": machine(),
+      "weights": PRETRAINED_NOTE,
+      "model": {"hidden_size": model.hidden_size,
+                "num_layers": model.num_layers, "num_heads": model.num_heads,
+                "mlp_dim": model.mlp_dim, "patch_size": model.patch_size,
+                "image_size": int(config.image_size),
+                "num_classes": model.num_classes,
+                "num_prompted_layers": model.num_prompted_layers,
+                "num_experts": model.num_experts, "top_k": model.top_k,
+                "dtype": str(config.dtype),
+                "fused_attention": bool(config.fused_attention)},
+      "batch": batch,
+      "batch_source": batch_source,
+      "repeats": repeats,
+      "warmup": warmup,
+      "params": rows_lib.parameter_counts(setup.params),
+      "memory_source": measure.memory_source(),
+      "rows": results,
+      "ratios": {
+          "inference_flops_vs_plain":
+              flops["smope_inference"] / flops["plain_vit"],
+          "inference_flops_vs_l2p_two_pass":
+              flops["smope_inference"] / flops["l2p_two_pass"],
+          "train_flops_vs_inference":
+              flops["smope_train"] / flops["smope_inference"],
+      },
+  }
+
+
+def _mb(value) -> str:
+  return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def format_table(record: dict) -> str:
+  """Markdown table of the rows, then the counts and ratios."""
+  lines = [
+      "| row | GFLOPs/image | images/s | GFLOP/s | of matmul | "
+      "XLA memory (MiB) | peak memory (MiB) |",
+      "|---|---:|---:|---:|---:|---:|---:|"]
+  for name, r in record["rows"].items():
+    if name == "matmul":
+      lines.append(f"| matmul {r['size']}^3 | - | - | "
+                   f"{r['gflop_per_second']:.1f} | 100% | - | - |")
+      continue
+    lines.append(
+        f"| {name} | {r['gflops_per_image']:.4g} | "
+        f"{r['images_per_second']:.2f} | {r['gflop_per_second']:.1f} | "
+        f"{100 * r['fraction_of_matmul']:.0f}% | "
+        f"{_mb(r['compiled_memory_bytes'])} | "
+        f"{_mb(r['peak_memory_bytes'])} |")
+  p, ratios, m = record["params"], record["ratios"], record["machine"]
+  lines += [
+      "",
+      f"learnable parameters: {p['learnable']:,} (prompts {p['prompts']:,} "
+      f"+ head {p['head']:,}); frozen: {p['frozen']:,}",
+      "SMoPE inference FLOPs: "
+      f"{ratios['inference_flops_vs_plain']:.4f}x plain ViT, "
+      f"{ratios['inference_flops_vs_l2p_two_pass']:.4f}x L2P two-pass; "
+      f"train step {ratios['train_flops_vs_inference']:.2f}x inference",
+      f"batch {record['batch']} ({record['batch_source']}), median of {record['repeats']} timed calls "
+      f"after {record['warmup']} warm-up; {m['platform']} "
+      f"({m['cpu']}, {m['cpu_count']} cores), jax {m['jax_version']}, "
+      f"{record['model']['dtype']}",
+      f"peak memory: {record['memory_source']}; XLA memory: arguments + "
+      "outputs + temporaries of the compiled call",
+      f"weights: {record['weights']}",
+  ]
+  return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The cost benchmark on the tiny demo model: JSON schema and cost relations.
+
+One subprocess runs the real command line (1 timed call, small matmul
+probe); the tests read the JSON it writes.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from smope_jax.benchmark import report
+from smope_jax.benchmark import rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",
+              "l2p_two_pass")
+POSITIVE_ROW_KEYS = ("gflops_per_image", "gflops_per_step", "seconds_median",
+                     "images_per_second", "gflop_per_second",
+                     "fraction_of_matmul", "compile_seconds",
+                     "compiled_memory_bytes", "peak_memory_bytes")
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+  out = tmp_path_factory.mktemp("benchmark") / "demo.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "smope_jax.benchmark",
+       "--config=configs/demo.py", f"--config.batch_size={BATCH}",
+       "--repeats=1", "--warmup=0", "--matmul_size=256", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=170,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| smope_train |" in proc.stdout
+  with open(out) as f:
+    return json.load(f)
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value > 0)
+
+
+def test_top_level_schema(record):
+  for key in ("date", "machine", "weights", "model", "batch", "batch_source",
+              "repeats", "warmup", "params", "memory_source", "rows",
+              "ratios", "config"):
+    assert key in record, key
+  assert record["batch"] == BATCH
+  assert record["batch_source"] == "--config.batch_size"
+  assert record["config"].endswith("configs/demo.py")
+  assert "pretrained is ignored" in record["weights"]
+  assert record["memory_source"] in (report.measure.MEMORY_DEVICE,
+                                     report.measure.MEMORY_RSS)
+  assert isinstance(record["machine"]["platform"], str)
+  assert set(record["rows"]) == set(MODEL_ROWS) | {"matmul"}
+
+
+@pytest.mark.parametrize("name", MODEL_ROWS)
+def test_model_rows_hold_positive_numbers(record, name):
+  row = record["rows"][name]
+  assert isinstance(row["description"], str) and row["description"]
+  for key in POSITIVE_ROW_KEYS:
+    assert _positive(row[key]), (name, key, row[key])
+  assert len(row["seconds"]) == record["repeats"] == 1
+  assert row["images_per_second"] == pytest.approx(
+      BATCH / row["seconds_median"])
+  assert row["gflops_per_step"] == pytest.approx(
+      BATCH * row["gflops_per_image"])
+  matmul = record["rows"]["matmul"]["gflop_per_second"]
+  assert row["fraction_of_matmul"] == pytest.approx(
+      row["gflop_per_second"] / matmul)
+
+
+def test_matmul_row(record):
+  row = record["rows"]["matmul"]
+  assert row["size"] == 256
+  assert row["gflops_per_step"] == pytest.approx(2 * 256**3 / 1e9)
+  assert row["fraction_of_matmul"] == 1.0
+  assert _positive(row["gflop_per_second"])
+  # Sampled once after every timed call of every model row.
+  assert len(row["seconds"]) == len(MODEL_ROWS)
+
+
+def test_parameter_counts(record):
+  p, m = record["params"], record["model"]
+  head_dim = m["hidden_size"] // m["num_heads"]
+  prompts = m["num_prompted_layers"] * m["num_heads"] * m["num_experts"] * (
+      2 * head_dim)
+  head = m["hidden_size"] * m["num_classes"] + m["num_classes"]
+  assert (p["prompts"], p["head"]) == (prompts, head)
+  assert p["learnable"] == p["prompts"] + p["head"]
+  assert _positive(p["frozen"]) and p["frozen"] > p["learnable"]
+
+
+def test_cost_relations(record):
+  flops = {n: record["rows"][n]["gflops_per_image"] for n in MODEL_ROWS}
+  assert flops["smope_inference"] < flops["l2p_two_pass"]
+  assert flops["plain_vit"] <= flops["smope_inference"] < flops[
+      "dense_prompts"]
+  assert flops["smope_train"] > flops["smope_inference"]
+  ratios = record["ratios"]
+  assert ratios["inference_flops_vs_l2p_two_pass"] == pytest.approx(
+      flops["smope_inference"] / flops["l2p_two_pass"])
+  assert ratios["inference_flops_vs_plain"] == pytest.approx(
+      flops["smope_inference"] / flops["plain_vit"])
+
+
+def test_table_lists_every_row(record):
+  table = report.format_table(record)
+  for name in MODEL_ROWS:
+    assert f"| {name} |" in table
+  assert "learnable parameters" in table
+
+
+def test_imagenet_r_learnable_count_is_the_papers():
+  """384,200 = 6 x 12 x 25 x 2 x 64 prompts + the 200-class head (spec 1)."""
+  spec = importlib.util.spec_from_file_location(
+      "imagenet_r", os.path.join(ROOT, "configs", "imagenet_r.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tasks=10")
+  model = rows.build_model(config)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0),
+                         jnp.zeros((1, 224, 224, 3)), None,
+                         mode="dense"))["params"]
+  counts = rows.parameter_counts(shapes)
+  assert counts["learnable"] == 384_200
+  assert counts["prompts"] == 230_400
+
+
+def test_batch_resolution():
+  config = ml_collections.ConfigDict({"batch_size": 64})
+  assert report.resolve_batch(config, 8, True, "cpu") == (8, "--batch")
+  assert report.resolve_batch(config, 0, True, "cpu")[0] == 64
+  assert report.resolve_batch(config, 0, False, "cpu")[0] == report.CPU_BATCH
+  assert report.resolve_batch(config, 0, False, "gpu")[0] == 64

@@ -1,0 +1,127 @@
+"""End-to-end: the whole protocol through `main`, resume, and user errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import e2e_runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics(workdir) -> dict:
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    return json.load(f)
+
+
+def _main_subprocess(*flags, timeout=300):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(
+      [sys.executable, "-m", "smope_jax.main", *flags], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
+  assert status == 0
+  return workdir
+
+
+def test_full_protocol_writes_all_outputs(uninterrupted):
+  metrics = _metrics(uninterrupted)
+  for key in ("acc_matrix", "faa", "caa", "ffm", "ffm_hide",
+              "faa_sample_weighted", "task_seconds", "train_images_per_second",
+              "expert_counts", "train_log"):
+    assert key in metrics, key
+  matrix = metrics["acc_matrix"]
+  assert len(matrix) == 2 and matrix[0][1] is None
+  assert all(0.0 <= a <= 100.0 for row in matrix for a in row if a is not None)
+  assert metrics["faa"] == pytest.approx(np.mean(matrix[1]))
+  counts = np.array(metrics["expert_counts"])
+  assert counts.shape == (1, 2, 4)  # (L, H, E) of the tiny model.
+  # Bookkeeping after both tasks: every sample adds K = 2 per head.
+  assert np.all(counts.sum(-1) == counts.sum(-1)[0, 0]) and counts.sum() > 0
+  phases = {entry["phase"] for entry in metrics["train_log"]}
+  assert phases == {"warmup", "train"}
+  assert any("prototype" in e for e in metrics["train_log"] if e["task"] == 1)
+  assert all("router" not in e for e in metrics["train_log"]
+             if e["phase"] == "warmup")
+  for name in ("config.json", "accuracy_matrix.png", "expert_frequencies.png",
+               "log.txt"):
+    assert os.path.getsize(os.path.join(uninterrupted, name)) > 0, name
+  assert any(n.startswith("events.out.tfevents")
+             for n in os.listdir(uninterrupted))
+  with open(os.path.join(uninterrupted, "config.json")) as f:
+    assert json.load(f)["num_tasks"] == 2
+
+
+def test_finished_run_only_reports(uninterrupted):
+  before = _metrics(uninterrupted)
+  status = e2e_runner.run_main(
+      [*e2e_runner.TINY_FLAGS, f"--workdir={uninterrupted}"])
+  assert status == 0
+  assert _metrics(uninterrupted)["acc_matrix"] == before["acc_matrix"]
+
+
+def test_interrupted_run_resumes_to_same_results(uninterrupted, tmp_path):
+  reference = _metrics(uninterrupted)
+  task2_steps = [e["global_step"] for e in reference["train_log"]
+                 if e["task"] == 1]
+  stop_at = task2_steps[len(task2_steps) // 2]
+  workdir = str(tmp_path)
+  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}",
+                                f"--config.exit_at_step={stop_at}"])
+  assert status == 3  # Stopped in the middle of task 2.
+  partial = _metrics(workdir)
+  assert len(partial["acc_matrix"]) == 1
+  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
+  assert status == 0
+  resumed = _metrics(workdir)
+  assert resumed["acc_matrix"] == reference["acc_matrix"]
+  assert resumed["expert_counts"] == reference["expert_counts"]
+  assert ([e["global_step"] for e in resumed["train_log"]] ==
+          [e["global_step"] for e in reference["train_log"]])
+  np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
+                             [e["loss"] for e in reference["train_log"]],
+                             rtol=1e-6)
+
+
+def test_bad_config_value_is_one_clear_error(tmp_path):
+  result = _main_subprocess("--config=configs/demo.py", "--config.top_k=99",
+                            f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert "config.top_k=99" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_bad_config_argument_is_one_clear_error(tmp_path):
+  result = _main_subprocess("--config=configs/imagenet_r.py:tasks=7",
+                            f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  assert "tasks=5" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+  result = _main_subprocess("--config=configs/cifar100.py",
+                            f"--config.data_dir={tmp_path / 'empty'}",
+                            f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2
+  assert "cifar100" in result.stderr and "--config.data_dir" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_weights_is_one_clear_error(tmp_path):
+  missing = tmp_path / "nowhere" / "vit.npz"
+  result = _main_subprocess("--config=configs/demo.py",
+                            f"--config.pretrained={missing}",
+                            f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2
+  assert str(missing) in result.stderr
+  assert "Traceback" not in result.stderr
