@@ -69,7 +69,8 @@ def _decode_all(items: list, decode) -> list[np.ndarray]:
   tensor = (np.array(items, dtype=object) if isinstance(items[0], bytes)
             else np.stack(items))
   ds = tf.data.Dataset.from_tensor_slices(tensor)
-  return list(ds.map(decode, tf.data.AUTOTUNE).as_numpy_iterator())
+  decoded = ds.map(preprocess.graph_only(decode), tf.data.AUTOTUNE)
+  return list(decoded.as_numpy_iterator())
 
 
 class ContinualData:
@@ -163,7 +164,8 @@ class ContinualData:
 
     ds = tf.data.Dataset.from_tensor_slices(
         (pos.astype(np.int64), index.astype(np.int64), valid))
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(preprocess.graph_only(example),
+                num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
 

@@ -13,6 +13,16 @@ import tensorflow as tf
 TEST_RESIZES = ('resize', 'resize_crop')
 
 
+def graph_only(fn):
+  """Marks a tf.data function as plain graph code, skipping AutoGraph.
+
+  Our functions have no Python control flow on tensors, and AutoGraph's
+  source parsing is slow and, on CPython 3.11, can hit the interpreter's
+  spurious "AST constructor recursion depth mismatch" error under threads.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def to_unit_float(image: tf.Tensor) -> tf.Tensor:
   """uint8 0..255 -> float32 0..1; float images are assumed already in 0..1."""
   return tf.image.convert_image_dtype(image, tf.float32)

@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from smope_jax import errors
+from smope_jax.data import preprocess
 from smope_jax.data import splits
 
 ROLES = ('train', 'test')
@@ -97,8 +98,8 @@ class TfdsSource:
 
   def _read_index(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(keys as bytes, raw labels) of a TFDS split, decoding no pixels."""
-    ds = self._as_dataset(split).map(
-        lambda ex: (ex[self._spec.key], ex['label'])).batch(4096)
+    ds = self._as_dataset(split).map(preprocess.graph_only(
+        lambda ex: (ex[self._spec.key], ex['label']))).batch(4096)
     keys, labels = [np.zeros([0], object)], [np.zeros([0], np.int64)]
     for batch_keys, batch_labels in ds.as_numpy_iterator():
       keys.append(batch_keys.astype(object))
@@ -114,9 +115,10 @@ class TfdsSource:
     split, keys, labels = self._index[role]
     wanted = np.flatnonzero(np.isin(labels, classes))
     raw = tf.constant(self._raw_classes[np.asarray(classes)], tf.int64)
-    ds = self._as_dataset(split).filter(
-        lambda ex: tf.reduce_any(ex['label'] == raw))
-    ds = ds.map(lambda ex: (ex[self._spec.key], ex['image'])).batch(256)
+    ds = self._as_dataset(split).filter(preprocess.graph_only(
+        lambda ex: tf.reduce_any(ex['label'] == raw)))
+    ds = ds.map(preprocess.graph_only(
+        lambda ex: (ex[self._spec.key], ex['image']))).batch(256)
     found = {}
     for batch_keys, images in ds.as_numpy_iterator():
       found.update(zip(batch_keys, images))
