@@ -7,9 +7,14 @@ from smope_jax.models.prompt_attention import score_spread
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean over real samples only (padding in the last batch has mask 0)."""
+  """Mean over real samples only (padding in the last batch has mask 0).
+
+  Padding rows are zeroed before the sum, so a non-finite loss on a padding
+  row (e.g. a -inf logit as its label) cannot turn the mean into NaN.
+  """
   mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  kept = jnp.where(mask > 0, values, 0.0) * mask
+  return jnp.sum(kept) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
