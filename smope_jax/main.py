@@ -74,7 +74,7 @@ def main(argv):
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(3 if isinstance(e, trainer.Preempted) else 2)
+    sys.exit(2)
 
 
 def _cause(error: BaseException):

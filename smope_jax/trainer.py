@@ -9,6 +9,8 @@ the results of an uninterrupted run.
 """
 
 import dataclasses
+import os
+import sys
 import time
 
 import jax
@@ -20,7 +22,6 @@ from smope_jax import alignment, checkpointing, configuration, experts
 from smope_jax import distributed, metrics, reporting, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
-from smope_jax.errors import UserError
 from smope_jax.models.vit import SMoPEViT
 
 # Phases of a task, in order; `meta['phase']` names the next one to run.
@@ -29,8 +30,22 @@ PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
 COUNT_PASS, STATS_PASS = -1, -2
 
 
-class Preempted(UserError):
-  """Raised by the `exit_at_step` fault injection, like a preemption."""
+# Exit status of the `exit_at_step` fault injection.
+EXIT_INJECTED_FAULT = 3
+
+
+def exit_abruptly(step: int) -> None:
+  """Ends the process at once, as a preemption or a crash would.
+
+  Nothing is saved or cleaned up: the next run must resume from the last
+  checkpoint on disk. Used by tests through `config.exit_at_step`.
+  """
+  logging.warning("config.exit_at_step=%d reached: exiting without saving",
+                  step)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_INJECTED_FAULT)  # pylint: disable=protected-access
 
 
 def build_model(config, dims: dict) -> SMoPEViT:
@@ -199,8 +214,7 @@ class Run:
         meta["global_step"] += 1
         images += local["image"].shape[0] * jax.process_count()
         if meta["global_step"] == config.exit_at_step:
-          raise Preempted(f"stopped at global step {config.exit_at_step} "
-                          "(config.exit_at_step); re-run to resume.")
+          exit_abruptly(config.exit_at_step)
         if meta["step"] % config.log_every_steps == 0:
           self.log_train(meta, totals, logged, label, batches_per_epoch,
                          epochs, images / (time.perf_counter() - clock))
