@@ -165,7 +165,10 @@ class Run:
       state["expert_state"] = jax.jit(experts.mark_frequent)(
           state["expert_state"])
     warm = meta["task"] == 0 and self.config.dense_warmup
-    phase = "warmup" if warm else "train"
+    return self.begin_training(state, meta, "warmup" if warm else "train")
+
+  def begin_training(self, state, meta, phase):
+    """Enters a training phase with a newly created optimizer."""
     state["opt_state"] = self.optimizer(self.phase_shape(meta, phase)).init(
         state["trainable"])
     self.advance(meta, phase)
@@ -230,7 +233,10 @@ class Run:
     seconds = time.perf_counter() - clock
     if mode == "train" and seconds > 0:
       meta["train_images_per_second"].append(images / seconds)
-    self.advance(meta, next_phase)
+    if next_phase in ("warmup", "train"):
+      state = self.begin_training(state, meta, next_phase)
+    else:
+      self.advance(meta, next_phase)
     self.save(state, meta)
     return state
 

@@ -1,0 +1,32 @@
+"""Several seeds in one command: per-seed runs and a mean +- std table."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import e2e_runner
+
+pytestmark = pytest.mark.slow
+
+
+def test_seeds_run_separately_and_are_summarised(tmp_path):
+  status = e2e_runner.run_main([
+      *e2e_runner.TINY_FLAGS, f"--workdir={tmp_path}", "--config.seeds=0,1",
+      "--config.epochs=1"])
+  assert status == 0
+  faa = []
+  for seed in (0, 1):
+    with open(tmp_path / f"seed_{seed}" / "metrics.json") as f:
+      metrics = json.load(f)
+    assert metrics["seed"] == seed and len(metrics["acc_matrix"]) == 2
+    faa.append(metrics["faa"])
+  with open(tmp_path / "seeds_summary.json") as f:
+    summary = json.load(f)
+  assert summary["seeds"] == [0, 1]
+  assert summary["faa"]["mean"] == pytest.approx(np.mean(faa))
+  assert summary["faa"]["std"] == pytest.approx(np.std(faa, ddof=1))
+  table = (tmp_path / "seeds_summary.md").read_text()
+  assert "+-" in table and "FAA" in table.upper()
+  assert os.path.exists(tmp_path / "seed_1" / "accuracy_matrix.png")
