@@ -14,6 +14,7 @@ resumed run can save those step numbers again); nothing is ever deleted.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -142,6 +143,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-exception-caught
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # FileNotFoundError, JSONDecodeError...) for missing or damaged files.
+      _collect_failed_reads()
       return None, e
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -174,6 +176,19 @@ class Checkpointer:
       logging.warning(
           'Ignoring %s: a checkpoint whose save never finished (the run'
           ' was probably interrupted while saving).', tmp.get())
+
+
+def _collect_failed_reads() -> None:
+  """Lets the failed read's leftover asyncio tasks report here and now.
+
+  A failed restore leaves orbax tasks whose unretrieved exceptions are
+  logged when they are garbage-collected. Logging formats the traceback, and
+  on CPython 3.11 that parses source with `ast`; if the collection happens
+  on a background thread while the main thread also parses (TFDS, tests),
+  3.11's shared AST recursion counter breaks ("SystemError: AST constructor
+  recursion depth mismatch"). Collecting here keeps it on this thread.
+  """
+  gc.collect()
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:

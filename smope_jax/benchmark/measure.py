@@ -3,7 +3,9 @@
 FLOPs come from XLA's cost analysis of the compiled executable, so they are
 what the device is asked to do after fusion and dead-code elimination, not
 a hand count. Times exclude compilation and warm-up and are medians, since
-the machine may be shared.
+the machine may be shared. Besides wall time, the process CPU time of each
+call is kept: on a CPU that other jobs share it says how efficient the work
+was even when the wall time says mostly how much of the machine we got.
 """
 
 import dataclasses
@@ -51,6 +53,18 @@ def peak_memory_bytes() -> int:
   return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+class Stopwatch:
+  """Wall and process CPU seconds of one block."""
+
+  def __enter__(self):
+    self._wall, self._cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self._wall
+    self.cpu = time.process_time() - self._cpu
+
+
 class MatmulProbe:
   """A large float32 matmul, timed between the measured calls.
 
@@ -66,23 +80,29 @@ class MatmulProbe:
     self._b = jax.random.normal(key_b, (size, size), jnp.float32)
     self._fn = jax.jit(jnp.matmul).lower(self._a, self._b).compile()
     self.seconds: list[float] = []
+    self.cpu_seconds: list[float] = []
     jax.block_until_ready(self._fn(self._a, self._b))
 
-  def sample(self) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(self._fn(self._a, self._b))
-    self.seconds.append(time.perf_counter() - start)
-    return self.seconds[-1]
+  def sample(self) -> None:
+    with Stopwatch() as watch:
+      jax.block_until_ready(self._fn(self._a, self._b))
+    self.seconds.append(watch.wall)
+    self.cpu_seconds.append(watch.cpu)
 
   @property
   def flop_per_second(self) -> float:
     return self.flops / statistics.median(self.seconds)
+
+  @property
+  def flop_per_cpu_second(self) -> float:
+    return self.flops / statistics.median(self.cpu_seconds)
 
 
 @dataclasses.dataclass
 class Measurement:
   flops: float
   seconds: list[float]
+  cpu_seconds: list[float]
   compile_seconds: float
   compiled_memory_bytes: Optional[int]
   peak_memory_bytes: int
@@ -105,14 +125,16 @@ def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_seconds = time.perf_counter() - start
-  seconds = []
+  seconds, cpu_seconds = [], []
   for i in range(warmup + repeats):
-    start = time.perf_counter()
-    outputs = jax.block_until_ready(compiled(*args))
+    with Stopwatch() as watch:
+      outputs = jax.block_until_ready(compiled(*args))
     if i >= warmup:
-      seconds.append(time.perf_counter() - start)
+      seconds.append(watch.wall)
+      cpu_seconds.append(watch.cpu)
       probe.sample()
     if carry is not None:
       args = carry(args, outputs)
-  return Measurement(compiled_flops(compiled), seconds, compile_seconds,
+  return Measurement(compiled_flops(compiled), seconds, cpu_seconds,
+                     compile_seconds,
                      compiled_memory_bytes(compiled), peak_memory_bytes())

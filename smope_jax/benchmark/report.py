@@ -6,6 +6,7 @@ import platform
 import statistics
 
 import jax
+from absl import logging
 
 from smope_jax.benchmark import measure
 from smope_jax.benchmark import rows as rows_lib
@@ -52,8 +53,9 @@ def resolve_batch(config, batch_flag: int, batch_overridden: bool,
 
 
 def row_result(m: measure.Measurement, batch: int, description: str,
-               matmul_flop_per_second: float) -> dict:
+               probe: measure.MatmulProbe) -> dict:
   seconds = statistics.median(m.seconds)
+  cpu_seconds = statistics.median(m.cpu_seconds)
   flop_per_second = m.flops / seconds
   return {
       "description": description,
@@ -63,7 +65,11 @@ def row_result(m: measure.Measurement, batch: int, description: str,
       "seconds": m.seconds,
       "images_per_second": batch / seconds,
       "gflop_per_second": flop_per_second / 1e9,
-      "fraction_of_matmul": flop_per_second / matmul_flop_per_second,
+      "fraction_of_matmul": flop_per_second / probe.flop_per_second,
+      "cpu_seconds_median": cpu_seconds,
+      "cpu_seconds": m.cpu_seconds,
+      "fraction_of_matmul_cpu_time":
+          m.flops / cpu_seconds / probe.flop_per_cpu_second,
       "compile_seconds": m.compile_seconds,
       "compiled_memory_bytes": m.compiled_memory_bytes,
       "peak_memory_bytes": m.peak_memory_bytes,
@@ -71,18 +77,17 @@ def row_result(m: measure.Measurement, batch: int, description: str,
 
 
 def run(config, batch: int, *, repeats: int, warmup: int,
-        matmul_size: int, batch_source: str = "argument", log=print) -> dict:
+        matmul_size: int, batch_source: str = "argument") -> dict:
   """Measures every row for `config` at `batch`; returns the JSON record."""
   setup = rows_lib.Setup(config, batch)
   probe = measure.MatmulProbe(matmul_size)
   measured = {}
   for name, row in setup.rows().items():
-    log(f"measuring {name} ...")
+    logging.info("measuring %s (batch %d) ...", name, batch)
     measured[name] = measure.measure(
         row.fn, row.args, donate=row.donate, carry=row.carry,
         repeats=repeats, warmup=warmup, probe=probe)
-  matmul = probe.flop_per_second
-  results = {name: row_result(m, batch, rows_lib.DESCRIPTIONS[name], matmul)
+  results = {name: row_result(m, batch, rows_lib.DESCRIPTIONS[name], probe)
              for name, m in measured.items()}
   results["matmul"] = {
       "description": f"float32 {matmul_size}x{matmul_size} matmul, sampled "
@@ -91,8 +96,11 @@ def run(config, batch: int, *, repeats: int, warmup: int,
       "gflops_per_step": probe.flops / 1e9,
       "seconds_median": statistics.median(probe.seconds),
       "seconds": probe.seconds,
-      "gflop_per_second": matmul / 1e9,
+      "gflop_per_second": probe.flop_per_second / 1e9,
       "fraction_of_matmul": 1.0,
+      "cpu_seconds_median": statistics.median(probe.cpu_seconds),
+      "cpu_seconds": probe.cpu_seconds,
+      "fraction_of_matmul_cpu_time": 1.0,
   }
   flops = {name: r["gflops_per_image"] for name, r in results.items()
            if "gflops_per_image" in r}
@@ -136,17 +144,18 @@ def format_table(record: dict) -> str:
   """Markdown table of the rows, then the counts and ratios."""
   lines = [
       "| row | GFLOPs/image | images/s | GFLOP/s | of matmul | "
-      "XLA memory (MiB) | peak memory (MiB) |",
-      "|---|---:|---:|---:|---:|---:|---:|"]
+      "of matmul, CPU time | XLA memory (MiB) | peak memory (MiB) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in record["rows"].items():
     if name == "matmul":
       lines.append(f"| matmul {r['size']}^3 | - | - | "
-                   f"{r['gflop_per_second']:.1f} | 100% | - | - |")
+                   f"{r['gflop_per_second']:.1f} | 100% | 100% | - | - |")
       continue
     lines.append(
         f"| {name} | {r['gflops_per_image']:.4g} | "
         f"{r['images_per_second']:.2f} | {r['gflop_per_second']:.1f} | "
         f"{100 * r['fraction_of_matmul']:.0f}% | "
+        f"{100 * r['fraction_of_matmul_cpu_time']:.0f}% | "
         f"{_mb(r['compiled_memory_bytes'])} | "
         f"{_mb(r['peak_memory_bytes'])} |")
   p, ratios, m = record["params"], record["ratios"], record["machine"]

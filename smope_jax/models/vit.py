@@ -7,6 +7,7 @@ backbone under `prompts/{keys,values}` with shape (L, H, E, d), and the
 classifier under `head`.
 """
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -21,8 +22,14 @@ Dtype = Any
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
-  """The erf GELU of the reference checkpoints (not the tanh approximation)."""
-  return jax.nn.gelu(x, approximate=False)
+  """The erf GELU of the reference checkpoints (not the tanh approximation).
+
+  Written as PyTorch's x * (1 + erf(x / sqrt 2)) / 2: XLA vectorises erf as
+  one rational polynomial, while `jax.nn.gelu(approximate=False)` goes
+  through erfc with two branches, exp and divisions. Same function; the
+  results differ by at most 2.5e-7 * max(1, |x|) in float32.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
 def symmetric_uniform(bound: float):

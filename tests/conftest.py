@@ -1,0 +1,17 @@
+"""Shared test set-up."""
+
+import gc
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_on_main_thread():
+  """Collects each test's leftovers (e.g. failed orbax tasks) right away.
+
+  Their deferred error logs format tracebacks with `ast`, which on CPython
+  3.11 must not run on a background thread while the main thread parses
+  too (see `checkpointing._collect_failed_reads`).
+  """
+  yield
+  gc.collect()
