@@ -30,6 +30,9 @@ PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
 COUNT_PASS, STATS_PASS = -1, -2
 
 
+# Above this fraction of a phase spent waiting for data, the log says so.
+# (Steps are dispatched asynchronously, so some waiting overlaps compute.)
+INPUT_BOUND_FRACTION = 0.5
 # Exit status of the `exit_at_step` fault injection.
 EXIT_INJECTED_FAULT = 3
 
@@ -46,6 +49,24 @@ def exit_abruptly(step: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(EXIT_INJECTED_FAULT)  # pylint: disable=protected-access
+
+
+def timed(iterator, waited: list):
+  """Yields from `iterator`, adding the seconds spent waiting to waited[0].
+
+  JAX dispatches steps asynchronously, so time blocked here is time the
+  devices could have spent computing: the input pipeline's share.
+  """
+  iterator = iter(iterator)
+  while True:
+    start = time.perf_counter()
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    finally:
+      waited[0] += time.perf_counter() - start
+    yield item
 
 
 def build_model(config, dims: dict) -> SMoPEViT:
@@ -199,12 +220,12 @@ class Run:
                             jnp.int32)
     use_prototype = mode == "train" and task > 0
     label = f"task {task + 1}/{config.num_tasks} {meta['phase']}"
-    images, clock = 0, time.perf_counter()
+    images, clock, waited = 0, time.perf_counter(), [0.0]
     while meta["epoch"] < epochs:
       totals, logged = None, 0
-      for local in self.data.train_batches(task, meta["epoch"],
-                                           config.batch_size,
-                                           start_step=meta["step"]):
+      for local in timed(self.data.train_batches(
+          task, meta["epoch"], config.batch_size, start_step=meta["step"]),
+                         waited):
         batch = distributed.global_batch(local, self.batch_sharding)
         state["trainable"], state["opt_state"], step_metrics = self.steps.train(
             mode, use_prototype, shape, state["trainable"], state["opt_state"],
@@ -233,6 +254,12 @@ class Run:
     seconds = time.perf_counter() - clock
     if mode == "train" and seconds > 0:
       meta["train_images_per_second"].append(images / seconds)
+    if seconds > 0 and waited[0] / seconds > INPUT_BOUND_FRACTION:
+      logging.warning(
+          "input pipeline is likely the bottleneck: %.0f%% of the %s phase "
+          "waited for data (more host CPUs, config.cache_data=True or a "
+          "smaller image_size help)", 100 * waited[0] / seconds,
+          meta["phase"])
     if next_phase in ("warmup", "train"):
       state = self.begin_training(state, meta, next_phase)
     else:
