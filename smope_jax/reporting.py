@@ -6,12 +6,10 @@ the PNG plots and the progress bar. Other processes get no-op writers.
 
 import json
 import sys
-import time
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from smope_jax import metrics, plots
 
@@ -65,7 +63,6 @@ class Reporter:
     self.progress = Progress(enabled and progress)
     self._writer = (tf.summary.create_file_writer(workdir) if enabled
                     else None)
-    self._clock = time.perf_counter()
 
   def write_config(self, config) -> None:
     if self.enabled:
@@ -79,8 +76,8 @@ class Reporter:
         tf.summary.scalar(prefix + name, float(value), step=step)
     self._writer.flush()
 
-  def task_report(self, summary: dict, expert_counts: Optional[np.ndarray],
-                  final: bool) -> None:
+  def task_report(self, summary: dict,
+                  expert_counts: Optional[np.ndarray]) -> None:
     """Writes metrics.json and the plots after a task."""
     if not self.enabled:
       return
@@ -92,9 +89,6 @@ class Reporter:
     if expert_counts is not None:
       plots.plot_expert_frequencies(expert_counts,
                                     f"{self.workdir}/expert_frequencies.png")
-    if final:
-      logging.info("final: FAA %.2f  CAA %.2f  FFM %.2f", summary["faa"],
-                   summary["caa"], summary["ffm"])
 
   def seed_report(self, summaries: list[dict], seeds: list[int]) -> None:
     if not self.enabled:

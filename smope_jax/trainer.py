@@ -22,6 +22,7 @@ from smope_jax import alignment, checkpointing, configuration, experts
 from smope_jax import distributed, metrics, reporting, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
+from smope_jax.errors import UserError
 from smope_jax.models.vit import SMoPEViT
 
 # Phases of a task, in order; `meta['phase']` names the next one to run.
@@ -163,13 +164,21 @@ class Run:
     restored = self.checkpointer.restore_latest(state)
     if restored is not None:
       _, state, meta = restored
+      if meta.get("phase") not in PHASES:
+        raise UserError(f"the checkpoint in {self.workdir}/checkpoints was "
+                        "not written by this version of smope_jax; use a "
+                        "new --workdir")
       logging.info("resuming task %d, phase %s, epoch %d, step %d",
                    meta["task"], meta["phase"], meta["epoch"], meta["step"])
     try:
       while meta["task"] < self.config.num_tasks:
         state = getattr(self, "phase_" + meta["phase"])(state, meta)
       self.checkpointer.wait_until_finished()
-      return self.summary(state, meta)
+      summary = self.summary(state, meta)
+      logging.info("%d tasks done: FAA %.2f  CAA %.2f  FFM %.2f (%s)",
+                   summary["tasks_done"], summary["faa"], summary["caa"],
+                   summary["ffm"], f"{self.workdir}/metrics.json")
+      return summary
     finally:
       self.reporter.close()
       self.checkpointer.close()
@@ -181,8 +190,8 @@ class Run:
     meta["task_clock"] = time.time()
     if meta["task"] > 0:
       # Snapshot for the prototype loss, then mark frequently used experts.
-      state["snapshot"] = jax.tree_util.tree_map(
-          jnp.copy, state["trainable"]["prompts"])
+      state["snapshot"] = experts.snapshot_prompts(
+          state["trainable"]["prompts"])
       state["expert_state"] = jax.jit(experts.mark_frequent)(
           state["expert_state"])
     warm = meta["task"] == 0 and self.config.dense_warmup
@@ -364,12 +373,11 @@ class Run:
                  task + 1, " ".join(f"{a:.2f}" for a in row))
     meta["task"] += 1
     self.advance(meta, "start")
-    final = meta["task"] == self.config.num_tasks
     summary = self.summary(state, meta)
     self.reporter.scalars(task + 1, {k: summary[k] for k in
                                      ("faa", "caa", "ffm")}, prefix="eval/")
     self.reporter.task_report(summary, np.asarray(
-        distributed.to_host(state["expert_state"]["counts"])), final)
+        distributed.to_host(state["expert_state"]["counts"])))
     self.save(state, meta, force=True)
     return state
 
