@@ -47,54 +47,8 @@
 #   node-b$ launch/gpu_multi.sh --config=configs/cifar100.py --workdir=gs://b/run \
 #             --coordinator=node-a:12355 --num-processes=2 --process-id=1
 set -euo pipefail
-
-PROG=${0##*/}
-case ${BASH_SOURCE[0]} in
-  */*) SCRIPT_DIR=$(cd "${BASH_SOURCE[0]%/*}" && pwd) ;;
-  *) SCRIPT_DIR=$(pwd) ;;
-esac
-REPO_ROOT=${SCRIPT_DIR%/*}
-
-usage() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      '#!'*) continue ;;
-      '#'*) line=${line#\#}; printf '%s\n' "${line# }" ;;
-      *) break ;;
-    esac
-  done <"${BASH_SOURCE[0]}"
-}
-
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-warn() {
-  printf '%s: warning: %s\n' "$PROG" "$*" >&2
-}
-
-# Shell-quote one word, leaving it bare when that is safe.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--?[A-Za-z0-9_.-]+=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    q "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-qcmd() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(q "$w")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
 # First host of a SLURM node list such as "gpu[03-05,09],gpu11" -> "gpu03",
 # for when scontrol is not available.
@@ -111,63 +65,26 @@ first_host() {
 }
 
 # ---------------------------------------------------------------- arguments
-CONFIG="" WORKDIR="" COORD="" NPROC="" PID_ARG="" PORT="" GPUS="" CONFIG_ARGS="" PY=${PYTHON:-}
-MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.9}
-PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
-REQUIRE_GPU_CHECK=0 DRY_RUN=0
-EXTRA=()
+gpu_option_defaults
+COORD="" NPROC="" PID_ARG="" PORT="" REQUIRE_GPU_CHECK=0
 
-for a in "$@"; do
-  case $a in
-    --) break ;;
-    -h | --help) usage; exit 0 ;;
-  esac
-done
+FLAG_OPTS=(--dry-run --preallocate --require-gpu-check)
+VALUE_OPTS=(--config --workdir --coordinator --num-processes --process-id --port --gpus
+  --config-args --python --mem-fraction)
+DASH_VALUE_OPTS=(--config-args)
 
-while (($# > 0)); do
-  arg=$1
-  shift
-  case $arg in
-    --) EXTRA+=("$@"); break ;;
-    --*=*) name=${arg%%=*} val=${arg#*=} has_val=1 ;;
-    *) name=$arg val="" has_val=0 ;;
+set_opt() { # set_opt NAME [VALUE], for parse_args
+  case $1 in
+    --require-gpu-check) REQUIRE_GPU_CHECK=1 ;;
+    --coordinator) COORD=$2 ;;
+    --num-processes) NPROC=$2 ;;
+    --process-id) PID_ARG=$2 ;;
+    --port) PORT=$2 ;;
+    *) set_gpu_opt "$@" ;;
   esac
-  case $name in
-    --dry-run | --preallocate | --require-gpu-check)
-      ((has_val)) && die "$name takes no value"
-      case $name in
-        --dry-run) DRY_RUN=1 ;;
-        --preallocate) PREALLOCATE=true ;;
-        --require-gpu-check) REQUIRE_GPU_CHECK=1 ;;
-      esac
-      ;;
-    --config | --workdir | --coordinator | --num-processes | --process-id | --port | --gpus | \
-      --config-args | --python | --mem-fraction)
-      if ((!has_val)); then
-        (($# > 0)) || die "$name needs a value"
-        val=$1
-        shift
-        [[ $val != -* || $name == --config-args ]] || die "$name needs a value (got '$val')"
-      fi
-      case $name in
-        --config) CONFIG=$val ;;
-        --workdir) WORKDIR=$val ;;
-        --coordinator) COORD=$val ;;
-        --num-processes) NPROC=$val ;;
-        --process-id) PID_ARG=$val ;;
-        --port) PORT=$val ;;
-        --gpus) GPUS=$val ;;
-        --config-args) CONFIG_ARGS=$val ;;
-        --python) PY=$val ;;
-        --mem-fraction) MEM_FRACTION=$val ;;
-      esac
-      ;;
-    *) die "unknown argument: $arg (see --help)" ;;
-  esac
-done
+}
 
-[[ -n $CONFIG ]] || die "--config is required (see --help)"
-[[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
+parse_gpu_args "$@"
 
 # Fill in from SLURM what was not given.
 if [[ -n ${SLURM_PROCID:-} ]]; then
@@ -203,36 +120,17 @@ if ! [[ $NPROC =~ ^[0-9]+$ ]] || ((10#$NPROC < 1)); then
 fi
 [[ $PID_ARG =~ ^[0-9]+$ ]] || die "--process-id must be an integer in 0..$((10#$NPROC - 1)), got '$PID_ARG'"
 ((10#$PID_ARG < 10#$NPROC)) || die "--process-id must be in 0..$((10#$NPROC - 1)), got '$PID_ARG'"
-if [[ -n $GPUS ]]; then
-  [[ $GPUS =~ ^[0-9]+(,[0-9]+)*$ || $GPUS =~ ^(GPU|MIG)-[-0-9a-fA-F/]+(,(GPU|MIG)-[-0-9a-fA-F/]+)*$ ]] ||
-    die "--gpus must be a comma-separated list of GPU indices or UUIDs (e.g. 0,1,2,3), got '$GPUS'"
-fi
-[[ $MEM_FRACTION =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] ||
-  die "--mem-fraction must be a number in (0, 1], e.g. .9, got '$MEM_FRACTION'"
-case $PREALLOCATE in
-  true | false) ;;
-  *) die "XLA_PYTHON_CLIENT_PREALLOCATE must be true or false, got '$PREALLOCATE'" ;;
-esac
+check_gpu_options
 if ((10#$NPROC > 1)) && [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
   warn "--workdir '$WORKDIR' is relative: every machine must see the same shared directory (gs://... or an absolute path on a shared filesystem)"
 fi
 
-if [[ -z $PY ]]; then
-  if command -v python3 >/dev/null 2>&1; then PY=python3; else PY=python; fi
-fi
-
 MAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR"
   --coordinator_address="$COORD" --num_processes="$NPROC" --process_id="$PID_ARG")
-if [[ -n $CONFIG_ARGS ]]; then
-  read -r -a cfg_words <<<"$CONFIG_ARGS"
-  MAIN_ARGS+=(${cfg_words[@]+"${cfg_words[@]}"})
-fi
-MAIN_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+add_config_args
 
 # Tools: checked before anything runs.
-if ((!DRY_RUN)); then
-  command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found (use --python)"
-fi
+pick_python
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   if ((REQUIRE_GPU_CHECK && !DRY_RUN)); then
     die "nvidia-smi not found on PATH (--require-gpu-check)"
@@ -248,20 +146,4 @@ elif ((!DRY_RUN)); then
   fi
 fi
 
-ENV=(env)
-[[ -n $GPUS ]] && ENV+=(CUDA_VISIBLE_DEVICES="$GPUS")
-ENV+=(
-  XLA_PYTHON_CLIENT_PREALLOCATE="$PREALLOCATE"
-  XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION"
-  JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
-  PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  PYTHONUNBUFFERED=1
-)
-CMD=("${ENV[@]}" "$PY" -m smope_jax.main "${MAIN_ARGS[@]}")
-
-if ((DRY_RUN)); then
-  printf '%s\n' "$(qcmd "${CMD[@]}")"
-  exit 0
-fi
-printf '+ %s\n' "$(qcmd "${CMD[@]}")" >&2
-exec "${CMD[@]}"
+exec_gpu_main

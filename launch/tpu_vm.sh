@@ -71,71 +71,11 @@
 #   launch/tpu_vm.sh logs   --project=my-proj --zone=us-central2-b --tpu-name=smope
 #   launch/tpu_vm.sh delete --project=my-proj --zone=us-central2-b --tpu-name=smope
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-PROG=${0##*/}
-case ${BASH_SOURCE[0]} in
-  */*) SCRIPT_DIR=$(cd "${BASH_SOURCE[0]%/*}" && pwd) ;;
-  *) SCRIPT_DIR=$(pwd) ;;
-esac
-REPO_ROOT=${SCRIPT_DIR%/*}
 # jax version range used when requirements.txt cannot be read.
 DEFAULT_JAX_SPEC='>=0.10.2,<0.11'
-
-usage() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      '#!'*) continue ;;
-      '#'*) line=${line#\#}; printf '%s\n' "${line# }" ;;
-      *) break ;;
-    esac
-  done <"${BASH_SOURCE[0]}"
-}
-
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-warn() {
-  printf '%s: warning: %s\n' "$PROG" "$*" >&2
-}
-
-info() {
-  printf '%s: %s\n' "$PROG" "$*" >&2
-}
-
-# Shell-quote one word, leaving it bare when that is safe.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--?[A-Za-z0-9_.-]+=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    q "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Shell-quote a whole command line.
-qcmd() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(q "$w")"
-  done
-  printf '%s' "$out"
-}
-
-# Run a command, or print it under --dry-run.
-run() {
-  if ((DRY_RUN)); then
-    printf '%s\n' "$(qcmd "$@")"
-  else
-    printf '+ %s\n' "$(qcmd "$@")" >&2
-    "$@"
-  fi
-}
 
 # A path on the VM: absolute as given, relative ones under $HOME (expanded there).
 rpath() {
@@ -154,70 +94,50 @@ PROJECT="" ZONE="" TPU_NAME="" ACCEL="" RUNTIME="" CONFIG="" WORKDIR=""
 CONFIG_ARGS="" COPY_TO="" REPO_URL="" REF="" WORKER=0 CREATE_FLAGS=""
 SSH_FLAGS="" REMOTE_DIR=smope_jax VENV=smope_venv LOG_FILE=smope_run.log
 SPOT=0 KEEP_VM=0 DRY_RUN=0
-EXTRA=()
 
-for a in "$@"; do
-  case $a in
-    --) break ;;
-    -h | --help) usage; exit 0 ;;
-  esac
-done
+FLAG_OPTS=(--dry-run --spot --keep-vm)
+VALUE_OPTS=(--project --zone --tpu-name --accelerator-type --runtime-version --config
+  --workdir --config-args --copy-to --repo-url --ref --worker --remote-dir
+  --venv --log-file --create-flags --ssh-flags)
+DASH_VALUE_OPTS=(--config-args --create-flags --ssh-flags)
 
-while (($# > 0)); do
-  arg=$1
-  shift
-  case $arg in
-    --) EXTRA+=("$@"); break ;;
-    --*=*) name=${arg%%=*} val=${arg#*=} has_val=1 ;;
-    *) name=$arg val="" has_val=0 ;;
+set_opt() { # set_opt NAME [VALUE], for parse_args
+  case $1 in
+    --dry-run) DRY_RUN=1 ;;
+    --spot) SPOT=1 ;;
+    --keep-vm) KEEP_VM=1 ;;
+    --project) PROJECT=$2 ;;
+    --zone) ZONE=$2 ;;
+    --tpu-name) TPU_NAME=$2 ;;
+    --accelerator-type) ACCEL=$2 ;;
+    --runtime-version) RUNTIME=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --config-args) CONFIG_ARGS=$2 ;;
+    --copy-to) COPY_TO=$2 ;;
+    --repo-url) REPO_URL=$2 ;;
+    --ref) REF=$2 ;;
+    --worker) WORKER=$2 ;;
+    --remote-dir) REMOTE_DIR=$2 ;;
+    --venv) VENV=$2 ;;
+    --log-file) LOG_FILE=$2 ;;
+    --create-flags) CREATE_FLAGS=$2 ;;
+    --ssh-flags) SSH_FLAGS=$2 ;;
   esac
-  case $name in
-    --dry-run | --spot | --keep-vm)
-      ((has_val)) && die "$name takes no value"
-      case $name in
-        --dry-run) DRY_RUN=1 ;;
-        --spot) SPOT=1 ;;
-        --keep-vm) KEEP_VM=1 ;;
-      esac
-      ;;
-    --project | --zone | --tpu-name | --accelerator-type | --runtime-version | --config | \
-      --workdir | --config-args | --copy-to | --repo-url | --ref | --worker | --remote-dir | \
-      --venv | --log-file | --create-flags | --ssh-flags)
-      if ((!has_val)); then
-        (($# > 0)) || die "$name needs a value"
-        val=$1
-        shift
-        if [[ $val == -* && $name != --config-args && $name != --create-flags && $name != --ssh-flags ]]; then
-          die "$name needs a value (got '$val')"
-        fi
-      fi
-      case $name in
-        --project) PROJECT=$val ;;
-        --zone) ZONE=$val ;;
-        --tpu-name) TPU_NAME=$val ;;
-        --accelerator-type) ACCEL=$val ;;
-        --runtime-version) RUNTIME=$val ;;
-        --config) CONFIG=$val ;;
-        --workdir) WORKDIR=$val ;;
-        --config-args) CONFIG_ARGS=$val ;;
-        --copy-to) COPY_TO=$val ;;
-        --repo-url) REPO_URL=$val ;;
-        --ref) REF=$val ;;
-        --worker) WORKER=$val ;;
-        --remote-dir) REMOTE_DIR=$val ;;
-        --venv) VENV=$val ;;
-        --log-file) LOG_FILE=$val ;;
-        --create-flags) CREATE_FLAGS=$val ;;
-        --ssh-flags) SSH_FLAGS=$val ;;
-      esac
-      ;;
-    -*) die "unknown option: $arg (see --help)" ;;
+}
+
+other_arg() { # other_arg ARG, for parse_args: the command
+  case $1 in
+    -*) die "unknown option: $1 (see --help)" ;;
     *)
-      [[ -z $CMD ]] || die "more than one command given: '$CMD' and '$arg'"
-      CMD=$arg
+      [[ -z $CMD ]] || die "more than one command given: '$CMD' and '$1'"
+      CMD=$1
       ;;
   esac
-done
+}
+
+handle_help "$@"
+parse_args "$@"
 
 case $CMD in
   create | setup | run | logs | status | stop | copy | delete | all) ;;
@@ -286,11 +206,7 @@ if [[ -n $COPY_TO && $COPY_TO != gs://* && -e $COPY_TO && ! -d $COPY_TO ]]; then
 fi
 
 MAIN_ARGS=()
-if [[ -n $CONFIG_ARGS ]]; then
-  read -r -a cfg_words <<<"$CONFIG_ARGS"
-  MAIN_ARGS+=(${cfg_words[@]+"${cfg_words[@]}"})
-fi
-MAIN_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+add_config_args
 
 # Tools: checked before anything is done. Under --dry-run nothing is run.
 if ((!DRY_RUN)); then

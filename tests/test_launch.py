@@ -24,8 +24,10 @@ TPU = LAUNCH / "tpu_vm.sh"
 GPU1 = LAUNCH / "gpu_single.sh"
 GPUN = LAUNCH / "gpu_multi.sh"
 SBATCH = LAUNCH / "slurm_example.sbatch"
+LIB = LAUNCH / "lib.sh"  # sourced by the scripts: no --help, not executable
 SCRIPTS = [TPU, GPU1, GPUN]
 ALL_FILES = SCRIPTS + [SBATCH]
+SHELL_FILES = ALL_FILES + [LIB]
 BASH = shutil.which("bash") or "/bin/bash"
 TIMEOUT = 30
 
@@ -88,14 +90,14 @@ def trap_gcloud(tmp_path):
 
 # ------------------------------------------------------------ static checks
 
-@pytest.mark.parametrize("script", ALL_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
 def test_bash_syntax(script):
   result = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True,
                           timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", ALL_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
 def test_shellcheck(script):
   shellcheck = shutil.which("shellcheck")
   if shellcheck is None:
@@ -391,10 +393,12 @@ def test_tpu_all_simulated(tmp_path):
   git = shutil.which("git")
   if git is None or shutil.which("setsid") is None:
     pytest.skip("needs git and setsid")
-  # A throw-away checkout holding the script, so that `git archive` ships it.
+  # A throw-away checkout holding the script (and the lib.sh it sources), so
+  # that `git archive` ships it.
   repo = tmp_path / "repo"
   (repo / "launch").mkdir(parents=True)
-  shutil.copy2(TPU, repo / "launch" / "tpu_vm.sh")
+  for script in (TPU, LIB):
+    shutil.copy2(script, repo / "launch" / script.name)
   (repo / "requirements.txt").write_text("jax>=0.10.2,<0.11\n")
   ident = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
