@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import optax
 
 FINAL_LR = 1e-6
-TRAINABLE_GROUPS = ("prompts", "head")
 
 
 def frozen_then_cosine(base_lr: float, total_steps: int, freeze_steps: int,

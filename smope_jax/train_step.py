@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from smope_jax import experts, losses
-from smope_jax.schedules import TRAINABLE_GROUPS
+
+
+# The parameters that learn; everything else is the frozen backbone.
+TRAINABLE_GROUPS = ("prompts", "head")
 
 
 def split_params(params: dict) -> tuple[dict, dict]:

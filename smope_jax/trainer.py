@@ -23,7 +23,7 @@ from smope_jax import distributed, metrics, reporting, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
-from smope_jax.models.vit import SMoPEViT
+from smope_jax.models import factory
 
 # Phases of a task, in order; `meta['phase']` names the next one to run.
 PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
@@ -70,31 +70,6 @@ def timed(iterator, waited: list):
     yield item
 
 
-def build_model(config, dims: dict) -> SMoPEViT:
-  return SMoPEViT(
-      num_classes=config.num_classes, num_prompted_layers=config.num_prompted_layers,
-      num_experts=config.num_experts, top_k=config.top_k,
-      epsilon=config.epsilon, inference_penalty=config.inference_penalty,
-      dtype=jnp.dtype(config.dtype), fused_attention=config.fused_attention,
-      **dims)
-
-
-def init_params(config, model: SMoPEViT) -> dict:
-  """Random prompts and head; the backbone from `config.pretrained`."""
-  images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  state = experts.init_expert_state(config.num_prompted_layers,
-                                    model.num_heads, config.num_experts)
-  params = jax.jit(lambda k: model.init(k, images, state, mode="train"))(
-      jax.random.PRNGKey(config.seed))["params"]
-  params = jax.tree_util.tree_map(np.asarray, params)
-  if config.pretrained:
-    from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
-    trainable, frozen = steps_lib.split_params(params)
-    frozen = pretrained.load_backbone(config.pretrained, frozen)
-    params = steps_lib.merge_params(trainable, frozen)
-  return params
-
-
 @dataclasses.dataclass
 class Run:
   """Everything one seed's run needs; built once, then `run()`."""
@@ -112,7 +87,7 @@ class Run:
     self.data = pipeline.build_continual_data(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
-    self.model = build_model(config, configuration.model_dims(config))
+    self.model = factory.build_model(config)
     self.cpt = config.num_classes // config.num_tasks
     self.weights = steps_lib.LossWeights(
         router=config.router_weight, prototype=config.prototype_weight,
@@ -127,7 +102,7 @@ class Run:
   # ----------------------------------------------------------------- state
 
   def fresh_state(self) -> tuple[dict, dict]:
-    params = init_params(self.config, self.model)
+    params = factory.init_params(self.config, self.model)
     trainable, frozen = steps_lib.split_params(params)
     dims = trainable["prompts"]["keys"].shape
     hidden = self.model.hidden_size

@@ -23,8 +23,10 @@ MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",
               "l2p_two_pass")
 POSITIVE_ROW_KEYS = ("gflops_per_image", "gflops_per_step", "seconds_median",
                      "images_per_second", "gflop_per_second",
-                     "fraction_of_matmul", "compile_seconds",
-                     "compiled_memory_bytes", "peak_memory_bytes")
+                     "matmul_gflop_per_second", "fraction_of_matmul",
+                     "cpu_seconds_median", "fraction_of_matmul_cpu_time",
+                     "compile_seconds", "compiled_memory_bytes",
+                     "peak_memory_bytes")
 BATCH = 4
 
 
@@ -53,7 +55,7 @@ def test_top_level_schema(record):
               "repeats", "warmup", "params", "memory_source", "rows",
               "ratios", "config"):
     assert key in record, key
-  assert record["batch"] == BATCH
+  assert record["batch"] == BATCH and record["repeats"] == 1
   assert record["batch_source"] == "--config.batch_size"
   assert record["config"].endswith("configs/demo.py")
   assert "pretrained is ignored" in record["weights"]
@@ -69,14 +71,13 @@ def test_model_rows_hold_positive_numbers(record, name):
   assert isinstance(row["description"], str) and row["description"]
   for key in POSITIVE_ROW_KEYS:
     assert _positive(row[key]), (name, key, row[key])
-  assert len(row["seconds"]) == record["repeats"] == 1
+  assert len(row["seconds"]) == len(row["cpu_seconds"]) == 1
   assert row["images_per_second"] == pytest.approx(
       BATCH / row["seconds_median"])
   assert row["gflops_per_step"] == pytest.approx(
       BATCH * row["gflops_per_image"])
-  matmul = record["rows"]["matmul"]["gflop_per_second"]
   assert row["fraction_of_matmul"] == pytest.approx(
-      row["gflop_per_second"] / matmul)
+      row["gflop_per_second"] / row["matmul_gflop_per_second"])
 
 
 def test_matmul_row(record):
@@ -85,8 +86,8 @@ def test_matmul_row(record):
   assert row["gflops_per_step"] == pytest.approx(2 * 256**3 / 1e9)
   assert row["fraction_of_matmul"] == 1.0
   assert _positive(row["gflop_per_second"])
-  # Sampled once after every timed call of every model row.
-  assert len(row["seconds"]) == len(MODEL_ROWS)
+  # Sampled before and after every timed call of every model row.
+  assert len(row["seconds"]) == len(MODEL_ROWS) * (record["repeats"] + 1)
 
 
 def test_parameter_counts(record):

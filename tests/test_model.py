@@ -15,6 +15,7 @@ from smope_jax import experts
 from smope_jax import losses
 from smope_jax import schedules
 from smope_jax import train_step as ts
+from smope_jax.models import variants
 from smope_jax.models import vit
 
 B, S, P, D, LAYERS, H, MLP, L, E, K, C = 4, 8, 4, 16, 3, 2, 32, 2, 6, 3, 10
@@ -124,7 +125,7 @@ def test_prompt_init_is_uniform_on_unit_interval():
 
 
 def test_vit_b16_learnable_parameter_count():
-  model = vit.SMoPEViT(num_classes=200, **vit.VIT_VARIANTS['B/16'],
+  model = vit.SMoPEViT(num_classes=200, **variants.VIT_VARIANTS['B/16'],
                        num_prompted_layers=6, num_experts=25, top_k=5)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
@@ -461,3 +462,14 @@ def test_forward_matches_numpy_reference(mode):
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out['logits'], ref['logits'], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  """The fast formulation matches jax's exact (erf) GELU, not the tanh one."""
+  x = jnp.linspace(-12.0, 12.0, 20001, dtype=jnp.float32)
+  fast = vit.gelu_exact(x)
+  exact = jax.nn.gelu(x, approximate=False)
+  tanh = jax.nn.gelu(x, approximate=True)
+  bound = 2.5e-7 * jnp.maximum(1.0, jnp.abs(x)) + 1e-7
+  assert bool(jnp.all(jnp.abs(fast - exact) <= bound))
+  assert float(jnp.max(jnp.abs(fast - tanh))) > 1e-4

@@ -10,7 +10,6 @@ was even when the wall time says mostly how much of the machine we got.
 
 import dataclasses
 import resource
-import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -66,10 +65,11 @@ class Stopwatch:
 
 
 class MatmulProbe:
-  """A large float32 matmul, timed between the measured calls.
+  """A large float32 matmul, timed next to every measured call.
 
-  Sampling it throughout the run, not once, makes every row's fraction of
-  it comparable on a machine whose load changes.
+  Each row is compared with the probe samples taken just before and after
+  its own calls, so on a machine whose load changes the two see the same
+  share of the cores.
   """
 
   def __init__(self, size: int):
@@ -79,23 +79,17 @@ class MatmulProbe:
     self._a = jax.random.normal(key_a, (size, size), jnp.float32)
     self._b = jax.random.normal(key_b, (size, size), jnp.float32)
     self._fn = jax.jit(jnp.matmul).lower(self._a, self._b).compile()
-    self.seconds: list[float] = []
-    self.cpu_seconds: list[float] = []
     jax.block_until_ready(self._fn(self._a, self._b))
+    self.samples: list[Stopwatch] = []
 
-  def sample(self) -> None:
+  def sample(self) -> Stopwatch:
+    # Untimed first: right after a large step the first matmul runs up to
+    # 2x slower (cold caches, fresh pages), which is not its throughput.
+    jax.block_until_ready(self._fn(self._a, self._b))
     with Stopwatch() as watch:
       jax.block_until_ready(self._fn(self._a, self._b))
-    self.seconds.append(watch.wall)
-    self.cpu_seconds.append(watch.cpu)
-
-  @property
-  def flop_per_second(self) -> float:
-    return self.flops / statistics.median(self.seconds)
-
-  @property
-  def flop_per_cpu_second(self) -> float:
-    return self.flops / statistics.median(self.cpu_seconds)
+    self.samples.append(watch)
+    return watch
 
 
 @dataclasses.dataclass
@@ -103,6 +97,8 @@ class Measurement:
   flops: float
   seconds: list[float]
   cpu_seconds: list[float]
+  probe_seconds: list[float]
+  probe_cpu_seconds: list[float]
   compile_seconds: float
   compiled_memory_bytes: Optional[int]
   peak_memory_bytes: int
@@ -120,21 +116,26 @@ def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
     carry: `carry(args, outputs) -> args` for the next call; needed when
       arguments are donated (a training loop feeds its state back).
     repeats, warmup: timed and untimed calls.
-    probe: sampled once after every timed call.
+    probe: sampled before and after every timed call.
   """
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_seconds = time.perf_counter() - start
-  seconds, cpu_seconds = [], []
-  for i in range(warmup + repeats):
-    with Stopwatch() as watch:
-      outputs = jax.block_until_ready(compiled(*args))
-    if i >= warmup:
-      seconds.append(watch.wall)
-      cpu_seconds.append(watch.cpu)
-      probe.sample()
-    if carry is not None:
-      args = carry(args, outputs)
-  return Measurement(compiled_flops(compiled), seconds, cpu_seconds,
-                     compile_seconds,
+  for _ in range(warmup):
+    args = _call(compiled, args, carry)[0]
+  calls, probes = [], [probe.sample()]
+  for _ in range(repeats):
+    args, watch = _call(compiled, args, carry)
+    calls.append(watch)
+    probes.append(probe.sample())
+  return Measurement(compiled_flops(compiled), [w.wall for w in calls],
+                     [w.cpu for w in calls], [w.wall for w in probes],
+                     [w.cpu for w in probes], compile_seconds,
                      compiled_memory_bytes(compiled), peak_memory_bytes())
+
+
+def _call(compiled, args, carry):
+  """One timed call; returns the next call's arguments and the timing."""
+  with Stopwatch() as watch:
+    outputs = jax.block_until_ready(compiled(*args))
+  return (args if carry is None else carry(args, outputs)), watch

@@ -47,16 +47,23 @@ def resolve_batch(config, batch_flag: int, batch_overridden: bool,
   if batch_overridden:
     return int(config.batch_size), "--config.batch_size"
   if platform_name == "cpu" and config.batch_size > CPU_BATCH:
-    return CPU_BATCH, (f"CPU default (the config's batch_size "
-                       f"{config.batch_size} is for accelerators)")
+    return CPU_BATCH, (f"CPU default; the config's batch_size is "
+                       f"{config.batch_size}")
   return int(config.batch_size), "config.batch_size"
 
 
-def row_result(m: measure.Measurement, batch: int, description: str,
-               probe: measure.MatmulProbe) -> dict:
+def row_result(m: measure.Measurement, batch: int, probe_flops: float,
+               probe_flop_per_cpu_second: float, description: str) -> dict:
+  """One row and its fractions of the matmul probe.
+
+  Wall time is compared with the probe samples taken around the row's own
+  calls (the same share of a shared machine); CPU time, which hardly
+  depends on that share, with the median of all probe samples.
+  """
   seconds = statistics.median(m.seconds)
   cpu_seconds = statistics.median(m.cpu_seconds)
   flop_per_second = m.flops / seconds
+  matmul = probe_flops / statistics.median(m.probe_seconds)
   return {
       "description": description,
       "gflops_per_image": m.flops / batch / 1e9,
@@ -65,11 +72,12 @@ def row_result(m: measure.Measurement, batch: int, description: str,
       "seconds": m.seconds,
       "images_per_second": batch / seconds,
       "gflop_per_second": flop_per_second / 1e9,
-      "fraction_of_matmul": flop_per_second / probe.flop_per_second,
+      "matmul_gflop_per_second": matmul / 1e9,
+      "fraction_of_matmul": flop_per_second / matmul,
       "cpu_seconds_median": cpu_seconds,
       "cpu_seconds": m.cpu_seconds,
       "fraction_of_matmul_cpu_time":
-          m.flops / cpu_seconds / probe.flop_per_cpu_second,
+          m.flops / cpu_seconds / probe_flop_per_cpu_second,
       "compile_seconds": m.compile_seconds,
       "compiled_memory_bytes": m.compiled_memory_bytes,
       "peak_memory_bytes": m.peak_memory_bytes,
@@ -87,26 +95,31 @@ def run(config, batch: int, *, repeats: int, warmup: int,
     measured[name] = measure.measure(
         row.fn, row.args, donate=row.donate, carry=row.carry,
         repeats=repeats, warmup=warmup, probe=probe)
-  results = {name: row_result(m, batch, rows_lib.DESCRIPTIONS[name], probe)
+  seconds = [w.wall for w in probe.samples]
+  cpu_seconds = [w.cpu for w in probe.samples]
+  per_cpu_second = probe.flops / statistics.median(cpu_seconds)
+  results = {name: row_result(m, batch, probe.flops, per_cpu_second,
+                              rows_lib.DESCRIPTIONS[name])
              for name, m in measured.items()}
   results["matmul"] = {
-      "description": f"float32 {matmul_size}x{matmul_size} matmul, sampled "
-                     "after every timed call",
+      "description": f"float32 {matmul_size}x{matmul_size} matmul, timed "
+                     "before and after every timed call of every row",
       "size": matmul_size,
       "gflops_per_step": probe.flops / 1e9,
-      "seconds_median": statistics.median(probe.seconds),
-      "seconds": probe.seconds,
-      "gflop_per_second": probe.flop_per_second / 1e9,
+      "seconds_median": statistics.median(seconds),
+      "seconds": seconds,
+      "gflop_per_second": probe.flops / statistics.median(seconds) / 1e9,
       "fraction_of_matmul": 1.0,
-      "cpu_seconds_median": statistics.median(probe.cpu_seconds),
-      "cpu_seconds": probe.cpu_seconds,
+      "cpu_seconds_median": statistics.median(cpu_seconds),
+      "cpu_seconds": cpu_seconds,
       "fraction_of_matmul_cpu_time": 1.0,
   }
   flops = {name: r["gflops_per_image"] for name, r in results.items()
            if "gflops_per_image" in r}
   model = setup.model
   return {
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "date": datetime.datetime.now().astimezone().isoformat(
+          timespec="seconds"),
       "machine": machine(),
       "weights": PRETRAINED_NOTE,
       "model": {"hidden_size": model.hidden_size,
@@ -143,17 +156,20 @@ def _mb(value) -> str:
 def format_table(record: dict) -> str:
   """Markdown table of the rows, then the counts and ratios."""
   lines = [
-      "| row | GFLOPs/image | images/s | GFLOP/s | of matmul | "
-      "of matmul, CPU time | XLA memory (MiB) | peak memory (MiB) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+      "| row | GFLOPs/image | images/s | GFLOP/s | matmul GFLOP/s | "
+      "of matmul | of matmul, CPU time | XLA memory (MiB) | "
+      "peak memory (MiB) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in record["rows"].items():
     if name == "matmul":
-      lines.append(f"| matmul {r['size']}^3 | - | - | "
+      lines.append(f"| matmul {r['size']}^3, all samples | - | - | "
+                   f"{r['gflop_per_second']:.1f} | "
                    f"{r['gflop_per_second']:.1f} | 100% | 100% | - | - |")
       continue
     lines.append(
         f"| {name} | {r['gflops_per_image']:.4g} | "
         f"{r['images_per_second']:.2f} | {r['gflop_per_second']:.1f} | "
+        f"{r['matmul_gflop_per_second']:.1f} | "
         f"{100 * r['fraction_of_matmul']:.0f}% | "
         f"{100 * r['fraction_of_matmul_cpu_time']:.0f}% | "
         f"{_mb(r['compiled_memory_bytes'])} | "
@@ -167,7 +183,8 @@ def format_table(record: dict) -> str:
       f"{ratios['inference_flops_vs_plain']:.4f}x plain ViT, "
       f"{ratios['inference_flops_vs_l2p_two_pass']:.4f}x L2P two-pass; "
       f"train step {ratios['train_flops_vs_inference']:.2f}x inference",
-      f"batch {record['batch']} ({record['batch_source']}), median of {record['repeats']} timed calls "
+      f"batch {record['batch']} ({record['batch_source']}), median of "
+      f"{record['repeats']} timed calls "
       f"after {record['warmup']} warm-up; {m['platform']} "
       f"({m['cpu']}, {m['cpu_count']} cores), jax {m['jax_version']}, "
       f"{record['model']['dtype']}",

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from smope_jax import configuration, experts, schedules
+from smope_jax import experts, schedules
 from smope_jax import train_step as steps_lib
-from smope_jax.models.vit import SMoPEViT
+from smope_jax.models.factory import build_model
 
 # Iterations per epoch of the benchmark's schedule; only the step count of
 # the optimizer depends on it, not the cost of a step.
@@ -41,25 +41,18 @@ class Row:
   carry: Any = None
 
 
-def build_model(config) -> SMoPEViT:
-  return SMoPEViT(
-      num_classes=config.num_classes,
-      num_prompted_layers=config.num_prompted_layers,
-      num_experts=config.num_experts, top_k=config.top_k,
-      epsilon=config.epsilon, inference_penalty=config.inference_penalty,
-      dtype=jnp.dtype(config.dtype), fused_attention=config.fused_attention,
-      **configuration.model_dims(config))
-
-
 def parameter_counts(params: dict) -> dict:
   """Learnable (prompts + head) and frozen (backbone) parameter counts."""
   trainable, frozen = steps_lib.split_params(params)
-  size = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))  # noqa: E731
-  counts = {"prompts": size(trainable.get("prompts", {})),
-            "head": size(trainable.get("head", {})),
-            "frozen": size(frozen)}
+  counts = {"prompts": _size(trainable.get("prompts", {})),
+            "head": _size(trainable.get("head", {})),
+            "frozen": _size(frozen)}
   counts["learnable"] = counts["prompts"] + counts["head"]
   return counts
+
+
+def _size(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 class Setup:
@@ -97,7 +90,8 @@ class Setup:
                             mode=mode)
 
   def inference(self, mode: str) -> Row:
-    fn = lambda params, images: self.apply(params, images, mode)["logits"]  # noqa: E731
+    def fn(params, images):
+      return self.apply(params, images, mode)["logits"]
     return Row(fn, (self.params, self.images))
 
   def l2p_two_pass(self) -> Row:

@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from smope_jax.models import prompt_attention as pa
-# Re-exported: standard sizes to build `SMoPEViT(**VIT_VARIANTS["B/16"])`.
-from smope_jax.models.variants import VIT_VARIANTS  # pylint: disable=unused-import
 
 Dtype = Any
 
