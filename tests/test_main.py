@@ -104,11 +104,17 @@ def test_bad_config_value_is_one_clear_error(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def test_bad_config_argument_is_one_clear_error(tmp_path):
-  result = _main_subprocess("--config=configs/imagenet_r.py:tasks=7",
-                            f"--workdir={tmp_path}")
-  assert result.returncode != 0
-  assert "tasks=5" in result.stderr
+@pytest.mark.parametrize("flag,expected", [
+    ("--config=configs/imagenet_r.py:tasks=7", "tasks=5"),
+    ("--config=configs/nowhere.py", "configs/nowhere.py"),
+    ("--config.nosuch=1", "no field 'nosuch'"),
+])
+def test_bad_config_flag_is_one_clear_error(tmp_path, flag, expected):
+  flags = [flag] if flag.startswith("--config=") else [
+      "--config=configs/demo.py", flag]
+  result = _main_subprocess(*flags, f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert expected in result.stderr
   assert "Traceback" not in result.stderr
 
 

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from smope_jax import cli
 from smope_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,5 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, ["config"])
