@@ -123,6 +123,14 @@ class Run:
     return (distributed.put_replicated(state, self.mesh),
             distributed.put_replicated(frozen, self.mesh)), meta
 
+  def replicated_jit(self, fn):
+    """`fn` jitted with outputs replicated over the mesh.
+
+    State created outside the training step must be a global array on every
+    device of every process, or multi-process checkpoints cannot hold it.
+    """
+    return jax.jit(fn, out_shardings=self.replicated)
+
   def optimizer(self, key):
     steps_per_epoch, epochs = key
     return schedules.task_optimizer(self.config, steps_per_epoch, epochs)
@@ -165,17 +173,17 @@ class Run:
     meta["task_clock"] = time.time()
     if meta["task"] > 0:
       # Snapshot for the prototype loss, then mark frequently used experts.
-      state["snapshot"] = experts.snapshot_prompts(
+      state["snapshot"] = self.replicated_jit(experts.snapshot_prompts)(
           state["trainable"]["prompts"])
-      state["expert_state"] = jax.jit(experts.mark_frequent)(
+      state["expert_state"] = self.replicated_jit(experts.mark_frequent)(
           state["expert_state"])
     warm = meta["task"] == 0 and self.config.dense_warmup
     return self.begin_training(state, meta, "warmup" if warm else "train")
 
   def begin_training(self, state, meta, phase):
     """Enters a training phase with a newly created optimizer."""
-    state["opt_state"] = self.optimizer(self.phase_shape(meta, phase)).init(
-        state["trainable"])
+    tx = self.optimizer(self.phase_shape(meta, phase))
+    state["opt_state"] = self.replicated_jit(tx.init)(state["trainable"])
     self.advance(meta, phase)
     return state
 
