@@ -6,7 +6,6 @@ the PNG plots and the progress bar. Other processes get no-op writers.
 
 import json
 import sys
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -76,9 +75,8 @@ class Reporter:
         tf.summary.scalar(prefix + name, float(value), step=step)
     self._writer.flush()
 
-  def task_report(self, summary: dict,
-                  expert_counts: Optional[np.ndarray]) -> None:
-    """Writes metrics.json and the plots after a task."""
+  def task_report(self, summary: dict) -> None:
+    """Writes metrics.json and, from the same summary, the plots."""
     if not self.enabled:
       return
     write_json(f"{self.workdir}/metrics.json", summary)
@@ -86,9 +84,8 @@ class Reporter:
                        for row in summary["acc_matrix"]], np.float64)
     plots.plot_accuracy_matrix(matrix, f"{self.workdir}/accuracy_matrix.png",
                                title=f"Accuracy (%) - FAA {summary['faa']:.2f}")
-    if expert_counts is not None:
-      plots.plot_expert_frequencies(expert_counts,
-                                    f"{self.workdir}/expert_frequencies.png")
+    plots.plot_expert_frequencies(np.asarray(summary["expert_counts"]),
+                                  f"{self.workdir}/expert_frequencies.png")
 
   def seed_report(self, summaries: list[dict], seeds: list[int]) -> None:
     if not self.enabled:

@@ -94,27 +94,30 @@ def predict_seen(logits: jax.Array, num_seen: jax.Array) -> jax.Array:
   return jnp.argmax(jnp.where(seen[None], logits, -jnp.inf), axis=-1)
 
 
+def _infer(trainable, frozen, expert_state, images, model):
+  """Forward with the inference routing (never-used experts excluded)."""
+  return model.apply({"params": merge_params(trainable, frozen)}, images,
+                     expert_state, mode="eval")
+
+
 def eval_step(trainable, frozen, expert_state, batch, num_seen, *, model):
   """Number of correctly classified real images in the batch."""
-  out = model.apply({"params": merge_params(trainable, frozen)},
-                    batch["image"], expert_state, mode="eval")
+  out = _infer(trainable, frozen, expert_state, batch["image"], model)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
 
 def count_step(trainable, frozen, expert_state, batch, *, model, top_k: int):
   """Inference-mode pass that adds this batch to the activation counts."""
-  out = model.apply({"params": merge_params(trainable, frozen)},
-                    batch["image"], expert_state, mode="eval")
+  out = _infer(trainable, frozen, expert_state, batch["image"], model)
   return experts.update_counts(expert_state, out["scores"], top_k,
                                batch["mask"])
 
 
 def feature_step(trainable, frozen, expert_state, batch, *, model):
   """Pre-logits with test-time routing, for the class statistics."""
-  out = model.apply({"params": merge_params(trainable, frozen)},
-                    batch["image"], expert_state, mode="eval")
-  return out["pre_logits"]
+  return _infer(trainable, frozen, expert_state, batch["image"],
+                model)["pre_logits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +129,12 @@ class Steps:
   features: Callable[..., Any]
 
 
-def make_steps(model, tx_factory, weights: LossWeights, replicated,
-               donate: bool = True) -> Steps:
-  """Jits the steps. `tx_factory(mode)` gives the optimizer of a phase.
+def make_steps(model, tx_factory, weights: LossWeights, replicated) -> Steps:
+  """Jits the steps. `tx_factory(tx_key)` gives a phase's optimizer.
+
+  `tx_key` is the phase's (schedule steps per epoch, epochs); one train step
+  is compiled per (mode, prototype loss on/off, tx_key).
+
 
   Parameters and states come back replicated over the mesh; the batch
   arrives sharded over its 'data' axis, so XLA inserts the gradient
@@ -141,7 +147,7 @@ def make_steps(model, tx_factory, weights: LossWeights, replicated,
                            mode=mode, weights=weights,
                            use_prototype=use_prototype)
     return jax.jit(fn, out_shardings=(replicated, replicated, replicated),
-                   donate_argnums=(0, 1) if donate else ())
+                   donate_argnums=(0, 1))
 
   def train(mode, use_prototype, tx_key, *args):
     return train_for(mode, use_prototype, tx_key)(*args)

@@ -117,7 +117,7 @@ class Run:
     }
     meta = {"task": 0, "phase": "start", "epoch": 0, "step": 0,
             "global_step": 0, "save_id": 0, "seed": int(self.config.seed),
-            "acc_matrix": [], "correct": [], "task_seconds": [],
+            "acc_matrix": [], "task_seconds": [],
             "train_log": [],
             "train_images_per_second": []}
     return (distributed.put_replicated(state, self.mesh),
@@ -338,7 +338,7 @@ class Run:
   def phase_eval(self, state, meta):
     task = meta["task"]
     seen = jnp.int32((task + 1) * self.cpt)
-    row, correct_row = [], []
+    row = []
     for j in range(task + 1):
       correct = jnp.int32(0)
       for local in self.data.test_batches(j, self.config.eval_batch_size):
@@ -346,10 +346,8 @@ class Run:
         correct = correct + self.steps.eval(state["trainable"], self.frozen,
                                             state["expert_state"], batch, seen)
       correct = int(distributed.to_host(correct))
-      correct_row.append(correct)
       row.append(100.0 * correct / self.data.test_size(j))
     meta["acc_matrix"].append(row)
-    meta["correct"].append(correct_row)
     meta["task_seconds"].append(time.time() - meta.pop("task_clock",
                                                        time.time()))
     logging.info("after task %d: accuracies %s",
@@ -359,8 +357,7 @@ class Run:
     summary = self.summary(state, meta)
     self.reporter.scalars(task + 1, {k: summary[k] for k in
                                      ("faa", "caa", "ffm")}, prefix="eval/")
-    self.reporter.task_report(summary, np.asarray(
-        distributed.to_host(state["expert_state"]["counts"])))
+    self.reporter.task_report(summary)
     self.save(state, meta, force=True)
     return state
 
