@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 
 from smope_jax import errors
 
-_STATE = 'state'
-_META = 'meta'
+_STATE = "state"
+_META = "meta"
 
 
 class Checkpointer:
@@ -102,15 +102,15 @@ class Checkpointer:
         self._move_aside(bad_steps)
         state = jax.tree.map(_like_template, template, restored[_STATE])
         return step, state, restored[_META]
-      error = _first_line(error) if error else 'it failed on another process'
+      error = _first_line(error) if error else "it failed on another process"
       logging.warning(
-          'Checkpoint step %d in %s is unreadable (%s); trying an older one.',
+          "Checkpoint step %d in %s is unreadable (%s); trying an older one.",
           step, self._directory, error)
       bad_steps.append(step)
     raise errors.UserError(
-        f'No readable checkpoint in {self._directory} (steps {steps} all'
-        f' failed; the last error was: {error}). To start fresh, pass a new'
-        ' --workdir or delete that directory.'
+        f"No readable checkpoint in {self._directory} (steps {steps} all"
+        f" failed; the last error was: {error}). To start fresh, pass a new"
+        " --workdir or delete that directory."
     )
 
   def latest_step(self) -> int | None:
@@ -153,29 +153,29 @@ class Checkpointer:
     if jax.process_index() == 0:
       for step in steps:
         source = self._directory / str(step)
-        target = self._directory / f'corrupt-{step}'
+        target = self._directory / f"corrupt-{step}"
         suffix = 1
         while target.exists():
           suffix += 1
-          target = self._directory / f'corrupt-{step}-{suffix}'
+          target = self._directory / f"corrupt-{step}-{suffix}"
         try:
           source.rename(target)
-          logging.warning('Moved unreadable checkpoint %s to %s.', source,
+          logging.warning("Moved unreadable checkpoint %s to %s.", source,
                           target)
         except OSError as e:
           logging.warning(
-              'Could not move unreadable checkpoint %s aside (%s); saves at'
-              ' steps up to %d will be skipped until it is removed.',
+              "Could not move unreadable checkpoint %s aside (%s); saves at"
+              " steps up to %d will be skipped until it is removed.",
               source, e, step)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('smope_jax_checkpoint_move_aside')
+      multihost_utils.sync_global_devices("smope_jax_checkpoint_move_aside")
     self._manager.reload()
 
   def _warn_unfinished_saves(self) -> None:
     for tmp in ocp.utils.tmp_checkpoints(self._directory):
       logging.warning(
-          'Ignoring %s: a checkpoint whose save never finished (the run'
-          ' was probably interrupted while saving).', tmp.get())
+          "Ignoring %s: a checkpoint whose save never finished (the run"
+          " was probably interrupted while saving).", tmp.get())
 
 
 def _collect_failed_reads() -> None:
@@ -193,8 +193,8 @@ def _collect_failed_reads() -> None:
 
 def _first_line(error: Exception, limit: int = 300) -> str:
   """TensorStore errors embed kilobytes of spec; keep logs readable."""
-  text = f'{type(error).__name__}: {error}'.split('\n', 1)[0]
-  return text if len(text) <= limit else text[:limit] + '...'
+  text = f"{type(error).__name__}: {error}".split("\n", 1)[0]
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _restorable_leaf(leaf: Any) -> Any:
@@ -216,24 +216,24 @@ def _check_compatible(step, directory, saved_leaves, target) -> None:
   Orbax would otherwise restore a differently shaped numpy leaf silently, or
   fail with an error indistinguishable from a damaged file.
   """
-  wanted = {k: tuple(getattr(v, 'shape', ()))
+  wanted = {k: tuple(getattr(v, "shape", ()))
             for k, v in ocp.tree.to_flat_dict(target).items()}
   saved = {k: tuple(v.shape) for k, v in saved_leaves.items()}
   if wanted == saved:
     return
-  names = lambda keys: ', '.join('/'.join(k) for k in sorted(keys)[:5])
+  names = lambda keys: ", ".join("/".join(k) for k in sorted(keys)[:5])
   problems = []
   if missing := wanted.keys() - saved.keys():
-    problems.append(f'missing {names(missing)}')
+    problems.append(f"missing {names(missing)}")
   if extra := saved.keys() - wanted.keys():
-    problems.append(f'unexpected {names(extra)}')
+    problems.append(f"unexpected {names(extra)}")
   if reshaped := [k for k in wanted.keys() & saved.keys()
                   if wanted[k] != saved[k]]:
-    problems.append(f'other shapes for {names(reshaped)}')
+    problems.append(f"other shapes for {names(reshaped)}")
   raise errors.UserError(
-      f'Checkpoint step {step} in {directory} does not fit the current model'
+      f"Checkpoint step {step} in {directory} does not fit the current model"
       f' and config ({"; ".join(problems)}). Resume with the config that wrote'
-      ' it, or start fresh with a new --workdir.'
+      " it, or start fresh with a new --workdir."
   )
 
 

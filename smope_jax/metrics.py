@@ -15,11 +15,11 @@ import numpy as np
 
 # Display names, in table order, of the per-run scalars `summarize` returns.
 METRIC_NAMES = {
-    'faa': 'FAA',
-    'caa': 'CAA',
-    'ffm': 'FFM',
-    'ffm_hide': 'FFM (HiDe)',
-    'faa_sample_weighted': 'FAA (sample-weighted)',
+    "faa": "FAA",
+    "caa": "CAA",
+    "ffm": "FFM",
+    "ffm_hide": "FFM (HiDe)",
+    "faa_sample_weighted": "FAA (sample-weighted)",
 }
 
 
@@ -27,18 +27,18 @@ def _trained_part(acc: Any) -> np.ndarray:
   """Validated (T, T) float copy over the tasks trained so far, NaN above."""
   acc = np.array(acc, dtype=np.float64)
   if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] == 0:
-    raise ValueError(f'Accuracy matrix must be square and non-empty, got '
-                     f'shape {acc.shape}.')
+    raise ValueError(f"Accuracy matrix must be square and non-empty, got "
+                     f"shape {acc.shape}.")
   trained = ~np.all(np.isnan(acc), axis=1)
   num_tasks = int(np.max(np.nonzero(trained)[0], initial=-1)) + 1
   if num_tasks == 0:
-    raise ValueError('Accuracy matrix has no evaluated task.')
+    raise ValueError("Accuracy matrix has no evaluated task.")
   acc = acc[:num_tasks, :num_tasks]
   lower = np.tril(np.ones_like(acc, dtype=bool))
   if np.any(np.isnan(acc[lower])):
     t, j = np.argwhere(np.isnan(acc) & lower)[0]
-    raise ValueError(f'Accuracy matrix lacks A[{t}][{j}] (task {j} after '
-                     f'training task {t}).')
+    raise ValueError(f"Accuracy matrix lacks A[{t}][{j}] (task {j} after "
+                     f"training task {t}).")
   acc[~lower] = np.nan
   return acc
 
@@ -93,7 +93,7 @@ def sample_weighted_accuracy(correct_counts: Sequence[int],
   correct = np.asarray(correct_counts, dtype=np.float64)
   totals = np.asarray(totals, dtype=np.float64)
   if correct.shape != totals.shape or totals.sum() <= 0:
-    raise ValueError('Need one correct count and one positive total per task.')
+    raise ValueError("Need one correct count and one positive total per task.")
   return float(100.0 * correct.sum() / totals.sum())
 
 
@@ -120,17 +120,17 @@ def summarize(acc: Any, test_sizes: Sequence[int] | None = None) -> dict:
   full = np.full(np.shape(acc), np.nan)
   full[:num_tasks, :num_tasks] = matrix
   summary = {
-      'num_tasks': num_tasks,
-      'acc_matrix': [[_json_float(v) for v in row] for row in full],
-      'avg_acc_per_step': [float(v) for v in average_accuracy_per_step(matrix)],
-      'faa': final_average_accuracy(matrix),
-      'caa': cumulative_average_accuracy(matrix),
-      'ffm': final_forgetting(matrix),
-      'ffm_hide': final_forgetting_hide(matrix),
+      "num_tasks": num_tasks,
+      "acc_matrix": [[_json_float(v) for v in row] for row in full],
+      "avg_acc_per_step": [float(v) for v in average_accuracy_per_step(matrix)],
+      "faa": final_average_accuracy(matrix),
+      "caa": cumulative_average_accuracy(matrix),
+      "ffm": final_forgetting(matrix),
+      "ffm_hide": final_forgetting_hide(matrix),
   }
   if test_sizes is not None:
     sizes = np.asarray(test_sizes, dtype=np.float64)[:num_tasks]
-    summary['faa_sample_weighted'] = sample_weighted_accuracy(
+    summary["faa_sample_weighted"] = sample_weighted_accuracy(
         matrix[-1] * sizes / 100.0, sizes)
   return summary
 
@@ -146,26 +146,26 @@ def summarize_seeds(summaries: Sequence[dict]) -> dict:
     for each METRIC of METRIC_NAMES present in every summary.
   """
   if not summaries:
-    raise ValueError('Need at least one run summary.')
-  result = {'num_seeds': len(summaries), 'std_ddof': 1}
+    raise ValueError("Need at least one run summary.")
+  result = {"num_seeds": len(summaries), "std_ddof": 1}
   for name in METRIC_NAMES:
     if not all(name in s for s in summaries):
       continue
     values = np.array([s[name] for s in summaries], dtype=np.float64)
     std = values.std(ddof=1) if len(values) > 1 else 0.0
-    result[name] = {'mean': float(values.mean()), 'std': float(std),
-                    'values': [float(v) for v in values]}
+    result[name] = {"mean": float(values.mean()), "std": float(std),
+                    "values": [float(v) for v in values]}
   return result
 
 
 def format_seed_table(seed_summary: dict, digits: int = 2) -> str:
   """Markdown table 'metric | mean +- std | per-seed values'."""
-  lines = ['| metric | mean +- std | per-seed values |', '|---|---|---|']
+  lines = ["| metric | mean +- std | per-seed values |", "|---|---|---|"]
   for name, label in METRIC_NAMES.items():
     if name not in seed_summary:
       continue
     stats = seed_summary[name]
-    values = ', '.join(f'{v:.{digits}f}' for v in stats['values'])
+    values = ", ".join(f"{v:.{digits}f}" for v in stats["values"])
     lines.append(f'| {label} | {stats["mean"]:.{digits}f} +- '
                  f'{stats["std"]:.{digits}f} | {values} |')
-  return '\n'.join(lines) + '\n'
+  return "\n".join(lines) + "\n"

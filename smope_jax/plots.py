@@ -21,7 +21,7 @@ import numpy as np
 def _write_png(fig: mpl_figure.Figure, path: epath.PathLike) -> epath.Path:
   backend_agg.FigureCanvasAgg(fig)
   buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
+  fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(buffer.getvalue())
@@ -36,22 +36,22 @@ def plot_accuracy_matrix(acc: Any, path: epath.PathLike,
   side = max(4.0, 0.55 * num_tasks + 2.0)
   fig = mpl_figure.Figure(figsize=(side + 1.0, side))
   ax = fig.add_subplot()
-  cmap = colormaps['viridis'].with_extremes(bad='white')
+  cmap = colormaps["viridis"].with_extremes(bad="white")
   image = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0.0, vmax=100.0)
   fontsize = 9 if num_tasks <= 10 else 7
   for (t, j), value in np.ndenumerate(acc):
     if not np.isnan(value):
       # Dark text on the bright (high) end of viridis, light text elsewhere.
-      color = 'black' if value > 60.0 else 'white'
-      ax.text(j, t, f'{value:.1f}', ha='center', va='center', color=color,
+      color = "black" if value > 60.0 else "white"
+      ax.text(j, t, f"{value:.1f}", ha="center", va="center", color=color,
               fontsize=fontsize)
   ax.set_xticks(range(num_tasks))
   ax.set_yticks(range(num_tasks))
-  ax.set_xlabel('evaluated task j')
-  ax.set_ylabel('after task t')
+  ax.set_xlabel("evaluated task j")
+  ax.set_ylabel("after task t")
   if title:
     ax.set_title(title)
-  fig.colorbar(image, ax=ax, label='accuracy (%)', shrink=0.8)
+  fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
   return _write_png(fig, path)
 
 
@@ -71,8 +71,8 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike,
   """
   counts = np.asarray(counts, dtype=np.float64)
   if counts.ndim != 3:
-    raise ValueError(f'counts must be (layers, heads, experts), got shape '
-                     f'{counts.shape}.')
+    raise ValueError(f"counts must be (layers, heads, experts), got shape "
+                     f"{counts.shape}.")
   num_layers, num_heads, num_experts = counts.shape
   totals = counts.sum(axis=-1, keepdims=True)
   shares = np.divide(counts, totals, out=np.zeros_like(counts),
@@ -82,18 +82,18 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike,
   panel_w = max(3.0, 0.22 * num_experts + 1.0)
   panel_h = max(2.0, 0.22 * num_heads + 1.0)
   fig = mpl_figure.Figure(figsize=(ncols * panel_w + 1.2, nrows * panel_h),
-                          layout='constrained')
+                          layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False)
   vmax = max(float(shares.max()), 1e-9)
   for layer, ax in enumerate(axes.flat):
     if layer >= num_layers:
       ax.set_axis_off()
       continue
-    image = ax.imshow(shares[layer], cmap='magma', vmin=0.0, vmax=vmax,
-                      aspect='auto', interpolation='nearest')
-    ax.set_title(f'layer {layer}', fontsize=10)
-    ax.set_xlabel('expert')
-    ax.set_ylabel('head')
+    image = ax.imshow(shares[layer], cmap="magma", vmin=0.0, vmax=vmax,
+                      aspect="auto", interpolation="nearest")
+    ax.set_title(f"layer {layer}", fontsize=10)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("head")
   fig.colorbar(image, ax=axes, label="share of the head's activations")
   if title:
     fig.suptitle(title)

@@ -100,7 +100,7 @@ class ContinualData:
 
   def _check_task(self, task: int) -> list[int]:
     if not 0 <= task < self.num_tasks:
-      raise ValueError(f'task {task} not in [0, {self.num_tasks}).')
+      raise ValueError(f"task {task} not in [0, {self.num_tasks}).")
     return self._tasks[task]
 
   def _size(self, role: str, task: int) -> int:
@@ -108,10 +108,10 @@ class ContinualData:
     return int(np.isin(self._source.labels(role), classes).sum())
 
   def train_size(self, task: int) -> int:
-    return self._size('train', task)
+    return self._size("train", task)
 
   def test_size(self, task: int) -> int:
-    return self._size('test', task)
+    return self._size("test", task)
 
   def steps_per_epoch(self, task: int, global_batch: int) -> int:
     return math.ceil(self.train_size(task) / global_batch)
@@ -126,19 +126,19 @@ class ContinualData:
   def _train(self, task: int) -> _Store:
     if self._train_store[0] != task:
       self._train_store = (None, None)  # Free the old one before loading.
-      self._train_store = (task, self._store('train', task))
+      self._train_store = (task, self._store("train", task))
     return self._train_store[1]
 
   def _test(self, task: int) -> _Store:
     if task not in self._test_stores:
-      self._test_stores[task] = self._store('test', task)
+      self._test_stores[task] = self._store("test", task)
     return self._test_stores[task]
 
   def _local_batch(self, global_batch: int) -> int:
     if global_batch <= 0 or global_batch % self._process_count:
       raise errors.ConfigError(
-          f'The global batch size {global_batch} must be a positive multiple '
-          f'of the number of processes ({self._process_count}).')
+          f"The global batch size {global_batch} must be a positive multiple "
+          f"of the number of processes ({self._process_count}).")
     return global_batch // self._process_count
 
   def _positions(self, n: int, global_batch: int, b: int, start_step: int):
@@ -159,8 +159,8 @@ class ContinualData:
     def example(p, i, ok):
       image = tf.cond(ok, lambda: image_fn(store.image(i), p),
                       lambda: tf.zeros([size, size, 3]))
-      return {'image': image, 'label': tf.gather(store.labels, i),
-              'mask': tf.cast(ok, tf.float32)}
+      return {"image": image, "label": tf.gather(store.labels, i),
+              "mask": tf.cast(ok, tf.float32)}
 
     ds = tf.data.Dataset.from_tensor_slices(
         (pos.astype(np.int64), index.astype(np.int64), valid))
@@ -186,7 +186,7 @@ class ContinualData:
     """
     b = self._local_batch(global_batch)
     if start_step < 0:
-      raise ValueError(f'start_step={start_step} must be >= 0.')
+      raise ValueError(f"start_step={start_step} must be >= 0.")
     store = self._train(task)
     seed = self._config.seed
     perm = np.random.default_rng(
@@ -221,12 +221,12 @@ class ContinualData:
 
 def _keep_tf_on_cpu():
   """TF only feeds the input pipeline; accelerators belong to JAX."""
-  for kind in ('GPU', 'TPU'):
+  for kind in ("GPU", "TPU"):
     if tf.config.list_physical_devices(kind):
       try:
         tf.config.set_visible_devices([], kind)
       except RuntimeError:  # TF already initialised its devices.
-        logging.warning('Could not hide %s devices from TensorFlow.', kind)
+        logging.warning("Could not hide %s devices from TensorFlow.", kind)
 
 
 def build_continual_data(config: ml_collections.ConfigDict, *,
@@ -253,14 +253,14 @@ def build_continual_data(config: ml_collections.ConfigDict, *,
   _keep_tf_on_cpu()
   if config.test_resize not in preprocess.TEST_RESIZES:
     raise errors.ConfigError(
-        f'Unknown config.test_resize={config.test_resize!r}; valid: '
+        f"Unknown config.test_resize={config.test_resize!r}; valid: "
         f'{", ".join(preprocess.TEST_RESIZES)}.')
   if not 0 <= process_index < process_count:
     raise errors.ConfigError(
-        f'process_index {process_index} not in [0, {process_count}).')
+        f"process_index {process_index} not in [0, {process_count}).")
   source = sources.make_source(config)
   if source.num_classes != config.num_classes:
     raise errors.ConfigError(
-        f'config.num_classes={config.num_classes} but {source.name} has '
-        f'{source.num_classes} classes.')
+        f"config.num_classes={config.num_classes} but {source.name} has "
+        f"{source.num_classes} classes.")
   return ContinualData(config, source, process_index, process_count)

@@ -10,7 +10,7 @@ import math
 
 import tensorflow as tf
 
-TEST_RESIZES = ('resize', 'resize_crop')
+TEST_RESIZES = ("resize", "resize_crop")
 
 
 def graph_only(fn):
@@ -30,7 +30,7 @@ def to_unit_float(image: tf.Tensor) -> tf.Tensor:
 
 def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
   # Antialiased bilinear matches PIL's bilinear filter used by torchvision.
-  image = tf.image.resize(image, [height, width], 'bilinear', antialias=True)
+  image = tf.image.resize(image, [height, width], "bilinear", antialias=True)
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
@@ -115,13 +115,13 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     float32 (size, size, 3).
   """
   image = to_unit_float(image)
-  if mode == 'resize':
+  if mode == "resize":
     image = _resize(image, size, size)
-  elif mode == 'resize_crop':
+  elif mode == "resize_crop":
     big = round(size * 256 / 224)
     offset = int(round((big - size) / 2))
     image = _resize(image, big, big)[offset:offset + size,
                                      offset:offset + size]
   else:
-    raise ValueError(f'Unknown test resize {mode!r}; use {TEST_RESIZES}.')
+    raise ValueError(f"Unknown test resize {mode!r}; use {TEST_RESIZES}.")
   return tf.ensure_shape(image, [size, size, 3])

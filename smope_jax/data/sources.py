@@ -17,7 +17,7 @@ from smope_jax import errors
 from smope_jax.data import preprocess
 from smope_jax.data import splits
 
-ROLES = ('train', 'test')
+ROLES = ("train", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +27,11 @@ class _TfdsSpec:
 
 
 _TFDS = {
-    'cifar100': _TfdsSpec(key='id'),
-    'caltech_birds2011': _TfdsSpec(key='image/filename'),
-    'imagenet_r': _TfdsSpec(key='file_name', carved=True),
+    "cifar100": _TfdsSpec(key="id"),
+    "caltech_birds2011": _TfdsSpec(key="image/filename"),
+    "imagenet_r": _TfdsSpec(key="file_name", carved=True),
 }
-DATASETS = (*_TFDS, 'digits')
+DATASETS = (*_TFDS, "digits")
 
 
 @dataclasses.dataclass
@@ -52,24 +52,24 @@ class TfdsSource:
     self.name = name
     self._spec = _TFDS[name]
     self._builder = tfds.builder(name, data_dir=data_dir)
-    self._image = self._builder.info.features['image']
+    self._image = self._builder.info.features["image"]
     if self._spec.carved:
-      keys, raw_labels = self._read_index('test')
+      keys, raw_labels = self._read_index("test")
       # TFDS labels of imagenet_r are ImageNet-1k ids; its 200 classes become
       # 0..199 in wnid order, the order of the reference's class folders.
       self._raw_classes = np.unique(raw_labels)
       labels = np.searchsorted(self._raw_classes, raw_labels)
       train, test = splits.imagenet_r_split(keys, labels, split_seed)
-      chosen = {'train': ('test', keys[train], labels[train]),
-                'test': ('test', keys[test], labels[test])}
+      chosen = {"train": ("test", keys[train], labels[train]),
+                "test": ("test", keys[test], labels[test])}
     else:
       self._raw_classes = np.arange(
-          self._builder.info.features['label'].num_classes)
+          self._builder.info.features["label"].num_classes)
       chosen = {role: (role, *self._read_index(role)) for role in ROLES}
     # Per role: TFDS split, keys and dense labels, sorted by key.
     self._index = {}
     for role, (split, keys, labels) in chosen.items():
-      order = np.argsort(keys, kind='stable')
+      order = np.argsort(keys, kind="stable")
       self._index[role] = (split, keys[order], labels[order])
 
   @property
@@ -82,24 +82,24 @@ class TfdsSource:
     # encoded, and under tfds.testing.mock_data the only way that both passes
     # see the same examples.
     spec = tfds.decode.PartialDecoding(
-        {'image': True, 'label': True, self._spec.key: True},
-        decoders={'image': tfds.decode.SkipDecoding()})
+        {"image": True, "label": True, self._spec.key: True},
+        decoders={"image": tfds.decode.SkipDecoding()})
     try:
       return self._builder.as_dataset(
           split=split, shuffle_files=False, decoders=spec)
     except AssertionError as e:  # How TFDS reports an unprepared dataset.
       raise errors.MissingDataError(
-          f'Dataset {self.name!r} is not prepared under data_dir '
-          f'{self._builder.data_dir_root} (looked for '
-          f'{self._builder.data_dir}); this program never downloads. On a '
-          f'machine with network access run `tfds build {self.name} '
-          f'--data_dir=DIR` (or copy a prepared TFDS directory to DIR), then '
-          f'pass --config.data_dir=DIR.') from e
+          f"Dataset {self.name!r} is not prepared under data_dir "
+          f"{self._builder.data_dir_root} (looked for "
+          f"{self._builder.data_dir}); this program never downloads. On a "
+          f"machine with network access run `tfds build {self.name} "
+          f"--data_dir=DIR` (or copy a prepared TFDS directory to DIR), then "
+          f"pass --config.data_dir=DIR.") from e
 
   def _read_index(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(keys as bytes, raw labels) of a TFDS split, decoding no pixels."""
     ds = self._as_dataset(split).map(preprocess.graph_only(
-        lambda ex: (ex[self._spec.key], ex['label']))).batch(4096)
+        lambda ex: (ex[self._spec.key], ex["label"]))).batch(4096)
     keys, labels = [np.zeros([0], object)], [np.zeros([0], np.int64)]
     for batch_keys, batch_labels in ds.as_numpy_iterator():
       keys.append(batch_keys.astype(object))
@@ -116,9 +116,9 @@ class TfdsSource:
     wanted = np.flatnonzero(np.isin(labels, classes))
     raw = tf.constant(self._raw_classes[np.asarray(classes)], tf.int64)
     ds = self._as_dataset(split).filter(preprocess.graph_only(
-        lambda ex: tf.reduce_any(ex['label'] == raw)))
+        lambda ex: tf.reduce_any(ex["label"] == raw)))
     ds = ds.map(preprocess.graph_only(
-        lambda ex: (ex[self._spec.key], ex['image']))).batch(256)
+        lambda ex: (ex[self._spec.key], ex["image"]))).batch(256)
     found = {}
     for batch_keys, images in ds.as_numpy_iterator():
       found.update(zip(batch_keys, images))
@@ -138,7 +138,7 @@ class DigitsSource:
   same seeded per-class 80/20 rule as ImageNet-R (keys: the example index).
   """
 
-  name = 'digits'
+  name = "digits"
   num_classes = 10
 
   def __init__(self, image_size: int, split_seed: int):
@@ -150,8 +150,8 @@ class DigitsSource:
     labels = digits.target.astype(np.int64)
     train, test = splits.per_class_split(
         np.arange(len(labels)), labels, split_seed)
-    self._index = {'train': (train, labels[train]),
-                   'test': (test, labels[test])}
+    self._index = {"train": (train, labels[train]),
+                   "test": (test, labels[test])}
 
   def labels(self, role: str) -> np.ndarray:
     return self._index[role][1]
@@ -163,16 +163,16 @@ class DigitsSource:
                     labels=labels[wanted])
 
   def decode(self, item: tf.Tensor) -> tf.Tensor:
-    return tf.image.resize(item, [self._size, self._size], 'bilinear')
+    return tf.image.resize(item, [self._size, self._size], "bilinear")
 
 
 def make_source(config) -> TfdsSource | DigitsSource:
   """The source named by `config.dataset`."""
-  if config.dataset == 'digits':
+  if config.dataset == "digits":
     return DigitsSource(config.image_size, config.split_seed)
   if config.dataset not in _TFDS:
     raise errors.ConfigError(
-        f'Unknown config.dataset={config.dataset!r}; valid: '
+        f"Unknown config.dataset={config.dataset!r}; valid: "
         f'{", ".join(DATASETS)}.')
   # An empty data_dir means TFDS's default ($TFDS_DATA_DIR or
   # ~/tensorflow_datasets).

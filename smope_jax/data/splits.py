@@ -49,8 +49,8 @@ def task_classes(order: Sequence[int], num_tasks: int) -> list[list[int]]:
   """
   if num_tasks <= 0 or len(order) % num_tasks:
     raise errors.ConfigError(
-        f'config.num_tasks={num_tasks} must be positive and divide the '
-        f'{len(order)} classes into equal tasks.')
+        f"config.num_tasks={num_tasks} must be positive and divide the "
+        f"{len(order)} classes into equal tasks.")
   c = len(order) // num_tasks
   return [list(order[t * c:(t + 1) * c]) for t in range(num_tasks)]
 
@@ -82,7 +82,7 @@ def per_class_split(
   test = []
   for c in np.unique(labels):
     members = np.flatnonzero(labels == c)
-    members = members[np.argsort(keys[members], kind='stable')]
+    members = members[np.argsort(keys[members], kind="stable")]
     perm = np.random.default_rng([seed, int(c)]).permutation(len(members))
     test.append(members[perm[:int(len(members) * test_fraction + 0.5)]])
   is_test = np.zeros(len(labels), dtype=bool)
