@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from smope_jax.errors import UserError
 
 DATA_AXIS = "data"
+# Set to "auto" (launch/tpu_vm.sh does) to join the cluster JAX detects.
+DISTRIBUTED_ENV = "SMOPE_DISTRIBUTED"
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -29,10 +31,16 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
   """Joins a multi-process run when one is requested or detected.
 
   Explicit arguments win; otherwise `SMOPE_COORDINATOR_ADDRESS`,
-  `SMOPE_NUM_PROCESSES` and `SMOPE_PROCESS_ID` are read. Without any of
-  these, clusters that JAX detects itself (TPU pod slices, SLURM, Open MPI)
-  are joined with `jax.distributed.initialize()`; a single machine runs as
-  one process.
+  `SMOPE_NUM_PROCESSES` and `SMOPE_PROCESS_ID` are read. These join with
+  JAX's cluster detection switched off: under `srun` it would otherwise
+  restrict each process to the one GPU numbered `SLURM_LOCALID`, while here
+  a process drives every device of its machine.
+
+  `SMOPE_DISTRIBUTED=auto` asks JAX to detect the cluster: a Cloud TPU VM,
+  single host or pod slice (from the VM's metadata), TPUs on GKE, SLURM or
+  Open MPI. Without any of these, several SLURM or Open MPI tasks and GKE TPU
+  slices, recognised from their environment variables, are joined the same
+  way; anything else runs as one process.
   """
   address = coordinator_address or os.environ.get("SMOPE_COORDINATOR_ADDRESS")
   count = num_processes or _env_int("SMOPE_NUM_PROCESSES") or None
@@ -44,17 +52,37 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
           "--num_processes=N and --process_id=I (or SMOPE_COORDINATOR_ADDRESS,"
           " SMOPE_NUM_PROCESSES, SMOPE_PROCESS_ID).")
     jax.distributed.initialize(coordinator_address=address,
-                               num_processes=count, process_id=pid)
-  elif _cluster_detected():
-    jax.distributed.initialize()
+                               num_processes=count, process_id=pid,
+                               cluster_detection_method="deactivate")
+  elif _detection_requested() or _cluster_detected():
+    _join_detected_cluster()
   logging.info("process %d of %d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
 
 
+def _detection_requested() -> bool:
+  value = os.environ.get(DISTRIBUTED_ENV, "").strip()
+  if value not in ("", "auto"):
+    raise UserError(f"{DISTRIBUTED_ENV} must be 'auto' or unset, got "
+                    f"{value!r}.")
+  return value == "auto"
+
+
+def _join_detected_cluster() -> None:
+  """`jax.distributed.initialize()`, which finds the cluster by itself."""
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:  # JAX found no cluster to take the arguments from.
+    raise UserError(
+        f"JAX detected no cluster (Cloud TPU VM, GKE TPU, SLURM, Open MPI) "
+        f"to join ({e}): unset {DISTRIBUTED_ENV} to run as one process, or "
+        "pass --coordinator_address, --num_processes and --process_id.") from e
+
+
 def _cluster_detected() -> bool:
-  """True on a TPU pod slice or under SLURM / Open MPI with several tasks."""
+  """True under SLURM / Open MPI with several tasks or on a GKE TPU slice."""
   if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in os.environ:
     return True
   if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
