@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: launch/gpu_multi.sh --config=CFG --workdir=DIR
+# Usage: launch/gpu_multi.sh --config=CFG --workdir=DIR --data-dir=DIR
 #          [--coordinator=HOST:PORT --num-processes=N --process-id=I] [options] [-- MAIN_ARGS...]
 #
 # Runs smope_jax on several GPU machines: start this script once on every
@@ -8,6 +8,9 @@
 # Process 0 must run on the coordinator host; HOST:PORT must be reachable from
 # every machine. The main program gets
 #   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+# and joins with exactly these: each process keeps every GPU it sees (JAX's
+# SLURM detection, which would leave it the one GPU numbered SLURM_LOCALID, is
+# switched off).
 #
 # Under SLURM (run with `srun`, one task per node; see launch/slurm_example.sbatch)
 # any of the three left out is derived: N from SLURM_NTASKS, I from
@@ -16,6 +19,8 @@
 # JAX does, from the job id (61440 + SLURM_JOB_ID % 4096).
 #
 # The workdir must be shared by all machines: gs://... or a shared filesystem.
+# Every machine reads the datasets from --data-dir, which is checked on each
+# before its process starts.
 #
 # GPU memory: unless already set in the environment, the run gets
 #   XLA_PYTHON_CLIENT_PREALLOCATE=false, XLA_PYTHON_CLIENT_MEM_FRACTION=.9,
@@ -27,6 +32,11 @@
 # Options (--opt VALUE and --opt=VALUE both work):
 #   --config CFG            config file, e.g. configs/cifar100.py (required)
 #   --workdir DIR           shared output directory, gs://... or shared FS (required)
+#   --data-dir DIR          prepared TFDS datasets, gs://... or a path every machine
+#                           sees, passed as --config.data_dir (required; the run
+#                           is refused when DIR does not exist: checked on each
+#                           machine, gs:// with `gcloud storage ls` when gcloud
+#                           is on PATH)
 #   --coordinator HOST:PORT address of process 0 (required outside SLURM)
 #   --num-processes N       number of machines/processes (required outside SLURM)
 #   --process-id I          this machine's index, 0..N-1 (required outside SLURM)
@@ -43,9 +53,9 @@
 #
 # Example (two machines, 8 GPUs each):
 #   node-a$ launch/gpu_multi.sh --config=configs/cifar100.py --workdir=gs://b/run \
-#             --coordinator=node-a:12355 --num-processes=2 --process-id=0
+#             --data-dir=gs://b/tfds --coordinator=node-a:12355 --num-processes=2 --process-id=0
 #   node-b$ launch/gpu_multi.sh --config=configs/cifar100.py --workdir=gs://b/run \
-#             --coordinator=node-a:12355 --num-processes=2 --process-id=1
+#             --data-dir=gs://b/tfds --coordinator=node-a:12355 --num-processes=2 --process-id=1
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -69,8 +79,8 @@ gpu_option_defaults
 COORD="" NPROC="" PID_ARG="" PORT="" REQUIRE_GPU_CHECK=0
 
 FLAG_OPTS=(--dry-run --preallocate --require-gpu-check)
-VALUE_OPTS=(--config --workdir --coordinator --num-processes --process-id --port --gpus
-  --config-args --python --mem-fraction)
+VALUE_OPTS=(--config --workdir --data-dir --coordinator --num-processes --process-id --port
+  --gpus --config-args --python --mem-fraction)
 DASH_VALUE_OPTS=(--config-args)
 
 set_opt() { # set_opt NAME [VALUE], for parse_args
@@ -125,9 +135,7 @@ if ((10#$NPROC > 1)) && [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
   warn "--workdir '$WORKDIR' is relative: every machine must see the same shared directory (gs://... or an absolute path on a shared filesystem)"
 fi
 
-MAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR"
-  --coordinator_address="$COORD" --num_processes="$NPROC" --process_id="$PID_ARG")
-add_config_args
+gpu_main_args --coordinator_address="$COORD" --num_processes="$NPROC" --process_id="$PID_ARG"
 
 # Tools: checked before anything runs.
 pick_python
@@ -145,5 +153,6 @@ elif ((!DRY_RUN)); then
     warn "nvidia-smi failed: ${gpu_list//$'\n'/ }"
   fi
 fi
+check_gpu_data_dir
 
 exec_gpu_main

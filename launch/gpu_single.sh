@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: launch/gpu_single.sh --config=CFG --workdir=DIR [options] [-- MAIN_ARGS...]
+# Usage: launch/gpu_single.sh --config=CFG --workdir=DIR --data-dir=DIR [options] [-- MAIN_ARGS...]
 #
 # Runs smope_jax on one machine with one or more NVIDIA GPUs: a single process
 # drives every visible GPU (no --coordinator_address needed). Run it from
@@ -22,6 +22,10 @@
 #   --config CFG          config file, e.g. configs/cifar100.py or
 #                         configs/imagenet_r.py:tasks=20 (required)
 #   --workdir DIR         output directory, local or gs://... (required)
+#   --data-dir DIR        prepared TFDS datasets, local or gs://..., passed as
+#                         --config.data_dir (required; the run is refused when
+#                         DIR does not exist: checked here, gs:// with
+#                         `gcloud storage ls` when gcloud is on PATH)
 #   --gpus LIST           GPUs to use, sets CUDA_VISIBLE_DEVICES (e.g. 0,1,2,3)
 #   --config-args "..."   extra overrides, e.g. "--config.seed=3 --config.batch_size=64";
 #                         arguments after `--` are passed on verbatim as well
@@ -34,7 +38,7 @@
 #
 # Example:
 #   launch/gpu_single.sh --config=configs/cifar100.py --workdir=runs/cifar100 \
-#     --gpus=0,1 --config-args="--config.seed=3"
+#     --data-dir=/data/tfds --gpus=0,1 --config-args="--config.seed=3"
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -44,7 +48,7 @@ gpu_option_defaults
 SKIP_GPU_CHECK=0
 
 FLAG_OPTS=(--dry-run --preallocate --skip-gpu-check)
-VALUE_OPTS=(--config --workdir --gpus --config-args --python --mem-fraction)
+VALUE_OPTS=(--config --workdir --data-dir --gpus --config-args --python --mem-fraction)
 DASH_VALUE_OPTS=(--config-args)
 
 set_opt() { # set_opt NAME [VALUE], for parse_args
@@ -56,9 +60,8 @@ set_opt() { # set_opt NAME [VALUE], for parse_args
 
 parse_gpu_args "$@"
 check_gpu_options
-
-MAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR")
-add_config_args
+# shellcheck disable=SC2119  # no flags besides the shared ones
+gpu_main_args
 
 # Tools: checked before anything runs.
 pick_python
@@ -81,5 +84,6 @@ elif ((!DRY_RUN && !SKIP_GPU_CHECK)); then
   printf '%s: using %s GPU(s); the config batch_size is the global batch and must divide by %s\n' \
     "$PROG" "$n_used" "$n_used" >&2
 fi
+check_gpu_data_dir
 
 exec_gpu_main

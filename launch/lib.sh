@@ -168,6 +168,38 @@ add_config_args() {
   MAIN_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 }
 
+# ---------------------------------------------------------- data directory
+# Every script takes --data-dir DIR, the prepared TFDS datasets, passes it on
+# as --config.data_dir=DIR and refuses to start a run when DIR is missing
+# where the run reads it.
+
+# Refuse --config.data_dir among the overrides in MAIN_ARGS: it would hide
+# --data-dir from the checks. Reads MAIN_ARGS.
+refuse_config_data_dir() {
+  local a
+  for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
+    case $a in
+      --config.data_dir | --config.data_dir=*) die "give the data directory with --data-dir, not $a" ;;
+    esac
+  done
+}
+
+# check_gcs_dir gs://DIR OPTION HINT: stop unless `gcloud storage ls` lists
+# DIR, saying what to do (HINT) or to fix OPTION; under --dry-run, print that
+# command instead. Reads DRY_RUN.
+check_gcs_dir() {
+  local dir=$1 option=$2 hint=$3 err
+  if ((DRY_RUN)); then
+    show_cmd gcloud storage ls "$dir"
+    return 0
+  fi
+  err=$(gcloud storage ls "$dir" 2>&1 >/dev/null) ||
+    die "$option $dir not found (gcloud storage ls: ${err//$'\n'/ }): $hint, or fix $option"
+}
+
+# The hint for a missing data directory.
+DATA_HINT="prepare the datasets there first (see docs/launching.md)"
+
 # -------------------------------------------------- the GPU scripts' part
 # Options, checks and the final command that gpu_single.sh and gpu_multi.sh
 # share. Each lists these options in its FLAG_OPTS / VALUE_OPTS, calls
@@ -176,7 +208,7 @@ add_config_args() {
 # Defaults of the shared GPU options.
 # shellcheck disable=SC2034  # the variables are the calling script's
 gpu_option_defaults() {
-  CONFIG="" WORKDIR="" GPUS="" CONFIG_ARGS="" PY=${PYTHON:-}
+  CONFIG="" WORKDIR="" DATA_DIR="" GPUS="" CONFIG_ARGS="" PY=${PYTHON:-}
   MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.9}
   PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
   DRY_RUN=0
@@ -190,6 +222,7 @@ set_gpu_opt() {
     --preallocate) PREALLOCATE=true ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
+    --data-dir) DATA_DIR=$2 ;;
     --gpus) GPUS=$2 ;;
     --config-args) CONFIG_ARGS=$2 ;;
     --python) PY=$2 ;;
@@ -197,13 +230,41 @@ set_gpu_opt() {
   esac
 }
 
-# --help, then parse_args "$@" (no other arguments), then --config and
-# --workdir are required.
+# --help, then parse_args "$@" (no other arguments), then --config,
+# --workdir and --data-dir are required.
 parse_gpu_args() {
   handle_help "$@"
   parse_args "$@"
   [[ -n $CONFIG ]] || die "--config is required (see --help)"
   [[ -n $WORKDIR ]] || die "--workdir is required (see --help)"
+  [[ -n $DATA_DIR ]] || die "--data-dir is required: the directory of the prepared TFDS datasets (see --help)"
+}
+
+# gpu_main_args [FLAGS...]: the arguments of smope_jax.main, --config,
+# --workdir, FLAGS, --data-dir as --config.data_dir, then the overrides (none
+# of which may set data_dir). Sets MAIN_ARGS.
+gpu_main_args() {
+  MAIN_ARGS=()
+  add_config_args
+  refuse_config_data_dir
+  MAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" "$@" --config.data_dir="$DATA_DIR"
+    ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
+}
+
+# Stop unless --data-dir exists here, where the run reads it: a directory on
+# this machine, or gs://... as `gcloud storage ls` sees it (without gcloud on
+# PATH only a warning). Nothing is checked under --dry-run. Reads DATA_DIR.
+check_gpu_data_dir() {
+  ((!DRY_RUN)) || return 0
+  if [[ $DATA_DIR == gs://* ]]; then
+    if command -v gcloud >/dev/null 2>&1; then
+      check_gcs_dir "$DATA_DIR" --data-dir "$DATA_HINT"
+    else
+      warn "gcloud not found on PATH: cannot check that $DATA_DIR exists"
+    fi
+  elif [[ ! -d $DATA_DIR ]]; then
+    die "--data-dir '$DATA_DIR' not found on $(hostname 2>/dev/null || echo this machine): $DATA_HINT, or fix --data-dir"
+  fi
 }
 
 # Check --gpus, --mem-fraction and XLA_PYTHON_CLIENT_PREALLOCATE.

@@ -4,6 +4,9 @@
 # Runs smope_jax on a Cloud TPU VM: a single host (v4-8, v5litepod-8, ...) or a
 # pod slice with several workers (v4-32, v5litepod-16, ...). Every gcloud call
 # names --project and --zone explicitly; nothing is read from gcloud config.
+# The run gets SMOPE_DISTRIBUTED=auto: every worker calls
+# jax.distributed.initialize(), which finds the slice (or the single host)
+# from the VM's metadata, as multi-host checkpoints need.
 #
 # Commands:
 #   create   create the TPU VM (gcloud compute tpus tpu-vm create)
@@ -11,9 +14,12 @@
 #            `git archive` tarball of this checkout (tracked files, including
 #            uncommitted edits) sent with `tpu-vm scp --worker=all`, or
 #            `git clone --repo-url` on every worker; then a Python >= 3.11
-#            venv with `pip install -r requirements.txt` and jax[tpu]
-#   run      start `python -m smope_jax.main --config=... --workdir=...` on all
-#            workers at once (nohup, in the background, log to ~/LOG_FILE)
+#            venv with `pip install -r requirements.txt` and jax[tpu] (on a
+#            fresh VM it first waits for the boot-time apt jobs); with
+#            --weights-cache, copies the cached weights to every worker
+#   run      check --data-dir, then start `python -m smope_jax.main
+#            --config=... --workdir=... --config.data_dir=...` on all workers
+#            at once (nohup, in the background, log to ~/LOG_FILE)
 #   logs     stream the log of one worker (default 0) until the run ends
 #   status   show on every worker whether the run is going or how it ended
 #   stop     kill the run on every worker
@@ -33,15 +39,33 @@
 #                          tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
 #                          v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
 #   --spot                 create a Spot VM
-#   --create-flags "..."   extra flags for `tpu-vm create` (e.g. "--network=n")
+#   --create-flags "..."   extra flags for `tpu-vm create` (e.g. "--network=n
+#                          --service-account=SA --internal-ips")
 #   --ssh-flags "..."      extra flags for `tpu-vm ssh` and `scp` (e.g.
-#                          "--tunnel-through-iap" or "--internal-ip")
+#                          "--internal-ip" or "--strict-host-key-checking=no")
+#   --iap                  reach the workers through Identity-Aware Proxy (VMs
+#                          without external IP): ssh and scp then run as
+#                          `gcloud alpha compute tpus tpu-vm ssh/scp
+#                          --tunnel-through-iap`, since only the alpha track
+#                          has that flag (create, describe and delete stay GA)
 #   --config CFG           config path on the VM, relative to the project
 #                          checkout, e.g. configs/cifar100.py or
 #                          configs/imagenet_r.py:tasks=20 (required by run/all)
 #   --workdir DIR          gs://bucket/path, or a path on worker 0 (relative to
 #                          the home directory there); a pod slice (more than
 #                          one worker) needs gs:// (required by run/all)
+#   --data-dir DIR         the prepared TFDS datasets, passed as
+#                          --config.data_dir: gs://bucket/path, or a path on
+#                          every worker (relative to the home directory there;
+#                          `all` needs gs://, a new VM has no datasets). Before
+#                          starting, `run` and `all` refuse a missing one:
+#                          gs:// by `gcloud storage ls` here, a path by `test -d`
+#                          on every worker (required by run/all)
+#   --weights-cache GS     gs://... copy of a weights cache (~/.cache/smope_jax
+#                          with its .sha256 files); `setup` copies it into
+#                          ~/.cache/smope_jax on every worker. Without it the
+#                          workers download presets themselves (they need
+#                          internet access)
 #   --config-args "..."    extra overrides, e.g. "--config.seed=3 --config.dtype=bfloat16";
 #                          arguments after `--` are passed on verbatim as well
 #   --copy-to DEST         where `copy` puts a local workdir: gs://... or a local
@@ -63,11 +87,13 @@
 # Examples:
 #   launch/tpu_vm.sh all --project=my-proj --zone=us-central2-b --tpu-name=smope \
 #     --accelerator-type=v4-8 --config=configs/cifar100.py \
-#     --workdir=gs://my-bucket/smope/cifar100 --config-args="--config.dtype=bfloat16"
+#     --workdir=gs://my-bucket/smope/cifar100 --data-dir=gs://my-bucket/tfds \
+#     --config-args="--config.dtype=bfloat16"
 #   launch/tpu_vm.sh create --project=my-proj --zone=us-central2-b --tpu-name=smope --accelerator-type=v4-32 --spot
 #   launch/tpu_vm.sh setup  --project=my-proj --zone=us-central2-b --tpu-name=smope
 #   launch/tpu_vm.sh run    --project=my-proj --zone=us-central2-b --tpu-name=smope \
-#     --config=configs/imagenet_r.py:tasks=20 --workdir=gs://my-bucket/smope/inr20 -- --config.seed=3
+#     --config=configs/imagenet_r.py:tasks=20 --workdir=gs://my-bucket/smope/inr20 \
+#     --data-dir=gs://my-bucket/tfds -- --config.seed=3
 #   launch/tpu_vm.sh logs   --project=my-proj --zone=us-central2-b --tpu-name=smope
 #   launch/tpu_vm.sh delete --project=my-proj --zone=us-central2-b --tpu-name=smope
 set -euo pipefail
@@ -88,17 +114,26 @@ rpath() {
   esac
 }
 
+# rflag --flag= PATH: the argument --flag=PATH for the remote shell, a relative
+# path on the VM under $HOME there, gs://... as given.
+rflag() {
+  case $2 in
+    gs://* | /*) q "$1$2" ;;
+    *) printf '%s%s' "$1" "$(rpath "$2")" ;;
+  esac
+}
+
 # ---------------------------------------------------------------- arguments
 CMD=""
 PROJECT="" ZONE="" TPU_NAME="" ACCEL="" RUNTIME="" CONFIG="" WORKDIR=""
 CONFIG_ARGS="" COPY_TO="" REPO_URL="" REF="" WORKER=0 CREATE_FLAGS=""
 SSH_FLAGS="" REMOTE_DIR=smope_jax VENV=smope_venv LOG_FILE=smope_run.log
-SPOT=0 KEEP_VM=0 DRY_RUN=0
+DATA_DIR="" WEIGHTS_CACHE="" SPOT=0 KEEP_VM=0 IAP=0 DRY_RUN=0
 
-FLAG_OPTS=(--dry-run --spot --keep-vm)
+FLAG_OPTS=(--dry-run --spot --keep-vm --iap)
 VALUE_OPTS=(--project --zone --tpu-name --accelerator-type --runtime-version --config
-  --workdir --config-args --copy-to --repo-url --ref --worker --remote-dir
-  --venv --log-file --create-flags --ssh-flags)
+  --workdir --data-dir --weights-cache --config-args --copy-to --repo-url --ref --worker
+  --remote-dir --venv --log-file --create-flags --ssh-flags)
 DASH_VALUE_OPTS=(--config-args --create-flags --ssh-flags)
 
 set_opt() { # set_opt NAME [VALUE], for parse_args
@@ -106,6 +141,7 @@ set_opt() { # set_opt NAME [VALUE], for parse_args
     --dry-run) DRY_RUN=1 ;;
     --spot) SPOT=1 ;;
     --keep-vm) KEEP_VM=1 ;;
+    --iap) IAP=1 ;;
     --project) PROJECT=$2 ;;
     --zone) ZONE=$2 ;;
     --tpu-name) TPU_NAME=$2 ;;
@@ -113,6 +149,8 @@ set_opt() { # set_opt NAME [VALUE], for parse_args
     --runtime-version) RUNTIME=$2 ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
+    --data-dir) DATA_DIR=$2 ;;
+    --weights-cache) WEIGHTS_CACHE=$2 ;;
     --config-args) CONFIG_ARGS=$2 ;;
     --copy-to) COPY_TO=$2 ;;
     --repo-url) REPO_URL=$2 ;;
@@ -154,6 +192,7 @@ require "$TPU_NAME" --tpu-name
 case $CMD in create | all) require "$ACCEL" --accelerator-type ;; esac
 case $CMD in run | all) require "$CONFIG" --config ;; esac
 case $CMD in run | all | copy) require "$WORKDIR" --workdir ;; esac
+case $CMD in run | all) require "$DATA_DIR" --data-dir ;; esac
 
 [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--tpu-name '$TPU_NAME' is not a valid name (lowercase letters, digits and '-', starting with a letter)"
@@ -204,9 +243,22 @@ fi
 if [[ -n $COPY_TO && $COPY_TO != gs://* && -e $COPY_TO && ! -d $COPY_TO ]]; then
   die "--copy-to '$COPY_TO' exists and is not a directory"
 fi
+DATA_IS_GCS=0
+[[ $DATA_DIR == gs://* ]] && DATA_IS_GCS=1
+if [[ $CMD == all ]] && ((!DATA_IS_GCS)); then
+  die "--data-dir must be gs://... for 'all': a new VM has no datasets on its disk (or run create, setup, put the data on every worker, then run)"
+fi
+[[ -z $WEIGHTS_CACHE || $WEIGHTS_CACHE == gs://* ]] ||
+  die "--weights-cache must be gs://..., got '$WEIGHTS_CACHE'"
+[[ " $SSH_FLAGS " != *" --tunnel-through-iap"[\ =]* ]] ||
+  die "--ssh-flags: GA 'gcloud compute tpus tpu-vm ssh' has no --tunnel-through-iap; use --iap (ssh and scp through 'gcloud alpha')"
+if ((IAP)) && [[ " $SSH_FLAGS " == *" --internal-ip "* ]]; then
+  die "--iap and --ssh-flags=--internal-ip exclude each other"
+fi
 
 MAIN_ARGS=()
 add_config_args
+refuse_config_data_dir
 
 # Tools: checked before anything is done. Under --dry-run nothing is run.
 if ((!DRY_RUN)); then
@@ -221,13 +273,26 @@ fi
 
 GC=(gcloud compute tpus tpu-vm)
 WHERE=(--project="$PROJECT" --zone="$ZONE")
+# ssh and scp: GA, or the alpha track with --tunnel-through-iap under --iap.
+SSH_GC=("${GC[@]}")
 SSHX=()
+if ((IAP)); then
+  SSH_GC=(gcloud alpha compute tpus tpu-vm)
+  SSHX=(--tunnel-through-iap)
+fi
 if [[ -n $SSH_FLAGS ]]; then
-  read -r -a SSHX <<<"$SSH_FLAGS"
+  read -r -a words <<<"$SSH_FLAGS"
+  SSHX+=(${words[@]+"${words[@]}"})
 fi
 
 ssh_cmd() { # ssh_cmd WORKER REMOTE_COMMAND
-  run "${GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker="$1" --command="$2"
+  run "${SSH_GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker="$1" --command="$2"
+}
+
+scp_cmd() { # scp_cmd WORKER SCP_ARGS...
+  local worker=$1
+  shift
+  run "${SSH_GC[@]}" scp "$@" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker="$worker"
 }
 
 RDIR=$(rpath "$REMOTE_DIR")
@@ -295,7 +360,7 @@ do_setup() {
     fi
     tarball=$tmp/$remote_tar
     run git -C "$REPO_ROOT" archive --format=tar.gz -o "$tarball" "$ref"
-    run "${GC[@]}" scp "$tarball" "$TPU_NAME:$remote_tar" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker=all
+    scp_cmd all "$tarball" "$TPU_NAME:$remote_tar"
     ssh_cmd all "rm -rf $RDIR.new && mkdir -p $RDIR.new && tar -xzf $remote_tar -C $RDIR.new && rm -f $remote_tar && rm -rf $RDIR && mv $RDIR.new $RDIR"
   fi
 
@@ -305,16 +370,31 @@ do_setup() {
   install=$(
     cat <<EOF
 set -euo pipefail
+# A freshly booted VM runs cloud-init and the apt-daily jobs, which hold the
+# apt locks for minutes: the first apt-get waits for them (10 minutes at most).
+apt_busy() {
+  { command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet apt-daily.service apt-daily-upgrade.service; } ||
+    pgrep -x 'apt|apt-get|dpkg' >/dev/null 2>&1
+}
+APT_WAITED=0
+apt_get() {
+  if [ "\$APT_WAITED" = 0 ]; then
+    echo "[setup] \$(hostname): waiting for the boot-time apt jobs"
+    if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1 || true; fi
+    for _ in \$(seq 120); do apt_busy || break; sleep 5; done
+    APT_WAITED=1
+  fi
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -y -qq "\$@"
+}
 PY=""
 for c in python3.13 python3.12 python3.11; do if command -v "\$c" >/dev/null 2>&1; then PY=\$c; break; fi; done
-APT="sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -y -qq"
 if [ -z "\$PY" ]; then
   echo "[setup] \$(hostname): installing python3.11 (jax needs Python >= 3.11)"
-  \$APT update && \$APT install python3.11 python3.11-venv
+  apt_get update && apt_get install python3.11 python3.11-venv
   PY=python3.11
 fi
 if [ ! -x $RVENV/bin/python ]; then
-  "\$PY" -m venv $RVENV || { \$APT install "\$PY-venv" && "\$PY" -m venv $RVENV; }
+  "\$PY" -m venv $RVENV || { apt_get install "\$PY-venv" && "\$PY" -m venv $RVENV; }
 fi
 $RVENV/bin/python -m pip install -q -U pip
 $RVENV/bin/python -m pip install -q -r $RDIR/requirements.txt
@@ -323,6 +403,9 @@ echo "[setup] \$(hostname): ready, jax and python versions: \$($RVENV/bin/python
 EOF
   )
   ssh_cmd all "$install"
+  if [[ -n $WEIGHTS_CACHE ]]; then
+    ssh_cmd all "mkdir -p ~/.cache/smope_jax && gcloud storage rsync --recursive $(q "$WEIGHTS_CACHE") ~/.cache/smope_jax"
+  fi
 }
 
 do_run() {
@@ -334,26 +417,34 @@ do_run() {
       die "--workdir must be gs://... on a pod slice ('$acc' has several workers), got '$WORKDIR'"
     fi
   fi
-  local workdir_arg
-  if ((WORKDIR_IS_GCS)); then
-    workdir_arg=$(q "--workdir=$WORKDIR")
-  else
-    case $WORKDIR in
-      /*) workdir_arg=$(q "--workdir=$WORKDIR") ;;
-      *) workdir_arg="--workdir=\"\$HOME\"/$(q "$WORKDIR")" ;;
-    esac
-  fi
+  check_data_dir
+  start_run
+}
+
+# Start the run on every worker, in the background.
+start_run() {
   local main
-  main="$RVENV/bin/python -m smope_jax.main $(q "--config=$CONFIG") $workdir_arg"
+  main="$RVENV/bin/python -m smope_jax.main $(q "--config=$CONFIG") $(rflag --workdir= "$WORKDIR") $(rflag --config.data_dir= "$DATA_DIR")"
   if ((${#MAIN_ARGS[@]} > 0)); then
     main+=" $(qcmd "${MAIN_ARGS[@]}")"
   fi
   # The job: runs in the project directory, records its exit status.
   local job
-  job="cd $RDIR || exit 1; echo \"[launch] \$(date -u) \$(hostname)\"; export PYTHONUNBUFFERED=1; set -x; $main; { rc=\$?; set +x; } 2>/dev/null; echo \"\$rc\" > $RLOG.rc; echo \"[launch] \$(date -u) exit status \$rc\"; exit \"\$rc\""
+  job="cd $RDIR || exit 1; echo \"[launch] \$(date -u) \$(hostname)\"; export PYTHONUNBUFFERED=1 SMOPE_DISTRIBUTED=auto; set -x; $main; { rc=\$?; set +x; } 2>/dev/null; echo \"\$rc\" > $RLOG.rc; echo \"[launch] \$(date -u) exit status \$rc\"; exit \"\$rc\""
   local remote
   remote="if [ -f $RLOG.pid ] && kill -0 \"\$(cat $RLOG.pid)\" 2>/dev/null; then echo \"\$(hostname): a run is already going (pid \$(cat $RLOG.pid)); use the stop command first\" >&2; exit 1; fi; rm -f $RLOG.rc; setsid nohup bash -c $(q "$job") > $RLOG 2>&1 < /dev/null & echo \$! > $RLOG.pid; echo \"\$(hostname): started pid \$!, log $LOG_FILE\""
   ssh_cmd all "$remote"
+}
+
+# Stop unless --data-dir exists where the run reads it: gs://... listed from
+# here, a path on the VM tested on every worker.
+check_data_dir() {
+  if ((DATA_IS_GCS)); then
+    check_gcs_dir "$DATA_DIR" --data-dir "$DATA_HINT"
+  else
+    ssh_cmd all "test -d $(rpath "$DATA_DIR") || { echo \"\$(hostname): --data-dir $(q "$DATA_DIR") not found: put the prepared TFDS datasets there or use gs://...\" >&2; exit 1; }" ||
+      die "--data-dir $DATA_DIR is missing on a worker: the run was not started"
+  fi
 }
 
 do_logs() {
@@ -379,7 +470,7 @@ do_copy() {
   else
     # scp: a relative path on the VM is relative to the home directory there.
     ((DRY_RUN)) || mkdir -p "$COPY_TO"
-    run "${GC[@]}" scp --recurse "$TPU_NAME:$WORKDIR" "$COPY_TO" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker=0
+    scp_cmd 0 --recurse "$TPU_NAME:$WORKDIR" "$COPY_TO"
   fi
 }
 
@@ -397,7 +488,7 @@ wait_for_run() {
       RUN_RC=0
       return 0
     fi
-    rc=$("${GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker=0 --command="cat $RLOG.rc 2>/dev/null || true" 2>/dev/null | tail -n 1 || true)
+    rc=$("${SSH_GC[@]}" ssh "$TPU_NAME" "${WHERE[@]}" ${SSHX[@]+"${SSHX[@]}"} --worker=0 --command="cat $RLOG.rc 2>/dev/null || true" 2>/dev/null | tail -n 1 || true)
     if [[ $rc =~ ^[0-9]+$ ]]; then
       RUN_RC=$rc
       return 0
@@ -422,6 +513,9 @@ cleanup_all() {
 }
 
 do_all() {
+  # Before the VM exists: the data (gs:// for `all`) and the weights copy.
+  check_data_dir
+  [[ -z $WEIGHTS_CACHE ]] || check_gcs_dir "$WEIGHTS_CACHE" --weights-cache "copy ~/.cache/smope_jax there first"
   do_create
   if ((!DRY_RUN)); then
     trap cleanup_all EXIT
@@ -429,7 +523,7 @@ do_all() {
     trap 'cleanup_all 143' TERM
   fi
   do_setup
-  do_run
+  start_run
   RUN_RC=0
   wait_for_run
   ((RUN_RC == 0)) || warn "the run exited with status $RUN_RC"

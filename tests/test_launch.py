@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -32,6 +33,7 @@ BASH = shutil.which("bash") or "/bin/bash"
 TIMEOUT = 30
 
 TPU_BASE = ["--project=my-proj", "--zone=us-central2-b", "--tpu-name=smope-test"]
+DATA = "--data-dir=gs://bkt/tfds"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -145,6 +147,9 @@ def test_help_wins_over_bad_arguments():
     (["create", *TPU_BASE], "--accelerator-type"),
     (["run", *TPU_BASE, "--workdir=gs://b/w"], "--config"),
     (["run", *TPU_BASE, "--config=configs/cifar100.py"], "--workdir"),
+    (["run", *TPU_BASE, "--config=configs/cifar100.py", "--workdir=gs://b/w"], "--data-dir"),
+    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=c.py", "--workdir=gs://b/w"],
+     "--data-dir"),
     (["all", *TPU_BASE, "--accelerator-type=v4-8", "--workdir=gs://b/w"], "--config"),
     (["--dry-run", *TPU_BASE], "command"),
     (["create", "--project", "--zone=z"], "--project"),
@@ -166,12 +171,26 @@ def test_tpu_missing_argument(args, missing, trap_gcloud):
     (["create", *TPU_BASE, "--accelerator-type=tpu-big"], "--accelerator-type"),
     (["create", *TPU_BASE, "--accelerator-type=v9z-8"], "--runtime-version"),
     # A pod slice cannot use a workdir on one worker's disk.
-    (["run", *TPU_BASE, "--accelerator-type=v4-32", "--config=c.py", "--workdir=/tmp/w"], "gs://"),
-    (["all", *TPU_BASE, "--accelerator-type=v5litepod-16", "--config=c.py", "--workdir=runs/w"],
+    (["run", *TPU_BASE, "--accelerator-type=v4-32", "--config=c.py", "--workdir=/tmp/w", DATA],
      "gs://"),
+    (["all", *TPU_BASE, "--accelerator-type=v5litepod-16", "--config=c.py", "--workdir=runs/w",
+      DATA], "gs://"),
     # The VM is deleted at the end of `all`: a local workdir needs a destination.
-    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=c.py", "--workdir=runs/w"],
+    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=c.py", "--workdir=runs/w", DATA],
      "--copy-to"),
+    # A new VM has no datasets on its disk.
+    (["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=c.py", "--workdir=gs://b/w",
+      "--data-dir=/data/tfds"], "--data-dir must be gs://"),
+    # The data directory is given once, where it is checked.
+    (["run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", DATA,
+      "--config-args=--config.data_dir=/x"], "--data-dir"),
+    (["run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", DATA, "--",
+      "--config.data_dir", "/x"], "--data-dir"),
+    (["setup", *TPU_BASE, "--weights-cache=/home/me/.cache/smope_jax"], "--weights-cache"),
+    # GA `tpu-vm ssh` has no --tunnel-through-iap: --iap uses the alpha track.
+    (["setup", *TPU_BASE, "--ssh-flags=--tunnel-through-iap"], "--iap"),
+    (["setup", *TPU_BASE, "--ssh-flags=--plain --tunnel-through-iap=true"], "--iap"),
+    (["setup", *TPU_BASE, "--iap", "--ssh-flags=--internal-ip"], "--internal-ip"),
 ])
 def test_tpu_bad_arguments(args, message, trap_gcloud):
   env, marker = trap_gcloud
@@ -183,9 +202,10 @@ def test_tpu_bad_arguments(args, message, trap_gcloud):
 
 
 @pytest.mark.parametrize("script", [GPU1, GPUN], ids=lambda p: p.name)
-@pytest.mark.parametrize("drop", ["--config", "--workdir"])
-def test_gpu_missing_config_or_workdir(script, drop):
-  args = {"--config": "--config=configs/cifar100.py", "--workdir": "--workdir=/tmp/w"}
+@pytest.mark.parametrize("drop", ["--config", "--workdir", "--data-dir"])
+def test_gpu_missing_config_workdir_or_data(script, drop):
+  args = {"--config": "--config=configs/cifar100.py", "--workdir": "--workdir=/tmp/w",
+          "--data-dir": DATA}
   del args[drop]
   coord = ["--coordinator=h:1", "--num-processes=2", "--process-id=0"] if script == GPUN else []
   result = run(script, *args.values(), *coord, "--dry-run")
@@ -199,7 +219,7 @@ def test_gpu_multi_missing_process_argument(drop):
   args = {"--coordinator": "--coordinator=h:1234", "--num-processes": "--num-processes=2",
           "--process-id": "--process-id=1"}
   del args[drop]
-  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", *args.values(), "--dry-run")
+  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", DATA, *args.values(), "--dry-run")
   assert result.returncode != 0
   assert drop in result.stderr
   assert result.stdout == ""
@@ -212,9 +232,11 @@ def test_gpu_multi_missing_process_argument(drop):
     (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--gpus=0;1"], "--gpus"),
     (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--mem-fraction=1.5"],
      "--mem-fraction"),
+    (["--coordinator=h:1", "--num-processes=2", "--process-id=0",
+      "--config-args=--config.data_dir=/d"], "--data-dir"),
 ])
 def test_gpu_multi_bad_arguments(args, message):
-  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", *args, "--dry-run")
+  result = run(GPUN, "--config=c.py", "--workdir=/tmp/w", DATA, *args, "--dry-run")
   assert result.returncode != 0
   assert message in result.stderr
 
@@ -224,7 +246,7 @@ def test_gpu_multi_bad_arguments(args, message):
 def test_tpu_without_gcloud_fails_early(bare_path):
   env = clean_env(PATH=bare_path)
   result = run(TPU, "all", *TPU_BASE, "--accelerator-type=v4-8",
-               "--config=configs/cifar100.py", "--workdir=gs://b/w", env=env)
+               "--config=configs/cifar100.py", "--workdir=gs://b/w", DATA, env=env)
   assert result.returncode != 0
   assert "gcloud" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -238,9 +260,10 @@ def test_tpu_dry_run_without_gcloud_is_fine(bare_path):
   assert result.stdout.startswith("gcloud compute tpus tpu-vm create smope-test")
 
 
-def test_gpu_single_without_nvidia_smi_fails(bare_path):
+def test_gpu_single_without_nvidia_smi_fails(bare_path, tmp_path):
   env = clean_env(PATH=bare_path)
-  result = run(GPU1, "--config=configs/cifar100.py", "--workdir=/tmp/w", env=env)
+  result = run(GPU1, "--config=configs/cifar100.py", "--workdir=/tmp/w",
+               f"--data-dir={tmp_path}", env=env)
   assert result.returncode != 0
   assert "nvidia-smi" in result.stderr
   assert result.stdout == ""
@@ -255,6 +278,13 @@ def tpu_dry_run(env, *args):
   return re.split(r"\n(?=gcloud |git )", result.stdout.rstrip("\n"))
 
 
+def remote_command(line: str) -> str:
+  """The --command=... of a printed gcloud ssh command, as the worker gets it."""
+  (command,) = [a[len("--command="):] for a in shlex.split(line)
+                if a.startswith("--command=")]
+  return command
+
+
 def index_of(lines, *needles):
   hits = [i for i, line in enumerate(lines) if all(n in line for n in needles)]
   assert hits, f"no line with {needles} in:\n" + "\n".join(lines)
@@ -262,11 +292,13 @@ def index_of(lines, *needles):
 
 
 def test_tpu_dry_run_all(trap_gcloud):
+  """A pod slice: every worker starts with distributed start-up and the data."""
   env, marker = trap_gcloud
   lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v4-32", "--spot",
                       "--config=configs/imagenet_r.py:tasks=20", "--workdir=gs://bkt/smope/inr",
-                      "--config-args=--config.seed=3 --config.dtype=bfloat16")
+                      DATA, "--config-args=--config.seed=3 --config.dtype=bfloat16")
   where = ("--project=my-proj", "--zone=us-central2-b")
+  data = index_of(lines, "gcloud storage ls gs://bkt/tfds")
   create = index_of(lines, "gcloud compute tpus tpu-vm create smope-test", *where,
                     "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot")
   archive = index_of(lines, "git -C", "archive --format=tar.gz")
@@ -274,24 +306,28 @@ def test_tpu_dry_run_all(trap_gcloud):
   install = index_of(lines, "tpu-vm ssh smope-test", *where, "--worker=all",
                      "pip install -q -r", "requirements.txt", "jax[tpu]>=0.10.2,<0.11")
   main = index_of(lines, "tpu-vm ssh smope-test", *where, "--worker=all", "nohup",
+                  "export PYTHONUNBUFFERED=1 SMOPE_DISTRIBUTED=auto;",
                   "python -m smope_jax.main --config=configs/imagenet_r.py:tasks=20 "
-                  "--workdir=gs://bkt/smope/inr --config.seed=3 --config.dtype=bfloat16",
+                  "--workdir=gs://bkt/smope/inr --config.data_dir=gs://bkt/tfds "
+                  "--config.seed=3 --config.dtype=bfloat16",
                   "smope_run.log")
   logs = index_of(lines, "tpu-vm ssh smope-test", "--worker=0", "tail", "smope_run.log")
   delete = index_of(lines, "gcloud compute tpus tpu-vm delete smope-test", *where, "--quiet")
-  assert create < archive < scp < install < main < logs < delete
+  assert data < create < archive < scp < install < main < logs < delete
   assert not any("storage cp" in line for line in lines)  # gs:// workdir: nothing to copy
   assert not marker.exists(), "a dry run called gcloud"
 
 
 def test_tpu_dry_run_single_host_local_workdir_is_copied(trap_gcloud, tmp_path):
+  """A single host, too, starts with distributed start-up and the data."""
   env, marker = trap_gcloud
   lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v5litepod-8",
-                      "--config=configs/cifar100.py", "--workdir=runs/c100",
+                      "--config=configs/cifar100.py", "--workdir=runs/c100", DATA,
                       "--copy-to=gs://bkt/results/", "--", "--config.seed=7")
   index_of(lines, "tpu-vm create", "--version=v2-alpha-tpuv5-lite")
-  main = index_of(lines, "--worker=all", "python -m smope_jax.main --config=configs/cifar100.py",
-                  'runs/c100', "--config.seed=7")
+  main = index_of(lines, "--worker=all", "SMOPE_DISTRIBUTED=auto",
+                  "python -m smope_jax.main --config=configs/cifar100.py",
+                  'runs/c100', "--config.data_dir=gs://bkt/tfds", "--config.seed=7")
   copy = index_of(lines, "--worker=0", "gcloud storage cp -r", "runs/c100", "gs://bkt/results/")
   delete = index_of(lines, "tpu-vm delete smope-test")
   assert main < copy < delete
@@ -301,7 +337,7 @@ def test_tpu_dry_run_single_host_local_workdir_is_copied(trap_gcloud, tmp_path):
 def test_tpu_dry_run_clone_and_keep(trap_gcloud):
   env, marker = trap_gcloud
   lines = tpu_dry_run(env, "all", *TPU_BASE, "--accelerator-type=v4-8",
-                      "--config=configs/cifar100.py", "--workdir=gs://b/w", "--keep-vm",
+                      "--config=configs/cifar100.py", "--workdir=gs://b/w", DATA, "--keep-vm",
                       "--repo-url=https://example.com/smope_jax.git", "--ref=v1")
   index_of(lines, "--worker=all", "git clone --quiet https://example.com/smope_jax.git",
            "checkout --quiet v1")
@@ -328,10 +364,11 @@ def test_tpu_quoting_survives_the_remote_shell(trap_gcloud):
   """The printed command, run by a shell, passes odd arguments through intact."""
   env, _ = trap_gcloud
   lines = tpu_dry_run(env, "run", *TPU_BASE, "--config=configs/cifar100.py",
-                      "--workdir=gs://b/w", "--", "--config.note=it's a \"test\" $HOME")
+                      "--workdir=gs://b/w", "--data-dir=/mnt/tfds data", "--",
+                      "--config.note=it's a \"test\" $HOME")
   # Replace gcloud by a printer of its --command value, run that, then run the
   # remote command with bash as the TPU worker would.
-  printed = lines[0]
+  printed = lines[index_of(lines, "nohup")]
   assert printed.startswith("gcloud ")
   shown = subprocess.run(
       [BASH, "-c", "gcloud() { for a; do case $a in --command=*) printf %s \"${a#--command=}\";; "
@@ -350,15 +387,21 @@ def test_tpu_quoting_survives_the_remote_shell(trap_gcloud):
                                                                "pyargs")],
       capture_output=True, text=True, timeout=TIMEOUT).stdout.splitlines()
   assert argv == ["<-m>", "<smope_jax.main>", "<--config=configs/cifar100.py>",
-                  "<--workdir=gs://b/w>", "<--config.note=it's a \"test\" $HOME>"]
+                  "<--workdir=gs://b/w>", "<--config.data_dir=/mnt/tfds data>",
+                  "<--config.note=it's a \"test\" $HOME>"]
 
 
 # -------------------------------------------------- TPU flow, simulated
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
-# Fake gcloud: one simulated TPU worker whose home is $FAKE_HOME.
+# Fake gcloud: one simulated TPU worker whose home is $FAKE_HOME, and Cloud
+# Storage in the directory $FAKE_GCS.
 set -u
 printf '%s\n' "$*" >> "$FAKE_LOG"
+if [ "$1 $2" = "storage ls" ]; then
+  [ -e "$FAKE_GCS/${3#gs://}" ] && exit 0
+  echo "ERROR: One or more URLs matched no objects." >&2; exit 1
+fi
 [ "$1 $2 $3" = "compute tpus tpu-vm" ] || { echo "fake gcloud: unexpected $*" >&2; exit 99; }
 sub=$4
 shift 4
@@ -384,6 +427,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 for a; do printf 'ARG<%s>\n' "$a"; done
 printf 'CWD<%s>\n' "$PWD"
 printf 'UNBUFFERED<%s>\n' "${PYTHONUNBUFFERED:-}"
+printf 'DISTRIBUTED<%s>\n' "${SMOPE_DISTRIBUTED:-}"
 for a; do case $a in --workdir=*) mkdir -p "${a#--workdir=}" && echo done > "${a#--workdir=}/result.txt" ;; esac; done
 exit 3
 """
@@ -416,13 +460,24 @@ def test_tpu_all_simulated(tmp_path):
   write_exe(bindir / "gcloud", FAKE_GCLOUD)
   log = tmp_path / "gcloud.log"
   out = tmp_path / "results"
+  gcs = tmp_path / "gcs"
+  (gcs / "bkt" / "tfds").mkdir(parents=True)
   env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_HOME=str(home),
-                  FAKE_LOG=str(log), TMPDIR=str(tmp_path), **ident)
+                  FAKE_LOG=str(log), FAKE_GCS=str(gcs), TMPDIR=str(tmp_path), **ident)
+  script = repo / "launch" / "tpu_vm.sh"
+  all_args = ["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=configs/cifar100.py",
+              "--workdir=runs/c100", f"--copy-to={out}", "--config-args=--config.seed=3"]
+  extra = ["--", "--config.note=it's x"]
 
-  result = run(repo / "launch" / "tpu_vm.sh", "all", *TPU_BASE, "--accelerator-type=v4-8",
-               "--config=configs/cifar100.py", "--workdir=runs/c100", f"--copy-to={out}",
-               "--config-args=--config.seed=3", "--", "--config.note=it's x", env=env,
-               cwd=tmp_path)
+  # A data directory missing from the bucket stops `all` before the VM exists.
+  missing = run(script, *all_args, "--data-dir=gs://bkt/nothing", *extra, env=env,
+                cwd=tmp_path)
+  assert missing.returncode == 2
+  assert "--data-dir gs://bkt/nothing not found" in missing.stderr
+  assert log.read_text().splitlines() == ["storage ls gs://bkt/nothing"]
+  log.unlink()
+
+  result = run(script, *all_args, DATA, *extra, env=env, cwd=tmp_path)
   # The exit status of the run is the exit status of `all`.
   assert result.returncode == 3, result.stdout + result.stderr
   # The checkout, with its uncommitted edit, was unpacked on the worker.
@@ -431,26 +486,39 @@ def test_tpu_all_simulated(tmp_path):
   # The log streamed from worker 0 shows the program's arguments, intact.
   assert "ARG<--config=configs/cifar100.py>" in result.stdout
   assert f"ARG<--workdir={home}/runs/c100>" in result.stdout
+  assert "ARG<--config.data_dir=gs://bkt/tfds>" in result.stdout
   assert "ARG<--config.seed=3>" in result.stdout
   assert "ARG<--config.note=it's x>" in result.stdout
   assert f"CWD<{home}/smope_jax>" in result.stdout
   assert "UNBUFFERED<1>" in result.stdout
+  assert "DISTRIBUTED<auto>" in result.stdout
   assert (home / "smope_run.log.rc").read_text().strip() == "3"
   # The local workdir was copied back, then the VM deleted, last.
   assert (out / "c100" / "result.txt").read_text().strip() == "done"
   calls = log.read_text().splitlines()
-  assert calls[0].startswith("compute tpus tpu-vm create smope-test")
+  assert calls[0] == "storage ls gs://bkt/tfds"
+  assert calls[1].startswith("compute tpus tpu-vm create smope-test")
   assert calls[-1].startswith("compute tpus tpu-vm delete smope-test")
   # No temporary tarball left behind.
   assert not list(tmp_path.glob("smope_jax-launch.*"))
 
+  # A data directory on the workers must exist there: checked before starting.
+  run_args = ["run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", "--data-dir=tfds"]
+  (home / "smope_run.log.rc").unlink()
+  log.unlink()
+  refused = run(script, *run_args, env=env)
+  assert refused.returncode == 2
+  assert "--data-dir tfds is missing on a worker: the run was not started" in refused.stderr
+  assert ": --data-dir tfds not found" in refused.stderr  # From the worker.
+  assert not (home / "smope_run.log.rc").exists() and "nohup" not in log.read_text()
+
   # A second run is refused while one is going; status/stop find it.
+  (home / "tfds").mkdir()
   write_exe(home / "smope_venv" / "bin" / "python", "#!/usr/bin/env bash\nexec sleep 20\n")
-  script = repo / "launch" / "tpu_vm.sh"
-  started = run(script, "run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", env=env)
+  started = run(script, *run_args, env=env)
   try:
     assert started.returncode == 0, started.stderr
-    again = run(script, "run", *TPU_BASE, "--config=c.py", "--workdir=gs://b/w", env=env)
+    again = run(script, *run_args, env=env)
     assert again.returncode != 0 and "already going" in again.stderr
     status = run(script, "status", *TPU_BASE, env=env)
     assert "running" in status.stdout
@@ -470,12 +538,12 @@ def test_tpu_all_simulated(tmp_path):
 def test_gpu_multi_dry_run_explicit(tmp_path):
   result = run(GPUN, "--config=configs/cifar100.py", "--workdir=gs://b/run",
                "--coordinator=10.1.2.3:12355", "--num-processes=4", "--process-id=2",
-               "--gpus=0,1", "--config-args=--config.seed=3", "--dry-run")
+               "--gpus=0,1", DATA, "--config-args=--config.seed=3", "--dry-run")
   assert result.returncode == 0, result.stderr
   (line,) = result.stdout.splitlines()
   assert ("python3 -m smope_jax.main --config=configs/cifar100.py --workdir=gs://b/run "
           "--coordinator_address=10.1.2.3:12355 --num_processes=4 --process_id=2 "
-          "--config.seed=3") in line.replace("python ", "python3 ")
+          "--config.data_dir=gs://bkt/tfds --config.seed=3") in line.replace("python ", "python3 ")
   for var in ("CUDA_VISIBLE_DEVICES=0,1", "XLA_PYTHON_CLIENT_PREALLOCATE=false",
               "XLA_PYTHON_CLIENT_MEM_FRACTION=.9", "JAX_PLATFORMS=cuda", f"PYTHONPATH={ROOT}"):
     assert var in line
@@ -493,14 +561,15 @@ def test_gpu_multi_slurm(tmp_path, bare_path, with_scontrol):
     path = bare_path
   env = clean_env(PATH=path, SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_JOB_ID="5000",
                   SLURM_JOB_NODELIST="gpu[07-09,12]")
-  result = run(GPUN, "--config=configs/cifar100.py", "--workdir=/shared/w", "--dry-run", env=env)
+  result = run(GPUN, "--config=configs/cifar100.py", "--workdir=/shared/w", DATA, "--dry-run",
+               env=env)
   assert result.returncode == 0, result.stderr
   port = 5000 % 4096 + 61440
   assert (f"--coordinator_address=gpu07:{port} --num_processes=4 --process_id=1"
           in result.stdout)
   # Explicit arguments win over SLURM's.
-  result = run(GPUN, "--config=c.py", "--workdir=/shared/w", "--port=9999", "--process-id=0",
-               "--dry-run", env=env)
+  result = run(GPUN, "--config=c.py", "--workdir=/shared/w", DATA, "--port=9999",
+               "--process-id=0", "--dry-run", env=env)
   assert "--coordinator_address=gpu07:9999 --num_processes=4 --process_id=0" in result.stdout
 
 
@@ -522,7 +591,7 @@ def test_gpu_single_runs_with_memory_settings(tmp_path, bare_path):
   py, path = make_fake_gpu_tools(tmp_path, bare_path)
   env = clean_env(PATH=path, PYTHONPATH="/extra")
   result = run(GPU1, "--config", "configs/cifar100.py", "--workdir", "runs/x", "--gpus=1",
-               f"--python={py}", "--", "--config.note=a b", env=env)
+               "--data-dir", str(tmp_path), f"--python={py}", "--", "--config.note=a b", env=env)
   assert result.returncode == 0, result.stderr
   out = result.stdout.splitlines()
   assert "ENV CUDA_VISIBLE_DEVICES=1" in out
@@ -532,7 +601,7 @@ def test_gpu_single_runs_with_memory_settings(tmp_path, bare_path):
   assert f"ENV PYTHONPATH={ROOT}:/extra" in out
   assert [l for l in out if l.startswith("ARG")] == [
       "ARG<-m>", "ARG<smope_jax.main>", "ARG<--config=configs/cifar100.py>",
-      "ARG<--workdir=runs/x>", "ARG<--config.note=a b>"]
+      "ARG<--workdir=runs/x>", f"ARG<--config.data_dir={tmp_path}>", "ARG<--config.note=a b>"]
   assert "GPU 0: Fake" in result.stderr  # nvidia-smi -L shown
   assert "using 1 GPU" in result.stderr
 
@@ -540,7 +609,8 @@ def test_gpu_single_runs_with_memory_settings(tmp_path, bare_path):
 def test_gpu_single_respects_environment_and_flags(tmp_path, bare_path):
   py, path = make_fake_gpu_tools(tmp_path, bare_path)
   env = clean_env(PATH=path, XLA_PYTHON_CLIENT_MEM_FRACTION=".5", JAX_PLATFORMS="cuda,cpu")
-  result = run(GPU1, "--config=c.py", "--workdir=w", f"--python={py}", "--preallocate", env=env)
+  result = run(GPU1, "--config=c.py", "--workdir=w", f"--data-dir={tmp_path}", f"--python={py}",
+               "--preallocate", env=env)
   assert result.returncode == 0, result.stderr
   assert "ENV XLA_PYTHON_CLIENT_PREALLOCATE=true" in result.stdout
   assert "ENV XLA_PYTHON_CLIENT_MEM_FRACTION=.5" in result.stdout
@@ -552,8 +622,8 @@ def test_gpu_single_respects_environment_and_flags(tmp_path, bare_path):
 def test_gpu_multi_without_nvidia_smi_only_warns(tmp_path, bare_path):
   py, path = make_fake_gpu_tools(tmp_path, bare_path, with_nvidia_smi=False)
   env = clean_env(PATH=path)
-  args = ["--config=c.py", "--workdir=gs://b/w", "--coordinator=h:1", "--num-processes=2",
-          "--process-id=1", f"--python={py}"]
+  args = ["--config=c.py", "--workdir=gs://b/w", f"--data-dir={tmp_path}", "--coordinator=h:1",
+          "--num-processes=2", "--process-id=1", f"--python={py}"]
   result = run(GPUN, *args, env=env)
   assert result.returncode == 0, result.stderr
   assert "warning" in result.stderr and "nvidia-smi" in result.stderr
@@ -566,12 +636,45 @@ def test_gpu_multi_without_nvidia_smi_only_warns(tmp_path, bare_path):
 
 def test_gpu_single_missing_python(tmp_path, bare_path):
   _, path = make_fake_gpu_tools(tmp_path, bare_path)
-  result = run(GPU1, "--config=c.py", "--workdir=w", "--python=no-such-python-xyz",
-               env=clean_env(PATH=path))
+  result = run(GPU1, "--config=c.py", "--workdir=w", f"--data-dir={tmp_path}",
+               "--python=no-such-python-xyz", env=clean_env(PATH=path))
   assert result.returncode != 0 and "no-such-python-xyz" in result.stderr
+
+
+@pytest.mark.parametrize("script", [GPU1, GPUN], ids=lambda p: p.name)
+def test_gpu_missing_data_dir_is_refused(script, tmp_path, bare_path):
+  """Checked on the machine that runs: a path there, gs:// with gcloud."""
+  py, path = make_fake_gpu_tools(tmp_path, bare_path)
+  coord = ["--coordinator=h:1", "--num-processes=2", "--process-id=0"] if script == GPUN else []
+  args = ["--config=c.py", "--workdir=w", f"--python={py}", *coord]
+  missing = run(script, *args, f"--data-dir={tmp_path}/nothing", env=clean_env(PATH=path))
+  assert missing.returncode == 2
+  assert f"--data-dir '{tmp_path}/nothing' not found" in missing.stderr
+  assert missing.stdout == ""  # smope_jax.main never started
+
+  gcs = tmp_path / "gcs"
+  (gcs / "bkt" / "tfds").mkdir(parents=True)
+  write_exe(tmp_path / "fakebin" / "gcloud", '#!/bin/sh\n[ "$1 $2" = "storage ls" ] && '
+            f'[ -d "{gcs}/${{3#gs://}}" ] || {{ echo "no such URL" >&2; exit 1; }}\n')
+  env = clean_env(PATH=path)
+  not_in_bucket = run(script, *args, "--data-dir=gs://bkt/other", env=env)
+  assert not_in_bucket.returncode == 2 and not_in_bucket.stdout == ""
+  assert "--data-dir gs://bkt/other not found (gcloud storage ls: no such URL)" in (
+      not_in_bucket.stderr)
+  in_bucket = run(script, *args, DATA, env=env)
+  assert in_bucket.returncode == 0, in_bucket.stderr
+  assert "ARG<--config.data_dir=gs://bkt/tfds>" in in_bucket.stdout
+
+  (tmp_path / "fakebin" / "gcloud").unlink()
+  unchecked = run(script, *args, DATA, env=env)
+  assert unchecked.returncode == 0 and "cannot check" in unchecked.stderr
 
 
 def test_sbatch_example_uses_gpu_multi():
   text = SBATCH.read_text()
   assert "#SBATCH --ntasks-per-node=1" in text
-  assert "srun" in text and "launch/gpu_multi.sh" in text
+  assert "#SBATCH --cpus-per-task=" in text
+  srun = " ".join(text.split("\nsrun ", 1)[1].split("\n\n")[0].split("\\\n"))
+  # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05.
+  assert '--cpus-per-task="${SLURM_CPUS_PER_TASK' in srun
+  assert "launch/gpu_multi.sh" in srun and '--data-dir="$DATA_DIR"' in srun
