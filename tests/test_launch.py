@@ -391,6 +391,161 @@ def test_tpu_quoting_survives_the_remote_shell(trap_gcloud):
                   "<--config.note=it's a \"test\" $HOME>"]
 
 
+# ------------------------------------------------ gcloud flags and tracks
+# The flags each gcloud command takes, from the synopses of its GA and alpha
+# reference pages; the gcloud-wide flags go with every command.
+GCLOUD_WIDE = {"--project", "--quiet", "--format", "--account", "--billing-project",
+               "--configuration", "--flags-file", "--flatten", "--impersonate-service-account",
+               "--log-http", "--trace-token", "--user-output-enabled", "--verbosity"}
+SSH_GA = {"--dry-run", "--force-key-file-overwrite", "--internal-ip", "--plain", "--ssh-flag",
+          "--ssh-key-file", "--strict-host-key-checking", "--worker", "--zone", "--command",
+          "--output-directory", "--ssh-key-expiration", "--ssh-key-expire-after"}
+SCP_GA = {"--compress", "--dry-run", "--force-key-file-overwrite", "--internal-ip", "--plain",
+          "--recurse", "--scp-flag", "--ssh-key-file", "--strict-host-key-checking", "--worker",
+          "--zone", "--ssh-key-expiration", "--ssh-key-expire-after"}
+CREATE_GA = {"--zone", "--version", "--async", "--boot-disk", "--data-disk", "--description",
+             "--internal-ips", "--labels", "--metadata", "--metadata-from-file", "--network",
+             "--preemptible", "--queue-count", "--range", "--reserved", "--scopes",
+             "--service-account", "--shielded-secure-boot", "--spot", "--subnetwork", "--tags",
+             "--accelerator-type", "--topology", "--type"}
+GCLOUD_FLAGS = {
+    "compute tpus tpu-vm create": CREATE_GA,
+    "compute tpus tpu-vm delete": {"--zone", "--async"},
+    "compute tpus tpu-vm describe": {"--zone"},
+    "compute tpus tpu-vm ssh": SSH_GA,
+    "compute tpus tpu-vm scp": SCP_GA,
+    "alpha compute tpus tpu-vm ssh": SSH_GA | {"--tunnel-through-iap"},
+    "alpha compute tpus tpu-vm scp": SCP_GA | {"--batch-size", "--tunnel-through-iap"},
+    "storage ls": {"--recursive", "-r"},
+    "storage cp": {"--recursive", "-r"},
+    "storage rsync": {"--recursive", "-r"},
+}
+
+
+def gcloud_commands(line: str):
+  """(command, flags) of a printed gcloud command and of those it runs remotely."""
+  words = shlex.split(line)
+  assert words[0] == "gcloud", line
+  command = next(" ".join(words[1:n]) for n in (6, 5, 3)
+                 if " ".join(words[1:n]) in GCLOUD_FLAGS)
+  found = [(command, {w.split("=")[0] for w in words if w.startswith("-")})]
+  for a in words:
+    if a.startswith("--command="):
+      for remote in re.findall(r"gcloud storage [^;&|]*", a):
+        found += gcloud_commands(remote)
+  return found
+
+
+def rejected_flags(lines):
+  """The flags of the printed gcloud commands that their command rejects."""
+  return {(command, flag) for line in lines if line.startswith("gcloud ")
+          for command, flags in gcloud_commands(line)
+          for flag in flags - GCLOUD_FLAGS[command] - GCLOUD_WIDE}
+
+
+@pytest.mark.parametrize("args", [
+    ["all", "--accelerator-type=v4-32", "--config=c.py", "--workdir=gs://b/w", DATA,
+     "--weights-cache=gs://b/weights", "--spot",
+     "--create-flags=--network=n --service-account=sa@p.iam.gserviceaccount.com --internal-ips",
+     "--ssh-flags=--internal-ip --strict-host-key-checking=no"],
+    ["all", "--accelerator-type=v4-8", "--config=c.py", "--workdir=runs/w", DATA,
+     "--copy-to=/tmp/results", "--iap"],
+    ["run", "--config=c.py", "--workdir=gs://b/w", "--data-dir=/mnt/tfds", "--iap"],
+    ["copy", "--workdir=runs/w", "--copy-to=gs://b/out"],
+])
+def test_printed_gcloud_commands_take_their_flags(args, trap_gcloud):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, *args, *TPU_BASE)
+  assert rejected_flags(lines) == set()
+  # The alpha track only for ssh and scp, and only with --iap.
+  alpha = {c for line in lines if line.startswith("gcloud ")
+           for c, _ in gcloud_commands(line) if c.startswith("alpha ")}
+  assert alpha <= {"alpha compute tpus tpu-vm ssh", "alpha compute tpus tpu-vm scp"}
+  assert bool(alpha) == ("--iap" in args)
+  if "--iap" in args:
+    assert all("--tunnel-through-iap" in line for line in lines
+               if " tpu-vm ssh " in line or " tpu-vm scp " in line)
+  assert not marker.exists()
+
+
+def option_help(text: str, option: str) -> str:
+  """The description of one option in a --help text."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
+  end = next(i for i in range(start + 1, len(lines))
+             if not lines[i].startswith("   " + " " * len(option)))
+  return "\n".join(lines[start:end])
+
+
+def test_help_offers_only_flags_that_gcloud_takes(trap_gcloud):
+  env, marker = trap_gcloud
+  text = run(TPU, "--help").stdout
+  # The examples of extra gcloud flags.
+  create = set(re.findall(r"--[a-z-]+", " ".join(
+      re.findall(r'"([^"]*)"', option_help(text, "--create-flags")))))
+  ssh = set(re.findall(r"--[a-z-]+", " ".join(
+      re.findall(r'"([^"]*)"', option_help(text, "--ssh-flags")))))
+  assert create and create <= CREATE_GA
+  assert ssh and ssh <= SSH_GA & SCP_GA
+  # IAP is offered only as --iap, on the alpha track.
+  iap = option_help(text, "--iap")
+  assert "alpha" in iap and "--tunnel-through-iap" in iap
+  assert text.count("--tunnel-through-iap") == iap.count("--tunnel-through-iap")
+  # Every example runs (dry) and prints only commands gcloud takes.
+  examples = re.findall(r"^  (launch/tpu_vm\.sh (?:.*\\\n)*.*)$", text, re.M)
+  assert len(examples) >= 6
+  for example in examples:
+    args = shlex.split(example.replace("\\\n", " "))[1:]
+    assert "--data-dir" in example or args[0] not in ("run", "all"), example
+    lines = tpu_dry_run(env, *args)
+    assert rejected_flags(lines) == set(), example
+  assert not marker.exists()
+
+
+def test_setup_waits_for_boot_time_apt_jobs(tmp_path, trap_gcloud):
+  """A fresh VM without Python 3.11: apt waits until apt-daily has finished."""
+  env, _ = trap_gcloud
+  lines = tpu_dry_run(env, "setup", *TPU_BASE, "--repo-url=https://example.com/x.git")
+  install = remote_command(lines[index_of(lines, "pip install")])
+  tools = tmp_path / "tools"
+  tools.mkdir()
+  for name in ("bash", "sh", "hostname", "seq", "cp", "mkdir", "basename", "grep", "env"):
+    found = shutil.which(name)
+    if found is None:
+      pytest.skip(f"needs {name}")
+    (tools / name).symlink_to(found)
+  vm_bin = tmp_path / "vm-bin"
+  vm_bin.mkdir()
+  events = tmp_path / "events"
+  log = f'echo "$(basename "$0") $*" >> {events}'
+  # apt-daily.service is active for the first two checks.
+  write_exe(vm_bin / "systemctl", f'#!/bin/sh\n{log}\n'
+            f'[ "$(grep -c ^systemctl {events})" -le 2 ]\n')
+  for name, body in [("cloud-init", ""), ("pgrep", "exit 1"), ("sleep", ""),
+                     ("sudo", 'exec env "$@"'),
+                     ("apt-get", f'case "$*" in *"install python3.11"*) '
+                                 f'cp {vm_bin}/fake-python {vm_bin}/python3.11 ;; esac')]:
+    write_exe(vm_bin / name, f"#!/bin/sh\n{log}\n{body}\n")
+  write_exe(vm_bin / "fake-python", f'#!/bin/sh\n{log}\n'
+            'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi\n'
+            'if [ "$1" = "-c" ]; then echo 0.10.2 3.11.9; fi\n')
+  home = tmp_path / "home"
+  home.mkdir()
+  result = subprocess.run([BASH, "-c", install], capture_output=True, text=True,
+                          timeout=TIMEOUT, env={"PATH": f"{vm_bin}:{tools}", "HOME": str(home)})
+  assert result.returncode == 0, result.stdout + result.stderr
+  calls = [" ".join(line.split()[:3]) for line in events.read_text().splitlines()]
+  first_apt = next(i for i, c in enumerate(calls) if c.startswith("apt-get"))
+  assert calls[:first_apt] == [
+      "cloud-init status --wait", "systemctl is-active --quiet", "sleep 5",
+      "systemctl is-active --quiet", "sleep 5", "systemctl is-active --quiet",
+      "pgrep -x apt|apt-get|dpkg", "sudo DEBIAN_FRONTEND=noninteractive apt-get"]
+  assert calls[first_apt:first_apt + 3] == [
+      "apt-get -o DPkg::Lock::Timeout=600", "sudo DEBIAN_FRONTEND=noninteractive apt-get",
+      "apt-get -o DPkg::Lock::Timeout=600"]
+  assert "ready, jax and python versions: 0.10.2 3.11.9" in result.stdout
+
+
 # -------------------------------------------------- TPU flow, simulated
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
