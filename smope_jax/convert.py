@@ -6,12 +6,17 @@ r"""Converts pretrained ViT weights once into the Google npz layout.
 Writes DIR/backbone.npz ('/'-joined Google ViT keys, checked against the
 model's shapes) and DIR/info.json (source, model, image size, sha256 of the
 npz). Training then reads DIR with `--config.pretrained=DIR`, without torch
-files, network or the conversion step.
+files, network or the conversion step. Both files are written whole or not
+at all; flag errors, a missing input and an unwritable output are reported
+before any weights are read.
 """
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
+import uuid
 
 from absl import app
 from absl import flags
@@ -20,50 +25,136 @@ import numpy as np
 from smope_jax import pretrained
 from smope_jax.errors import UserError
 
-# Not `required=True`: that would bind every program importing this module.
+# Not `required=True`: that would bind every program importing this module;
+# `main` checks them.
 _INPUT = flags.DEFINE_string(
     "input", None, "A preset name, a checkpoint file or a converted dir.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write.")
 _MODEL = flags.DEFINE_enum("model", "B/16", list(pretrained.VIT_VARIANTS),
                            "ViT variant the weights are for.")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 224, "Input size; the position embedding is resized to it.")
+    "image_size", 224, "Input size; the position embedding is resized to it.",
+    lower_bound=1, upper_bound=4096)
+
+
+@contextlib.contextmanager
+def _atomic_file(path, mode="wb"):
+  """A file that appears at `path` only once it is completely written.
+
+  It is written to a temporary name next to `path` and renamed; on any
+  failure (a full disk, Ctrl-C) the temporary file is removed and `path`
+  keeps its old content, if any.
+  """
+  tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def save_backbone(params, directory, *, source, model, image_size):
-  """Writes a backbone in the layout `pretrained.load_backbone` reads back."""
-  os.makedirs(directory, exist_ok=True)
+  """Writes a backbone in the layout `pretrained.load_backbone` reads back.
+
+  Each file is replaced atomically; the npz goes first, so a failure between
+  the two leaves an info.json whose sha256 no longer matches, which loading
+  reports. Raises UserError if the directory cannot be written.
+  """
   npz = os.path.join(directory, pretrained.BACKBONE_FILE)
-  tmp = npz + ".tmp.npz"
-  with open(tmp, "wb") as f:
-    np.savez(f, **pretrained.flatten(params))
-  os.replace(tmp, npz)
-  info = dict(source=source, model=model, image_size=image_size,
-              sha256=pretrained.sha256_file(npz))
-  with open(os.path.join(directory, pretrained.INFO_FILE), "w") as f:
-    json.dump(info, f, indent=2)
-    f.write("\n")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with _atomic_file(npz) as f:
+      np.savez(f, **pretrained.flatten(params))
+    info = dict(source=source, model=model, image_size=image_size,
+                sha256=pretrained.sha256_file(npz))
+    with _atomic_file(os.path.join(directory, pretrained.INFO_FILE),
+                      "w") as f:
+      json.dump(info, f, indent=2)
+      f.write("\n")
+  except OSError as e:
+    raise UserError(f"cannot write {directory} ({e.strerror or e}); free "
+                    "some space or choose another --output") from e
   return info
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _INPUT.value or not _OUTPUT.value:
-    raise app.UsageError("--input and --output are required")
+def _check_output(directory):
+  """Fails unless `directory` can be created and written to.
+
+  Returns the directories this created, for removal if the work fails.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UserError(f"--output={directory} is a file; name a directory")
+  created, parent = [], directory
+  while not os.path.exists(parent):
+    created.append(parent)
+    parent = os.path.dirname(parent)
   try:
-    template = pretrained.backbone_template(_MODEL.value, _IMAGE_SIZE.value)
-    params = pretrained.load_backbone(_INPUT.value, template)
-    source = _INPUT.value
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    _remove_empty(created)
+    raise UserError(f"--output={directory} cannot be written "
+                    f"({e.strerror or e}); choose another --output") from e
+  return created
+
+
+def _remove_empty(directories):
+  for directory in directories:
+    with contextlib.suppress(OSError):
+      os.rmdir(directory)
+
+
+def _convert(source, output, model, image_size):
+  template = pretrained.backbone_template(model, image_size)
+  pretrained.check_source(source)
+  created = _check_output(output)
+  try:
+    params = pretrained.load_backbone(source, template)
     if source not in pretrained.PRESETS:
       source = os.path.abspath(source)
-    info = save_backbone(params, _OUTPUT.value, source=source,
-                         model=_MODEL.value, image_size=_IMAGE_SIZE.value)
+    return save_backbone(params, output, source=source, model=model,
+                         image_size=image_size)
+  except BaseException:
+    _remove_empty(created)
+    raise
+
+
+def main(argv):
+  try:
+    if len(argv) > 1:
+      raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; every "
+                      "option is a --flag")
+    missing = [f"--{f.name}" for f in (_INPUT, _OUTPUT) if not f.value]
+    if missing:
+      raise UserError(f'{" and ".join(missing)} must be given, e.g. '
+                      "--input=sup1k --output=/data/vit/sup1k")
+    info = _convert(_INPUT.value, _OUTPUT.value, _MODEL.value,
+                    _IMAGE_SIZE.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f'wrote {_OUTPUT.value} (sha256 {info["sha256"]})')
 
 
+def _parse_flags(argv):
+  """Flag errors as one line and exit status 2, like the other commands."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {"; ".join(str(e).split(chr(10)))}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()
