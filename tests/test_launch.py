@@ -502,6 +502,47 @@ def test_help_offers_only_flags_that_gcloud_takes(trap_gcloud):
   assert not marker.exists()
 
 
+DOCS = [ROOT / "README.md", ROOT / "docs" / "launching.md"]
+
+
+def documented_launches():
+  """(document, words) of every launch script command in the docs' examples."""
+  for doc in DOCS:
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", doc.read_text(), re.S):
+      shorthand = dict(re.findall(r'^(\w+)="([^"]*)"$', block, re.M))
+      for line in block.replace("\\\n", " ").splitlines():
+        if re.search(r"launch/(tpu_vm|gpu_single|gpu_multi)\.sh", line):
+          for name, value in shorthand.items():
+            line = line.replace(f"${name}", value)
+          yield doc.name, shlex.split(line.split(" #")[0])
+
+
+def test_documented_runs_pass_a_data_directory(trap_gcloud):
+  env, marker = trap_gcloud
+  launches = list(documented_launches())
+  assert {doc for doc, _ in launches} == {"README.md", "launching.md"}
+  assert len(launches) >= 15
+  for doc, words in launches:
+    at = next(i for i, w in enumerate(words) if w.startswith("launch/"))
+    script, args = words[at], words[at + 1:]
+    if script == "launch/tpu_vm.sh":
+      if args[0] in ("run", "all"):
+        assert any(a.startswith("--data-dir=") for a in args), (doc, words)
+      assert rejected_flags(tpu_dry_run(env, *args)) == set(), (doc, words)
+    else:
+      assert any(a.startswith("--data-dir=") for a in args), (doc, words)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", [GPU1, GPUN], ids=lambda p: p.name)
+def test_gpu_help_examples_pass_a_data_directory(script):
+  text = run(script, "--help").stdout
+  assert "--data-dir DIR" in text
+  examples = re.findall(r"launch/gpu_\w+\.sh (?:.*\\\n)*.*", text.split("Example", 1)[1])
+  assert examples
+  assert all("--data-dir=" in example for example in examples), examples
+
+
 def test_setup_waits_for_boot_time_apt_jobs(tmp_path, trap_gcloud):
   """A fresh VM without Python 3.11: apt waits until apt-daily has finished."""
   env, _ = trap_gcloud
