@@ -253,7 +253,7 @@ def _content_length(headers):
     return None
   if not re.fullmatch(r"\s*\d{1,15}\s*", value):
     raise _BadDownload(f"the server sent an invalid Content-Length "
-                       f"{_shown(value)}")
+                       f"{_shown(repr(value))}")
   return int(value)
 
 
@@ -310,9 +310,10 @@ def _download(url, path, name):
                          f"server announced {lfs[0]}")
   except (OSError, ValueError, http.client.HTTPException, _BadDownload) as e:
     _remove(tmp)
+    reason = str(e) if isinstance(e, _BadDownload) else _reason(e)
     raise MissingWeightsError(
         f"pretrained weights {name!r} are not cached and could not be "
-        f"downloaded from {url} ({_reason(e)}); nothing was cached: fetch "
+        f"downloaded from {url} ({reason}); nothing was cached: fetch "
         f"that file elsewhere and place it at {path}, or pass "
         "--config.pretrained=/path/to/file") from e
   except BaseException:
@@ -740,9 +741,12 @@ _SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
 
 
 def _refuse_non_float(label, dtypes):
-  """Names the keys whose dtype ({key: name}) is not floating point."""
-  wrong = [f"{_shown(k)} ({d})" for k, d in sorted(dtypes.items())
-           if d not in _FLOAT_DTYPES]
+  """Names the keys whose dtype is not floating point.
+
+  `dtypes` maps keys to (dtype name, dtype as shown in the message).
+  """
+  wrong = [f"{_shown(k)} ({shown})" for k, (name, shown) in
+           sorted(dtypes.items()) if name not in _FLOAT_DTYPES]
   if wrong:
     raise UnreadableWeightsError(
         f"weights from {label} have {len(wrong)} keys that are not floating "
@@ -754,7 +758,7 @@ def _safetensors_state(path, label):
   with safetensors.safe_open(path, "np") as f:
     keys = [k for k in f.keys() if not _IGNORED.search(k)]
     dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-    _refuse_non_float(label, {k: _SAFETENSORS_FLOATS.get(d, d)
+    _refuse_non_float(label, {k: (_SAFETENSORS_FLOATS.get(d), d)
                               for k, d in dtypes.items()})
     return {k: f.get_tensor(k) for k in keys}
 
@@ -781,7 +785,7 @@ def _read_flat(path, num_heads, label):
     raise UnreadableWeightsError(
         f"cannot read weights from {label} ({_reason(e)})") from e
   state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
-  _refuse_non_float(label, {k: np.dtype(v.dtype).name
+  _refuse_non_float(label, {k: (np.dtype(v.dtype).name, str(v.dtype))
                             for k, v in state.items()})
   if kind == "npz":
     return state
