@@ -327,7 +327,13 @@ do_create() {
   run "${args[@]}"
 }
 
+# Stop unless the --weights-cache copy, if any, exists.
+check_weights_cache() {
+  [[ -z $WEIGHTS_CACHE ]] || check_gcs_dir "$WEIGHTS_CACHE" --weights-cache "copy ~/.cache/smope_jax there first"
+}
+
 do_setup() {
+  [[ $CMD != setup ]] || check_weights_cache
   if [[ -n $REPO_URL ]]; then
     local clone
     clone="rm -rf $RDIR && git clone --quiet $(q "$REPO_URL") $RDIR"
@@ -515,7 +521,7 @@ cleanup_all() {
 do_all() {
   # Before the VM exists: the data (gs:// for `all`) and the weights copy.
   check_data_dir
-  [[ -z $WEIGHTS_CACHE ]] || check_gcs_dir "$WEIGHTS_CACHE" --weights-cache "copy ~/.cache/smope_jax there first"
+  check_weights_cache
   do_create
   if ((!DRY_RUN)); then
     trap cleanup_all EXIT

@@ -392,8 +392,8 @@ def test_tpu_quoting_survives_the_remote_shell(trap_gcloud):
 
 
 # ------------------------------------------------ gcloud flags and tracks
-# The flags each gcloud command takes, from the synopses of its GA and alpha
-# reference pages; the gcloud-wide flags go with every command.
+# The flags each gcloud command takes, on the GA track and (ssh, scp) on the
+# alpha track; the gcloud-wide flags go with every command.
 GCLOUD_WIDE = {"--project", "--quiet", "--format", "--account", "--billing-project",
                "--configuration", "--flags-file", "--flatten", "--impersonate-service-account",
                "--log-http", "--trace-token", "--user-output-enabled", "--verbosity"}
@@ -465,6 +465,17 @@ def test_printed_gcloud_commands_take_their_flags(args, trap_gcloud):
   if "--iap" in args:
     assert all("--tunnel-through-iap" in line for line in lines
                if " tpu-vm ssh " in line or " tpu-vm scp " in line)
+  assert not marker.exists()
+
+
+def test_setup_copies_the_weights_cache_to_every_worker(trap_gcloud):
+  env, marker = trap_gcloud
+  lines = tpu_dry_run(env, "setup", *TPU_BASE, "--weights-cache=gs://bkt/weights")
+  listed = index_of(lines, "gcloud storage ls gs://bkt/weights")
+  install = index_of(lines, "--worker=all", "pip install")
+  copy = index_of(lines, "--worker=all", "mkdir -p ~/.cache/smope_jax && gcloud storage rsync "
+                  "--recursive gs://bkt/weights ~/.cache/smope_jax")
+  assert listed == 0 and install < copy
   assert not marker.exists()
 
 
