@@ -198,7 +198,7 @@ check_gcs_dir() {
 }
 
 # The hint for a missing data directory.
-DATA_HINT="prepare the datasets there first (see docs/launching.md)"
+DATA_HINT="prepare the datasets there first (python launch/prepare_data.py --data_dir=DIR NAME...)"
 
 # -------------------------------------------------- the GPU scripts' part
 # Options, checks and the final command that gpu_single.sh and gpu_multi.sh
