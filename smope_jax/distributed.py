@@ -76,7 +76,7 @@ def _join_detected_cluster() -> None:
     jax.distributed.initialize()
   except ValueError as e:  # JAX found no cluster to take the arguments from.
     raise UserError(
-        f"JAX detected no cluster (Cloud TPU VM, GKE TPU, SLURM, Open MPI) "
+        "JAX detected no cluster (Cloud TPU VM, GKE TPU, SLURM, Open MPI) "
         f"to join ({e}): unset {DISTRIBUTED_ENV} to run as one process, or "
         "pass --coordinator_address, --num_processes and --process_id.") from e
 
