@@ -7,25 +7,26 @@ Backbone: supervised ImageNet-21k -> 1k ViT-B/16 (preset `sup1k`, timm
 Published (10 tasks, 5 seeds): SMoPE FAA 89.23 +- 0.12.
 """
 
-from smope_jax.configuration import base_config
+from smope_jax import configuration
 
 
-def get_config():
-  config = base_config()
-  config.dataset = "cifar100"     # TFDS name.
-  config.num_classes = 100        # CIFAR-100 classes.
-  config.num_tasks = 10           # 10 tasks x 10 classes.
-  config.test_resize = "resize"   # Test images: plain resize to 224.
-  config.pretrained = "sup1k"     # augreg2_in21k_ft_in1k ViT-B/16.
-  config.batch_size = 128         # Reference batch.
-  config.lr = 0.005               # Reference base rate.
-  config.epochs = 20              # Reference epochs per task.
-  config.schedule = "cosine"      # Per-iteration cosine ...
-  config.freeze_steps = 80        # ... after 80 iterations at 1e-6.
-  config.steps_per_epoch = 40     # Reference iter_step (= ceil(5000 / 128)).
-  config.router_weight = 1e-5     # alpha_r.
-  config.prototype_weight = 1e-5  # alpha_p.
-  config.epsilon = 0.4            # Noise / margin factor.
-  config.align_epochs = 50        # Alignment epochs.
-  config.align_ratio = 1          # Samples per class = batch * 1.
+def get_config(arg=None):
+  configuration.parse_arg(arg, "configs/cifar100.py")
+  config = configuration.base_config()
+  config.dataset = "cifar100"
+  config.num_classes = 100
+  config.num_tasks = 10
+  config.test_resize = "resize"
+  config.pretrained = "sup1k"
+  config.batch_size = 128
+  config.lr = 0.005
+  config.epochs = 20
+  config.schedule = "cosine"
+  config.freeze_steps = 80
+  config.iters_per_epoch = 40  # The reference's iter_step; the loader takes 39.
+  config.router_weight = 1e-5
+  config.prototype_weight = 1e-5
+  config.epsilon = 0.4
+  config.align_epochs = 50
+  config.align_ratio = 1
   return config

@@ -10,25 +10,26 @@ download. Its accuracies show that the machinery works; they are NOT the
 paper's numbers, which need a pre-trained ViT-B/16 and the real benchmarks.
 """
 
-from smope_jax.configuration import base_config
+from smope_jax import configuration
 
 
-def get_config():
-  config = base_config()
-  config.dataset = "digits"        # sklearn's bundled digits.
-  config.num_classes = 10          # Digits 0-9.
-  config.num_tasks = 5             # 5 tasks x 2 classes.
-  config.image_size = 32           # 8x8 upsampled to 32x32.
+def get_config(arg=None):
+  configuration.parse_arg(arg, "configs/demo.py")
+  config = configuration.base_config()
+  config.dataset = "digits"
+  config.num_classes = 10
+  config.num_tasks = 5
+  config.image_size = 32           # The 8x8 digits, upsampled.
   config.pretrained = ""           # No download: random frozen backbone.
-  config.model.variant = "custom"  # A tiny ViT:
-  config.model.patch_size = 8      #   16 patches + CLS.
+  config.model.variant = "custom"  # A tiny ViT: 16 patches + CLS.
+  config.model.patch_size = 8
   config.model.hidden_size = 64
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.mlp_dim = 128
-  config.num_prompted_layers = 2   # Prompt experts in blocks 0-1.
-  config.num_experts = 8           # E.
-  config.top_k = 2                 # K.
+  config.num_prompted_layers = 2
+  config.num_experts = 8
+  config.top_k = 2
   config.epsilon = 0.4
   config.router_weight = 1e-3
   config.prototype_weight = 1e-3

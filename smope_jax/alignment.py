@@ -1,9 +1,13 @@
-"""Classifier alignment with Gaussian feature replay (spec section 4).
+"""Classifier alignment with Gaussian feature replay.
 
 After every task the mean and population variance of each new class's
-pre-logits are stored. From the second task on, the classifier alone is
+pre-logits are stored (read with the training augmentation, the model in
+inference mode). From the second task on, the classifier alone is
 re-trained on features drawn from N(mean, diag(var) + 1e-4 I) for all seen
-classes; backbone and prompts are untouched.
+classes, CE over all seen classes without masking; backbone and prompts are
+untouched. Per epoch, batch_size * align_ratio samples per seen class are
+shuffled and (classes of earlier tasks) iterations of that many samples
+are taken, with AdamW (weight decay 5e-4).
 """
 
 import functools
@@ -11,7 +15,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from smope_jax import losses
@@ -42,58 +45,74 @@ def class_statistics(features: np.ndarray, labels: np.ndarray,
           np.stack(variances).astype(np.float32))
 
 
-def sample_features(key, means, variances, per_class: int):
-  """(S * per_class, D) shuffled features and their labels 0..S-1."""
-  num_classes, dim = means.shape
-  draw_key, shuffle_key = jax.random.split(key)
-  noise = jax.random.normal(draw_key, (num_classes, per_class, dim))
-  feats = means[:, None] + jnp.sqrt(variances[:, None] + VARIANCE_FLOOR) * noise
-  labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)
-  order = jax.random.permutation(shuffle_key, num_classes * per_class)
-  return feats.reshape(-1, dim)[order], labels[order]
+def epoch_order(key, num_seen, per_class: int, num_classes: int):
+  """A shuffled order of one epoch's replayed samples.
+
+  An epoch draws `per_class` samples of every seen class; sample id s
+  belongs to class s // per_class. Ids of unseen classes sort last, so the
+  first num_seen * per_class entries are a uniform shuffle of the seen ones
+  and the shapes do not depend on the task.
+  """
+  ids = jnp.arange(num_classes * per_class)
+  priority = jax.random.uniform(key, ids.shape)
+  priority = jnp.where(ids // per_class < num_seen, priority, 2.0)
+  return ids[jnp.argsort(priority)]
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("tx", "per_class", "steps_per_epoch",
-                                    "num_epochs"))
-def align_head(head, means, variances, key, *, tx, per_class: int,
-               steps_per_epoch: int, num_epochs: int):
+@functools.partial(jax.jit, static_argnames=("tx", "per_class", "num_epochs"))
+def align_head(head, means, variances, key, num_seen, iterations, rates, *,
+               tx, per_class: int, num_epochs: int):
   """Trains the head on replayed features; returns the new head.
+
+  Each iteration draws its samples from N(mean, diag(var) + 1e-4 I) of
+  their classes. The reference draws a whole epoch and uses only its first
+  (classes of earlier tasks) batches; drawing just those gives them the same
+  distribution. One compiled function serves every task: the class count,
+  the number of iterations and the learning rates are arguments.
 
   Args:
     head: {'kernel': (D, C), 'bias': (C,)} classifier over all classes.
-    means, variances: (S, D) statistics of the S classes seen so far, in
-      label order (label c has row c).
+    means, variances: (C, D) class statistics in label order; rows of
+      unseen classes are ignored.
     key: PRNG key of this task's alignment.
-    tx: the optimizer (a new one per alignment).
-    per_class: samples drawn per class and epoch (batch * align_ratio); also
-      the number of samples per iteration.
-    steps_per_epoch: iterations per epoch (classes of the earlier tasks).
+    num_seen: int32, classes seen so far (labels 0..num_seen-1).
+    iterations: int32, iterations per epoch (classes of the earlier tasks).
+    rates: float32 (num_epochs * C,) learning rate of iteration
+      e * iterations + i (entries past the last iteration unused).
+    tx: the update direction (a new one per alignment; see
+      `schedules.adam`).
+    per_class: samples drawn per class and epoch (batch * align_ratio);
+      also the number of samples per iteration.
     num_epochs: alignment epochs.
   """
-  num_seen = means.shape[0]
+  num_classes = means.shape[0]
 
   def loss_fn(params, feats, labels):
     logits = feats @ params["kernel"] + params["bias"]
-    seen = jnp.arange(logits.shape[-1]) < num_seen
+    seen = jnp.arange(num_classes) < num_seen
     logits = jnp.where(seen[None], logits, -jnp.inf)
     return jnp.mean(losses.cross_entropy(logits, labels))
 
-  def epoch(carry, epoch_key):
-    feats, labels = sample_features(epoch_key, means, variances, per_class)
+  def epoch(e, carry):
+    order_key, noise_key = jax.random.split(jax.random.fold_in(key, e))
+    order = epoch_order(order_key, num_seen, per_class, num_classes)
 
-    def iteration(carry, i):
+    def iteration(i, carry):
       params, opt_state = carry
-      start = i * per_class
-      batch = jax.lax.dynamic_slice_in_dim(feats, start, per_class)
-      batch_labels = jax.lax.dynamic_slice_in_dim(labels, start, per_class)
-      grads = jax.grad(loss_fn)(params, batch, batch_labels)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
+      ids = jax.lax.dynamic_slice_in_dim(order, i * per_class, per_class)
+      labels = (ids // per_class).astype(jnp.int32)
+      noise = jax.random.normal(jax.random.fold_in(noise_key, i),
+                                (per_class, means.shape[1]))
+      feats = means[labels] + jnp.sqrt(variances[labels] +
+                                       VARIANCE_FLOOR) * noise
+      grads = jax.grad(loss_fn)(params, feats, labels)
+      direction, opt_state = tx.update(grads, opt_state, params)
+      rate = rates[e * iterations + i]
+      params = jax.tree_util.tree_map(lambda p, u: p - rate * u, params,
+                                      direction)
+      return params, opt_state
 
-    carry, _ = jax.lax.scan(iteration, carry, jnp.arange(steps_per_epoch))
-    return carry, None
+    return jax.lax.fori_loop(0, iterations, iteration, carry)
 
-  (head, _), _ = jax.lax.scan(epoch, (head, tx.init(head)),
-                              jax.random.split(key, num_epochs))
+  head, _ = jax.lax.fori_loop(0, num_epochs, epoch, (head, tx.init(head)))
   return head

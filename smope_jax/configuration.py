@@ -9,9 +9,11 @@ import ml_collections
 from smope_jax.errors import ConfigError
 from smope_jax.models.variants import VIT_VARIANTS
 
-DATASETS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
+BENCHMARKS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
 SCHEDULES = ("cosine", "epoch_cosine")
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("highest", "high", "default")
+IMAGENET_R_SPLITS = ("reference", "random")
 PRESETS = ("sup21k", "sup1k", "ibot21k", "ibot1k", "dino1k")
 
 
@@ -19,13 +21,21 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all benchmarks (the CIFAR-100 reference values)."""
   c = ml_collections.ConfigDict()
   # Data.
-  c.dataset = "cifar100"          # One of DATASETS.
+  c.dataset = "cifar100"          # A benchmark of BENCHMARKS, any TFDS name, or "folder:/path".
   c.data_dir = ""                 # TFDS data dir of prepared data ("" = TFDS default).
-  c.num_classes = 100             # Classes in the benchmark.
-  c.num_tasks = 10                # Tasks; classes split evenly in class order.
+  c.train_split = "train"         # TFDS split syntax, for TFDS datasets other than the benchmarks.
+  c.test_split = "test"           # Likewise; "" = hold out 20 % of each class of train_split.
+  c.image_key = ""                # TFDS image feature ("" = the dataset's only Image feature).
+  c.label_key = ""                # TFDS label feature ("" = the only ClassLabel feature).
+  c.num_classes = 100             # Checked against the data; 0 = take it from the data.
+  c.num_tasks = 10                # Equal tasks in class order; sets the task size.
+  c.first_task_classes = 0        # Classes of task 0 (0 = the task size); the others keep the size.
+  c.joint = False                 # Upper bound: all classes as one task.
+  c.validation = False            # Hold out 20 % of the training data and evaluate on it.
   c.image_size = 224              # Input resolution.
-  c.test_resize = "resize"        # "resize" (CIFAR) or "resize_crop" (256 -> 224 center crop).
-  c.split_seed = 0                # Seed of the ImageNet-R 80/20 split.
+  c.test_resize = "resize"        # "resize" (CIFAR) or "resize_crop" (shorter side 256, centre 224).
+  c.imagenet_r_split = "reference"  # The reference's fixed lists, or "random" (seeded 80/20).
+  c.split_seed = 0                # Seed of the per-class 80/20 splits that we draw ourselves.
   c.cache_data = True             # Keep decoded images in memory.
   c.seed = 0                      # Class order, shuffling, augmentation, init.
   c.seeds = ""                    # e.g. "0,1,2,3,4": run these seeds, write a mean +- std table.
@@ -39,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_dim = 3072          # Used when variant == "custom".
   c.pretrained = "sup1k"          # Preset name, checkpoint file or converted dir; "" = random init (tests only).
   c.dtype = "float32"             # Backbone compute dtype; prompts, scores and losses stay float32.
+  c.matmul_precision = "highest"  # Float32 matrix products in full float32 (no TF32 on GPUs).
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
   # SMoPE.
   c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompt experts.
@@ -46,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.top_k = 5                     # K active experts per head.
   c.epsilon = 0.4                 # Training noise / router margin factor.
   c.inference_penalty = 2.0       # eta for never-used experts at inference.
+  c.exclude_unused_at_eval = False  # The paper's exclusion at evaluation (the published numbers had none).
   c.router_weight = 1e-5          # alpha_r.
   c.prototype_weight = 1e-5       # alpha_p.
   c.dense_warmup = True           # Task 0: dense warm-up for half the epochs first.
@@ -53,25 +65,62 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128              # GLOBAL batch; must divide by the device count.
   c.eval_batch_size = 256         # Global evaluation batch.
   c.lr = 0.005                    # Base rate (head); prompts use lr * prompt_lr_multiplier.
-  c.prompt_lr_multiplier = 5.0    # Reference: 5x for the prompt experts.
+  c.prompt_lr_multiplier = 5.0    # The reference trains the prompt experts 5x faster.
   c.weight_decay = 0.0            # AdamW weight decay while training tasks.
   c.epochs = 20                   # Epochs per task (top-K phase).
   c.schedule = "cosine"           # "cosine" (per iteration, after freeze_steps) or "epoch_cosine" (CUB).
+  c.schedule_delay = True         # The reference's lag: step 0 at the base rate, step n at schedule[n - 1].
   c.freeze_steps = 80             # Iterations at 1e-6 before the cosine.
-  c.steps_per_epoch = 0           # Schedule's iterations per epoch; 0 = ceil(train images / batch).
+  c.iters_per_epoch = 0           # Sizes the cosine (the reference's iter_step); 0 = the loader's steps.
   # Classifier alignment.
   c.align_epochs = 50             # Epochs of Gaussian replay.
   c.align_ratio = 1               # Samples per class and epoch = batch_size * align_ratio.
-  c.align_lr = 1e-5               # Cosine from this ...
+  c.align_lr = 1e-4               # The first step's rate; the cosine runs from align_lr / 10 ...
   c.align_final_lr = 1e-6         # ... to this, per iteration.
   c.align_weight_decay = 5e-4     # AdamW weight decay of the alignment.
   # Run control.
-  c.checkpoint_every_steps = 200  # Also checkpoint after every task.
+  c.checkpoint_every_steps = 200  # Also checkpoint after every phase.
   c.keep_checkpoints = 3          # Checkpoints kept on disk.
   c.log_every_steps = 20          # Scalars to TensorBoard and the log.
   c.progress_bar = True           # Terminal progress bar (process 0).
   c.exit_at_step = -1             # Fault injection: stop abruptly at this global step (tests).
   return c
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false",
+          str: "a string"}
+
+
+def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config file's argument string, e.g. "tasks=20,method=l2p".
+
+  Every key must be one of `defaults`, and each value is converted to the
+  type of its default (int, float, bool or str). An empty or None argument
+  gives the defaults.
+
+  Raises:
+    ConfigError: an unknown key or a value of the wrong type, naming the
+      config file and what it accepts.
+  """
+  accepted = ", ".join(f"{k}=<{_KINDS[type(v)]}>" for k, v in
+                       defaults.items()) or "no argument"
+  args = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (part.strip() for part in str(arg or "").split(","))):
+    key, sep, value = (p.strip() for p in item.partition("="))
+    if not sep or key not in defaults:
+      raise ConfigError(f"{config_file} takes {accepted}; got {item!r}.")
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(value)
+        args[key] = value.lower() in ("true", "1")
+      else:
+        args[key] = kind(value)
+    except ValueError:
+      raise ConfigError(f"{config_file}: {key}={value!r} is not "
+                        f"{_KINDS[kind]}.") from None
+  return args
 
 
 def model_dims(config) -> dict:
@@ -105,11 +154,19 @@ def _require(condition: bool, message: str):
 
 def validate(config) -> None:
   """Raises ConfigError naming the first invalid field and what it accepts."""
-  _require(config.dataset in DATASETS,
-           f"config.dataset={config.dataset!r}; choose one of {DATASETS}.")
-  _require(config.num_tasks >= 1 and config.num_classes % config.num_tasks == 0,
-           f"config.num_classes={config.num_classes} must split evenly into "
-           f"config.num_tasks={config.num_tasks} tasks.")
+  _require(isinstance(config.dataset, str) and config.dataset.strip() != "",
+           f"config.dataset={config.dataset!r}; name a benchmark "
+           f"{BENCHMARKS}, a TFDS dataset or 'folder:/path'.")
+  _require(config.num_tasks >= 1,
+           f"config.num_tasks={config.num_tasks} must be positive.")
+  _require(config.num_classes >= 0 and config.first_task_classes >= 0,
+           "config.num_classes and config.first_task_classes must not be "
+           "negative.")
+  if config.num_classes and not config.joint:
+    # The data knows the class count; check what the config alone can.
+    from smope_jax.data import splits  # pylint: disable=g-import-not-at-top
+    splits.task_classes(range(config.num_classes), config.num_tasks,
+                        config.first_task_classes)
   dims = model_dims(config)
   _require(config.image_size % dims["patch_size"] == 0,
            f"config.image_size={config.image_size} must be a multiple of the "
@@ -122,20 +179,19 @@ def validate(config) -> None:
   _require(1 <= config.top_k <= config.num_experts,
            f"config.top_k={config.top_k} must be between 1 and "
            f"config.num_experts={config.num_experts}.")
-  _require(config.test_resize in ("resize", "resize_crop"),
-           f"config.test_resize={config.test_resize!r}; use 'resize' or "
-           "'resize_crop'.")
-  _require(config.schedule in SCHEDULES,
-           f"config.schedule={config.schedule!r}; choose one of {SCHEDULES}.")
-  _require(config.dtype in DTYPES,
-           f"config.dtype={config.dtype!r}; choose one of {DTYPES}.")
+  for name, choices in (("test_resize", ("resize", "resize_crop")),
+                        ("schedule", SCHEDULES), ("dtype", DTYPES),
+                        ("matmul_precision", MATMUL_PRECISIONS),
+                        ("imagenet_r_split", IMAGENET_R_SPLITS)):
+    _require(config[name] in choices,
+             f"config.{name}={config[name]!r}; choose one of {choices}.")
   for name in ("batch_size", "eval_batch_size", "epochs", "align_ratio",
                "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     _require(int(config[name]) >= 1,
              f"config.{name}={config[name]} must be a positive integer.")
   for name in ("lr", "align_lr", "align_final_lr"):
     _require(float(config[name]) > 0, f"config.{name} must be positive.")
-  for name in ("freeze_steps", "steps_per_epoch", "align_epochs",
+  for name in ("freeze_steps", "iters_per_epoch", "align_epochs",
                "router_weight", "prototype_weight", "epsilon",
                "weight_decay", "align_weight_decay"):
     _require(float(config[name]) >= 0, f"config.{name} must not be negative.")

@@ -136,36 +136,40 @@ def summarize(acc: Any, test_sizes: Sequence[int] | None = None) -> dict:
 
 
 def summarize_seeds(summaries: Sequence[dict]) -> dict:
-  """Mean and std over runs (seeds) of each scalar metric they all report.
+  """Mean and standard deviations over runs (seeds) of each scalar metric.
 
-  The std is the sample standard deviation (ddof=1), as papers report over
-  their 3-5 seeds; it is 0.0 for a single run.
+  `std` is the population standard deviation (ddof 0), the paper's
+  convention (NumPy's `.std()` in the reference); `sample_std` (ddof 1) is
+  given beside it. Both are 0.0 for a single run.
 
   Returns:
-    {'num_seeds': n, 'std_ddof': 1, METRIC: {'mean', 'std', 'values'}, ...}
+    {'num_seeds': n, METRIC: {'mean', 'std', 'sample_std', 'values'}, ...}
     for each METRIC of METRIC_NAMES present in every summary.
   """
   if not summaries:
     raise ValueError("Need at least one run summary.")
-  result = {"num_seeds": len(summaries), "std_ddof": 1}
+  result = {"num_seeds": len(summaries)}
   for name in METRIC_NAMES:
     if not all(name in s for s in summaries):
       continue
     values = np.array([s[name] for s in summaries], dtype=np.float64)
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    result[name] = {"mean": float(values.mean()), "std": float(std),
+    sample = values.std(ddof=1) if len(values) > 1 else 0.0
+    result[name] = {"mean": float(values.mean()), "std": float(values.std()),
+                    "sample_std": float(sample),
                     "values": [float(v) for v in values]}
   return result
 
 
 def format_seed_table(seed_summary: dict, digits: int = 2) -> str:
-  """Markdown table 'metric | mean +- std | per-seed values'."""
-  lines = ["| metric | mean +- std | per-seed values |", "|---|---|---|"]
+  """Markdown table: metric, mean +- std (ddof 0), sample std, per-seed."""
+  lines = ["| metric | mean +- std (ddof 0, as the paper) | sample std "
+           "(ddof 1) | per-seed values |", "|---|---|---|---|"]
   for name, label in METRIC_NAMES.items():
     if name not in seed_summary:
       continue
     stats = seed_summary[name]
     values = ", ".join(f"{v:.{digits}f}" for v in stats["values"])
-    lines.append(f'| {label} | {stats["mean"]:.{digits}f} +- '
-                 f'{stats["std"]:.{digits}f} | {values} |')
+    lines.append(f"| {label} | {stats['mean']:.{digits}f} +- "
+                 f"{stats['std']:.{digits}f} | {stats['sample_std']:.{digits}f}"
+                 f" | {values} |")
   return "\n".join(lines) + "\n"

@@ -1,92 +1,116 @@
-"""Learning-rate schedules and optimizers of the reference (spec section 4).
+"""Learning rates of every optimizer step, and the optimizers they drive.
 
-Every schedule is a pure function of the optimizer step, so the optimizer
-state alone (its step count) says where a resumed run is in the schedule.
+The rates are computed on the host, in float64 Python arithmetic as the
+reference's schedulers do, and enter the jitted steps as arguments: one
+compiled step then serves every task of a run whatever its length, and a
+resumed run needs only its position (phase and step) to know its rate.
+
+The reference's schedulers lag one step behind the optimizer. Creating an
+optimizer sets every parameter group to its own base rate, and the
+scheduler is stepped AFTER each optimizer step, so in every phase that
+creates an optimizer:
+  - step 0 runs at the group's base rate;
+  - step n >= 1 runs at the schedule's value n - 1.
+A per-epoch schedule lags the same way by one epoch. `Schedule.delayed`
+switches this off for the baselines' own protocol, whose per-epoch
+scheduler is stepped at the start of each epoch instead.
 """
 
+import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 
 FINAL_LR = 1e-6
+FREEZE_LR = 1e-6
+KINDS = ("cosine", "epoch_cosine")
 
 
-def frozen_then_cosine(base_lr: float, total_steps: int, freeze_steps: int,
-                       final_lr: float = FINAL_LR) -> optax.Schedule:
-  """`freeze_steps` at 1e-6, then cosine from `base_lr` to `final_lr`.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The rate of one parameter group over one phase.
 
-  Step i of the cosine part (i = 0 .. n-1, n = total - freeze) has
-  final + (base - final) * (1 + cos(pi * i / n)) / 2; past the end the rate
-  stays at `final_lr`. This is the reference's per-iteration scheduler.
+  Attributes:
+    kind: "cosine" (per optimizer step: `freeze_steps` at 1e-6, then a
+      cosine from `start_lr` to `final_lr` over the rest of `total_steps`,
+      then `final_lr`) or "epoch_cosine" (per epoch e of `num_epochs`:
+      start_lr * cos(99 pi e / (200 (num_epochs - 1)))).
+    base_lr: the group's rate when its optimizer is created: step 0 of a
+      delayed schedule runs at it.
+    total_steps: steps the per-step curve is laid out for. It may differ
+      from the steps the phase takes (the reference sizes it with its
+      `iter_step`, not with the loader's length).
+    freeze_steps: steps at 1e-6 before the cosine.
+    start_lr: where the cosine starts; `base_lr` if None. The classifier
+      alignment starts its cosine at a tenth of its group's rate.
+    final_lr: where the cosine ends.
+    steps_per_epoch: optimizer steps per epoch (epoch_cosine only).
+    num_epochs: epochs of the phase (epoch_cosine only).
+    delayed: the reference's one-step lag (see the module docstring).
   """
-  cosine_steps = max(total_steps - freeze_steps, 1)
+  kind: str
+  base_lr: float
+  total_steps: int = 1
+  freeze_steps: int = 0
+  start_lr: float | None = None
+  final_lr: float = FINAL_LR
+  steps_per_epoch: int = 1
+  num_epochs: int = 1
+  delayed: bool = True
 
-  def schedule(step):
-    i = jnp.asarray(step, jnp.float32) - freeze_steps
-    cosine = final_lr + 0.5 * (base_lr - final_lr) * (
-        1.0 + jnp.cos(jnp.pi * i / cosine_steps))
-    lr = jnp.where(i < 0, FINAL_LR, cosine)
-    return jnp.where(step >= total_steps, final_lr, lr)
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown schedule {self.kind!r}; use one of {KINDS}")
 
-  return schedule
+  def _per_step(self, i: int) -> float:
+    """Value i of the per-step curve (the reference's `schedule[i]`)."""
+    if i >= self.total_steps:
+      return self.final_lr
+    if i < self.freeze_steps:
+      return FREEZE_LR
+    start = self.base_lr if self.start_lr is None else self.start_lr
+    n = self.total_steps - self.freeze_steps
+    return self.final_lr + 0.5 * (start - self.final_lr) * (
+        1.0 + math.cos(math.pi * (i - self.freeze_steps) / n))
+
+  def _per_epoch(self, epoch: int) -> float:
+    start = self.base_lr if self.start_lr is None else self.start_lr
+    return start * math.cos(99.0 * math.pi * epoch /
+                            (200.0 * max(self.num_epochs - 1, 1)))
+
+  def __call__(self, step: int) -> float:
+    """The rate optimizer step `step` (0-based, within the phase) runs at."""
+    if self.kind == "cosine":
+      if self.delayed:
+        return self.base_lr if step == 0 else self._per_step(step - 1)
+      return self._per_step(step)
+    epoch = step // max(self.steps_per_epoch, 1)
+    if self.delayed:
+      return self.base_lr if epoch == 0 else self._per_epoch(epoch - 1)
+    return self._per_epoch(epoch)
+
+  def rates(self, num_steps: int) -> np.ndarray:
+    """float32 (num_steps,): the rate of each of the first steps."""
+    return np.array([self(s) for s in range(num_steps)], np.float32)
 
 
-def per_epoch_cosine(base_lr: float, steps_per_epoch: int,
-                     num_epochs: int) -> optax.Schedule:
-  """The reference's epoch-wise schedule (CUB-200).
+def adam(weight_decay: float = 0.0, *,
+         decoupled: bool = True) -> optax.GradientTransformation:
+  """The update direction of Adam(W) without its rate; see `apply_rates`.
 
-  During epoch e the rate is base * cos(99 * pi * e / (200 * (K - 1))) for K
-  epochs, which ends just above zero.
+  `decoupled` (AdamW) adds weight_decay * param to the Adam direction, so
+  the step is -lr * (adam + wd * param), PyTorch's AdamW; otherwise the
+  decay is added to the gradient first, PyTorch's Adam.
   """
-  denominator = 200.0 * max(num_epochs - 1, 1)
-
-  def schedule(step):
-    epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
-    return base_lr * jnp.cos(99.0 * math.pi * epoch / denominator)
-
-  return schedule
+  scale = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  decay = optax.add_decayed_weights(weight_decay)
+  return optax.chain(scale, decay) if decoupled else optax.chain(decay, scale)
 
 
-def task_schedule(kind: str, base_lr: float, steps_per_epoch: int,
-                  num_epochs: int, freeze_steps: int) -> optax.Schedule:
-  if kind == "cosine":
-    return frozen_then_cosine(base_lr, steps_per_epoch * num_epochs,
-                              freeze_steps)
-  if kind == "epoch_cosine":
-    return per_epoch_cosine(base_lr, steps_per_epoch, num_epochs)
-  raise ValueError(f"unknown schedule {kind!r}")
-
-
-def task_optimizer(config, steps_per_epoch: int,
-                   num_epochs: int) -> optax.GradientTransformation:
-  """AdamW (weight decay 0) with 5x the base rate for the prompt experts.
-
-  The transformation acts on the trainable tree {'prompts', 'head'} only;
-  the backbone never reaches the optimizer.
-  """
-  def adamw(base_lr):
-    schedule = task_schedule(config.schedule, base_lr, steps_per_epoch,
-                             num_epochs, config.freeze_steps)
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=config.weight_decay)
-
-  prompt_lr = config.lr * config.prompt_lr_multiplier
-  return optax.multi_transform(
-      {"prompts": adamw(prompt_lr), "head": adamw(config.lr)},
-      group_labels)
-
-
-def group_labels(trainable: dict) -> dict:
-  """Labels every leaf of the trainable tree with its top-level group."""
-  return {group: jax.tree_util.tree_map(lambda _, g=group: g, subtree)
-          for group, subtree in trainable.items()}
-
-
-def alignment_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """AdamW for the classifier alignment: cosine 1e-5 -> 1e-6 per iteration."""
-  schedule = frozen_then_cosine(config.align_lr, total_steps, 0,
-                                final_lr=config.align_final_lr)
-  return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=config.align_weight_decay)
+def apply_rates(direction: dict, rates: dict) -> dict:
+  """Scales each top-level group of an update direction by -its rate."""
+  return {group: jax.tree_util.tree_map(lambda u, r=rates[group]: -r * u,
+                                        subtree)
+          for group, subtree in direction.items()}

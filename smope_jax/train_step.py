@@ -10,11 +10,12 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from smope_jax import experts, losses
+from smope_jax import experts, losses, schedules
 
 
 # The parameters that learn; everything else is the frozen backbone.
@@ -40,25 +41,41 @@ class LossWeights:
   top_k: int
 
 
-def train_step(trainable, opt_state, frozen, expert_state, old_keys, batch,
-               class_range, *, model, tx: optax.GradientTransformation,
-               mode: str, weights: LossWeights, use_prototype: bool):
+@flax.struct.dataclass
+class TaskInputs:
+  """What a training step needs besides parameters, optimizer and batch.
+
+  Attributes:
+    class_range: int32 (2,), [first class of the task, end of seen classes).
+    rates: float32 learning rate of this step per trainable group
+      ({'prompts', 'head'}).
+    expert_state: counts and marks (L, H, E).
+    old_keys: expert keys when the task started (L, H, E, d).
+  """
+  class_range: jax.Array
+  rates: dict
+  expert_state: dict
+  old_keys: jax.Array
+
+
+def train_step(trainable, opt_state, frozen, batch, inputs: TaskInputs, *,
+               model, tx: optax.GradientTransformation, mode: str,
+               weights: LossWeights, use_prototype: bool):
   """One optimizer step on a global batch; returns new state and metrics.
 
   Args:
     trainable: {'prompts', 'head'} parameters (differentiated).
     opt_state: optimizer state of `trainable`.
     frozen: backbone parameters (not differentiated).
-    expert_state: counts and marks (L, H, E).
-    old_keys: expert keys at the start of the task (L, H, E, d).
     batch: {'image', 'label', 'mask'}.
-    class_range: int32 (2,) = [first class of the task, end of seen classes).
+    inputs: the task's class range, this step's rates and the expert state.
     model, tx, mode, weights, use_prototype: static, bound by `make_steps`.
   """
+  class_range = inputs.class_range
 
   def loss_fn(params):
     out = model.apply({"params": merge_params(params, frozen)},
-                      batch["image"], expert_state, mode=mode)
+                      batch["image"], inputs.expert_state, mode=mode)
     ce = losses.task_cross_entropy(out["logits"], batch["label"],
                                    batch["mask"], class_range[0],
                                    class_range[1])
@@ -68,19 +85,18 @@ def train_step(trainable, opt_state, frozen, expert_state, old_keys, batch,
                                            weights.epsilon, batch["mask"])
     if use_prototype and weights.prototype > 0:
       terms["prototype"] = losses.prototype_loss(
-          params["prompts"]["keys"], old_keys, expert_state["frequent"],
-          weights.top_k)
+          params["prompts"]["keys"], inputs.old_keys,
+          inputs.expert_state["frequent"], weights.top_k)
     total = (ce + weights.router * terms.get("router", 0.0) +
              weights.prototype * terms.get("prototype", 0.0))
     return total, (terms, out["logits"])
 
   (total, (terms, logits)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(trainable)
-  updates, opt_state = tx.update(grads, opt_state, trainable)
-  trainable = optax.apply_updates(trainable, updates)
-  seen = losses.class_range_mask(logits.shape[-1], class_range[0],
-                                 class_range[1])
-  predictions = jnp.argmax(jnp.where(seen[None], logits, -jnp.inf), -1)
+  direction, opt_state = tx.update(grads, opt_state, trainable)
+  trainable = optax.apply_updates(
+      trainable, schedules.apply_rates(direction, inputs.rates))
+  predictions = predict_seen(logits, class_range[1], class_range[0])
   metrics = {"loss": total, **terms,
              "correct": jnp.sum((predictions == batch["label"]) *
                                 batch["mask"]),
@@ -88,21 +104,32 @@ def train_step(trainable, opt_state, frozen, expert_state, old_keys, batch,
   return trainable, opt_state, metrics
 
 
-def predict_seen(logits: jax.Array, num_seen: jax.Array) -> jax.Array:
-  """Class-incremental prediction over all classes seen so far."""
-  seen = jnp.arange(logits.shape[-1]) < num_seen
-  return jnp.argmax(jnp.where(seen[None], logits, -jnp.inf), axis=-1)
+def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
+  """Argmax over the classes in [first_class, end_class).
+
+  Evaluation predicts over every class seen so far (first_class 0, no task
+  id); training accuracy over the current task's classes, as its loss.
+  """
+  allowed = losses.class_range_mask(logits.shape[-1], first_class, end_class)
+  return jnp.argmax(jnp.where(allowed[None], logits, -jnp.inf), axis=-1)
 
 
-def _infer(trainable, frozen, expert_state, images, model):
-  """Forward with the inference routing (never-used experts excluded)."""
+def _infer(trainable, frozen, expert_state, images, model,
+           exclude_unused: bool = True):
+  """Forward with the inference routing."""
   return model.apply({"params": merge_params(trainable, frozen)}, images,
-                     expert_state, mode="eval")
+                     expert_state, mode="eval", exclude_unused=exclude_unused)
 
 
-def eval_step(trainable, frozen, expert_state, batch, num_seen, *, model):
-  """Number of correctly classified real images in the batch."""
-  out = _infer(trainable, frozen, expert_state, batch["image"], model)
+def eval_step(trainable, frozen, expert_state, batch, num_seen, *, model,
+              exclude_unused: bool):
+  """Number of correctly classified real images in the batch.
+
+  With `exclude_unused` False the experts are routed as the reference's
+  published evaluation did (see `prompt_attention.selection_penalty`).
+  """
+  out = _infer(trainable, frozen, expert_state, batch["image"], model,
+               exclude_unused)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
@@ -129,32 +156,31 @@ class Steps:
   features: Callable[..., Any]
 
 
-def make_steps(model, tx_factory, weights: LossWeights, replicated) -> Steps:
-  """Jits the steps. `tx_factory(tx_key)` gives a phase's optimizer.
+def make_steps(model, tx: optax.GradientTransformation, weights: LossWeights,
+               replicated, exclude_unused_at_eval: bool) -> Steps:
+  """Jits the steps of a run.
 
-  `tx_key` is the phase's (schedule steps per epoch, epochs); one train step
-  is compiled per (mode, prototype loss on/off, tx_key).
-
-
-  Parameters and states come back replicated over the mesh; the batch
-  arrives sharded over its 'data' axis, so XLA inserts the gradient
+  One train step is compiled per (mode, prototype loss on/off), whatever the
+  number and size of the tasks: class ranges, rates and expert state are
+  arguments. Parameters and states come back replicated over the mesh; the
+  batch arrives sharded over its 'data' axis, so XLA inserts the gradient
   all-reduce of data parallelism.
   """
 
   @functools.lru_cache(maxsize=None)
-  def train_for(mode: str, use_prototype: bool, tx_key):
-    fn = functools.partial(train_step, model=model, tx=tx_factory(tx_key),
-                           mode=mode, weights=weights,
-                           use_prototype=use_prototype)
+  def train_for(mode: str, use_prototype: bool):
+    fn = functools.partial(train_step, model=model, tx=tx, mode=mode,
+                           weights=weights, use_prototype=use_prototype)
     return jax.jit(fn, out_shardings=(replicated, replicated, replicated),
                    donate_argnums=(0, 1))
 
-  def train(mode, use_prototype, tx_key, *args):
-    return train_for(mode, use_prototype, tx_key)(*args)
+  def train(mode, use_prototype, *args):
+    return train_for(mode, use_prototype)(*args)
 
   return Steps(
       train=train,
-      eval=jax.jit(functools.partial(eval_step, model=model),
+      eval=jax.jit(functools.partial(eval_step, model=model,
+                                     exclude_unused=exclude_unused_at_eval),
                    out_shardings=replicated),
       count=jax.jit(functools.partial(count_step, model=model,
                                       top_k=weights.top_k),

@@ -1,11 +1,11 @@
 """The continual-learning task loop: `train_and_evaluate(config, workdir)`.
 
-Per task (spec section 4): [task 0: dense warm-up] -> top-K training ->
-expert counting -> class statistics -> [t >= 1: classifier alignment] ->
-evaluation of every seen task. The loop is a small state machine whose
-position (task, phase, epoch, step) is saved with the run state, so a
-re-run of the same command resumes where the last one stopped and ends with
-the results of an uninterrupted run.
+Per task: [task 0: dense warm-up] -> top-K training -> expert counting ->
+class statistics -> [t >= 1: classifier alignment] -> evaluation of every
+seen task. The loop is a small state machine whose position (task, phase,
+epoch, step) is saved with the run state, so a re-run of the same command
+resumes where the last one stopped and ends with the results of an
+uninterrupted run.
 """
 
 import dataclasses
@@ -27,9 +27,7 @@ from smope_jax.models import factory
 
 # Phases of a task, in order; `meta['phase']` names the next one to run.
 PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
-# Data keys of the passes that read the training set outside the epochs.
-COUNT_PASS, STATS_PASS = -1, -2
-
+TRAINING_PHASES = ("warmup", "train")
 
 # Above this fraction of a phase spent waiting for data, the log says so.
 # (Steps are dispatched asynchronously, so some waiting overlaps compute.)
@@ -70,6 +68,25 @@ def timed(iterator, waited: list):
     yield item
 
 
+def phase_schedules(config, epochs: int,
+                    loader_steps: int) -> dict[str, schedules.Schedule]:
+  """The learning rate of each trainable group over one training phase.
+
+  Prompts run at `prompt_lr_multiplier` times the base rate, the head at
+  it. The per-step cosine is laid out for `iters_per_epoch * epochs` steps
+  (the loader's steps per epoch when `iters_per_epoch` is 0), whatever the
+  phase really takes.
+  """
+  common = dict(kind=config.schedule,
+                total_steps=(config.iters_per_epoch or loader_steps) * epochs,
+                freeze_steps=config.freeze_steps, steps_per_epoch=loader_steps,
+                num_epochs=epochs, delayed=config.schedule_delay)
+  return {
+      "prompts": schedules.Schedule(
+          base_lr=config.lr * config.prompt_lr_multiplier, **common),
+      "head": schedules.Schedule(base_lr=config.lr, **common)}
+
+
 @dataclasses.dataclass
 class Run:
   """Everything one seed's run needs; built once, then `run()`."""
@@ -87,17 +104,26 @@ class Run:
     self.data = pipeline.build_continual_data(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
+    if not config.num_classes:
+      config = self.config = config.copy_and_resolve_references()
+      config.num_classes = self.data.num_classes
     self.model = factory.build_model(config)
-    self.cpt = config.num_classes // config.num_tasks
+    self.tx = schedules.adam(config.weight_decay)
+    self.align_tx = schedules.adam(config.align_weight_decay)
     self.weights = steps_lib.LossWeights(
         router=config.router_weight, prototype=config.prototype_weight,
         epsilon=config.epsilon, top_k=config.top_k)
-    self.steps = steps_lib.make_steps(self.model, self.optimizer,
-                                      self.weights, self.replicated)
+    self.steps = steps_lib.make_steps(self.model, self.tx, self.weights,
+                                      self.replicated,
+                                      config.exclude_unused_at_eval)
     self.reporter = reporting.Reporter(self.workdir, distributed.is_primary(),
                                        config.progress_bar)
     self.checkpointer = checkpointing.Checkpointer(
         f"{self.workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
+    self.phases = {"start": self.start_task, "warmup": self.train_phase,
+                   "train": self.train_phase, "count": self.count_experts,
+                   "stats": self.class_statistics, "align": self.align,
+                   "eval": self.evaluate}
 
   # ----------------------------------------------------------------- state
 
@@ -108,7 +134,7 @@ class Run:
     hidden = self.model.hidden_size
     state = {
         "trainable": trainable,
-        "opt_state": self.optimizer((1, 1)).init(trainable),
+        "opt_state": self.tx.init(trainable),
         "expert_state": jax.tree_util.tree_map(
             np.asarray, experts.init_expert_state(*dims[:3])),
         "snapshot": jax.tree_util.tree_map(np.array, trainable["prompts"]),
@@ -131,10 +157,6 @@ class Run:
     """
     return jax.jit(fn, out_shardings=self.replicated)
 
-  def optimizer(self, key):
-    steps_per_epoch, epochs = key
-    return schedules.task_optimizer(self.config, steps_per_epoch, epochs)
-
   def save(self, state, meta, force=False):
     meta["save_id"] += 1
     self.checkpointer.save(meta["save_id"], state, meta, force=force)
@@ -143,6 +165,12 @@ class Run:
 
   def run(self) -> dict:
     self.reporter.write_config(self.config)
+    if self.config.joint:
+      logging.info("joint training of all %d classes as one task: the upper "
+                   "bound of continual learning", self.data.num_classes)
+    if self.config.validation:
+      logging.info("validation run: 20%% of the training data is held out "
+                   "and evaluated on; the test split is never read")
     (state, self.frozen), meta = self.fresh_state()
     restored = self.checkpointer.restore_latest(state)
     if restored is not None:
@@ -154,8 +182,9 @@ class Run:
       logging.info("resuming task %d, phase %s, epoch %d, step %d",
                    meta["task"], meta["phase"], meta["epoch"], meta["step"])
     try:
-      while meta["task"] < self.config.num_tasks:
-        state = getattr(self, "phase_" + meta["phase"])(state, meta)
+      with jax.default_matmul_precision(self.config.matmul_precision):
+        while meta["task"] < self.data.num_tasks:
+          state = self.phases[meta["phase"]](state, meta)
       self.checkpointer.wait_until_finished()
       summary = self.summary(state, meta)
       logging.info("%d tasks done: FAA %.2f  CAA %.2f  FFM %.2f (%s)",
@@ -166,10 +195,15 @@ class Run:
       self.reporter.close()
       self.checkpointer.close()
 
-  def advance(self, meta, phase):
+  def enter(self, state, meta, phase):
+    """Moves to `phase`; a training phase gets a newly created optimizer."""
     meta.update(phase=phase, epoch=0, step=0)
+    if phase in TRAINING_PHASES:
+      state["opt_state"] = self.replicated_jit(self.tx.init)(
+          state["trainable"])
+    return state
 
-  def phase_start(self, state, meta):
+  def start_task(self, state, meta):
     meta["task_clock"] = time.time()
     if meta["task"] > 0:
       # Snapshot for the prototype loss, then mark frequently used experts.
@@ -178,40 +212,26 @@ class Run:
       state["expert_state"] = self.replicated_jit(experts.mark_frequent)(
           state["expert_state"])
     warm = meta["task"] == 0 and self.config.dense_warmup
-    return self.begin_training(state, meta, "warmup" if warm else "train")
+    return self.enter(state, meta, "warmup" if warm else "train")
 
-  def begin_training(self, state, meta, phase):
-    """Enters a training phase with a newly created optimizer."""
-    tx = self.optimizer(self.phase_shape(meta, phase))
-    state["opt_state"] = self.replicated_jit(tx.init)(state["trainable"])
-    self.advance(meta, phase)
-    return state
+  def phase_epochs(self, phase: str) -> int:
+    if phase == "warmup":  # Half the epochs, as the reference's int(E / 2).
+      return max(int(self.config.epochs * 0.5), 1)
+    return self.config.epochs
 
-  def phase_shape(self, meta, phase) -> tuple[int, int]:
-    """(schedule steps per epoch, epochs) of a training phase."""
-    epochs = self.config.epochs
-    if phase == "warmup":
-      epochs = max(int(epochs * 0.5), 1)
-    per_epoch = (self.config.steps_per_epoch or
-                 self.data.steps_per_epoch(meta["task"],
-                                           self.config.batch_size))
-    return per_epoch, epochs
+  def task_range(self, task: int) -> np.ndarray:
+    """int32 (2,): [first class of the task, end of the seen classes)."""
+    return np.asarray(self.data.class_ranges[task], np.int32)
 
-  def phase_warmup(self, state, meta):
-    return self.train_epochs(state, meta, "dense", next_phase="train")
-
-  def phase_train(self, state, meta):
-    return self.train_epochs(state, meta, "train", next_phase="count")
-
-  def train_epochs(self, state, meta, mode, next_phase):
-    task, config = meta["task"], self.config
-    shape = self.phase_shape(meta, meta["phase"])
-    epochs = shape[1]
-    batches_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
-    class_range = jnp.array([task * self.cpt, (task + 1) * self.cpt],
-                            jnp.int32)
+  def train_phase(self, state, meta):
+    """The epochs of the dense warm-up or of the top-K training."""
+    task, config, phase = meta["task"], self.config, meta["phase"]
+    mode = "dense" if phase == "warmup" else "train"
     use_prototype = mode == "train" and task > 0
-    label = f"task {task + 1}/{config.num_tasks} {meta['phase']}"
+    epochs = self.phase_epochs(phase)
+    steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
+    rates = phase_schedules(config, epochs, steps_per_epoch)
+    label = f"task {task + 1}/{self.data.num_tasks} {phase}"
     images, clock, waited = 0, time.perf_counter(), [0.0]
     while meta["epoch"] < epochs:
       totals, logged = None, 0
@@ -219,10 +239,15 @@ class Run:
           task, meta["epoch"], config.batch_size, start_step=meta["step"]),
                          waited):
         batch = distributed.global_batch(local, self.batch_sharding)
+        phase_step = meta["epoch"] * steps_per_epoch + meta["step"]
+        inputs = steps_lib.TaskInputs(
+            class_range=self.task_range(task),
+            rates={g: np.float32(s(phase_step)) for g, s in rates.items()},
+            expert_state=state["expert_state"],
+            old_keys=state["snapshot"]["keys"])
         state["trainable"], state["opt_state"], step_metrics = self.steps.train(
-            mode, use_prototype, shape, state["trainable"], state["opt_state"],
-            self.frozen, state["expert_state"], state["snapshot"]["keys"],
-            batch, class_range)
+            mode, use_prototype, state["trainable"], state["opt_state"],
+            self.frozen, batch, inputs)
         totals = step_metrics if totals is None else jax.tree_util.tree_map(
             jnp.add, totals, step_metrics)
         logged += 1
@@ -232,13 +257,13 @@ class Run:
         if meta["global_step"] == config.exit_at_step:
           exit_abruptly(config.exit_at_step)
         if meta["step"] % config.log_every_steps == 0:
-          self.log_train(meta, totals, logged, label, batches_per_epoch,
+          self.log_train(meta, totals, logged, label, steps_per_epoch,
                          epochs, images / (time.perf_counter() - clock))
           totals, logged = None, 0
         if meta["global_step"] % config.checkpoint_every_steps == 0:
           self.save(state, meta)
       if totals is not None:
-        self.log_train(meta, totals, logged, label, batches_per_epoch, epochs,
+        self.log_train(meta, totals, logged, label, steps_per_epoch, epochs,
                        images / (time.perf_counter() - clock))
       meta["epoch"] += 1
       meta["step"] = 0
@@ -250,12 +275,8 @@ class Run:
       logging.warning(
           "input pipeline is likely the bottleneck: %.0f%% of the %s phase "
           "waited for data (more host CPUs, config.cache_data=True or a "
-          "smaller image_size help)", 100 * waited[0] / seconds,
-          meta["phase"])
-    if next_phase in ("warmup", "train"):
-      state = self.begin_training(state, meta, next_phase)
-    else:
-      self.advance(meta, next_phase)
+          "smaller image_size help)", 100 * waited[0] / seconds, phase)
+    state = self.enter(state, meta, "train" if phase == "warmup" else "count")
     self.save(state, meta)
     return state
 
@@ -276,33 +297,42 @@ class Run:
     done = meta["epoch"] * per_epoch + meta["step"]
     self.reporter.progress.update(label, done, per_epoch * epochs, values)
 
-  def phase_count(self, state, meta):
-    """Inference-mode pass over the task's training set, counts per batch."""
+  def count_experts(self, state, meta):
+    """Inference-mode pass over the task's training set, counts per batch.
+
+    It reads the training loader (shuffled, augmented, last partial batch
+    dropped), and each batch's routing already sees the counts of the
+    batches before it.
+    """
     task = meta["task"]
-    for local in self.data.train_batches(task, COUNT_PASS,
+    for local in self.data.train_batches(task, "count",
                                          self.config.batch_size,
                                          start_step=meta["step"]):
       batch = distributed.global_batch(local, self.batch_sharding)
       state["expert_state"] = self.steps.count(
           state["trainable"], self.frozen, state["expert_state"], batch)
       meta["step"] += 1
-    self.advance(meta, "stats")
+    state = self.enter(state, meta, "stats")
     self.save(state, meta)
     return state
 
-  def phase_stats(self, state, meta):
-    """Mean and variance of each new class's pre-logits (train augmentation)."""
+  def class_statistics(self, state, meta):
+    """Mean and variance of each new class's pre-logits (train augmentation).
+
+    Every training image of the task is read once (no batch is dropped).
+    """
     task = meta["task"]
     feats, labels = [], []
-    for local in self.data.train_batches(task, STATS_PASS,
-                                         self.config.batch_size):
+    for local in self.data.train_batches(task, "stats",
+                                         self.config.batch_size,
+                                         drop_remainder=False):
       batch = distributed.global_batch(local, self.batch_sharding)
       out = self.steps.features(state["trainable"], self.frozen,
                                 state["expert_state"], batch)
       keep = distributed.gather_to_host(batch["mask"]) > 0
       feats.append(distributed.gather_to_host(out)[keep])
       labels.append(distributed.gather_to_host(batch["label"])[keep])
-    classes = np.arange(task * self.cpt, (task + 1) * self.cpt)
+    classes = np.arange(*self.data.class_ranges[task])
     means, variances = alignment.class_statistics(
         np.concatenate(feats), np.concatenate(labels), classes)
     host_means = distributed.to_host(state["class_means"]).copy()
@@ -310,34 +340,35 @@ class Run:
     host_means[classes], host_vars[classes] = means, variances
     state["class_means"], state["class_vars"] = distributed.put_replicated(
         (host_means, host_vars), self.mesh)
-    self.advance(meta, "align")
-    return state
+    return self.enter(state, meta, "align")
 
-  def phase_align(self, state, meta):
-    task = meta["task"]
-    if task >= 1 and self.config.align_epochs > 0:
-      seen = (task + 1) * self.cpt
-      per_class = self.config.batch_size * self.config.align_ratio
-      iterations = task * self.cpt  # classes of the earlier tasks
-      tx = schedules.alignment_optimizer(
-          self.config, iterations * self.config.align_epochs)
-      key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task)
-      means, variances, key = distributed.put_replicated(
-          (distributed.to_host(state["class_means"])[:seen],
-           distributed.to_host(state["class_vars"])[:seen],
-           np.asarray(key)), self.mesh)
+  def align(self, state, meta):
+    """Classifier alignment on replayed features (tasks after the first)."""
+    task, config = meta["task"], self.config
+    if task >= 1 and config.align_epochs > 0:
+      first, seen = self.data.class_ranges[task]
+      iterations = first  # Classes of the earlier tasks.
+      schedule = schedules.Schedule(
+          "cosine", base_lr=config.align_lr, start_lr=config.align_lr / 10,
+          final_lr=config.align_final_lr,
+          total_steps=iterations * config.align_epochs)
+      rates = np.zeros(config.align_epochs * config.num_classes, np.float32)
+      rates[:schedule.total_steps] = schedule.rates(schedule.total_steps)
+      key = jax.random.fold_in(jax.random.PRNGKey(config.seed), task)
       trainable = dict(state["trainable"])
       trainable["head"] = alignment.align_head(
-          trainable["head"], means, variances, key, tx=tx,
-          per_class=per_class, steps_per_epoch=iterations,
-          num_epochs=self.config.align_epochs)
+          trainable["head"], state["class_means"], state["class_vars"],
+          key, np.int32(seen), np.int32(iterations), rates,
+          tx=self.align_tx,
+          per_class=config.batch_size * config.align_ratio,
+          num_epochs=config.align_epochs)
       state["trainable"] = trainable
-    self.advance(meta, "eval")
-    return state
+    return self.enter(state, meta, "eval")
 
-  def phase_eval(self, state, meta):
+  def evaluate(self, state, meta):
+    """Accuracy on every seen task, predicting over all seen classes."""
     task = meta["task"]
-    seen = jnp.int32((task + 1) * self.cpt)
+    seen = np.int32(self.data.class_ranges[task][1])
     row = []
     for j in range(task + 1):
       correct = jnp.int32(0)
@@ -350,10 +381,10 @@ class Run:
     meta["acc_matrix"].append(row)
     meta["task_seconds"].append(time.time() - meta.pop("task_clock",
                                                        time.time()))
-    logging.info("after task %d: accuracies %s",
-                 task + 1, " ".join(f"{a:.2f}" for a in row))
+    logging.info("after task %d: %s accuracies %s", task + 1,
+                 self.evaluated_on, " ".join(f"{a:.2f}" for a in row))
     meta["task"] += 1
-    self.advance(meta, "start")
+    state = self.enter(state, meta, "start")
     summary = self.summary(state, meta)
     self.reporter.scalars(task + 1, {k: summary[k] for k in
                                      ("faa", "caa", "ffm")}, prefix="eval/")
@@ -361,12 +392,18 @@ class Run:
     self.save(state, meta, force=True)
     return state
 
+  @property
+  def evaluated_on(self) -> str:
+    return "validation" if self.config.validation else "test"
+
   def summary(self, state, meta) -> dict:
     matrix = accuracy_matrix(meta["acc_matrix"])
     sizes = [self.data.test_size(j) for j in range(len(meta["acc_matrix"]))]
     out = metrics.summarize(matrix, test_sizes=sizes)
     out.update(
         seed=meta["seed"], tasks_done=len(meta["acc_matrix"]),
+        evaluated_on=self.evaluated_on, joint=bool(self.config.joint),
+        task_classes=[b - a for a, b in self.data.class_ranges],
         task_seconds=meta["task_seconds"],
         train_images_per_second=meta["train_images_per_second"],
         train_log=meta["train_log"],

@@ -1,6 +1,7 @@
 """Tests for smope_jax.metrics and smope_jax.plots on hand-computed cases."""
 
 import json
+import math
 import warnings
 
 import numpy as np
@@ -95,13 +96,16 @@ def _run(faa, ffm):
   return {'faa': faa, 'caa': faa + 1.0, 'ffm': ffm, 'ffm_hide': ffm + 0.5}
 
 
-def test_summarize_seeds_uses_sample_std():
+def test_summarize_seeds_reports_population_and_sample_std():
   result = metrics.summarize_seeds([_run(80.0, 1.0), _run(82.0, 2.0),
                                     _run(84.0, 3.0)])
   assert result['num_seeds'] == 3
-  assert result['faa'] == {'mean': 82.0, 'std': 2.0,
-                           'values': [80.0, 82.0, 84.0]}
-  assert result['ffm']['std'] == pytest.approx(1.0)
+  # Population std (ddof 0, the paper's): sqrt(8 / 3); sample std: 2.
+  assert result['faa']['mean'] == 82.0
+  assert result['faa']['std'] == pytest.approx(math.sqrt(8.0 / 3.0))
+  assert result['faa']['sample_std'] == pytest.approx(2.0)
+  assert result['faa']['values'] == [80.0, 82.0, 84.0]
+  assert result['ffm']['std'] == pytest.approx(math.sqrt(2.0 / 3.0))
   assert result['ffm_hide']['mean'] == pytest.approx(2.5)
   assert 'faa_sample_weighted' not in result
   json.dumps(result, allow_nan=False)
@@ -109,7 +113,7 @@ def test_summarize_seeds_uses_sample_std():
 
 def test_summarize_one_seed_has_zero_std():
   result = metrics.summarize_seeds([metrics.summarize(ACC)])
-  assert result['faa']['std'] == 0.0
+  assert result['faa']['std'] == result['faa']['sample_std'] == 0.0
   assert result['faa']['mean'] == pytest.approx(259.0 / 3)
 
 
@@ -117,10 +121,10 @@ def test_format_seed_table():
   table = metrics.format_seed_table(metrics.summarize_seeds(
       [_run(80.0, 1.0), _run(82.0, 2.0), _run(84.0, 3.0)]))
   lines = table.strip().split('\n')
-  assert lines[0] == '| metric | mean +- std | per-seed values |'
-  assert lines[1] == '|---|---|---|'
-  assert lines[2] == '| FAA | 82.00 +- 2.00 | 80.00, 82.00, 84.00 |'
-  assert lines[4] == '| FFM | 2.00 +- 1.00 | 1.00, 2.00, 3.00 |'
+  assert lines[0] == ('| metric | mean +- std (ddof 0, as the paper) | '
+                      'sample std (ddof 1) | per-seed values |')
+  assert lines[2] == '| FAA | 82.00 +- 1.63 | 2.00 | 80.00, 82.00, 84.00 |'
+  assert lines[4] == '| FFM | 2.00 +- 0.82 | 1.00 | 1.00, 2.00, 3.00 |'
   assert [line.split(' | ')[0] for line in lines[2:]] == [
       '| FAA', '| CAA', '| FFM', '| FFM (HiDe)']
 

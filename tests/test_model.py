@@ -2,7 +2,6 @@
 
 import functools
 import math
-import types
 
 import chex
 import flax
@@ -167,6 +166,27 @@ def test_outputs_in_every_mode(mode):
   assert np.all(np.sort(sel, -1)[..., 1:] != np.sort(sel, -1)[..., :-1])
 
 
+def test_evaluation_routes_by_the_clean_top_k_unless_exclusion_is_on():
+  # Half the experts of every head never used (count 0).
+  counts = np.zeros((L, H, E), np.int32)
+  counts[..., ::2] = 5
+  state = {'counts': jnp.asarray(counts),
+           'frequent': jnp.zeros((L, H, E), bool)}
+  model, params = _model(), _params()
+  published = model.apply({'params': params}, _images(), state, mode='eval',
+                          exclude_unused=False)
+  clean = np.asarray(jax.lax.top_k(published['scores'], K)[1])
+  np.testing.assert_array_equal(published['selected'], clean)
+  excluded = model.apply({'params': params}, _images(), state, mode='eval')
+  chosen = np.asarray(excluded['selected'])
+  assert np.all(chosen % 2 == 0)  # Only used experts (E = 6, K = 3).
+  assert not np.array_equal(chosen, clean)
+  # Counting and statistics keep the exclusion: mode 'eval' defaults to it.
+  np.testing.assert_array_equal(
+      chosen, model.apply({'params': params}, _images(), state, mode='eval',
+                          exclude_unused=True)['selected'])
+
+
 def test_modes_needing_state_and_bad_mode_raise():
   model, params = _model(), _params()
   for mode in ('train', 'eval'):
@@ -284,15 +304,16 @@ def test_gradients_reach_prompts_and_head_only():
   assert np.any(~used)
 
 
-def _config(**overrides):
-  fields = dict(schedule='cosine', lr=0.01, prompt_lr_multiplier=5.0,
-                freeze_steps=0, weight_decay=0.0)
-  return types.SimpleNamespace(**{**fields, **overrides})
-
-
 @functools.lru_cache(maxsize=None)
 def _optimizer():
-  return schedules.task_optimizer(_config(), steps_per_epoch=5, num_epochs=2)
+  return schedules.adam()
+
+
+def _inputs(old_keys, class_range=(3, 6)):
+  return ts.TaskInputs(
+      class_range=jnp.array(class_range, jnp.int32),
+      rates={'prompts': jnp.float32(0.05), 'head': jnp.float32(0.01)},
+      expert_state=_state(), old_keys=old_keys)
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,8 +347,7 @@ def test_train_step_leaves_backbone_alone_and_state_holds_trainable_only():
 
   old_keys = experts.snapshot_prompts(trainable['prompts'])['keys']
   new_trainable, new_opt_state, metrics = _jitted_train_step('train')(
-      trainable, opt_state, frozen, _state(), old_keys, _batch(),
-      jnp.array([3, 6], jnp.int32))
+      trainable, opt_state, frozen, _batch(), _inputs(old_keys))
   chex.assert_trees_all_equal(frozen, frozen_before)
   chex.assert_trees_all_equal_structs(new_trainable, trainable)
   chex.assert_trees_all_equal_structs(new_opt_state, opt_state)
@@ -349,12 +369,11 @@ def test_train_step_reduces_loss_on_a_fixed_batch(mode):
   opt_state = _optimizer().init(trainable)
   old_keys = trainable['prompts']['keys']
   step = _jitted_train_step(mode)
-  batch, state = _batch(), _state()
-  class_range = jnp.array([3, 6], jnp.int32)
+  batch, inputs = _batch(), _inputs(old_keys)
   history = []
   for _ in range(6):
-    trainable, opt_state, metrics = step(trainable, opt_state, frozen, state,
-                                         old_keys, batch, class_range)
+    trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch,
+                                         inputs)
     chex.assert_tree_all_finite(metrics)
     chex.assert_tree_all_finite(trainable)
     history.append(float(metrics['loss']))

@@ -1,14 +1,16 @@
-"""The task loop's phase transitions, on the bundled digits (no mocking)."""
+"""The task loop's phase transitions and batch counts, phase by phase."""
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from smope_jax import distributed, experts, trainer
+from smope_jax.data import sources
 from configs import demo
 
 
-def _tiny_config():
+def _tiny_config(**overrides):
   config = demo.get_config()
   config.image_size = 16
   config.model.update(patch_size=8, hidden_size=16, num_layers=2,
@@ -16,6 +18,7 @@ def _tiny_config():
   config.update(num_prompted_layers=1, num_experts=4, top_k=2, epochs=2,
                 batch_size=64, eval_batch_size=128, freeze_steps=1,
                 align_epochs=1, progress_bar=False)
+  config.update(overrides)
   return config
 
 
@@ -31,10 +34,10 @@ def run(tmp_path_factory):
 
 def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
   (state, run.frozen), meta = run.fresh_state()
-  state = run.phase_start(state, meta)
+  state = run.start_task(state, meta)
   assert meta["phase"] == "warmup"
   initial = distributed.to_host(state["trainable"])
-  state = run.phase_warmup(state, meta)
+  state = run.train_phase(state, meta)
   assert meta["phase"] == "train" and meta["epoch"] == 0
   assert _counts(state["opt_state"]) and set(_counts(state["opt_state"])) == {0}
   trained = distributed.to_host(state["trainable"])
@@ -43,15 +46,16 @@ def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
   # The rest of task 0, then the start of task 1.
   for phase in ("train", "count", "stats", "align", "eval"):
     assert meta["phase"] == phase
-    state = getattr(run, "phase_" + phase)(state, meta)
+    state = run.phases[phase](state, meta)
   assert meta["task"] == 1 and meta["phase"] == "start"
   counts = distributed.to_host(state["expert_state"]["counts"])
   per_head = counts.sum(-1)
-  # Every training image adds K = 2 activations in every head.
-  assert np.all(per_head == run.data.train_size(0) * 2)
+  # The counting pass drops the last partial batch; K = 2 per sample.
+  steps = run.data.train_size(0) // 64
+  assert np.all(per_head == steps * 64 * 2)
   prompts = distributed.to_host(state["trainable"]["prompts"])
 
-  state = run.phase_start(state, meta)
+  state = run.start_task(state, meta)
   assert meta["phase"] == "train"
   snapshot = distributed.to_host(state["snapshot"])
   np.testing.assert_array_equal(snapshot["keys"], prompts["keys"])
@@ -62,3 +66,42 @@ def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
       distributed.to_host(state["expert_state"]["frequent"]),
       np.asarray(expected["frequent"]))
   assert set(_counts(state["opt_state"])) == {0}
+
+
+class _ArraySource(sources.Source):
+  """10 classes of 1,000 random 8x8 images: 5,000 per task of 5 classes."""
+
+  name = "arrays"
+  class_names = [str(c) for c in range(10)]
+
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 1000)
+    self._images = rng.uniform(size=(len(labels), 8, 8, 3)).astype(np.float32)
+    everything = sources.RoleIndex("", np.arange(len(labels)), labels)
+    self.index = {"train": everything, "test": everything.subset(
+        np.arange(0, len(labels), 100))}
+
+  def _items(self, index, positions):
+    return list(self._images[index.keys[positions]])
+
+  def decode(self, item):
+    return tf.image.resize(item, [16, 16])
+
+
+def test_a_task_of_5000_images_takes_39_steps_and_counts_39_batches(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "make_source", lambda config: _ArraySource())
+  run = trainer.Run(_tiny_config(num_tasks=2, batch_size=128, epochs=1,
+                                 dense_warmup=False, log_every_steps=1000),
+                    str(tmp_path))
+  assert run.data.train_size(0) == 5000
+  assert run.data.steps_per_epoch(0, 128) == 39
+  (state, run.frozen), meta = run.fresh_state()
+  state = run.start_task(state, meta)
+  state = run.train_phase(state, meta)
+  assert meta["global_step"] == 39 and meta["phase"] == "count"
+  state = run.count_experts(state, meta)
+  counts = distributed.to_host(state["expert_state"]["counts"])
+  # Every layer and head: 39 batches x 128 samples x K = 2.
+  assert np.all(counts.sum(-1) == 39 * 128 * 2)

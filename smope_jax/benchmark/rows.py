@@ -16,10 +16,6 @@ from smope_jax import experts, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.models.factory import build_model
 
-# Iterations per epoch of the benchmark's schedule; only the step count of
-# the optimizer depends on it, not the cost of a step.
-SCHEDULE_STEPS_PER_EPOCH = 100
-
 DESCRIPTIONS = {
     "smope_train": "SMoPE train step: top-K forward, gradients for prompts "
                    "and head only, router + prototype losses, AdamW update",
@@ -118,8 +114,7 @@ class Setup:
   def train(self) -> Row:
     """The real `train_step` with the task optimizer, state donated."""
     config = self.config
-    tx = schedules.task_optimizer(config, SCHEDULE_STEPS_PER_EPOCH,
-                                  config.epochs)
+    tx = schedules.adam(config.weight_decay)
     weights = steps_lib.LossWeights(
         router=config.router_weight, prototype=config.prototype_weight,
         epsilon=config.epsilon, top_k=config.top_k)
@@ -129,8 +124,13 @@ class Setup:
     trainable, frozen = steps_lib.split_params(self.params)
     # Fresh copies: the step donates (consumes) its trainable state.
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-    args = (trainable, tx.init(trainable), frozen, self.expert_state,
-            trainable["prompts"]["keys"] + 0.0, self.batch, self.class_range)
+    inputs = steps_lib.TaskInputs(
+        class_range=self.class_range,
+        rates={"prompts": jnp.float32(config.lr * config.prompt_lr_multiplier),
+               "head": jnp.float32(config.lr)},
+        expert_state=self.expert_state,
+        old_keys=trainable["prompts"]["keys"] + 0.0)
+    args = (trainable, tx.init(trainable), frozen, self.batch, inputs)
     return Row(fn, args, donate=(0, 1),
                carry=lambda args, out: out[:2] + args[2:])
 

@@ -22,6 +22,10 @@ from smope_jax.data import splits
 
 Batch = dict[str, np.ndarray]
 _SHUFFLE, _AUGMENT = 0, 1  # Separate random streams per purpose.
+# The trainer's passes over a task's training images outside its epochs
+# (expert counting, class statistics), each with a shuffle and augmentation
+# stream of its own.
+PASSES = {"count": -1, "stats": -2}
 
 
 def _seed_sequence(*keys: int) -> np.random.SeedSequence:
@@ -89,14 +93,26 @@ class ContinualData:
     self._process_index = process_index
     self._process_count = process_count
     self.num_classes = source.num_classes
+    self.class_names = list(source.class_names)
     self.class_order = splits.class_order(self.num_classes, config.seed)
-    self._tasks = splits.task_classes(self.class_order, config.num_tasks)
+    if config.joint:
+      self._tasks = [list(self.class_order)]
+    else:
+      self._tasks = splits.task_classes(self.class_order, config.num_tasks,
+                                        config.first_task_classes)
     self.num_tasks = len(self._tasks)
-    self.classes_per_task = self.num_classes // self.num_tasks
+    bounds = np.cumsum([0] + [len(t) for t in self._tasks])
+    # Remapped labels of task t: [class_ranges[t][0], class_ranges[t][1]).
+    self.class_ranges = [(int(a), int(b))
+                         for a, b in zip(bounds[:-1], bounds[1:])]
     self._remap = np.empty(self.num_classes, np.int32)
     self._remap[self.class_order] = np.arange(self.num_classes)
     self._train_store = (None, None)  # Only the latest task's: saves memory.
     self._test_stores = {}  # Every task's: evaluation revisits all of them.
+
+  def task_classes(self, task: int) -> list[int]:
+    """The dataset's class ids of a task, in arrival order."""
+    return self._check_task(task)
 
   def _check_task(self, task: int) -> list[int]:
     if not 0 <= task < self.num_tasks:
@@ -114,7 +130,12 @@ class ContinualData:
     return self._size("test", task)
 
   def steps_per_epoch(self, task: int, global_batch: int) -> int:
-    return math.ceil(self.train_size(task) / global_batch)
+    """Training steps of an epoch: the last partial batch is dropped.
+
+    The reference's training loader drops it (`drop_last=True`), so a task
+    of 5,000 images with batch 128 takes 39 steps.
+    """
+    return self.train_size(task) // global_batch
 
   def _store(self, role: str, task: int) -> _Store:
     examples = self._source.load(role, self._check_task(task))
@@ -141,19 +162,26 @@ class ContinualData:
           f"of the number of processes ({self._process_count}).")
     return global_batch // self._process_count
 
-  def _positions(self, n: int, global_batch: int, b: int, start_step: int):
+  def _positions(self, n: int, global_batch: int, b: int, start_step: int,
+                 drop_remainder: bool):
     """Positions in the epoch's order that this process reads, and validity.
 
     Global batch j is positions [j*G, (j+1)*G); process p reads
-    [j*G + p*b, j*G + (p+1)*b). Positions >= n pad the last batch.
+    [j*G + p*b, j*G + (p+1)*b). Positions >= n pad the last batch, or with
+    `drop_remainder` the last partial batch is left out: the same images
+    whatever the number of processes.
     """
-    steps = np.arange(start_step, math.ceil(n / global_batch))
+    num_steps = n // global_batch if drop_remainder else math.ceil(
+        n / global_batch)
+    steps = np.arange(start_step, num_steps)
     pos = (steps[:, None] * global_batch + self._process_index * b
            + np.arange(b)).reshape(-1)
     return pos, pos < n
 
   def _batches(self, store: _Store, pos, index, valid, image_fn,
                b: int) -> Iterator[Batch]:
+    if not len(pos):
+      return iter(())
     size = self._config.image_size
 
     def example(p, i, ok):
@@ -169,29 +197,34 @@ class ContinualData:
     ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
 
-  def train_batches(self, task: int, epoch: int, global_batch: int, *,
-                    start_step: int = 0) -> Iterator[Batch]:
+  def train_batches(self, task: int, epoch: int | str, global_batch: int, *,
+                    start_step: int = 0,
+                    drop_remainder: bool = True) -> Iterator[Batch]:
     """One epoch of the task's training images, shuffled and augmented.
 
     Args:
       task: task index.
-      epoch: any int key of the shuffle and augmentation (negative keys serve
-        the trainer's bookkeeping and statistics passes).
+      epoch: the epoch, or the name of a pass of PASSES: the key of the
+        shuffle and the augmentation.
       global_batch: examples per step summed over processes.
       start_step: first step to produce (resuming mid-epoch); costs nothing.
+      drop_remainder: leave out the last partial batch, as the reference's
+        training loader does (training and expert counting); otherwise it is
+        padded to the full batch with mask 0 (class statistics).
 
     Returns:
-      An iterator over `steps_per_epoch - start_step` local batches; the last
-      one is padded to the full batch with mask 0.
+      An iterator over the remaining local batches of the epoch.
     """
     b = self._local_batch(global_batch)
     if start_step < 0:
       raise ValueError(f"start_step={start_step} must be >= 0.")
     store = self._train(task)
     seed = self._config.seed
+    epoch = PASSES.get(epoch, epoch)
     perm = np.random.default_rng(
         _seed_sequence(_SHUFFLE, seed, task, epoch)).permutation(store.size)
-    pos, valid = self._positions(store.size, global_batch, b, start_step)
+    pos, valid = self._positions(store.size, global_batch, b, start_step,
+                                 drop_remainder)
     index = np.where(valid, perm[np.minimum(pos, store.size - 1)], 0)
     base = tf.constant(_seed_sequence(_AUGMENT, seed, task, epoch)
                        .generate_state(2).astype(np.int64))
@@ -211,7 +244,8 @@ class ContinualData:
     """
     b = self._local_batch(global_batch)
     store = self._test(task)
-    pos, valid = self._positions(store.size, global_batch, b, 0)
+    pos, valid = self._positions(store.size, global_batch, b, 0,
+                                 drop_remainder=False)
     index = np.where(valid, pos, 0)
     size, mode = self._config.image_size, self._config.test_resize
     return self._batches(
@@ -234,12 +268,11 @@ def build_continual_data(config: ml_collections.ConfigDict, *,
                          process_count: int = 1) -> ContinualData:
   """Opens `config.dataset` and lays out its continual tasks.
 
-  Reads the labels (and for ImageNet-R the file names) once to fix the
+  Reads the labels (and the keys that order the examples) once to fix the
   tasks and splits; images are read per task when first needed.
 
   Args:
-    config: needs dataset, data_dir, num_classes, num_tasks, image_size,
-      seed, split_seed, cache_data and test_resize.
+    config: a validated config (see `configuration.validate`).
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
 
@@ -247,20 +280,23 @@ def build_continual_data(config: ml_collections.ConfigDict, *,
     The ContinualData of this process.
 
   Raises:
-    ConfigError: on an unknown dataset or inconsistent settings.
-    MissingDataError: if the TFDS dataset is not prepared in config.data_dir.
+    ConfigError: settings that do not fit the data.
+    MissingDataError: the dataset is not prepared or not complete.
   """
   _keep_tf_on_cpu()
-  if config.test_resize not in preprocess.TEST_RESIZES:
-    raise errors.ConfigError(
-        f"Unknown config.test_resize={config.test_resize!r}; valid: "
-        f'{", ".join(preprocess.TEST_RESIZES)}.')
   if not 0 <= process_index < process_count:
     raise errors.ConfigError(
         f"process_index {process_index} not in [0, {process_count}).")
   source = sources.make_source(config)
-  if source.num_classes != config.num_classes:
+  if config.num_classes and source.num_classes != config.num_classes:
     raise errors.ConfigError(
         f"config.num_classes={config.num_classes} but {source.name} has "
-        f"{source.num_classes} classes.")
-  return ContinualData(config, source, process_index, process_count)
+        f"{source.num_classes} classes (0 takes the number from the data).")
+  data = ContinualData(config, source, process_index, process_count)
+  for task in range(data.num_tasks):
+    if data.train_size(task) < config.batch_size:
+      raise errors.ConfigError(
+          f"task {task} has {data.train_size(task)} training images, fewer "
+          f"than config.batch_size={config.batch_size}: it would take no "
+          "step (the last partial batch is dropped); lower the batch size.")
+  return data

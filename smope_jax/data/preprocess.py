@@ -100,6 +100,33 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return tf.ensure_shape(image, [size, size, 3])
 
 
+def resize_shorter_side(image: tf.Tensor, short: int) -> tf.Tensor:
+  """torchvision's `Resize(short)`: the shorter side becomes `short`.
+
+  The aspect ratio is kept: the longer side becomes int(short * long /
+  shorter side), truncated as torchvision computes it in Python floats.
+  """
+  shape = tf.cast(tf.shape(image)[:2], tf.float64)
+  h, w = shape[0], shape[1]
+  shorter, longer = tf.minimum(h, w), tf.maximum(h, w)
+  short = tf.constant(short, tf.float64)
+  long_side = tf.floor(short * longer / shorter)
+  new_h = tf.where(w <= h, long_side, short)
+  new_w = tf.where(w <= h, short, long_side)
+  return _resize(image, tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32))
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """torchvision's `CenterCrop(size)`: top = round((h - size) / 2), alike left.
+
+  Python's round, like tf.round, rounds halves to even.
+  """
+  shape = tf.cast(tf.shape(image)[:2], tf.float64)
+  top = tf.cast(tf.round((shape[0] - size) / 2.0), tf.int32)
+  left = tf.cast(tf.round((shape[1] - size) / 2.0), tf.int32)
+  return image[top:top + size, left:left + size]
+
+
 def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
   """The evaluation transform.
 
@@ -107,9 +134,10 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     image: uint8 or float (h, w, 3).
     size: output side (`config.image_size`).
     mode: 'resize' (CIFAR, digits): resize to size x size. 'resize_crop'
-      (ImageNet-R, CUB): resize to r x r with r = round(size * 256 / 224),
-      then take the centred size x size crop, i.e. the reference's
-      256 -> 224 at 224 px.
+      (ImageNet-R, CUB): the reference's `Resize(256)` then
+      `CenterCrop(224)` at 224 px: the shorter side is scaled to
+      r = round(size * 256 / 224) keeping the aspect ratio (a 500 x 375
+      image becomes 341 x 256), then the centred size x size window.
 
   Returns:
     float32 (size, size, 3).
@@ -118,10 +146,8 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
   if mode == "resize":
     image = _resize(image, size, size)
   elif mode == "resize_crop":
-    big = round(size * 256 / 224)
-    offset = int(round((big - size) / 2))
-    image = _resize(image, big, big)[offset:offset + size,
-                                     offset:offset + size]
+    image = center_crop(resize_shorter_side(image, round(size * 256 / 224)),
+                        size)
   else:
     raise ValueError(f"Unknown test resize {mode!r}; use {TEST_RESIZES}.")
   return tf.ensure_shape(image, [size, size, 3])

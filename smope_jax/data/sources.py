@@ -1,92 +1,185 @@
-"""Where examples come from: prepared TFDS datasets or scikit-learn's digits.
+"""Where examples come from: TFDS datasets, image folders, scikit-learn digits.
 
-A source presents every benchmark the same way: dense class ids 0..C-1, two
-roles ('train', 'test'), and for each role a canonical example order (sorted
-by a unique key such as the file name) so that all hosts agree on it however
-TFDS happens to read the records.
+A source presents every dataset the same way: dense class ids 0..C-1 with
+their names, two roles ("train", "test"), and for each role a canonical
+example order (a unique key per example, e.g. the file name) so that every
+host agrees on it however the records happen to be read. The program never
+downloads: TFDS datasets must be prepared beforehand.
 """
 
 from collections.abc import Sequence
 import dataclasses
+import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from smope_jax import errors
+from smope_jax.data import imagenet_r
 from smope_jax.data import preprocess
 from smope_jax.data import splits
 
 ROLES = ("train", "test")
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TFDS_ID = "tfds_id"  # TFDS's own unique example id, for datasets without one.
 
 
 @dataclasses.dataclass(frozen=True)
-class _TfdsSpec:
+class Benchmark:
+  """How a built-in benchmark's TFDS dataset is read."""
   key: str  # A unique string feature that fixes the canonical order.
-  carved: bool = False  # True: train/test carved out of TFDS 'test' by us.
+  train_split: str = "train"
+  test_split: str = "test"
 
 
-_TFDS = {
-    "cifar100": _TfdsSpec(key="id"),
-    "caltech_birds2011": _TfdsSpec(key="image/filename"),
-    "imagenet_r": _TfdsSpec(key="file_name", carved=True),
+BENCHMARKS = {
+    "cifar100": Benchmark(key="id"),
+    "caltech_birds2011": Benchmark(key="image/filename"),
+    # TFDS ships ImageNet-R as one split; the roles come from the lists.
+    "imagenet_r": Benchmark(key="file_name", train_split="test",
+                            test_split=""),
 }
-DATASETS = (*_TFDS, "digits")
+IMAGENET_R_SPLITS = ("reference", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleIndex:
+  """The examples of one role: where they are read and in which order."""
+  split: str  # The TFDS split (or folder) the role reads.
+  keys: np.ndarray  # Unique key per example, canonical order.
+  labels: np.ndarray  # Dense class ids, int64.
+
+  def subset(self, positions) -> "RoleIndex":
+    return RoleIndex(self.split, self.keys[positions], self.labels[positions])
 
 
 @dataclasses.dataclass
 class Examples:
   """Some examples of one role, in canonical order.
 
-  `items` are encoded image bytes (TFDS) or small float arrays (digits); the
-  source's `decode` (a TF function) turns one item into an (h, w, 3) image.
+  `items` are encoded image bytes or small float arrays; the source's
+  `decode` (a TF function) turns one item into an (h, w, 3) image.
   """
   items: list
-  labels: np.ndarray  # Dense class ids.
+  labels: np.ndarray
 
 
-class TfdsSource:
-  """A prepared TFDS dataset, read without ever downloading."""
+def three_channels(image: tf.Tensor) -> tf.Tensor:
+  """Grey images are repeated into RGB; an alpha channel is dropped."""
+  return tf.cond(tf.shape(image)[-1] == 1,
+                 lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
 
-  def __init__(self, name: str, data_dir: str | None, split_seed: int):
-    self.name = name
-    self._spec = _TFDS[name]
-    self._builder = tfds.builder(name, data_dir=data_dir)
-    self._image = self._builder.info.features["image"]
-    if self._spec.carved:
-      keys, raw_labels = self._read_index("test")
-      # TFDS labels of imagenet_r are ImageNet-1k ids; its 200 classes become
-      # 0..199 in wnid order, the order of the reference's class folders.
-      self._raw_classes = np.unique(raw_labels)
-      labels = np.searchsorted(self._raw_classes, raw_labels)
-      train, test = splits.imagenet_r_split(keys, labels, split_seed)
-      chosen = {"train": ("test", keys[train], labels[train]),
-                "test": ("test", keys[test], labels[test])}
-    else:
-      self._raw_classes = np.arange(
-          self._builder.info.features["label"].num_classes)
-      chosen = {role: (role, *self._read_index(role)) for role in ROLES}
-    # Per role: TFDS split, keys and dense labels, sorted by key.
-    self._index = {}
-    for role, (split, keys, labels) in chosen.items():
-      order = np.argsort(keys, kind="stable")
-      self._index[role] = (split, keys[order], labels[order])
+
+def carve_roles(index: RoleIndex, seed: int) -> dict[str, RoleIndex]:
+  """Train and test roles from one set: 20 % of every class held out."""
+  train, test = splits.per_class_split(index.keys, index.labels, seed)
+  return {"train": index.subset(train), "test": index.subset(test)}
+
+
+class Source:
+  """Base of every source: class names and the index of each role."""
+
+  name: str
+  class_names: list[str]
+  index: dict[str, RoleIndex]
 
   @property
   def num_classes(self) -> int:
-    return len(self._raw_classes)
+    return len(self.class_names)
+
+  def labels(self, role: str) -> np.ndarray:
+    """Dense labels of all examples of a role, in canonical order."""
+    return self.index[role].labels
+
+  def hold_out_validation(self, seed: int) -> None:
+    """Replaces the test role by 20 % of the training examples.
+
+    The reference's validation rule: one seeded permutation of the training
+    set, its first 80 % train and the rest validate. The test role of the
+    dataset is never read afterwards.
+    """
+    train = self.index["train"]
+    kept, held_out = splits.holdout_split(len(train.keys), seed)
+    self.index = {"train": train.subset(kept), "test": train.subset(held_out)}
+
+  def load(self, role: str, classes: Sequence[int]) -> Examples:
+    """The examples of `role` whose dense class is in `classes`."""
+    index = self.index[role]
+    wanted = np.flatnonzero(np.isin(index.labels, np.asarray(classes)))
+    return Examples(self._items(index, wanted), index.labels[wanted])
+
+  def _items(self, index: RoleIndex, positions: np.ndarray) -> list:
+    raise NotImplementedError
+
+  def decode(self, item: tf.Tensor) -> tf.Tensor:
+    raise NotImplementedError
+
+
+class TfdsSource(Source):
+  """A prepared TFDS dataset: a built-in benchmark or any one by name."""
+
+  def __init__(self, config, validation: bool):
+    self.name = config.dataset
+    benchmark = BENCHMARKS.get(self.name)
+    try:
+      self._builder = tfds.builder(self.name, data_dir=config.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise errors.ConfigError(
+          f"config.dataset={self.name!r} is neither a built-in benchmark "
+          f"({', '.join(BENCHMARKS)}, digits), a folder ('folder:/path') nor a "
+          f"TFDS dataset: {str(e).splitlines()[0]}") from None
+    features = self._builder.info.features
+    self._image_key = config.image_key or _only_feature(
+        features, tfds.features.Image, "image", self.name)
+    self._label_key = config.label_key or _only_feature(
+        features, tfds.features.ClassLabel, "label", self.name)
+    for key in (self._image_key, self._label_key):
+      if key not in features:
+        raise errors.ConfigError(
+            f"{self.name} has no feature {key!r}; its features are "
+            f"{sorted(features)} (config.image_key / config.label_key).")
+    self._image = features[self._image_key]
+    self._key = benchmark.key if benchmark else TFDS_ID
+    train_split = benchmark.train_split if benchmark else config.train_split
+    test_split = benchmark.test_split if benchmark else config.test_split
+    if benchmark and self.name == "imagenet_r":
+      self.class_names = list(imagenet_r.class_wnids())
+      self.index = self._imagenet_r_roles(config)
+    else:
+      self.class_names = list(features[self._label_key].names)
+      self.index = {"train": self._read_index(train_split)}
+      if not test_split:
+        self.index = carve_roles(self.index["train"], config.split_seed)
+      elif not validation:
+        self.index["test"] = self._read_index(test_split)
+
+  def _imagenet_r_roles(self, config) -> dict[str, RoleIndex]:
+    everything = self._read_index("test", label_from_key=True)
+    if config.imagenet_r_split == "random":
+      return carve_roles(everything, config.split_seed)
+    return {role: everything.subset(positions) for role, positions in
+            imagenet_r.reference_roles(everything.keys).items()}
 
   def _as_dataset(self, split: str) -> tf.data.Dataset:
     """Key, label and still-encoded image of every example of a split."""
     # One feature set for both passes (index, load): cheap, as images stay
     # encoded, and under tfds.testing.mock_data the only way that both passes
     # see the same examples.
-    spec = tfds.decode.PartialDecoding(
-        {"image": True, "label": True, self._spec.key: True},
-        decoders={"image": tfds.decode.SkipDecoding()})
+    wanted = {self._image_key: True, self._label_key: True}
+    read_config = None
+    if self._key == TFDS_ID:
+      read_config = tfds.ReadConfig(add_tfds_id=True)
+    else:
+      wanted[self._key] = True
+    decoders = tfds.decode.PartialDecoding(
+        wanted, decoders={self._image_key: tfds.decode.SkipDecoding()})
     try:
-      return self._builder.as_dataset(
-          split=split, shuffle_files=False, decoders=spec)
+      return self._builder.as_dataset(split=split, shuffle_files=False,
+                                      decoders=decoders,
+                                      read_config=read_config)
     except AssertionError as e:  # How TFDS reports an unprepared dataset.
       raise errors.MissingDataError(
           f"Dataset {self.name!r} is not prepared under data_dir "
@@ -95,85 +188,176 @@ class TfdsSource:
           f"machine with network access run `tfds build {self.name} "
           f"--data_dir=DIR` (or copy a prepared TFDS directory to DIR), then "
           f"pass --config.data_dir=DIR.") from e
+    except ValueError as e:  # An unknown split or a bad split expression.
+      splits_known = ", ".join(self._builder.info.splits) or "none"
+      raise errors.ConfigError(
+          f"cannot read split {split!r} of {self.name} ({e}); its splits "
+          f"are: {splits_known} (config.train_split / config.test_split "
+          "take TFDS split syntax such as 'train[:90%]').") from None
 
-  def _read_index(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(keys as bytes, raw labels) of a TFDS split, decoding no pixels."""
+  def _read_index(self, split: str, label_from_key: bool = False) -> RoleIndex:
+    """The keys and dense labels of a split, decoding no pixels."""
+    key, label = self._key, self._label_key
     ds = self._as_dataset(split).map(preprocess.graph_only(
-        lambda ex: (ex[self._spec.key], ex["label"]))).batch(4096)
+        lambda ex: (ex[key], ex[label]))).batch(4096)
     keys, labels = [np.zeros([0], object)], [np.zeros([0], np.int64)]
     for batch_keys, batch_labels in ds.as_numpy_iterator():
       keys.append(batch_keys.astype(object))
       labels.append(batch_labels.astype(np.int64))
-    return np.concatenate(keys), np.concatenate(labels)
+    keys, labels = np.concatenate(keys), np.concatenate(labels)
+    order = np.argsort(keys, kind="stable")
+    keys, labels = keys[order], labels[order]
+    if label_from_key:
+      labels = imagenet_r.labels_of(keys)
+    return RoleIndex(split, keys, labels)
 
-  def labels(self, role: str) -> np.ndarray:
-    """Dense labels of all examples of a role, in canonical order."""
-    return self._index[role][2]
-
-  def load(self, role: str, classes: Sequence[int]) -> Examples:
-    """The examples of `role` whose dense class is in `classes`."""
-    split, keys, labels = self._index[role]
-    wanted = np.flatnonzero(np.isin(labels, classes))
-    raw = tf.constant(self._raw_classes[np.asarray(classes)], tf.int64)
-    ds = self._as_dataset(split).filter(preprocess.graph_only(
-        lambda ex: tf.reduce_any(ex["label"] == raw)))
-    ds = ds.map(preprocess.graph_only(
-        lambda ex: (ex[self._spec.key], ex["image"]))).batch(256)
+  def _items(self, index: RoleIndex, positions: np.ndarray) -> list:
+    if not len(positions):
+      return []
+    keys = index.keys[positions]
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(keys.astype(bytes)), tf.ones(len(keys), tf.int64)), 0)
+    key, image = self._key, self._image_key
+    ds = self._as_dataset(index.split).filter(preprocess.graph_only(
+        lambda ex: table.lookup(ex[key]) > 0))
+    ds = ds.map(preprocess.graph_only(lambda ex: (ex[key], ex[image])))
     found = {}
-    for batch_keys, images in ds.as_numpy_iterator():
+    for batch_keys, images in ds.batch(256).as_numpy_iterator():
       found.update(zip(batch_keys, images))
-    # ImageNet-R's roles share one TFDS split: `keys` picks this role's part.
-    return Examples(items=[found[k] for k in keys[wanted]],
-                    labels=labels[wanted])
+    return [found[k] for k in keys]
 
   def decode(self, item: tf.Tensor) -> tf.Tensor:
-    return self._image.decode_example(item)
+    return three_channels(self._image.decode_example(item))
 
 
-class DigitsSource:
+def _only_feature(features, kind, role: str, name: str) -> str:
+  """The feature of a kind (the image, the label) of a dataset.
+
+  The one named like the role if there is one, else the only one.
+  """
+  found = [k for k, f in features.items() if isinstance(f, kind)]
+  if role in found:  # e.g. 'image' beside a 'segmentation_mask' Image.
+    return role
+  if len(found) != 1:
+    raise errors.ConfigError(
+        f"{name} has {len(found)} {kind.__name__} features {found}; name the "
+        f"{role} with --config.{role}_key.")
+  return found[0]
+
+
+class FolderSource(Source):
+  """Images in class folders: `train/<class>/*` and `test/<class>/*`.
+
+  Without `train/` and `test/`, the class folders sit directly in the root
+  and 20 % of every class is held out for test by the seeded per-class rule
+  (`config.split_seed`). Class names are the folder names, sorted; keys are
+  the paths relative to the root. Local paths and gs:// both work.
+  """
+
+  def __init__(self, config, validation: bool):
+    self.root = config.dataset[len(FOLDER_PREFIX):].rstrip("/")
+    self.name = config.dataset
+    if not tf.io.gfile.isdir(self.root):
+      raise errors.MissingDataError(
+          f"config.dataset={config.dataset!r}: {self.root} is not a "
+          "directory; give a folder with one sub-folder of images per class "
+          "(or train/ and test/ folders holding such class folders).")
+    nested = all(tf.io.gfile.isdir(os.path.join(self.root, role))
+                 for role in ROLES)
+    train_dir = os.path.join(self.root, "train") if nested else self.root
+    self.class_names = self._class_folders(train_dir)
+    self.index = {"train": self._read_index(train_dir)}
+    if not nested:
+      self.index = carve_roles(self.index["train"], config.split_seed)
+    elif not validation:
+      test_dir = os.path.join(self.root, "test")
+      unknown = set(self._class_folders(test_dir)) - set(self.class_names)
+      if unknown:
+        raise errors.MissingDataError(
+            f"{test_dir} has classes without training images: "
+            f"{sorted(unknown)[:5]}.")
+      self.index["test"] = self._read_index(test_dir)
+
+  def _class_folders(self, directory: str) -> list[str]:
+    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory)
+                   if tf.io.gfile.isdir(os.path.join(directory, n)))
+    if not names:
+      raise errors.MissingDataError(
+          f"{directory} has no class folders; put the images of each class "
+          "in a folder named after the class.")
+    return names
+
+  def _read_index(self, directory: str) -> RoleIndex:
+    keys, labels, skipped = [], [], 0
+    for label, name in enumerate(self.class_names):
+      folder = os.path.join(directory, name)
+      if not tf.io.gfile.isdir(folder):
+        continue
+      for file in sorted(tf.io.gfile.listdir(folder)):
+        if file.lower().endswith(IMAGE_EXTENSIONS):
+          keys.append(os.path.relpath(os.path.join(folder, file), self.root))
+          labels.append(label)
+        else:
+          skipped += 1
+    if skipped:
+      logging.warning("%s: skipped %d files that are not %s images",
+                      directory, skipped, "/".join(IMAGE_EXTENSIONS))
+    if not keys:
+      raise errors.MissingDataError(f"{directory} holds no images.")
+    return RoleIndex(directory, np.array(keys, object),
+                     np.array(labels, np.int64))
+
+  def _items(self, index: RoleIndex, positions: np.ndarray) -> list:
+    paths = [os.path.join(self.root, k) for k in index.keys[positions]]
+    if not paths:
+      return []
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+    return list(ds.as_numpy_iterator())
+
+  def decode(self, item: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(item, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+class DigitsSource(Source):
   """scikit-learn's bundled 8x8 digits: 1797 images, 10 classes, offline.
 
   Pixels 0..16 become floats in [0, 1], grey is repeated into 3 channels, and
   `decode` upsamples bilinearly to the model's input size; the split is the
-  same seeded per-class 80/20 rule as ImageNet-R (keys: the example index).
+  seeded per-class 80/20 rule (keys: the example index).
   """
 
   name = "digits"
-  num_classes = 10
+  class_names = [str(d) for d in range(10)]
 
-  def __init__(self, image_size: int, split_seed: int):
+  def __init__(self, config, validation: bool):
+    del validation  # Both roles come from one array.
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     self._images = np.repeat(
         (digits.images / 16.0).astype(np.float32)[..., None], 3, axis=-1)
-    self._size = image_size
-    labels = digits.target.astype(np.int64)
-    train, test = splits.per_class_split(
-        np.arange(len(labels)), labels, split_seed)
-    self._index = {"train": (train, labels[train]),
-                   "test": (test, labels[test])}
+    self._size = config.image_size
+    everything = RoleIndex("", np.arange(len(digits.target)),
+                           digits.target.astype(np.int64))
+    self.index = carve_roles(everything, config.split_seed)
 
-  def labels(self, role: str) -> np.ndarray:
-    return self._index[role][1]
-
-  def load(self, role: str, classes: Sequence[int]) -> Examples:
-    indices, labels = self._index[role]
-    wanted = np.isin(labels, classes)
-    return Examples(items=list(self._images[indices[wanted]]),
-                    labels=labels[wanted])
+  def _items(self, index: RoleIndex, positions: np.ndarray) -> list:
+    return list(self._images[index.keys[positions]])
 
   def decode(self, item: tf.Tensor) -> tf.Tensor:
     return tf.image.resize(item, [self._size, self._size], "bilinear")
 
 
-def make_source(config) -> TfdsSource | DigitsSource:
-  """The source named by `config.dataset`."""
+def make_source(config) -> Source:
+  """The source named by `config.dataset`, with validation applied."""
+  validation = bool(config.validation)
   if config.dataset == "digits":
-    return DigitsSource(config.image_size, config.split_seed)
-  if config.dataset not in _TFDS:
-    raise errors.ConfigError(
-        f"Unknown config.dataset={config.dataset!r}; valid: "
-        f'{", ".join(DATASETS)}.')
-  # An empty data_dir means TFDS's default ($TFDS_DATA_DIR or
-  # ~/tensorflow_datasets).
-  return TfdsSource(config.dataset, config.data_dir or None, config.split_seed)
+    source = DigitsSource(config, validation)
+  elif str(config.dataset).startswith(FOLDER_PREFIX):
+    source = FolderSource(config, validation)
+  else:
+    source = TfdsSource(config, validation)
+  if validation:
+    source.hold_out_validation(config.seed)
+  return source

@@ -31,28 +31,60 @@ def class_order(num_classes: int, seed: int) -> list[int]:
   return order
 
 
-def task_classes(order: Sequence[int], num_tasks: int) -> list[list[int]]:
-  """Splits a class order into `num_tasks` consecutive equal chunks.
+def task_classes(order: Sequence[int], num_tasks: int,
+                 first_task_classes: int = 0) -> list[list[int]]:
+  """Splits a class order into consecutive tasks.
 
-  Labels are re-mapped to positions in `order`, so task t owns the remapped
-  labels [t * c, (t + 1) * c) with c = len(order) // num_tasks.
+  Every task takes len(order) / num_tasks classes. With
+  `first_task_classes` F, task 0 takes F classes instead and the others
+  keep that size, so their number follows, as the reference's
+  `first_split_size` / `other_split_size`: CIFAR-100 with 10 tasks and
+  F = 50 gives 50 + 5 x 10. Labels are re-mapped to positions in `order`,
+  so every task owns a consecutive range of remapped labels.
 
   Args:
     order: the class order from `class_order`.
-    num_tasks: number of tasks.
+    num_tasks: the number of equal tasks, which sets the task size.
+    first_task_classes: classes of task 0; 0 = the same as every task.
 
   Returns:
     For each task, the original class ids it contains, in arrival order.
 
   Raises:
-    ConfigError: if the classes do not split into equal tasks.
+    ConfigError: if the classes do not split that way.
   """
-  if num_tasks <= 0 or len(order) % num_tasks:
+  total = len(order)
+  if num_tasks <= 0 or total % num_tasks:
     raise errors.ConfigError(
         f"config.num_tasks={num_tasks} must be positive and divide the "
-        f"{len(order)} classes into equal tasks.")
-  c = len(order) // num_tasks
-  return [list(order[t * c:(t + 1) * c]) for t in range(num_tasks)]
+        f"{total} classes into equal tasks.")
+  size = total // num_tasks
+  first = first_task_classes or size
+  if not 0 < first <= total or (total - first) % size:
+    raise errors.ConfigError(
+        f"config.first_task_classes={first_task_classes} must be at most "
+        f"{total} and leave a multiple of the task size {size} "
+        f"(= {total} classes / config.num_tasks={num_tasks}) for the other "
+        "tasks.")
+  bounds = [0] + list(range(first, total + 1, size))
+  return [list(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def holdout_split(num_examples: int, seed: int,
+                  train_fraction: float = 0.8) -> tuple[np.ndarray,
+                                                         np.ndarray]:
+  """The reference's validation split of a training set.
+
+  One permutation of all examples drawn with NumPy's legacy generator
+  seeded with `seed` (the reference's `np.random.seed(seed)`); the first
+  int(0.8 n) examples of it train and the rest validate.
+
+  Returns:
+    (train_indices, validation_indices), each ascending.
+  """
+  perm = np.random.RandomState(seed).permutation(num_examples)
+  cut = int(train_fraction * num_examples)
+  return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
 def per_class_split(
@@ -90,28 +122,3 @@ def per_class_split(
     is_test[np.concatenate(test)] = True
   return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
-
-def imagenet_r_split(
-    file_names: Sequence[str],
-    labels: Sequence[int],
-    split_seed: int,
-    test_fraction: float = 0.2,
-) -> tuple[np.ndarray, np.ndarray]:
-  """The 80/20 train/test split of ImageNet-R (TFDS ships a single split).
-
-  Per class: sort the images by file name ('<wnid>/<image>.jpg'), permute
-  them with `np.random.default_rng([split_seed, label])`, and hold out
-  round-half-up(0.2 * n) of them for test (see `per_class_split`). The result
-  depends only on the file names, labels and seed, not on the order TFDS
-  reads the records in, so every host computes the same split.
-
-  Args:
-    file_names: TFDS 'file_name' feature of every image.
-    labels: class id of every image.
-    split_seed: `config.split_seed`.
-    test_fraction: fraction of every class held out for test.
-
-  Returns:
-    (train_indices, test_indices): ascending indices into `file_names`.
-  """
-  return per_class_split(file_names, labels, split_seed, test_fraction)

@@ -1,4 +1,4 @@
-"""Sparse prompt-expert attention of SMoPE (spec section 1), as pure functions.
+"""Sparse prompt-expert attention of SMoPE, as pure functions.
 
 Shapes: B batch, N tokens, H heads, d head dim, E experts, K active experts.
 Queries, keys and values arrive as the block's projections, laid out
@@ -30,18 +30,24 @@ def expert_scores(query: jax.Array, expert_keys: jax.Array) -> jax.Array:
 
 
 def selection_penalty(expert_state, mode: str, epsilon: float,
-                      inference_penalty: float) -> jax.Array:
-  """Per-expert eta of spec 1.4, shape (L, H, E), float32.
+                      inference_penalty: float,
+                      exclude_unused: bool = True) -> jax.Array:
+  """Per-expert eta of the selection scores, shape (L, H, E), float32.
 
-  Training penalises experts marked frequently used by `epsilon`; inference
+  Training penalises experts marked frequently used by `epsilon`. Inference
   penalises never-used experts (count 0) by `inference_penalty` (2.0 in the
-  reference, which effectively excludes them). Dense mode has no selection.
+  reference, which effectively excludes them). With `exclude_unused` False,
+  inference penalises every expert alike, as the reference's published
+  evaluation did: it reloaded the model without its counts, so all counts
+  were 0; the shared penalty leaves the clean top-K. Dense mode has no
+  selection.
   """
   counts, frequent = expert_state["counts"], expert_state["frequent"]
   if mode == "train":
     return jnp.where(frequent, jnp.float32(epsilon), 0.0).astype(jnp.float32)
   if mode == "eval":
-    return jnp.where(counts == 0, jnp.float32(inference_penalty),
+    unused = (counts == 0) | (not exclude_unused)
+    return jnp.where(unused, jnp.float32(inference_penalty),
                      0.0).astype(jnp.float32)
   return jnp.zeros(counts.shape, jnp.float32)
 

@@ -162,7 +162,9 @@ class SMoPEViT(nn.Module):
   `{'counts': int32 (L, H, E), 'frequent': bool (L, H, E)}` (needed in the
   `train` and `eval` modes). `mode` is one of `plain` (no prompts), `dense`
   (all experts, the first-task warm-up), `train` (top-K with the training
-  noise rule) and `eval` (top-K with the inference rule).
+  noise rule) and `eval` (top-K with the inference rule; `exclude_unused`
+  False routes as the reference's published evaluation, see
+  `prompt_attention.selection_penalty`).
 
   Returns a dict: `logits` (B, C) and `pre_logits` (B, D) in float32, and for
   prompted modes `scores` (L, B, H, E) float32 clean expert scores and
@@ -184,7 +186,7 @@ class SMoPEViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, expert_state: Optional[dict] = None, *,
-               mode: str = "eval"):
+               mode: str = "eval", exclude_unused: bool = True):
     if mode not in pa.MODES:
       raise ValueError(f"mode must be one of {pa.MODES}, got {mode!r}")
     head_dim = self.hidden_size // self.num_heads
@@ -205,7 +207,7 @@ class SMoPEViT(nn.Module):
         if expert_state is None:
           raise ValueError(f"mode {mode!r} needs the expert state")
         eta = pa.selection_penalty(expert_state, mode, self.epsilon,
-                                   self.inference_penalty)
+                                   self.inference_penalty, exclude_unused)
 
     x, routing = Encoder(self.num_layers, self.num_heads, self.mlp_dim,
                          self.top_k, self.dtype, self.fused_attention,

@@ -1,0 +1,90 @@
+"""Protocol variants and users' own data, end to end through `main`.
+
+Each run is a tiny model for one epoch per task, so the whole protocol
+(training, counting, statistics, alignment, evaluation, outputs) runs in
+seconds.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import e2e_runner
+
+TINY_DIGITS = (
+    "--config=configs/demo.py",
+    "--config.image_size=16",
+    "--config.model.patch_size=8",
+    "--config.model.hidden_size=16",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.mlp_dim=32",
+    "--config.num_prompted_layers=1",
+    "--config.num_experts=4",
+    "--config.top_k=2",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=128",
+    "--config.epochs=1",
+    "--config.freeze_steps=1",
+    "--config.align_epochs=1",
+    "--config.progress_bar=False",
+)
+
+
+def _run(tmp_path, *flags, mock_examples=e2e_runner.MOCK_EXAMPLES):
+  workdir = str(tmp_path / "run")
+  status = e2e_runner.run_main([*TINY_DIGITS, *flags, f"--workdir={workdir}"],
+                               mock_examples)
+  assert status == 0
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    return json.load(f), workdir
+
+
+def test_first_task_classes(tmp_path):
+  metrics, _ = _run(tmp_path, "--config.first_task_classes=4")
+  assert metrics["task_classes"] == [4, 2, 2, 2]
+  matrix = metrics["acc_matrix"]
+  assert len(matrix) == 4 and all(len(row) == 4 for row in matrix)
+  assert metrics["faa"] == pytest.approx(np.mean(matrix[-1]))
+  assert 0.0 <= metrics["faa_sample_weighted"] <= 100.0
+
+
+def test_joint_training_is_the_upper_bound(tmp_path):
+  metrics, _ = _run(tmp_path, "--config.joint=True")
+  assert metrics["joint"] is True and metrics["task_classes"] == [10]
+  assert len(metrics["acc_matrix"]) == 1
+
+
+def test_validation_run(tmp_path):
+  metrics, _ = _run(tmp_path, "--config.validation=True")
+  assert metrics["evaluated_on"] == "validation"
+
+
+def _write_png(path, value):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image = np.full((12, 10, 3), value, np.uint8)
+  image[::2] = 255 - value  # Some structure to learn.
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())
+
+
+def test_image_folder_end_to_end(tmp_path):
+  for c, name in enumerate(["ant", "bee", "cow", "doe"]):
+    for i in range(40):
+      _write_png(tmp_path / "images" / name / f"{i:02d}.png", 50 * c + i)
+  metrics, _ = _run(tmp_path, f"--config.dataset=folder:{tmp_path}/images",
+                    "--config.num_classes=0", "--config.num_tasks=2",
+                    "--config.batch_size=8")
+  assert len(metrics["acc_matrix"]) == 2 and metrics["task_classes"] == [2, 2]
+
+
+def test_tfds_dataset_by_name_end_to_end(tmp_path):
+  metrics, _ = _run(tmp_path, "--config.dataset=mnist",
+                    "--config.num_classes=0", "--config.num_tasks=2",
+                    "--config.batch_size=8", mock_examples=80)
+  assert len(metrics["acc_matrix"]) == 2 and metrics["task_classes"] == [5, 5]
