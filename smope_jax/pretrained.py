@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors.numpy
+import safetensors
 
 from smope_jax.errors import ConfigError
 from smope_jax.errors import MissingWeightsError
@@ -187,7 +187,12 @@ def _load_cached(path, template):
   sidecar = path + ".sha256"
   try:
     recorded = _read_sidecar(sidecar)
-    if recorded is not None and (digest := sha256_file(path)) != recorded:
+    digest = sha256_file(path)
+  except OSError as e:
+    raise MissingWeightsError(f"cannot read the cached weights {path} "
+                              f"({_reason(e)})") from e
+  try:
+    if recorded is not None and digest != recorded:
       raise UnreadableWeightsError(
           f"cached weights {path} are corrupted (sha256 {digest}, recorded "
           f"{_shown(recorded)})")
@@ -195,16 +200,16 @@ def _load_cached(path, template):
   except UnreadableWeightsError as e:
     raise MissingWeightsError(f"{e}; {_discard(path, sidecar)}") from e
   if recorded is None:
-    _write_sidecar(path, sha256_file(path))
+    _write_sidecar(path, digest)
   return params
 
 
 def _read_sidecar(sidecar):
-  try:
-    with open(sidecar, "rb") as f:
-      return f.read(200).decode("ascii", "replace").strip()
-  except FileNotFoundError:
+  """The recorded sha256 of a cached file, or None if there is none."""
+  if not os.path.exists(sidecar):
     return None
+  with open(sidecar, "rb") as f:
+    return f.read(200).decode("ascii", "replace").strip()
 
 
 def _write_sidecar(path, digest):
@@ -338,10 +343,10 @@ class _StorageType:
 
 class _Storage:
   """A storage's values, read from its own entry of the zip file."""
-  __slots__ = ("key", "values")
+  __slots__ = ("values",)
 
-  def __init__(self, key, values):
-    self.key, self.values = key, values
+  def __init__(self, values):
+    self.values = values
 
 
 class _TensorRef:
@@ -408,7 +413,7 @@ class _TorchUnpickler(pickle.Unpickler):
           f"{numel} values of torch.{storage_type.name} it is read as")
     if (key, storage_type.name) not in self.storages:
       self.storages[key, storage_type.name] = _Storage(
-          key, np.frombuffer(raw, storage_type.dtype))
+          np.frombuffer(raw, storage_type.dtype))
     return self.storages[key, storage_type.name]
 
 
