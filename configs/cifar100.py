@@ -11,7 +11,7 @@ from smope_jax import configuration
 
 
 def get_config(arg=None):
-  configuration.parse_arg(arg, "configs/cifar100.py")
+  args = configuration.parse_arg(arg, "configs/cifar100.py", method="smope")
   config = configuration.base_config()
   config.dataset = "cifar100"
   config.num_classes = 100
@@ -29,4 +29,4 @@ def get_config(arg=None):
   config.epsilon = 0.4
   config.align_epochs = 50
   config.align_ratio = 1
-  return config
+  return configuration.use_method(config, args.method, epochs=20)

@@ -14,7 +14,7 @@ from smope_jax import configuration
 
 
 def get_config(arg=None):
-  configuration.parse_arg(arg, "configs/demo.py")
+  args = configuration.parse_arg(arg, "configs/demo.py", method="smope")
   config = configuration.base_config()
   config.dataset = "digits"
   config.num_classes = 10
@@ -41,4 +41,4 @@ def get_config(arg=None):
   config.align_epochs = 5
   config.checkpoint_every_steps = 25
   config.log_every_steps = 5
-  return config
+  return configuration.use_method(config, args.method, epochs=4, batch_size=32)

@@ -22,7 +22,8 @@ SETTINGS = {
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, "configs/imagenet_r.py", tasks=10)
+  args = configuration.parse_arg(arg, "configs/imagenet_r.py", tasks=10,
+                                 method="smope")
   if args.tasks not in SETTINGS:
     raise ConfigError("configs/imagenet_r.py takes tasks=5, tasks=10 or "
                       f"tasks=20, got tasks={args.tasks}.")
@@ -45,4 +46,4 @@ def get_config(arg=None):
   config.epsilon = epsilon
   config.align_epochs = align_epochs
   config.align_ratio = align_ratio
-  return config
+  return configuration.use_method(config, args.method, epochs=50)

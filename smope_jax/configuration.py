@@ -10,6 +10,9 @@ from smope_jax.errors import ConfigError
 from smope_jax.models.variants import VIT_VARIANTS
 
 BENCHMARKS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
+METHODS = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
+OPTIMIZERS = ("adamw", "adam")
+KEY_LOSSES = ("cross_sample", "per_sample")
 SCHEDULES = ("cosine", "epoch_cosine")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("highest", "high", "default")
@@ -51,8 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"             # Backbone compute dtype; prompts, scores and losses stay float32.
   c.matmul_precision = "highest"  # Float32 matrix products in full float32 (no TF32 on GPUs).
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
+  # The method: SMoPE, or a baseline (see use_method for their protocol).
+  c.method = "smope"              # One of METHODS.
+  c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompts.
+  c.classifier_alignment = True   # Class statistics and Gaussian replay after each task.
+  # Baselines (L2P++, DualPrompt, CODA-Prompt).
+  c.pool_size = 30                # Prompts in the pool (DualPrompt: 0 = one per task).
+  c.prompt_length = 20            # Tokens per prompt, keys and values together.
+  c.g_prompt_length = 6           # DualPrompt's G-prompt tokens.
+  c.ortho_weight = 0.0            # CODA-Prompt's orthogonality penalty.
+  c.key_loss = "cross_sample"     # L2P: the reference's all-pairs sum, or "per_sample".
+  c.key_loss_groups = 4           # L2P: the batch split the reference's 4 GPUs summed over.
   # SMoPE.
-  c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompt experts.
   c.num_experts = 25              # E experts per head (the reference's prompt length 50 = 2E).
   c.top_k = 5                     # K active experts per head.
   c.epsilon = 0.4                 # Training noise / router margin factor.
@@ -66,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256         # Global evaluation batch.
   c.lr = 0.005                    # Base rate (head); prompts use lr * prompt_lr_multiplier.
   c.prompt_lr_multiplier = 5.0    # The reference trains the prompt experts 5x faster.
-  c.weight_decay = 0.0            # AdamW weight decay while training tasks.
+  c.optimizer = "adamw"           # "adamw" (decoupled weight decay) or "adam" (L2).
+  c.weight_decay = 0.0            # Weight decay while training tasks.
   c.epochs = 20                   # Epochs per task (top-K phase).
   c.schedule = "cosine"           # "cosine" (per iteration, after freeze_steps) or "epoch_cosine" (CUB).
   c.schedule_delay = True         # The reference's lag: step 0 at the base rate, step n at schedule[n - 1].
@@ -123,6 +137,43 @@ def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
   return args
 
 
+# Prompted blocks of the baselines: L2P++ 0; Deep L2P++ 0-4; DualPrompt
+# G-prompts in 0-1 and E-prompts in 2-4; CODA-Prompt 0-4.
+BASELINE_LAYERS = {"l2p": 1, "deep_l2p": 5, "dualprompt": 5, "codaprompt": 5}
+# Pool size, prompt length (keys + values) of each baseline.
+BASELINE_PROMPTS = {"l2p": (30, 20), "deep_l2p": (30, 20),
+                    "dualprompt": (0, 20), "codaprompt": (100, 8)}
+
+
+def use_method(config, method: str, *, epochs: int,
+               batch_size: int = 128) -> ml_collections.ConfigDict:
+  """Sets `config.method` with its defaults.
+
+  SMoPE keeps the config's settings. The baselines get the protocol behind
+  their published numbers (the CODA-Prompt code): Adam at 1e-3 for prompts
+  and classifier alike, a per-epoch cosine stepped at each epoch's start
+  (no lag), `epochs` epochs of `batch_size`, no classifier alignment, and
+  each method's prompt sizes. `prompt_lr_multiplier` and
+  `classifier_alignment` switch on the SMoPE repository's protocol (5x the
+  rate for prompts; alignment with its defaults of 10 epochs, ratio 4).
+  """
+  if method not in METHODS:
+    raise ConfigError(f"method={method!r}; choose one of {METHODS}.")
+  config.method = method
+  if method == "smope":
+    return config
+  pool, length = BASELINE_PROMPTS[method]
+  config.update(
+      optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="epoch_cosine",
+      schedule_delay=False, freeze_steps=0, iters_per_epoch=0,
+      epochs=epochs, batch_size=batch_size, prompt_lr_multiplier=1.0,
+      classifier_alignment=False, align_epochs=10, align_ratio=4,
+      dense_warmup=False, top_k=5, pool_size=pool, prompt_length=length,
+      num_prompted_layers=min(BASELINE_LAYERS[method],
+                              model_dims(config)["num_layers"]))
+  return config
+
+
 def model_dims(config) -> dict:
   """ViT size of the config: a named variant or the custom fields."""
   if config.model.variant == "custom":
@@ -176,12 +227,37 @@ def validate(config) -> None:
   _require(1 <= config.num_prompted_layers <= dims["num_layers"],
            f"config.num_prompted_layers={config.num_prompted_layers} must be "
            f"between 1 and the {dims['num_layers']} layers.")
-  _require(1 <= config.top_k <= config.num_experts,
-           f"config.top_k={config.top_k} must be between 1 and "
-           f"config.num_experts={config.num_experts}.")
+  _require(config.method in METHODS,
+           f"config.method={config.method!r}; choose one of {METHODS}.")
+  if config.method == "smope":
+    _require(1 <= config.top_k <= config.num_experts,
+             f"config.top_k={config.top_k} must be between 1 and "
+             f"config.num_experts={config.num_experts}.")
+  if config.method in ("l2p", "deep_l2p"):
+    _require(1 <= config.top_k <= config.pool_size,
+             f"config.top_k={config.top_k} must be between 1 and "
+             f"config.pool_size={config.pool_size}.")
+    _require(config.key_loss in KEY_LOSSES,
+             f"config.key_loss={config.key_loss!r}; choose one of "
+             f"{KEY_LOSSES}.")
+    _require(config.key_loss_groups >= 1 and
+             config.batch_size % config.key_loss_groups == 0,
+             f"config.key_loss_groups={config.key_loss_groups} must divide "
+             f"config.batch_size={config.batch_size}.")
+  if config.method == "dualprompt":
+    _require(config.num_prompted_layers >= 3,
+             "DualPrompt needs config.num_prompted_layers >= 3 (G-prompts "
+             "in the first two blocks, E-prompts after them).")
+  if config.method != "smope":
+    _require(config.prompt_length >= 2 and config.prompt_length % 2 == 0,
+             f"config.prompt_length={config.prompt_length} must be even: "
+             "half keys, half values.")
+    _require(config.pool_size >= (1 if config.method != "dualprompt" else 0),
+             f"config.pool_size={config.pool_size} must be positive.")
   for name, choices in (("test_resize", ("resize", "resize_crop")),
                         ("schedule", SCHEDULES), ("dtype", DTYPES),
                         ("matmul_precision", MATMUL_PRECISIONS),
+                        ("optimizer", OPTIMIZERS),
                         ("imagenet_r_split", IMAGENET_R_SPLITS)):
     _require(config[name] in choices,
              f"config.{name}={config[name]!r}; choose one of {choices}.")
@@ -193,7 +269,7 @@ def validate(config) -> None:
     _require(float(config[name]) > 0, f"config.{name} must be positive.")
   for name in ("freeze_steps", "iters_per_epoch", "align_epochs",
                "router_weight", "prototype_weight", "epsilon",
-               "weight_decay", "align_weight_decay"):
+               "weight_decay", "align_weight_decay", "ortho_weight"):
     _require(float(config[name]) >= 0, f"config.{name} must not be negative.")
   parse_seeds(config)
 

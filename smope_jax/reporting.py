@@ -84,8 +84,9 @@ class Reporter:
                        for row in summary["acc_matrix"]], np.float64)
     plots.plot_accuracy_matrix(matrix, f"{self.workdir}/accuracy_matrix.png",
                                title=f"Accuracy (%) - FAA {summary['faa']:.2f}")
-    plots.plot_expert_frequencies(np.asarray(summary["expert_counts"]),
-                                  f"{self.workdir}/expert_frequencies.png")
+    if "expert_counts" in summary:
+      plots.plot_expert_frequencies(np.asarray(summary["expert_counts"]),
+                                    f"{self.workdir}/expert_frequencies.png")
 
   def seed_report(self, summaries: list[dict], seeds: list[int]) -> None:
     if not self.enabled:

@@ -1,4 +1,4 @@
-"""Jitted steps: training, evaluation, expert counting and feature extraction.
+"""Jitted steps: training, evaluation, bookkeeping and feature extraction.
 
 The backbone weights are an ordinary, non-differentiated argument of every
 step: gradients and optimizer state exist only for the trainable tree
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from smope_jax import experts, losses, schedules
+from smope_jax import losses, schedules
 
 
 # The parameters that learn; everything else is the frozen backbone.
@@ -33,62 +33,51 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
   return {**frozen, **trainable}
 
 
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-  router: float
-  prototype: float
-  epsilon: float
-  top_k: int
-
-
 @flax.struct.dataclass
 class TaskInputs:
   """What a training step needs besides parameters, optimizer and batch.
 
   Attributes:
     class_range: int32 (2,), [first class of the task, end of seen classes).
+    task: int32, the task's index.
     rates: float32 learning rate of this step per trainable group
       ({'prompts', 'head'}).
-    expert_state: counts and marks (L, H, E).
-    old_keys: expert keys when the task started (L, H, E, d).
+    method_state: the method's state (e.g. SMoPE's counts and snapshot).
   """
   class_range: jax.Array
+  task: jax.Array
   rates: dict
-  expert_state: dict
-  old_keys: jax.Array
+  method_state: dict
 
 
 def train_step(trainable, opt_state, frozen, batch, inputs: TaskInputs, *,
-               model, tx: optax.GradientTransformation, mode: str,
-               weights: LossWeights, use_prototype: bool):
+               model, method, tx: optax.GradientTransformation, mode: str):
   """One optimizer step on a global batch; returns new state and metrics.
+
+  The loss is the cross-entropy over the current task's classes plus the
+  method's weighted terms.
 
   Args:
     trainable: {'prompts', 'head'} parameters (differentiated).
     opt_state: optimizer state of `trainable`.
     frozen: backbone parameters (not differentiated).
     batch: {'image', 'label', 'mask'}.
-    inputs: the task's class range, this step's rates and the expert state.
-    model, tx, mode, weights, use_prototype: static, bound by `make_steps`.
+    inputs: the task's class range and index, the rates, the method state.
+    model, method, tx, mode: static, bound by `make_steps`.
   """
   class_range = inputs.class_range
+  context = method.context(inputs.method_state, inputs.task)
 
   def loss_fn(params):
     out = model.apply({"params": merge_params(params, frozen)},
-                      batch["image"], inputs.expert_state, mode=mode)
+                      batch["image"], context, mode=mode)
     ce = losses.task_cross_entropy(out["logits"], batch["label"],
                                    batch["mask"], class_range[0],
                                    class_range[1])
-    terms = {"ce": ce}
-    if mode == "train" and weights.router > 0:
-      terms["router"] = losses.router_loss(out["scores"], out["selected"],
-                                           weights.epsilon, batch["mask"])
-    if use_prototype and weights.prototype > 0:
-      terms["prototype"] = losses.prototype_loss(
-          params["prompts"]["keys"], inputs.old_keys,
-          inputs.expert_state["frequent"], weights.top_k)
-    total = (ce + weights.router * terms.get("router", 0.0) +
-             weights.prototype * terms.get("prototype", 0.0))
+    extra = method.loss_terms(out, params, inputs.method_state, inputs.task,
+                              batch["mask"], mode)
+    total = ce + sum(weight * value for value, weight in extra.values())
+    terms = {"ce": ce, **{name: value for name, (value, _) in extra.items()}}
     return total, (terms, out["logits"])
 
   (total, (terms, logits)), grads = jax.value_and_grad(
@@ -114,37 +103,40 @@ def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
   return jnp.argmax(jnp.where(allowed[None], logits, -jnp.inf), axis=-1)
 
 
-def _infer(trainable, frozen, expert_state, images, model,
+def _infer(trainable, frozen, method_state, images, task, model, method,
            exclude_unused: bool = True):
-  """Forward with the inference routing."""
+  """Forward with the method's inference rules."""
+  context = method.context(method_state, task, exclude_unused=exclude_unused)
   return model.apply({"params": merge_params(trainable, frozen)}, images,
-                     expert_state, mode="eval", exclude_unused=exclude_unused)
+                     context, mode="eval")
 
 
-def eval_step(trainable, frozen, expert_state, batch, num_seen, *, model,
-              exclude_unused: bool):
+def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
+              model, method, exclude_unused: bool):
   """Number of correctly classified real images in the batch.
 
-  With `exclude_unused` False the experts are routed as the reference's
-  published evaluation did (see `prompt_attention.selection_penalty`).
+  With `exclude_unused` False, SMoPE routes as the reference's published
+  evaluation did (see `prompt_attention.selection_penalty`).
   """
-  out = _infer(trainable, frozen, expert_state, batch["image"], model,
-               exclude_unused)
+  out = _infer(trainable, frozen, method_state, batch["image"], task, model,
+               method, exclude_unused)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
 
-def count_step(trainable, frozen, expert_state, batch, *, model, top_k: int):
-  """Inference-mode pass that adds this batch to the activation counts."""
-  out = _infer(trainable, frozen, expert_state, batch["image"], model)
-  return experts.update_counts(expert_state, out["scores"], top_k,
-                               batch["mask"])
+def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
+                     method):
+  """Inference-mode pass whose outputs update the method's state."""
+  out = _infer(trainable, frozen, method_state, batch["image"], task, model,
+               method)
+  return method.bookkeep(method_state, out, batch["mask"])
 
 
-def feature_step(trainable, frozen, expert_state, batch, *, model):
+def feature_step(trainable, frozen, method_state, batch, task, *, model,
+                 method):
   """Pre-logits with test-time routing, for the class statistics."""
-  return _infer(trainable, frozen, expert_state, batch["image"],
-                model)["pre_logits"]
+  return _infer(trainable, frozen, method_state, batch["image"], task, model,
+                method)["pre_logits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,37 +144,37 @@ class Steps:
   """The jitted steps of one run."""
   train: Callable[..., Any]
   eval: Callable[..., Any]
-  count: Callable[..., Any]
+  bookkeeping: Callable[..., Any]
   features: Callable[..., Any]
 
 
-def make_steps(model, tx: optax.GradientTransformation, weights: LossWeights,
-               replicated, exclude_unused_at_eval: bool) -> Steps:
+def make_steps(model, method, tx: optax.GradientTransformation, replicated,
+               exclude_unused_at_eval: bool) -> Steps:
   """Jits the steps of a run.
 
-  One train step is compiled per (mode, prototype loss on/off), whatever the
-  number and size of the tasks: class ranges, rates and expert state are
-  arguments. Parameters and states come back replicated over the mesh; the
-  batch arrives sharded over its 'data' axis, so XLA inserts the gradient
-  all-reduce of data parallelism.
+  One train step is compiled per mode (SMoPE's dense warm-up and top-K
+  training), whatever the number and size of the tasks: the class ranges,
+  task index, rates and method state are arguments. Parameters and states
+  come back replicated over the mesh; the batch arrives sharded over its
+  'data' axis, so XLA inserts the gradient all-reduce of data parallelism.
   """
 
   @functools.lru_cache(maxsize=None)
-  def train_for(mode: str, use_prototype: bool):
-    fn = functools.partial(train_step, model=model, tx=tx, mode=mode,
-                           weights=weights, use_prototype=use_prototype)
+  def train_for(mode: str):
+    fn = functools.partial(train_step, model=model, method=method, tx=tx,
+                           mode=mode)
     return jax.jit(fn, out_shardings=(replicated, replicated, replicated),
                    donate_argnums=(0, 1))
 
-  def train(mode, use_prototype, *args):
-    return train_for(mode, use_prototype)(*args)
+  def train(mode, *args):
+    return train_for(mode)(*args)
 
+  bound = dict(model=model, method=method)
   return Steps(
       train=train,
-      eval=jax.jit(functools.partial(eval_step, model=model,
+      eval=jax.jit(functools.partial(eval_step, **bound,
                                      exclude_unused=exclude_unused_at_eval),
                    out_shardings=replicated),
-      count=jax.jit(functools.partial(count_step, model=model,
-                                      top_k=weights.top_k),
-                    out_shardings=replicated, donate_argnums=(2,)),
-      features=jax.jit(functools.partial(feature_step, model=model)))
+      bookkeeping=jax.jit(functools.partial(bookkeeping_step, **bound),
+                          out_shardings=replicated, donate_argnums=(2,)),
+      features=jax.jit(functools.partial(feature_step, **bound)))

@@ -1,11 +1,11 @@
 """The continual-learning task loop: `train_and_evaluate(config, workdir)`.
 
-Per task: [task 0: dense warm-up] -> top-K training -> expert counting ->
-class statistics -> [t >= 1: classifier alignment] -> evaluation of every
-seen task. The loop is a small state machine whose position (task, phase,
-epoch, step) is saved with the run state, so a re-run of the same command
-resumes where the last one stopped and ends with the results of an
-uninterrupted run.
+Per task: start (the method's task boundary) -> [SMoPE, task 0: dense
+warm-up] -> training -> [SMoPE: expert counting] -> [class statistics ->
+classifier alignment from task 1 on] -> evaluation of every seen task. The
+loop is a small state machine whose position (task, phase, epoch, step) is
+saved with the run state, so a re-run of the same command resumes where the
+last one stopped and ends with the results of an uninterrupted run.
 """
 
 import dataclasses
@@ -18,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from smope_jax import alignment, checkpointing, configuration, experts
+from smope_jax import alignment, checkpointing, configuration
 from smope_jax import distributed, metrics, reporting, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
 from smope_jax.models import factory
 
-# Phases of a task, in order; `meta['phase']` names the next one to run.
-PHASES = ("start", "warmup", "train", "count", "stats", "align", "eval")
+# Phases of a task, in order (`Run.task_phases` picks a method's);
+# `meta['phase']` names the next one to run.
+PHASES = ("start", "warmup", "train", "bookkeeping", "stats", "align", "eval")
 TRAINING_PHASES = ("warmup", "train")
 
 # Above this fraction of a phase spent waiting for data, the log says so.
@@ -107,13 +108,11 @@ class Run:
     if not config.num_classes:
       config = self.config = config.copy_and_resolve_references()
       config.num_classes = self.data.num_classes
-    self.model = factory.build_model(config)
-    self.tx = schedules.adam(config.weight_decay)
+    self.model, self.method = factory.build_model(config, self.data.num_tasks)
+    self.tx = schedules.adam(config.weight_decay,
+                             decoupled=config.optimizer == "adamw")
     self.align_tx = schedules.adam(config.align_weight_decay)
-    self.weights = steps_lib.LossWeights(
-        router=config.router_weight, prototype=config.prototype_weight,
-        epsilon=config.epsilon, top_k=config.top_k)
-    self.steps = steps_lib.make_steps(self.model, self.tx, self.weights,
+    self.steps = steps_lib.make_steps(self.model, self.method, self.tx,
                                       self.replicated,
                                       config.exclude_unused_at_eval)
     self.reporter = reporting.Reporter(self.workdir, distributed.is_primary(),
@@ -121,23 +120,33 @@ class Run:
     self.checkpointer = checkpointing.Checkpointer(
         f"{self.workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
     self.phases = {"start": self.start_task, "warmup": self.train_phase,
-                   "train": self.train_phase, "count": self.count_experts,
+                   "train": self.train_phase,
+                   "bookkeeping": self.bookkeeping,
                    "stats": self.class_statistics, "align": self.align,
                    "eval": self.evaluate}
+
+  def task_phases(self, task: int) -> list[str]:
+    """The phases of a task for this run's method and config."""
+    phases = ["start"]
+    if task == 0 and self.method.dense_warmup:
+      phases.append("warmup")
+    phases.append("train")
+    if self.method.bookkeeping:
+      phases.append("bookkeeping")
+    if self.config.classifier_alignment:
+      phases += ["stats", "align"]
+    return phases + ["eval"]
 
   # ----------------------------------------------------------------- state
 
   def fresh_state(self) -> tuple[dict, dict]:
-    params = factory.init_params(self.config, self.model)
+    params = factory.init_params(self.config, self.model, self.method)
     trainable, frozen = steps_lib.split_params(params)
-    dims = trainable["prompts"]["keys"].shape
     hidden = self.model.hidden_size
     state = {
         "trainable": trainable,
         "opt_state": self.tx.init(trainable),
-        "expert_state": jax.tree_util.tree_map(
-            np.asarray, experts.init_expert_state(*dims[:3])),
-        "snapshot": jax.tree_util.tree_map(np.array, trainable["prompts"]),
+        "method_state": self.method.init_state(trainable),
         "class_means": np.zeros((self.config.num_classes, hidden), np.float32),
         "class_vars": np.zeros((self.config.num_classes, hidden), np.float32),
     }
@@ -195,8 +204,15 @@ class Run:
       self.reporter.close()
       self.checkpointer.close()
 
-  def enter(self, state, meta, phase):
-    """Moves to `phase`; a training phase gets a newly created optimizer."""
+  def advance(self, state, meta):
+    """Moves to the next phase; a training phase gets a new optimizer."""
+    phases = self.task_phases(meta["task"])
+    following = phases.index(meta["phase"]) + 1
+    if following == len(phases):
+      meta["task"] += 1
+      phase = "start"
+    else:
+      phase = phases[following]
     meta.update(phase=phase, epoch=0, step=0)
     if phase in TRAINING_PHASES:
       state["opt_state"] = self.replicated_jit(self.tx.init)(
@@ -204,15 +220,15 @@ class Run:
     return state
 
   def start_task(self, state, meta):
+    """The method's task boundary (SMoPE's snapshot and marks, CODA's
+    Gram-Schmidt), then the first training phase."""
     meta["task_clock"] = time.time()
-    if meta["task"] > 0:
-      # Snapshot for the prototype loss, then mark frequently used experts.
-      state["snapshot"] = self.replicated_jit(experts.snapshot_prompts)(
-          state["trainable"]["prompts"])
-      state["expert_state"] = self.replicated_jit(experts.mark_frequent)(
-          state["expert_state"])
-    warm = meta["task"] == 0 and self.config.dense_warmup
-    return self.enter(state, meta, "warmup" if warm else "train")
+    task = meta["task"]
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task)
+    state["trainable"], state["method_state"] = self.replicated_jit(
+        self.method.start_task)(state["trainable"], state["method_state"],
+                                np.int32(task), key)
+    return self.advance(state, meta)
 
   def phase_epochs(self, phase: str) -> int:
     if phase == "warmup":  # Half the epochs, as the reference's int(E / 2).
@@ -227,7 +243,6 @@ class Run:
     """The epochs of the dense warm-up or of the top-K training."""
     task, config, phase = meta["task"], self.config, meta["phase"]
     mode = "dense" if phase == "warmup" else "train"
-    use_prototype = mode == "train" and task > 0
     epochs = self.phase_epochs(phase)
     steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
     rates = phase_schedules(config, epochs, steps_per_epoch)
@@ -241,13 +256,12 @@ class Run:
         batch = distributed.global_batch(local, self.batch_sharding)
         phase_step = meta["epoch"] * steps_per_epoch + meta["step"]
         inputs = steps_lib.TaskInputs(
-            class_range=self.task_range(task),
+            class_range=self.task_range(task), task=np.int32(task),
             rates={g: np.float32(s(phase_step)) for g, s in rates.items()},
-            expert_state=state["expert_state"],
-            old_keys=state["snapshot"]["keys"])
+            method_state=state["method_state"])
         state["trainable"], state["opt_state"], step_metrics = self.steps.train(
-            mode, use_prototype, state["trainable"], state["opt_state"],
-            self.frozen, batch, inputs)
+            mode, state["trainable"], state["opt_state"], self.frozen, batch,
+            inputs)
         totals = step_metrics if totals is None else jax.tree_util.tree_map(
             jnp.add, totals, step_metrics)
         logged += 1
@@ -276,7 +290,7 @@ class Run:
           "input pipeline is likely the bottleneck: %.0f%% of the %s phase "
           "waited for data (more host CPUs, config.cache_data=True or a "
           "smaller image_size help)", 100 * waited[0] / seconds, phase)
-    state = self.enter(state, meta, "train" if phase == "warmup" else "count")
+    state = self.advance(state, meta)
     self.save(state, meta)
     return state
 
@@ -284,8 +298,8 @@ class Run:
                 images_per_s):
     """Logs the mean of the step metrics accumulated over `steps` steps."""
     host = distributed.to_host(totals)
-    values = {name: float(host[name]) / steps
-              for name in ("loss", "ce", "router", "prototype") if name in host}
+    values = {name: float(value) / steps for name, value in host.items()
+              if name not in ("correct", "count")}
     values["acc"] = 100.0 * float(host["correct"]) / max(
         float(host["count"]), 1.0)
     meta["train_log"].append(
@@ -297,8 +311,8 @@ class Run:
     done = meta["epoch"] * per_epoch + meta["step"]
     self.reporter.progress.update(label, done, per_epoch * epochs, values)
 
-  def count_experts(self, state, meta):
-    """Inference-mode pass over the task's training set, counts per batch.
+  def bookkeeping(self, state, meta):
+    """SMoPE's expert counting: an inference-mode pass over the task's data.
 
     It reads the training loader (shuffled, augmented, last partial batch
     dropped), and each batch's routing already sees the counts of the
@@ -309,10 +323,11 @@ class Run:
                                          self.config.batch_size,
                                          start_step=meta["step"]):
       batch = distributed.global_batch(local, self.batch_sharding)
-      state["expert_state"] = self.steps.count(
-          state["trainable"], self.frozen, state["expert_state"], batch)
+      state["method_state"] = self.steps.bookkeeping(
+          state["trainable"], self.frozen, state["method_state"], batch,
+          np.int32(task))
       meta["step"] += 1
-    state = self.enter(state, meta, "stats")
+    state = self.advance(state, meta)
     self.save(state, meta)
     return state
 
@@ -328,7 +343,7 @@ class Run:
                                          drop_remainder=False):
       batch = distributed.global_batch(local, self.batch_sharding)
       out = self.steps.features(state["trainable"], self.frozen,
-                                state["expert_state"], batch)
+                                state["method_state"], batch, np.int32(task))
       keep = distributed.gather_to_host(batch["mask"]) > 0
       feats.append(distributed.gather_to_host(out)[keep])
       labels.append(distributed.gather_to_host(batch["label"])[keep])
@@ -340,7 +355,7 @@ class Run:
     host_means[classes], host_vars[classes] = means, variances
     state["class_means"], state["class_vars"] = distributed.put_replicated(
         (host_means, host_vars), self.mesh)
-    return self.enter(state, meta, "align")
+    return self.advance(state, meta)
 
   def align(self, state, meta):
     """Classifier alignment on replayed features (tasks after the first)."""
@@ -363,7 +378,7 @@ class Run:
           per_class=config.batch_size * config.align_ratio,
           num_epochs=config.align_epochs)
       state["trainable"] = trainable
-    return self.enter(state, meta, "eval")
+    return self.advance(state, meta)
 
   def evaluate(self, state, meta):
     """Accuracy on every seen task, predicting over all seen classes."""
@@ -374,8 +389,9 @@ class Run:
       correct = jnp.int32(0)
       for local in self.data.test_batches(j, self.config.eval_batch_size):
         batch = distributed.global_batch(local, self.batch_sharding)
-        correct = correct + self.steps.eval(state["trainable"], self.frozen,
-                                            state["expert_state"], batch, seen)
+        correct = correct + self.steps.eval(
+            state["trainable"], self.frozen, state["method_state"], batch,
+            seen, np.int32(task))
       correct = int(distributed.to_host(correct))
       row.append(100.0 * correct / self.data.test_size(j))
     meta["acc_matrix"].append(row)
@@ -383,8 +399,7 @@ class Run:
                                                        time.time()))
     logging.info("after task %d: %s accuracies %s", task + 1,
                  self.evaluated_on, " ".join(f"{a:.2f}" for a in row))
-    meta["task"] += 1
-    state = self.enter(state, meta, "start")
+    state = self.advance(state, meta)
     summary = self.summary(state, meta)
     self.reporter.scalars(task + 1, {k: summary[k] for k in
                                      ("faa", "caa", "ffm")}, prefix="eval/")
@@ -401,16 +416,14 @@ class Run:
     sizes = [self.data.test_size(j) for j in range(len(meta["acc_matrix"]))]
     out = metrics.summarize(matrix, test_sizes=sizes)
     out.update(
+        method=self.config.method, dataset=self.config.dataset,
         seed=meta["seed"], tasks_done=len(meta["acc_matrix"]),
         evaluated_on=self.evaluated_on, joint=bool(self.config.joint),
         task_classes=[b - a for a, b in self.data.class_ranges],
         task_seconds=meta["task_seconds"],
         train_images_per_second=meta["train_images_per_second"],
         train_log=meta["train_log"],
-        expert_counts=np.asarray(distributed.to_host(
-            state["expert_state"]["counts"])).tolist(),
-        expert_frequent=np.asarray(distributed.to_host(
-            state["expert_state"]["frequent"])).tolist())
+        **self.method.report(distributed.to_host(state["method_state"])))
     return out
 
 

@@ -14,20 +14,28 @@ from smope_jax import experts
 from smope_jax import losses
 from smope_jax import schedules
 from smope_jax import train_step as ts
+from smope_jax.methods import smope
 from smope_jax.models import variants
 from smope_jax.models import vit
+from configs import demo
 
 B, S, P, D, LAYERS, H, MLP, L, E, K, C = 4, 8, 4, 16, 3, 2, 32, 2, 6, 3, 10
 N = (S // P) ** 2 + 1
 HD = D // H
 
 TINY = dict(num_classes=C, patch_size=P, hidden_size=D, num_layers=LAYERS,
-            num_heads=H, mlp_dim=MLP, num_prompted_layers=L, num_experts=E,
-            top_k=K, epsilon=0.4)
+            num_heads=H, mlp_dim=MLP)
 
 
-def _model(**overrides):
-  return vit.SMoPEViT(**{**TINY, **overrides})
+def _prompts(num_layers=L, num_experts=E, top_k=K, heads=H, head_dim=HD):
+  return smope.SMoPEPrompts(num_layers=num_layers, num_heads=heads,
+                            num_experts=num_experts, head_dim=head_dim,
+                            top_k=top_k, epsilon=0.4, inference_penalty=2.0)
+
+
+def _model(num_prompted_layers=L, **overrides):
+  prompts = _prompts(num_prompted_layers) if num_prompted_layers else None
+  return vit.VisionTransformer(**{**TINY, **overrides}, prompts=prompts)
 
 
 def _images(seed: int = 0, batch: int = B):
@@ -106,9 +114,7 @@ def test_param_tree_follows_google_layout():
 
 
 def test_prompt_init_is_uniform_on_unit_interval():
-  experts_module = vit.PromptExperts(L, H, E, HD)
-  # The RBG generator compiles much faster than threefry on CPU.
-  params = experts_module.init(jax.random.key(0, impl='rbg'))['params']
+  params = _params()['prompts']
   assert set(params) == {'keys', 'values'}
   for name in ('keys', 'values'):
     x = np.asarray(params[name])
@@ -118,14 +124,12 @@ def test_prompt_init_is_uniform_on_unit_interval():
     assert 0.4 < x.mean() < 0.6
     assert 0.25 < x.std() < 0.33  # Uniform [0, 1): std 0.289.
   assert not np.array_equal(params['keys'], params['values'])
-  keys, values = experts_module.apply({'params': params})
-  chex.assert_trees_all_equal((keys, values),
-                              (params['keys'], params['values']))
 
 
 def test_vit_b16_learnable_parameter_count():
-  model = vit.SMoPEViT(num_classes=200, **variants.VIT_VARIANTS['B/16'],
-                       num_prompted_layers=6, num_experts=25, top_k=5)
+  model = vit.VisionTransformer(
+      num_classes=200, **variants.VIT_VARIANTS['B/16'],
+      prompts=_prompts(6, 25, 5, heads=12, head_dim=64))
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
                          mode='dense'))['params']
@@ -173,8 +177,8 @@ def test_evaluation_routes_by_the_clean_top_k_unless_exclusion_is_on():
   state = {'counts': jnp.asarray(counts),
            'frequent': jnp.zeros((L, H, E), bool)}
   model, params = _model(), _params()
-  published = model.apply({'params': params}, _images(), state, mode='eval',
-                          exclude_unused=False)
+  published = model.apply({'params': params}, _images(),
+                          {**state, 'exclude_unused': False}, mode='eval')
   clean = np.asarray(jax.lax.top_k(published['scores'], K)[1])
   np.testing.assert_array_equal(published['selected'], clean)
   excluded = model.apply({'params': params}, _images(), state, mode='eval')
@@ -183,8 +187,9 @@ def test_evaluation_routes_by_the_clean_top_k_unless_exclusion_is_on():
   assert not np.array_equal(chosen, clean)
   # Counting and statistics keep the exclusion: mode 'eval' defaults to it.
   np.testing.assert_array_equal(
-      chosen, model.apply({'params': params}, _images(), state, mode='eval',
-                          exclude_unused=True)['selected'])
+      chosen, model.apply({'params': params}, _images(),
+                          {**state, 'exclude_unused': True},
+                          mode='eval')['selected'])
 
 
 def test_modes_needing_state_and_bad_mode_raise():
@@ -235,14 +240,13 @@ def test_blocks_from_l_on_are_plain_attention():
     x_out, routing = block_out[i]
     chex.assert_shape(x_out, (B, N, D))
     if i < L:
-      scores, selected = routing
-      chex.assert_shape(scores, (B, H, E))
-      chex.assert_trees_all_equal(scores, out['scores'][i])
-      chex.assert_trees_all_equal(selected, out['selected'][i])
+      chex.assert_shape(routing['scores'], (B, H, E))
+      chex.assert_trees_all_equal(routing['scores'], out['scores'][i])
+      chex.assert_trees_all_equal(routing['selected'], out['selected'][i])
     else:
       assert routing is None
       x_in = block_out[i - 1][0]
-      block = vit.Encoder1DBlock(H, MLP, K)
+      block = vit.Encoder1DBlock(H, MLP)
       ref, ref_routing = block.apply(
           {'params': params['Transformer'][f'encoderblock_{i}']}, x_in)
       assert ref_routing is None
@@ -257,7 +261,12 @@ def _batch(seed: int = 1, first: int = 3, end: int = 6):
   return {'image': _images(seed), 'label': labels, 'mask': mask}
 
 
-WEIGHTS = ts.LossWeights(router=0.1, prototype=0.1, epsilon=0.4, top_k=K)
+def _method():
+  config = demo.get_config()
+  config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4,
+                router_weight=0.1, prototype_weight=0.1)
+  return smope.SMoPE(config, num_tasks=2,
+                     dims=dict(num_heads=H, hidden_size=D))
 
 
 def test_gradients_reach_prompts_and_head_only():
@@ -311,16 +320,16 @@ def _optimizer():
 
 def _inputs(old_keys, class_range=(3, 6)):
   return ts.TaskInputs(
-      class_range=jnp.array(class_range, jnp.int32),
+      class_range=jnp.array(class_range, jnp.int32), task=jnp.int32(1),
       rates={'prompts': jnp.float32(0.05), 'head': jnp.float32(0.01)},
-      expert_state=_state(), old_keys=old_keys)
+      method_state={**_state(), 'snapshot': {'keys': old_keys}})
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_train_step(mode: str):
   return jax.jit(functools.partial(
-      ts.train_step, model=_model(), tx=_optimizer(), mode=mode,
-      weights=WEIGHTS, use_prototype=(mode == 'train')))
+      ts.train_step, model=_model(), method=_method(), tx=_optimizer(),
+      mode=mode))
 
 
 def _path_names(path):
@@ -427,7 +436,7 @@ def _np_forward(params, images, state, mode):
             idx = np.arange(E)
           else:
             if mode == 'train':
-              eta = TINY['epsilon'] * frequent[i, h]
+              eta = 0.4 * frequent[i, h]
             else:
               eta = 2.0 * (counts[i, h] == 0)
             s_hat = s - eta * (s.max() - s.min())

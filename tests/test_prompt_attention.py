@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smope_jax.models import attention
 from smope_jax.models import prompt_attention as pa
 
 # The head shapes of the tiny model in test_model.py (shared compiled ops).
@@ -37,6 +38,12 @@ def _softmax(x):
   x = x - x.max(-1, keepdims=True)
   e = np.exp(x)
   return e / e.sum(-1, keepdims=True)
+
+
+def _attend(q, k, v, logits, values, fused=False):
+  """SMoPE's rank-one prefix through the shared kernel."""
+  return attention.prefix_attention(
+      q, k, v, attention.Prefix(values=values, bias=logits), fused=fused)
 
 
 def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta,
@@ -74,7 +81,7 @@ def test_intermediate_shapes_and_dtypes():
   chex.assert_type(scores, jnp.float32)
 
   state = _state(frequent=np.arange(H * E).reshape(1, H, E) % 2 == 0)
-  for mode in pa.MODES:
+  for mode in ("plain", "dense", "train", "eval"):
     eta_all = pa.selection_penalty(state, mode, 0.4, 2.0)
     chex.assert_shape(eta_all, (1, H, E))
     chex.assert_type(eta_all, jnp.float32)
@@ -114,10 +121,10 @@ def test_intermediate_shapes_and_dtypes():
   chex.assert_type(d_selected, jnp.int32)
 
   for fused in (False, True):
-    out = pa.prompted_attention(q, k, v, logits, values, fused=fused)
+    out = _attend(q, k, v, logits, values, fused=fused)
     chex.assert_shape(out, (B, N, H, D))
     chex.assert_type(out, jnp.float32)
-    out = pa.plain_attention(q, k, v, fused=fused)
+    out = attention.prefix_attention(q, k, v, None, fused=fused)
     chex.assert_shape(out, (B, N, H, D))
     chex.assert_type(out, jnp.float32)
 
@@ -279,7 +286,7 @@ def test_prompted_attention_matches_numpy(fused):
   marks[0, np.arange(H), clean[0].argmax(-1)] = True
   eta = pa.selection_penalty(_state(frequent=marks), 'train', 0.05, 2.0)[0]
   logits, values, scores, selected = pa.route(q, pk, pv, eta, K, 'train')
-  out = pa.prompted_attention(q, k, v, logits, values, fused=fused)
+  out = _attend(q, k, v, logits, values, fused=fused)
   chex.assert_shape(out, (B, N, H, D))
   chex.assert_type(out, jnp.float32)
 
@@ -310,7 +317,7 @@ def test_prompt_logits_identical_for_every_query_row():
   values = jnp.broadcast_to(jnp.eye(K, D), (B, H, K, D))  # D >= K.
   for fused in (False, True):
     weights = np.asarray(
-        pa.prompted_attention(q, k, v, logits, values, fused=fused),
+        _attend(q, k, v, logits, values, fused=fused),
         np.float64)
     chex.assert_shape(weights, (B, N, H, D))
     chosen = np.take_along_axis(np.asarray(scores), np.asarray(selected), -1)
@@ -338,14 +345,14 @@ def test_dense_equals_topk_with_all_experts_and_no_noise():
   chex.assert_shape(t_selected, (B, H, E))
   chex.assert_trees_all_equal(d_scores, t_scores)
   for fused in (False, True):
-    dense = pa.prompted_attention(q, k, v, d_logits, d_values, fused=fused)
-    topk = pa.prompted_attention(q, k, v, t_logits, t_values, fused=fused)
+    dense = _attend(q, k, v, d_logits, d_values, fused=fused)
+    topk = _attend(q, k, v, t_logits, t_values, fused=fused)
     np.testing.assert_allclose(dense, topk, rtol=1e-5, atol=1e-6)
   # Noise would not matter in dense mode anyway: a marked expert still
   # takes part. Dense is the numpy reference with K = E and no penalty.
   expected, _ = _numpy_prompted_attention(q, k, v, pk, pv, np.zeros((H, E)),
                                           E)
-  dense = pa.prompted_attention(q, k, v, d_logits, d_values)
+  dense = _attend(q, k, v, d_logits, d_values)
   np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -357,13 +364,13 @@ def test_fused_equals_einsum(mode):
                  frequent=rng.uniform(size=(1, H, E)) < 0.3)
   eta = pa.selection_penalty(state, mode, 0.5, 2.0)[0]
   logits, values, _, _ = pa.route(q, pk, pv, eta, K, mode)
-  einsum = pa.prompted_attention(q, k, v, logits, values, fused=False)
-  fused = pa.prompted_attention(q, k, v, logits, values, fused=True)
+  einsum = _attend(q, k, v, logits, values, fused=False)
+  fused = _attend(q, k, v, logits, values, fused=True)
   chex.assert_equal_shape([einsum, fused])
   chex.assert_type(fused, jnp.float32)
   np.testing.assert_allclose(fused, einsum, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(pa.plain_attention(q, k, v, fused=True),
-                             pa.plain_attention(q, k, v, fused=False),
+  np.testing.assert_allclose(attention.prefix_attention(q, k, v, None, fused=True),
+                             attention.prefix_attention(q, k, v, None, fused=False),
                              atol=1e-5, rtol=1e-5)
 
 
@@ -372,8 +379,8 @@ def test_very_negative_prompt_logits_give_plain_attention():
   logits = jnp.full((B, H, K), -1e9, jnp.float32)
   values = jnp.broadcast_to(pv[None, :, :K], (B, H, K, D))
   for fused in (False, True):
-    out = pa.prompted_attention(q, k, v, logits, values, fused=fused)
-    np.testing.assert_allclose(out, pa.plain_attention(q, k, v),
+    out = _attend(q, k, v, logits, values, fused=fused)
+    np.testing.assert_allclose(out, attention.prefix_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -391,10 +398,10 @@ def test_bfloat16_keeps_scores_float32():
     chex.assert_type(scores, jnp.float32)
     chex.assert_type(selected, jnp.int32)
     for fused in (False, True):
-      out = pa.prompted_attention(q, k, v, logits, values, fused=fused)
+      out = _attend(q, k, v, logits, values, fused=fused)
       chex.assert_shape(out, (B, N, H, D))
       chex.assert_type(out, jnp.bfloat16)
-      ref = pa.prompted_attention(q.astype(jnp.float32),
+      ref = _attend(q.astype(jnp.float32),
                                   k.astype(jnp.float32),
                                   v.astype(jnp.float32), logits, values)
       np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)

@@ -44,11 +44,11 @@ def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
   assert not np.allclose(trained["prompts"]["keys"], initial["prompts"]["keys"])
 
   # The rest of task 0, then the start of task 1.
-  for phase in ("train", "count", "stats", "align", "eval"):
+  for phase in ("train", "bookkeeping", "stats", "align", "eval"):
     assert meta["phase"] == phase
     state = run.phases[phase](state, meta)
   assert meta["task"] == 1 and meta["phase"] == "start"
-  counts = distributed.to_host(state["expert_state"]["counts"])
+  counts = distributed.to_host(state["method_state"]["counts"])
   per_head = counts.sum(-1)
   # The counting pass drops the last partial batch; K = 2 per sample.
   steps = run.data.train_size(0) // 64
@@ -57,13 +57,13 @@ def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
 
   state = run.start_task(state, meta)
   assert meta["phase"] == "train"
-  snapshot = distributed.to_host(state["snapshot"])
+  snapshot = distributed.to_host(state["method_state"]["snapshot"])
   np.testing.assert_array_equal(snapshot["keys"], prompts["keys"])
   np.testing.assert_array_equal(snapshot["values"], prompts["values"])
   expected = experts.mark_frequent(
       {"counts": counts, "frequent": np.zeros(counts.shape, bool)})
   np.testing.assert_array_equal(
-      distributed.to_host(state["expert_state"]["frequent"]),
+      distributed.to_host(state["method_state"]["frequent"]),
       np.asarray(expected["frequent"]))
   assert set(_counts(state["opt_state"])) == {0}
 
@@ -100,8 +100,8 @@ def test_a_task_of_5000_images_takes_39_steps_and_counts_39_batches(
   (state, run.frozen), meta = run.fresh_state()
   state = run.start_task(state, meta)
   state = run.train_phase(state, meta)
-  assert meta["global_step"] == 39 and meta["phase"] == "count"
-  state = run.count_experts(state, meta)
-  counts = distributed.to_host(state["expert_state"]["counts"])
+  assert meta["global_step"] == 39 and meta["phase"] == "bookkeeping"
+  state = run.bookkeeping(state, meta)
+  counts = distributed.to_host(state["method_state"]["counts"])
   # Every layer and head: 39 batches x 128 samples x K = 2.
   assert np.all(counts.sum(-1) == 39 * 128 * 2)

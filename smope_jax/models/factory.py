@@ -1,35 +1,41 @@
-"""The SMoPE model and its initial parameters, from a config."""
+"""A config's model, its prompt method, and their initial parameters."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smope_jax import configuration, experts, train_step
-from smope_jax.models.vit import SMoPEViT
+from smope_jax import configuration, methods, train_step
+from smope_jax.methods import base
+from smope_jax.models.vit import VisionTransformer
 
 
-def build_model(config) -> SMoPEViT:
-  """The configured ViT with its prompt experts (no parameters yet)."""
-  return SMoPEViT(
-      num_classes=config.num_classes,
-      num_prompted_layers=config.num_prompted_layers,
-      num_experts=config.num_experts, top_k=config.top_k,
-      epsilon=config.epsilon, inference_penalty=config.inference_penalty,
-      dtype=jnp.dtype(config.dtype), fused_attention=config.fused_attention,
-      **configuration.model_dims(config))
+def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
+                                                 base.Method]:
+  """The configured ViT with `config.method`'s prompts (no parameters yet).
+
+  `num_tasks` sizes what depends on it (DualPrompt's pool, CODA-Prompt's
+  components per task).
+  """
+  dims = configuration.model_dims(config)
+  method = methods.get(config, num_tasks, dims)
+  model = VisionTransformer(
+      num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
+      fused_attention=config.fused_attention, prompts=method.prompts(),
+      **dims)
+  return model, method
 
 
-def init_params(config, model: SMoPEViT) -> dict:
-  """Random prompts and head; the backbone from `config.pretrained`.
+def init_params(config, model: VisionTransformer,
+                method: base.Method) -> dict:
+  """Initial prompts and head; the backbone from `config.pretrained`.
 
   With `config.pretrained == ""` the backbone stays random (tests, demo,
   benchmark). Returns numpy arrays.
   """
   images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  state = experts.init_expert_state(config.num_prompted_layers,
-                                    model.num_heads, config.num_experts)
-  params = jax.jit(lambda k: model.init(k, images, state, mode="train"))(
-      jax.random.PRNGKey(config.seed))["params"]
+  params = jax.jit(lambda k: model.init(
+      k, images, method.init_context(), mode="train"))(
+          jax.random.PRNGKey(config.seed))["params"]
   params = jax.tree_util.tree_map(np.asarray, params)
   if config.pretrained:
     from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
@@ -37,4 +43,3 @@ def init_params(config, model: SMoPEViT) -> dict:
     frozen = pretrained.load_backbone(config.pretrained, frozen)
     params = train_step.merge_params(trainable, frozen)
   return params
-

@@ -1,20 +1,21 @@
-"""Vision Transformer with SMoPE prompt experts in its first blocks.
+"""Vision Transformer whose blocks take a prompt method's prefixes.
 
 Parameter names follow the public Google ViT checkpoints
 (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/...`), so
-converted weights load without renaming. The prompt experts live beside the
-backbone under `prompts/{keys,values}` with shape (L, H, E, d), and the
+converted weights load without renaming. A method's prompt parameters live
+beside the backbone under `prompts/...` (see `smope_jax.methods`), and the
 classifier under `head`.
 """
 
+import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from smope_jax.models import prompt_attention as pa
+from smope_jax.models import attention
 
 Dtype = Any
 
@@ -50,67 +51,48 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Attention with optional prompt experts; qkv kernels laid out (D, H, d)."""
+  """Attention over an optional prefix; qkv kernels laid out (D, H, d)."""
   num_heads: int
-  top_k: int = 5
   dtype: Dtype = jnp.float32
   fused: bool = False
 
   @nn.compact
-  def __call__(self, x, experts=None, eta=None, mode="plain"):
+  def __call__(self, x, prefix_fn: Optional[Callable] = None):
+    """Returns the output and the prefix's aux (None without a prefix).
+
+    `prefix_fn(query)` gives the block's `attention.Prefix` (or None) from
+    its projected queries (B, N, H, d).
+    """
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, name=name)
     query, key, value = proj("query")(x), proj("key")(x), proj("value")(x)
-    routing = None
-    if experts is None or mode == "plain":
-      out = pa.plain_attention(query, key, value, fused=self.fused)
-    else:
-      logits, values, scores, selected = pa.route(
-          query, experts[0], experts[1], eta, self.top_k, mode)
-      out = pa.prompted_attention(query, key, value, logits, values,
-                                  fused=self.fused)
-      routing = (scores, selected)
+    prefix = prefix_fn(query) if prefix_fn is not None else None
+    out = attention.prefix_attention(query, key, value, prefix,
+                                     fused=self.fused)
     out = nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype,
                           name="out")(out)
-    return out, routing
+    return out, None if prefix is None else prefix.aux
 
 
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm transformer block."""
   num_heads: int
   mlp_dim: int
-  top_k: int = 5
   dtype: Dtype = jnp.float32
   fused: bool = False
 
   @nn.compact
-  def __call__(self, x, experts=None, eta=None, mode="plain"):
+  def __call__(self, x, prefix_fn=None):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
-    y, routing = MultiHeadDotProductAttention(
-        self.num_heads, self.top_k, self.dtype, self.fused,
-        name="MultiHeadDotProductAttention_1")(y, experts, eta, mode)
+    y, aux = MultiHeadDotProductAttention(
+        self.num_heads, self.dtype, self.fused,
+        name="MultiHeadDotProductAttention_1")(y, prefix_fn)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_3")(y)
-    return x + y, routing
-
-
-class PromptExperts(nn.Module):
-  """The learnable expert keys and values P^K, P^V, uniform on [0, 1)."""
-  num_layers: int
-  num_heads: int
-  num_experts: int
-  head_dim: int
-
-  @nn.compact
-  def __call__(self):
-    shape = (self.num_layers, self.num_heads, self.num_experts, self.head_dim)
-    keys = self.param("keys", nn.initializers.uniform(1.0), shape, jnp.float32)
-    values = self.param("values", nn.initializers.uniform(1.0), shape,
-                        jnp.float32)
-    return keys, values
+    return x + y, aux
 
 
 class AddPositionEmbs(nn.Module):
@@ -124,51 +106,44 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Blocks 0..num_layers-1; the first `len(expert keys)` carry prompts."""
+  """The blocks and the final LayerNorm."""
   num_layers: int
   num_heads: int
   mlp_dim: int
-  top_k: int = 5
   dtype: Dtype = jnp.float32
   fused: bool = False
 
   @nn.compact
-  def __call__(self, x, experts=None, eta=None, mode="plain"):
+  def __call__(self, x, prefix_for: Optional[Callable] = None):
+    """Returns the encoded tokens and {block: aux} of the prompted blocks.
+
+    `prefix_for(i)` gives block i's `prefix_fn` (see the attention).
+    """
     x = AddPositionEmbs(name="posembed_input")(x)
-    num_prompted = 0 if experts is None else experts[0].shape[0]
-    scores, selected = [], []
+    aux = {}
     for i in range(self.num_layers):
-      prompted = mode != "plain" and i < num_prompted
-      x, routing = Encoder1DBlock(
-          self.num_heads, self.mlp_dim, self.top_k, self.dtype, self.fused,
+      x, block_aux = Encoder1DBlock(
+          self.num_heads, self.mlp_dim, self.dtype, self.fused,
           name=f"encoderblock_{i}")(
-              x,
-              (experts[0][i], experts[1][i]) if prompted else None,
-              eta[i] if prompted and eta is not None else None,
-              mode if prompted else "plain")
-      if routing is not None:
-        scores.append(routing[0])
-        selected.append(routing[1])
+              x, prefix_for(i) if prefix_for is not None else None)
+      if block_aux is not None:
+        aux[i] = block_aux
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
-    if not scores:
-      return x, None
-    return x, (jnp.stack(scores), jnp.stack(selected))
+    return x, aux
 
 
-class SMoPEViT(nn.Module):
-  """ViT classifier whose blocks 0..L-1 carry sparse prompt experts.
+class VisionTransformer(nn.Module):
+  """ViT classifier over frozen features, with a method's prompts.
 
-  Call with images (B, S, S, 3) in [0, 1] and the expert state
-  `{'counts': int32 (L, H, E), 'frequent': bool (L, H, E)}` (needed in the
-  `train` and `eval` modes). `mode` is one of `plain` (no prompts), `dense`
-  (all experts, the first-task warm-up), `train` (top-K with the training
-  noise rule) and `eval` (top-K with the inference rule; `exclude_unused`
-  False routes as the reference's published evaluation, see
-  `prompt_attention.selection_penalty`).
+  Call with images (B, S, S, 3) in [0, 1], the method's context (see
+  `Method.context`) and a mode: `plain` (no prompts), `dense` (SMoPE's
+  warm-up: all experts), `train` or `eval` (the method's training and
+  inference rules). A method whose prompts need a query first runs the
+  frozen backbone without prompts: its final-LN CLS, without gradient.
 
-  Returns a dict: `logits` (B, C) and `pre_logits` (B, D) in float32, and for
-  prompted modes `scores` (L, B, H, E) float32 clean expert scores and
-  `selected` (L, B, H, K) int32 chosen experts.
+  Returns a dict: `logits` (B, C) and `pre_logits` (B, D) in float32, plus
+  the method's own outputs in prompted modes (e.g. SMoPE's `scores`
+  (L, B, H, E) and `selected` (L, B, H, K)).
   """
   num_classes: int
   patch_size: int = 16
@@ -176,20 +151,15 @@ class SMoPEViT(nn.Module):
   num_layers: int = 12
   num_heads: int = 12
   mlp_dim: int = 3072
-  num_prompted_layers: int = 6
-  num_experts: int = 25
-  top_k: int = 5
-  epsilon: float = 0.0
-  inference_penalty: float = 2.0
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  prompts: Optional[nn.Module] = None
 
   @nn.compact
-  def __call__(self, images, expert_state: Optional[dict] = None, *,
-               mode: str = "eval", exclude_unused: bool = True):
-    if mode not in pa.MODES:
-      raise ValueError(f"mode must be one of {pa.MODES}, got {mode!r}")
-    head_dim = self.hidden_size // self.num_heads
+  def __call__(self, images, context=None, *, mode: str = "eval"):
+    if mode not in ("plain", "dense", "train", "eval"):
+      raise ValueError(f"mode must be plain, dense, train or eval, got "
+                       f"{mode!r}")
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=self.dtype, name="embedding")(images.astype(self.dtype))
@@ -199,19 +169,17 @@ class SMoPEViT(nn.Module):
     x = jnp.concatenate(
         [jnp.broadcast_to(cls, (batch, 1, channels)).astype(x.dtype), x], 1)
 
-    experts = eta = None
-    if self.num_prompted_layers > 0:
-      experts = PromptExperts(self.num_prompted_layers, self.num_heads,
-                              self.num_experts, head_dim, name="prompts")()
-      if mode in ("train", "eval"):
-        if expert_state is None:
-          raise ValueError(f"mode {mode!r} needs the expert state")
-        eta = pa.selection_penalty(expert_state, mode, self.epsilon,
-                                   self.inference_penalty, exclude_unused)
-
-    x, routing = Encoder(self.num_layers, self.num_heads, self.mlp_dim,
-                         self.top_k, self.dtype, self.fused_attention,
-                         name="Transformer")(x, experts, eta, mode)
+    encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim,
+                      self.dtype, self.fused_attention, name="Transformer")
+    prompted = self.prompts is not None and mode != "plain"
+    query = prefix_for = None
+    if prompted:
+      if self.prompts.needs_query:
+        plain, _ = encoder(x)
+        query = jax.lax.stop_gradient(plain[:, 0].astype(jnp.float32))
+      prefix_for = lambda i: functools.partial(  # noqa: E731
+          self.prompts.prefix, i, query=query, context=context, mode=mode)
+    x, aux = encoder(x, prefix_for)
     pre_logits = x[:, 0].astype(jnp.float32)
     # PyTorch's nn.Linear initialisation, as in the reference classifier.
     bound = self.hidden_size ** -0.5
@@ -219,6 +187,7 @@ class SMoPEViT(nn.Module):
                       kernel_init=symmetric_uniform(bound),
                       bias_init=symmetric_uniform(bound))(pre_logits)
     out = {"logits": logits, "pre_logits": pre_logits}
-    if routing is not None:
-      out["scores"], out["selected"] = routing
+    if prompted:
+      out.update(self.prompts.outputs(aux, query=query, context=context,
+                                      mode=mode))
     return out

@@ -1,0 +1,132 @@
+"""What every prompt method provides, and helpers the baselines share.
+
+A method is two things. Its prompt module (Flax, named `prompts` in the
+parameter tree) gives each prompted block its prefix; the model calls
+`prefix(layer, block_query, query=..., context=..., mode=...)` for every
+block and `outputs(aux, ...)` once, and the module says with `needs_query`
+whether the model must first run the frozen backbone without prompts to
+get the query (the final-LN CLS token, without gradient). Its `Method`
+object (plain Python, static under jit) says what the trainer does around
+the model: the method's state, what happens when a task starts, the loss
+terms, the phases it needs.
+"""
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from smope_jax.models import attention
+
+MODES = ("plain", "dense", "train", "eval")
+
+
+def normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(|x|, eps), PyTorch's `F.normalize`."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def cosine_to_keys(query: jax.Array, keys: jax.Array) -> jax.Array:
+  """(B, M) cosine similarity of each query to each key."""
+  return normalize(query) @ normalize(keys).T
+
+
+def key_value_prefix(prompts: jax.Array, num_heads: int,
+                     aux: Any = None) -> attention.Prefix:
+  """A prefix from (B, ..., L, D) prompt tokens: first half keys, rest values.
+
+  The reference's prompt "length" counts both halves: a length-20 prompt
+  gives 10 key and 10 value tokens. Selected prompts (B, k, L, D) are laid
+  end to end, k * L / 2 keys and as many values.
+  """
+  half = prompts.shape[-2] // 2
+  batch, width = prompts.shape[0], prompts.shape[-1]
+  keys = prompts[..., :half, :].reshape(batch, -1, width)
+  values = prompts[..., half:, :].reshape(batch, -1, width)
+  return attention.Prefix(values=attention.head_major(values, num_heads),
+                          keys=attention.head_major(keys, num_heads), aux=aux)
+
+
+def stack_aux(aux: dict, name: str) -> jax.Array:
+  """One aux entry stacked over the prompted layers, in layer order."""
+  return jnp.stack([aux[layer][name] for layer in sorted(aux)])
+
+
+class PromptModule(nn.Module):
+  """Base of the methods' prompt modules."""
+
+  needs_query: ClassVar[bool] = True
+
+  def prefix(self, layer: int, block_query: jax.Array, *, query, context,
+             mode: str):
+    """The prefix of block `layer`, or None when the block is not prompted.
+
+    Args:
+      layer: the block's index.
+      block_query: the block's projected queries (B, N, H, d).
+      query: (B, D) final-LN CLS of the prompt-free pass, or None when
+        `needs_query` is False.
+      context: the method's per-step inputs (see `Method.context`).
+      mode: one of MODES.
+    """
+    raise NotImplementedError
+
+  def outputs(self, aux: dict, *, query, context, mode: str) -> dict:
+    """Extra model outputs from the blocks' aux values ({layer: aux})."""
+    del aux, query, context, mode
+    return {}
+
+
+class Method:
+  """The trainer's view of a prompt method. Subclasses override the hooks."""
+
+  name: ClassVar[str] = ""
+  # Task 0 starts with a dense warm-up (mode 'dense') for half the epochs.
+  dense_warmup: ClassVar[bool] = False
+  # A pass over each task's training data after training (see `bookkeep`).
+  bookkeeping: ClassVar[bool] = False
+
+  def __init__(self, config, num_tasks: int, dims: dict):
+    self.config = config
+    self.num_tasks = num_tasks
+    self.dims = dims
+
+  def prompts(self) -> PromptModule:
+    raise NotImplementedError
+
+  def init_state(self, trainable: dict) -> dict:
+    """The method's state besides the parameters (checkpointed)."""
+    del trainable
+    return {}
+
+  def start_task(self, trainable: dict, state: dict, task, key):
+    """What happens when task `task` starts; jitted, `task` traced."""
+    del task, key
+    return trainable, state
+
+  def init_context(self):
+    """A context for building the parameters (task 0, nothing learned)."""
+    return {"task": jnp.int32(0)}
+
+  def context(self, state: dict, task, *, exclude_unused: bool = True):
+    """The prompt module's per-step inputs, built inside the jitted step."""
+    del state, exclude_unused
+    return {"task": task}
+
+  def loss_terms(self, out: dict, trainable: dict, state: dict, task,
+                 mask: jax.Array, mode: str) -> dict:
+    """{name: (value, weight)} added to the classification loss."""
+    del out, trainable, state, task, mask, mode
+    return {}
+
+  def bookkeep(self, state: dict, out: dict, mask: jax.Array) -> dict:
+    """Updates the state from an inference-mode batch (if `bookkeeping`)."""
+    del out, mask
+    return state
+
+  def report(self, state: dict) -> dict:
+    """JSON-ready facts about the state for metrics.json."""
+    del state
+    return {}
