@@ -17,10 +17,11 @@ import pytest
 
 from smope_jax.benchmark import report
 from smope_jax.benchmark import rows
+from smope_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",
-              "l2p_two_pass")
+              "l2p_inference", "l2p_train")
 POSITIVE_ROW_KEYS = ("gflops_per_image", "gflops_per_step", "seconds_median",
                      "images_per_second", "gflop_per_second",
                      "matmul_gflop_per_second", "fraction_of_matmul",
@@ -36,7 +37,8 @@ def record(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, "-m", "smope_jax.benchmark",
        "--config=configs/demo.py", f"--config.batch_size={BATCH}",
-       "--repeats=1", "--warmup=0", "--matmul_size=256", f"--out={out}"],
+       "--repeats=1", "--warmup=0", "--matmul_size=256", "--methods=l2p",
+       f"--out={out}"],
       cwd=ROOT, capture_output=True, text=True, timeout=170,
       env={**os.environ, "PYTHONPATH": ROOT})
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,8 +54,8 @@ def _positive(value):
 
 def test_top_level_schema(record):
   for key in ("date", "machine", "weights", "model", "batch", "batch_source",
-              "repeats", "warmup", "params", "memory_source", "rows",
-              "ratios", "config"):
+              "repeats", "warmup", "params", "params_by_method",
+              "memory_source", "rows", "ratios", "config"):
     assert key in record, key
   assert record["batch"] == BATCH and record["repeats"] == 1
   assert record["batch_source"] == "--config.batch_size"
@@ -103,15 +105,21 @@ def test_parameter_counts(record):
 
 def test_cost_relations(record):
   flops = {n: record["rows"][n]["gflops_per_image"] for n in MODEL_ROWS}
-  assert flops["smope_inference"] < flops["l2p_two_pass"]
+  # L2P needs a query pass: about two forwards; SMoPE one.
+  assert flops["l2p_inference"] > 1.5 * flops["plain_vit"]
+  assert flops["smope_inference"] < 0.6 * flops["l2p_inference"]
   assert flops["plain_vit"] <= flops["smope_inference"] < flops[
       "dense_prompts"]
   assert flops["smope_train"] > flops["smope_inference"]
+  assert flops["smope_train"] < flops["l2p_train"]
   ratios = record["ratios"]
-  assert ratios["inference_flops_vs_l2p_two_pass"] == pytest.approx(
-      flops["smope_inference"] / flops["l2p_two_pass"])
+  assert ratios["inference_flops_vs_l2p"] == pytest.approx(
+      flops["smope_inference"] / flops["l2p_inference"])
   assert ratios["inference_flops_vs_plain"] == pytest.approx(
       flops["smope_inference"] / flops["plain_vit"])
+  l2p = record["params_by_method"]["l2p"]
+  assert l2p["prompts"] == 1 * 30 * 20 * 64 + 1 * 30 * 64  # Pool and keys.
+  assert l2p["head"] == record["params"]["head"]
 
 
 def test_table_lists_every_row(record):
@@ -128,7 +136,7 @@ def test_imagenet_r_learnable_count_is_the_papers():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tasks=10")
-  model = rows.build_model(config)
+  model, _ = factory.build_model(config, config.num_tasks)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0),
                          jnp.zeros((1, 224, 224, 3)), None,

@@ -1,4 +1,4 @@
-"""Tests for smope_jax.experts: counting, marking and snapshots (spec 3)."""
+"""Tests for smope_jax.experts: counting, marking and snapshots."""
 
 import functools
 
@@ -11,17 +11,31 @@ import optax
 
 from smope_jax import experts
 from smope_jax import train_step as ts
+from smope_jax.methods import smope
 from smope_jax.models import vit
+from configs import demo
 
 # The tiny model of test_model.py, so a joint run reuses compiled ops.
 B, S, P, D, LAYERS, H, MLP, L, E, K, C = 4, 8, 4, 16, 3, 2, 32, 2, 6, 3, 10
 
 
+def _method():
+  config = demo.get_config()
+  config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4)
+  return smope.SMoPE(config, num_tasks=2,
+                     dims=dict(num_heads=H, hidden_size=D))
+
+
 def _model():
-  return vit.SMoPEViT(num_classes=C, patch_size=P, hidden_size=D,
-                      num_layers=LAYERS, num_heads=H, mlp_dim=MLP,
-                      num_prompted_layers=L, num_experts=E, top_k=K,
-                      epsilon=0.4)
+  return vit.VisionTransformer(
+      num_classes=C, patch_size=P, hidden_size=D, num_layers=LAYERS,
+      num_heads=H, mlp_dim=MLP, prompts=_method().prompts())
+
+
+def _count(trainable, frozen, state, batch):
+  """The trainer's bookkeeping step (eval routing, clean top-K)."""
+  return ts.bookkeeping_step(trainable, frozen, state, batch, 0,
+                             model=_model(), method=_method())
 
 
 def _images(seed: int):
@@ -130,9 +144,8 @@ def test_eval_counts_use_clean_scores_and_next_batch_sees_them():
   assert not np.any(np.asarray(out['selected'][0, :, h]) == star)
 
   # Counting, as the trainer does it (eval routing, clean top-K).
-  count = functools.partial(ts.count_step, model=_model(), top_k=K)
-  updated = count(trainable, frozen, state, {'image': images,
-                                             'mask': jnp.ones((B,))})
+  updated = _count(trainable, frozen, state, {'image': images,
+                                               'mask': jnp.ones((B,))})
   chex.assert_shape(updated['counts'], (L, H, E))
   chex.assert_type(updated['counts'], jnp.int32)
   _, clean_top = jax.lax.top_k(out['scores'], K)
@@ -153,9 +166,8 @@ def test_counting_ignores_padding_through_count_step():
   params, images = _params(), _images(2)
   trainable, frozen = ts.split_params(params)
   state = _state(np.ones((L, H, E)))
-  count = functools.partial(ts.count_step, model=_model(), top_k=K)
   mask = jnp.array([1., 1., 0., 0.])
-  updated = count(trainable, frozen, state, {'image': images, 'mask': mask})
+  updated = _count(trainable, frozen, state, {'image': images, 'mask': mask})
   added = np.asarray(updated['counts'] - state['counts'])
   np.testing.assert_array_equal(added.sum(-1), np.full((L, H), 2 * K))
   # Same as counting the first two images alone.

@@ -1,8 +1,8 @@
 r"""Command line: `python -m smope_jax.benchmark --config=CONFIG [--out=F]`.
 
-Prints a table of the SMoPE train step and inference next to the plain
-ViT, dense prompts and an L2P-style two-pass inference, and writes the
-full record as JSON.
+Prints a table of every method's train step and inference (SMoPE, L2P++,
+Deep L2P++, DualPrompt, CODA-Prompt) next to the plain ViT, with their
+learnable parameters and FLOP ratios, and writes the full record as JSON.
 """
 
 import json
@@ -27,6 +27,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", 2048, "Side of the float32 reference matmul.")
+_METHODS = flags.DEFINE_list(
+    "methods", ["smope", "l2p", "deep_l2p", "dualprompt", "codaprompt"],
+    "Methods to measure; SMoPE is always measured (ratios refer to it).")
 
 
 def main(argv):
@@ -39,16 +42,23 @@ def main(argv):
   config = _CONFIG.value
   try:
     configuration.validate(config)
+    if config.method != "smope":
+      raise UserError("the benchmark measures every method from SMoPE's "
+                      "config: pass the config without method=...")
     if _REPEATS.value < 1 or _WARMUP.value < 0 or _MATMUL_SIZE.value < 1:
       raise UserError("--repeats and --matmul_size must be >= 1 and "
                       "--warmup >= 0.")
+    unknown = set(_METHODS.value) - set(configuration.METHODS)
+    if unknown:
+      raise UserError(f"--methods: unknown {sorted(unknown)}; choose from "
+                      f"{','.join(configuration.METHODS)}.")
     overridden = "batch_size" in config_flags.get_override_values(
         flags.FLAGS["config"])
     batch, source = report.resolve_batch(
         config, _BATCH.value, overridden, jax.default_backend())
     record = report.run(config, batch, repeats=_REPEATS.value,
                         warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value,
-                        batch_source=source)
+                        batch_source=source, methods=_METHODS.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -85,9 +85,10 @@ def row_result(m: measure.Measurement, batch: int, probe_flops: float,
 
 
 def run(config, batch: int, *, repeats: int, warmup: int,
-        matmul_size: int, batch_source: str = "argument") -> dict:
+        matmul_size: int, batch_source: str = "argument",
+        methods=rows_lib.METHOD_ORDER) -> dict:
   """Measures every row for `config` at `batch`; returns the JSON record."""
-  setup = rows_lib.Setup(config, batch)
+  setup = rows_lib.Setup(config, batch, methods)
   probe = measure.MatmulProbe(matmul_size)
   measured = {}
   for name, row in setup.rows().items():
@@ -99,7 +100,7 @@ def run(config, batch: int, *, repeats: int, warmup: int,
   cpu_seconds = [w.cpu for w in probe.samples]
   per_cpu_second = probe.flops / statistics.median(cpu_seconds)
   results = {name: row_result(m, batch, probe.flops, per_cpu_second,
-                              rows_lib.DESCRIPTIONS[name])
+                              rows_lib.describe(name))
              for name, m in measured.items()}
   results["matmul"] = {
       "description": f"float32 {matmul_size}x{matmul_size} matmul, timed "
@@ -117,6 +118,23 @@ def run(config, batch: int, *, repeats: int, warmup: int,
   flops = {name: r["gflops_per_image"] for name, r in results.items()
            if "gflops_per_image" in r}
   model = setup.model
+  smope = setup.methods["smope"].config
+  params = setup.parameter_counts()
+  ratios = {
+      "inference_flops_vs_plain":
+          flops["smope_inference"] / flops["plain_vit"],
+      "train_flops_vs_inference":
+          flops["smope_train"] / flops["smope_inference"],
+  }
+  for name in setup.methods:
+    if name == "smope":
+      continue
+    ratios[f"{name}_inference_flops_vs_plain"] = (
+        flops[f"{name}_inference"] / flops["plain_vit"])
+    ratios[f"inference_flops_vs_{name}"] = (
+        flops["smope_inference"] / flops[f"{name}_inference"])
+    ratios[f"train_flops_vs_{name}"] = (
+        flops["smope_train"] / flops[f"{name}_train"])
   return {
       "date": datetime.datetime.now().astimezone().isoformat(
           timespec="seconds"),
@@ -127,25 +145,19 @@ def run(config, batch: int, *, repeats: int, warmup: int,
                 "mlp_dim": model.mlp_dim, "patch_size": model.patch_size,
                 "image_size": int(config.image_size),
                 "num_classes": model.num_classes,
-                "num_prompted_layers": model.num_prompted_layers,
-                "num_experts": model.num_experts, "top_k": model.top_k,
+                "num_prompted_layers": smope.num_prompted_layers,
+                "num_experts": smope.num_experts, "top_k": smope.top_k,
                 "dtype": str(config.dtype),
                 "fused_attention": bool(config.fused_attention)},
       "batch": batch,
       "batch_source": batch_source,
       "repeats": repeats,
       "warmup": warmup,
-      "params": rows_lib.parameter_counts(setup.params),
+      "params": params["smope"],
+      "params_by_method": params,
       "memory_source": measure.memory_source(),
       "rows": results,
-      "ratios": {
-          "inference_flops_vs_plain":
-              flops["smope_inference"] / flops["plain_vit"],
-          "inference_flops_vs_l2p_two_pass":
-              flops["smope_inference"] / flops["l2p_two_pass"],
-          "train_flops_vs_inference":
-              flops["smope_train"] / flops["smope_inference"],
-      },
+      "ratios": ratios,
   }
 
 
@@ -174,15 +186,24 @@ def format_table(record: dict) -> str:
         f"{100 * r['fraction_of_matmul_cpu_time']:.0f}% | "
         f"{_mb(r['compiled_memory_bytes'])} | "
         f"{_mb(r['peak_memory_bytes'])} |")
-  p, ratios, m = record["params"], record["ratios"], record["machine"]
+  ratios, m = record["ratios"], record["machine"]
+  lines += ["", "| method | learnable parameters | prompts | head | "
+            "inference GFLOPs vs plain ViT | SMoPE inference / this | "
+            "SMoPE train step / this |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for name, p in record["params_by_method"].items():
+    if name == "smope":
+      cost = (f"{ratios['inference_flops_vs_plain']:.4f}x", "1", "1")
+    else:
+      cost = (f"{ratios[f'{name}_inference_flops_vs_plain']:.4f}x",
+              f"{ratios[f'inference_flops_vs_{name}']:.4f}",
+              f"{ratios[f'train_flops_vs_{name}']:.4f}")
+    lines.append(f"| {rows_lib.METHOD_NAMES[name]} | {p['learnable']:,} | "
+                 f"{p['prompts']:,} | {p['head']:,} | " + " | ".join(cost) +
+                 " |")
   lines += [
       "",
-      f"learnable parameters: {p['learnable']:,} (prompts {p['prompts']:,} "
-      f"+ head {p['head']:,}); frozen: {p['frozen']:,}",
-      "SMoPE inference FLOPs: "
-      f"{ratios['inference_flops_vs_plain']:.4f}x plain ViT, "
-      f"{ratios['inference_flops_vs_l2p_two_pass']:.4f}x L2P two-pass; "
-      f"train step {ratios['train_flops_vs_inference']:.2f}x inference",
+      f"frozen backbone parameters: {record['params']['frozen']:,}; SMoPE "
+      f"train step {ratios['train_flops_vs_inference']:.2f}x its inference",
       f"batch {record['batch']} ({record['batch_source']}), median of "
       f"{record['repeats']} timed calls "
       f"after {record['warmup']} warm-up; {m['platform']} "

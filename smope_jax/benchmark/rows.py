@@ -1,8 +1,9 @@
 """The functions the benchmark compares, all built from our own modules.
 
-Every row runs the configured model on the same random images with the
-same random weights: the benchmark measures cost, not accuracy, so the
-backbone is never loaded (`config.pretrained` is ignored).
+Every method runs the configured ViT on the same random images with random
+weights: the benchmark measures cost, not accuracy, so the backbone is never
+loaded (`config.pretrained` is ignored). Each method gets its own settings
+(prompt sizes, prompted blocks) from `configuration.use_method`.
 """
 
 import dataclasses
@@ -11,21 +12,31 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from smope_jax import experts, schedules
+from smope_jax import configuration, schedules
 from smope_jax import train_step as steps_lib
-from smope_jax.models.factory import build_model
+from smope_jax.models import factory
 
-DESCRIPTIONS = {
-    "smope_train": "SMoPE train step: top-K forward, gradients for prompts "
-                   "and head only, router + prototype losses, AdamW update",
-    "smope_inference": "SMoPE inference: one prompted forward (eval routing)",
-    "plain_vit": "plain ViT forward (mode 'plain', no prompts)",
-    "dense_prompts": "dense prefix attention with all E experts "
-                     "(mode 'dense')",
-    "l2p_two_pass": "L2P-style inference: frozen plain forward for the "
-                    "query, query-key match, then the prompted forward",
-}
+METHOD_ORDER = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
+METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
+                "dualprompt": "DualPrompt", "codaprompt": "CODA-Prompt"}
+
+
+def describe(row: str) -> str:
+  """What a row measures."""
+  if row == "plain_vit":
+    return "plain ViT forward (mode 'plain', no prompts)"
+  if row == "dense_prompts":
+    return "SMoPE's warm-up forward: prefix attention over all E experts"
+  method, _, kind = row.rpartition("_")
+  name = METHOD_NAMES[method]
+  query = "" if method == "smope" else "frozen query pass, then "
+  if kind == "inference":
+    return f"{name} inference: {query}the prompted forward (test routing)"
+  return (f"{name} train step: {query}the prompted forward and backward, "
+          "gradients for prompts and head only, its losses, the optimizer "
+          "update")
 
 
 @dataclasses.dataclass
@@ -48,96 +59,97 @@ def parameter_counts(params: dict) -> dict:
 
 
 def _size(tree) -> int:
-  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
-class Setup:
-  """Model, random weights, batch and expert state of one benchmark run."""
+class MethodSetup:
+  """One method's model, random weights and mid-run state on shared images."""
 
-  def __init__(self, config, batch: int):
+  def __init__(self, config, images, labels, task: int):
     self.config = config
-    self.model = build_model(config)
-    keys = jax.random.split(jax.random.PRNGKey(config.seed), 5)
-    size = config.image_size
-    self.images = jax.random.uniform(keys[0], (batch, size, size, 3))
-    lhe = (config.num_prompted_layers, self.model.num_heads,
-           config.num_experts)
-    state = experts.init_expert_state(*lhe)
-    # A mid-run state: some experts marked frequent, some never used.
-    self.expert_state = {
-        "counts": jax.random.randint(keys[1], lhe, 0, 10, jnp.int32),
-        "frequent": jax.random.bernoulli(keys[2], 0.3, lhe)}
-    self.params = jax.jit(functools.partial(self.model.init, mode="train"))(
-        keys[3], self.images[:1], state)["params"]
-    # Task 1 (the second task): the prototype loss takes part.
+    self.model, self.method = factory.build_model(config, config.num_tasks)
+    self.params = factory.init_params(config, self.model, self.method)
+    self.images, self.task = images, task
+    trainable, _ = steps_lib.split_params(self.params)
+    self.state = self.method.init_state(trainable)
+    if "counts" in self.state:  # SMoPE mid-run: some marked, some unused.
+      rng = np.random.default_rng(config.seed)
+      shape = self.state["counts"].shape
+      self.state["counts"] = rng.integers(0, 10, shape).astype(np.int32)
+      self.state["frequent"] = rng.uniform(size=shape) < 0.3
     per_task = config.num_classes // config.num_tasks
-    task = 1 if config.num_tasks > 1 else 0
-    self.class_range = jnp.array([task * per_task, (task + 1) * per_task],
-                                 jnp.int32)
-    self.batch = {
-        "image": self.images,
-        "label": jax.random.randint(keys[4], (batch,), task * per_task,
-                                    (task + 1) * per_task, jnp.int32),
-        "mask": jnp.ones((batch,), jnp.float32)}
-    self.use_prototype = task > 0
+    self.class_range = np.array([task * per_task, (task + 1) * per_task],
+                                np.int32)
+    self.batch = {"image": images,
+                  "label": jnp.asarray(labels % per_task + task * per_task,
+                                       jnp.int32),
+                  "mask": jnp.ones((images.shape[0],), jnp.float32)}
 
-  def apply(self, params, images, mode):
-    return self.model.apply({"params": params}, images, self.expert_state,
-                            mode=mode)
+  def inference(self, mode: str = "eval") -> Row:
+    context = self.method.context(self.state, np.int32(self.task))
 
-  def inference(self, mode: str) -> Row:
     def fn(params, images):
-      return self.apply(params, images, mode)["logits"]
+      return self.model.apply({"params": params}, images, context,
+                              mode=mode)["logits"]
     return Row(fn, (self.params, self.images))
 
-  def l2p_two_pass(self) -> Row:
-    """Frozen query pass, L2P key matching, then the prompted pass.
-
-    The pool keys are matched by cosine similarity as in L2P; the selected
-    indices are returned so the query pass cannot be compiled away. The
-    prompted pass is our own sparse prefix pass, so the row isolates the
-    cost of the extra forward.
-    """
-    config = self.config
-    pool = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
-                             (config.num_experts, self.model.hidden_size))
-
-    def fn(params, images, pool):
-      query = self.apply(params, images, "plain")["pre_logits"]
-      query = query / jnp.linalg.norm(query, axis=-1, keepdims=True)
-      keys = pool / jnp.linalg.norm(pool, axis=-1, keepdims=True)
-      _, picked = jax.lax.top_k(query @ keys.T, config.top_k)
-      return self.apply(params, images, "eval")["logits"], picked
-
-    return Row(fn, (self.params, self.images, pool))
-
   def train(self) -> Row:
-    """The real `train_step` with the task optimizer, state donated."""
+    """The real `train_step` with the method's optimizer, state donated."""
     config = self.config
-    tx = schedules.adam(config.weight_decay)
-    weights = steps_lib.LossWeights(
-        router=config.router_weight, prototype=config.prototype_weight,
-        epsilon=config.epsilon, top_k=config.top_k)
-    fn = functools.partial(steps_lib.train_step, model=self.model, tx=tx,
-                           mode="train", weights=weights,
-                           use_prototype=self.use_prototype)
+    tx = schedules.adam(config.weight_decay,
+                        decoupled=config.optimizer == "adamw")
+    fn = functools.partial(steps_lib.train_step, model=self.model,
+                           method=self.method, tx=tx, mode="train")
     trainable, frozen = steps_lib.split_params(self.params)
     # Fresh copies: the step donates (consumes) its trainable state.
-    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+    trainable = jax.tree_util.tree_map(jnp.array, trainable)
     inputs = steps_lib.TaskInputs(
-        class_range=self.class_range,
-        rates={"prompts": jnp.float32(config.lr * config.prompt_lr_multiplier),
-               "head": jnp.float32(config.lr)},
-        expert_state=self.expert_state,
-        old_keys=trainable["prompts"]["keys"] + 0.0)
+        class_range=self.class_range, task=np.int32(self.task),
+        rates={"prompts": np.float32(config.lr * config.prompt_lr_multiplier),
+               "head": np.float32(config.lr)},
+        method_state=self.state)
     args = (trainable, tx.init(trainable), frozen, self.batch, inputs)
     return Row(fn, args, donate=(0, 1),
                carry=lambda args, out: out[:2] + args[2:])
 
+
+class Setup:
+  """Every method on the same images.
+
+  The config is SMoPE's (a benchmark config without `method=`); each
+  baseline takes its own settings from `configuration.use_method`.
+  """
+
+  def __init__(self, config, batch: int, methods=METHOD_ORDER):
+    key_images, key_labels = jax.random.split(jax.random.PRNGKey(config.seed))
+    size = config.image_size
+    images = jax.random.uniform(key_images, (batch, size, size, 3))
+    labels = np.asarray(jax.random.randint(key_labels, (batch,), 0, 1 << 16))
+    # The second task: SMoPE's prototype loss and CODA's frozen rows act.
+    task = 1 if config.num_tasks > 1 else 0
+    base = config.copy_and_resolve_references()
+    base.pretrained = ""
+    self.methods = {}
+    for name in (n for n in METHOD_ORDER if n == "smope" or n in methods):
+      method_config = configuration.use_method(
+          base.copy_and_resolve_references(), name, epochs=base.epochs,
+          batch_size=base.batch_size)
+      self.methods[name] = MethodSetup(method_config, images, labels, task)
+    self.model = self.methods["smope"].model
+
   def rows(self) -> dict[str, Row]:
     """Lighter rows first, so the running peak memory grows row by row."""
-    return {"plain_vit": self.inference("plain"),
-            "smope_inference": self.inference("eval"),
-            "dense_prompts": self.inference("dense"),
-            "l2p_two_pass": self.l2p_two_pass(),
-            "smope_train": self.train()}
+    smope = self.methods["smope"]
+    rows = {"plain_vit": smope.inference("plain"),
+            "smope_inference": smope.inference(),
+            "dense_prompts": smope.inference("dense")}
+    baselines = [name for name in self.methods if name != "smope"]
+    for name in baselines:
+      rows[f"{name}_inference"] = self.methods[name].inference()
+    for name in self.methods:
+      rows[f"{name}_train"] = self.methods[name].train()
+    return rows
+
+  def parameter_counts(self) -> dict:
+    return {name: parameter_counts(s.params)
+            for name, s in self.methods.items()}
