@@ -511,10 +511,11 @@ def _file_case(write, *expected):
 
 
 def _download_case(response, *expected):
-  """A CLI case: the preset sup21k comes from the local server."""
-  def setup(unused_directory, server):
-    server.routes[f"/{NAME}"] = response
-    return "sup21k", {"SMOPE_JAX_WEIGHTS_URL": server.url}
+  """A CLI case: the preset sup21k comes from the local server, from a
+  mirror directory of the case's own."""
+  def setup(directory, server):
+    server.routes[f"/{directory.name}/{NAME}"] = response
+    return "sup21k", {"SMOPE_JAX_WEIGHTS_URL": f"{server.url}/{directory.name}"}
   return setup, expected
 
 
