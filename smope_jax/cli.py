@@ -53,7 +53,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = _last_line(str(_cause(e) or e))
   else:
     try:  # config_flags loads the file lazily: surface a missing file now.
-      flags.FLAGS.config.keys()
+      if "config" in flags.FLAGS:
+        flags.FLAGS.config.keys()
     except OSError as e:
       message = _last_line(str(e))
     else:

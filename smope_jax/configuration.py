@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
   # The method: SMoPE, or a baseline (see use_method for their protocol).
   c.method = "smope"              # One of METHODS.
-  c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompts.
+  c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompts (baselines: at most all blocks).
   c.classifier_alignment = True   # Class statistics and Gaussian replay after each task.
   # Baselines (L2P++, DualPrompt, CODA-Prompt).
   c.pool_size = 30                # Prompts in the pool (DualPrompt: 0 = one per task).
@@ -169,8 +169,7 @@ def use_method(config, method: str, *, epochs: int,
       epochs=epochs, batch_size=batch_size, prompt_lr_multiplier=1.0,
       classifier_alignment=False, align_epochs=10, align_ratio=4,
       dense_warmup=False, top_k=5, pool_size=pool, prompt_length=length,
-      num_prompted_layers=min(BASELINE_LAYERS[method],
-                              model_dims(config)["num_layers"]))
+      num_prompted_layers=BASELINE_LAYERS[method])
   return config
 
 
@@ -224,7 +223,10 @@ def validate(config) -> None:
            f"patch size {dims['patch_size']}.")
   _require(dims["hidden_size"] % dims["num_heads"] == 0,
            "config.model.hidden_size must divide by config.model.num_heads.")
-  _require(1 <= config.num_prompted_layers <= dims["num_layers"],
+  prompted = config.num_prompted_layers
+  if config.method != "smope":  # The baselines' layout, on a smaller model.
+    prompted = min(prompted, dims["num_layers"])
+  _require(1 <= prompted <= dims["num_layers"],
            f"config.num_prompted_layers={config.num_prompted_layers} must be "
            f"between 1 and the {dims['num_layers']} layers.")
   _require(config.method in METHODS,
@@ -245,7 +247,7 @@ def validate(config) -> None:
              f"config.key_loss_groups={config.key_loss_groups} must divide "
              f"config.batch_size={config.batch_size}.")
   if config.method == "dualprompt":
-    _require(config.num_prompted_layers >= 3,
+    _require(prompted >= 3,
              "DualPrompt needs config.num_prompted_layers >= 3 (G-prompts "
              "in the first two blocks, E-prompts after them).")
   if config.method != "smope":

@@ -15,6 +15,7 @@ from etils import epath
 from matplotlib.backends import backend_agg
 from matplotlib import colormaps
 from matplotlib import figure as mpl_figure
+from matplotlib import lines as mpl_lines
 import numpy as np
 
 
@@ -97,4 +98,40 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike,
   fig.colorbar(image, ax=axes, label="share of the head's activations")
   if title:
     fig.suptitle(title)
+  return _write_png(fig, path)
+
+
+def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
+  """Accuracy against inference cost, one panel per benchmark.
+
+  Our runs are filled markers with the std over seeds as error bars; the
+  published FAA of the same method is a hollow marker at the same cost.
+  """
+  benchmarks = record["benchmarks"]
+  fig = mpl_figure.Figure(figsize=(6.0 * len(benchmarks), 4.6),
+                          layout="constrained")
+  axes = fig.subplots(1, len(benchmarks), squeeze=False)[0]
+  colors = colormaps["tab10"]
+  for ax, entry in zip(axes, benchmarks):
+    for i, row in enumerate(entry["rows"]):
+      x, faa = row["inference_gflops_per_image"], row["faa"]
+      color, label = colors(i % 10), row["label"]
+      ax.errorbar(x, faa["mean"], yerr=faa["std"], fmt="o", color=color,
+                  capsize=3, markersize=7, label=label)
+      for published in row["published_faa"][:1]:
+        ax.scatter(x, published["mean"], s=60, facecolors="none",
+                   edgecolors=color, linewidths=1.5)
+      ax.annotate(label, (x, faa["mean"]), textcoords="offset points",
+                  xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("inference GFLOPs per image (XLA)")
+    ax.set_ylabel("final average accuracy (%)")
+    ax.set_title(entry["benchmark"], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.15)
+  handles = [mpl_lines.Line2D([], [], marker="o", linestyle="none",
+                              color="gray", label="ours (mean +- std)"),
+             mpl_lines.Line2D([], [], marker="o", linestyle="none",
+                              markerfacecolor="none", color="gray",
+                              label="published")]
+  axes[-1].legend(handles=handles, loc="lower right", fontsize=8)
   return _write_png(fig, path)

@@ -23,7 +23,7 @@ def _method():
   config = demo.get_config()
   config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4)
   return smope.SMoPE(config, num_tasks=2,
-                     dims=dict(num_heads=H, hidden_size=D))
+                     dims=dict(num_heads=H, hidden_size=D, num_layers=LAYERS))
 
 
 def _model():

@@ -266,7 +266,7 @@ def _method():
   config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4,
                 router_weight=0.1, prototype_weight=0.1)
   return smope.SMoPE(config, num_tasks=2,
-                     dims=dict(num_heads=H, hidden_size=D))
+                     dims=dict(num_heads=H, hidden_size=D, num_layers=LAYERS))
 
 
 def test_gradients_reach_prompts_and_head_only():

@@ -76,7 +76,7 @@ def template(image_size=IMAGE):
 
 def plain_model():
   """The tiny ViT without prompts."""
-  return vit.SMoPEViT(num_classes=CLASSES, num_prompted_layers=0, **TINY)
+  return vit.VisionTransformer(num_classes=CLASSES, **TINY)
 
 
 def check_loaded(loaded, flat, images=None):

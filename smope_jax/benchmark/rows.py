@@ -59,7 +59,8 @@ def parameter_counts(params: dict) -> dict:
 
 
 def _size(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+  """Number of values in a tree of arrays or shapes (jax.ShapeDtypeStruct)."""
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 class MethodSetup:
@@ -71,7 +72,7 @@ class MethodSetup:
     self.params = factory.init_params(config, self.model, self.method)
     self.images, self.task = images, task
     trainable, _ = steps_lib.split_params(self.params)
-    self.state = self.method.init_state(trainable)
+    self.state = dict(self.method.init_state(trainable))
     if "counts" in self.state:  # SMoPE mid-run: some marked, some unused.
       rng = np.random.default_rng(config.seed)
       shape = self.state["counts"].shape

@@ -92,6 +92,8 @@ class Method:
     self.config = config
     self.num_tasks = num_tasks
     self.dims = dims
+    # The baselines' fixed layouts (e.g. blocks 0-4) end with a smaller ViT.
+    self.num_layers = min(config.num_prompted_layers, dims["num_layers"])
 
   def prompts(self) -> PromptModule:
     raise NotImplementedError

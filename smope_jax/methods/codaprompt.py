@@ -131,7 +131,7 @@ class CodaPrompt(base.Method):
 
   def prompts(self):
     c, d = self.config, self.dims
-    return CodaPrompts(num_layers=c.num_prompted_layers,
+    return CodaPrompts(num_layers=self.num_layers,
                        pool_size=c.pool_size, length=c.prompt_length,
                        hidden_size=d["hidden_size"],
                        num_heads=d["num_heads"], per_task=self.per_task)

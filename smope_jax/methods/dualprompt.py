@@ -83,7 +83,7 @@ class DualPrompt(base.Method):
   def prompts(self):
     c, d = self.config, self.dims
     return DualPromptPrompts(
-        num_layers=c.num_prompted_layers,
+        num_layers=self.num_layers,
         pool_size=c.pool_size or self.num_tasks, length=c.prompt_length,
         g_length=c.g_prompt_length, hidden_size=d["hidden_size"],
         num_heads=d["num_heads"])

@@ -92,7 +92,7 @@ class L2P(base.Method):
 
   def prompts(self):
     c, d = self.config, self.dims
-    return L2PPrompts(num_layers=c.num_prompted_layers,
+    return L2PPrompts(num_layers=self.num_layers,
                       pool_size=c.pool_size, length=c.prompt_length,
                       hidden_size=d["hidden_size"],
                       num_heads=d["num_heads"], top_k=c.top_k)

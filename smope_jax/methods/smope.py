@@ -81,9 +81,8 @@ class SMoPE(base.Method):
 
   def init_state(self, trainable):
     dims = trainable["prompts"]["keys"].shape[:3]
-    state = jax.tree_util.tree_map(np.asarray,
-                                   experts.init_expert_state(*dims))
-    state["snapshot"] = jax.tree_util.tree_map(np.array, trainable["prompts"])
+    state = experts.init_expert_state(*dims)
+    state["snapshot"] = experts.snapshot_prompts(trainable["prompts"])
     return state
 
   def start_task(self, trainable, state, task, key):
