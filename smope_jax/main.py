@@ -10,6 +10,7 @@ import os
 # TensorFlow serves only the input pipeline; keep its C++ start-up chatter
 # out. Set before anything imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as std_logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -31,7 +32,8 @@ _WORKDIR = flags.DEFINE_string(
     "plots and logs.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "HOST:PORT of process 0 in a multi-process "
-    "run (GPU/CPU clusters; TPU pods are detected automatically).")
+    "run (GPU/CPU clusters). On Cloud TPU VMs set SMOPE_DISTRIBUTED=auto "
+    "instead (launch/tpu_vm.sh does) and JAX finds the slice.")
 _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", 0, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer(

@@ -185,9 +185,10 @@ class TfdsSource(Source):
           f"Dataset {self.name!r} is not prepared under data_dir "
           f"{self._builder.data_dir_root} (looked for "
           f"{self._builder.data_dir}); this program never downloads. On a "
-          f"machine with network access run `tfds build {self.name} "
-          f"--data_dir=DIR` (or copy a prepared TFDS directory to DIR), then "
-          f"pass --config.data_dir=DIR.") from e
+          f"machine with network access run `pip install -r "
+          f"requirements-data.txt` and `python launch/prepare_data.py "
+          f"--data_dir=DIR {self.name}` (or copy a prepared TFDS directory "
+          f"to DIR), then pass --config.data_dir=DIR.") from e
     except ValueError as e:  # An unknown split or a bad split expression.
       splits_known = ", ".join(self._builder.info.splits) or "none"
       raise errors.ConfigError(
