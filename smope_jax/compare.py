@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from smope_jax import cli
+from smope_jax.configuration import METHOD_NAMES
 from smope_jax.errors import UserError
 
 _OUT = flags.DEFINE_string("out", None, "Directory for comparison.md, "
@@ -34,8 +35,6 @@ BENCHMARK_FIELDS = ("dataset", "num_tasks", "first_task_classes",
 RUN_CONTROL_FIELDS = ("seed", "seeds", "data_dir", "progress_bar",
                       "log_every_steps", "checkpoint_every_steps",
                       "keep_checkpoints", "exit_at_step", "cache_data")
-METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
-                "dualprompt": "DualPrompt", "codaprompt": "CODA-Prompt"}
 
 
 @dataclasses.dataclass

@@ -4,6 +4,9 @@ Benchmark files in `configs/` start from `base_config()` and set what
 differs; `validate` turns a wrong value into one clear `ConfigError`.
 """
 
+import difflib
+import math
+
 import ml_collections
 
 from smope_jax.errors import ConfigError
@@ -11,6 +14,8 @@ from smope_jax.models.variants import VIT_VARIANTS
 
 BENCHMARKS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
 METHODS = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
+METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
+                "dualprompt": "DualPrompt", "codaprompt": "CODA-Prompt"}
 OPTIMIZERS = ("adamw", "adam")
 KEY_LOSSES = ("cross_sample", "per_sample")
 SCHEDULES = ("cosine", "epoch_cosine")
@@ -186,15 +191,33 @@ def model_dims(config) -> dict:
   return dict(VIT_VARIANTS[config.model.variant])
 
 
+# Seeds go to NumPy, Python's `random` and JAX keys; all take this range.
+MAX_SEED = 2**31 - 1
+
+
 def parse_seeds(config) -> list[int]:
   """The seeds to run: `config.seeds` if set, else `[config.seed]`."""
   if not str(config.seeds).strip():
-    return [int(config.seed)]
-  try:
-    return [int(s) for s in str(config.seeds).split(",") if s.strip()]
-  except ValueError:
-    raise ConfigError(f"config.seeds={config.seeds!r} must be comma-separated "
-                      "integers, e.g. --config.seeds=0,1,2,3,4") from None
+    seeds = [config.seed]
+  else:
+    try:
+      seeds = [int(s) for s in str(config.seeds).split(",") if s.strip()]
+    except ValueError:
+      raise ConfigError(f"config.seeds={config.seeds!r} must be "
+                        "comma-separated integers, e.g. "
+                        "--config.seeds=0,1,2,3,4") from None
+    _require(seeds, f"config.seeds={config.seeds!r} names no seed; give "
+             "integers, e.g. --config.seeds=0,1,2,3,4, or leave it empty "
+             "to run config.seed.")
+  field = (f"config.seeds={config.seeds!r}" if str(config.seeds).strip()
+           else f"config.seed={config.seed}")
+  for seed in seeds:
+    _require(0 <= seed <= MAX_SEED,
+             f"{field}: seed {seed} is out of range; seeds must be integers "
+             f"from 0 to {MAX_SEED} (2**31-1).")
+    _require(seeds.count(seed) == 1,
+             f"{field} repeats seed {seed}; name each seed once.")
+  return seeds
 
 
 def _require(condition: bool, message: str):
@@ -202,27 +225,111 @@ def _require(condition: bool, message: str):
     raise ConfigError(message)
 
 
-def validate(config) -> None:
-  """Raises ConfigError naming the first invalid field and what it accepts."""
-  _require(isinstance(config.dataset, str) and config.dataset.strip() != "",
-           f"config.dataset={config.dataset!r}; name a benchmark "
-           f"{BENCHMARKS}, a TFDS dataset or 'folder:/path'.")
-  _require(config.num_tasks >= 1,
-           f"config.num_tasks={config.num_tasks} must be positive.")
-  _require(config.num_classes >= 0 and config.first_task_classes >= 0,
-           "config.num_classes and config.first_task_classes must not be "
-           "negative.")
-  if config.num_classes and not config.joint:
-    # The data knows the class count; check what the config alone can.
-    from smope_jax.data import splits  # pylint: disable=g-import-not-at-top
-    splits.task_classes(range(config.num_classes), config.num_tasks,
-                        config.first_task_classes)
-  dims = model_dims(config)
+def _dotted_fields(config, prefix: str = "") -> dict:
+  """{"model.hidden_size": value, ...}: every leaf field by its dotted name."""
+  fields = {}
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      fields.update(_dotted_fields(value, f"{prefix}{name}."))
+    else:
+      fields[prefix + name] = value
+  return fields
+
+
+def suggest_field(name: str, fields) -> str:
+  """The field the user most likely meant by `name`, or "".
+
+  A close spelling (difflib on the dotted names), or a field named by the
+  initials of `name`'s words (learning_rate -> lr).
+  """
+  fields = list(fields)
+  head, _, last = name.rpartition(".")
+  initials = "".join(word[0] for word in last.split("_") if word)
+  abbreviated = f"{head}.{initials}" if head else initials
+  if len(initials) > 1 and abbreviated in fields:
+    return abbreviated
+  close = difflib.get_close_matches(f"config.{name}",
+                                    [f"config.{f}" for f in fields], n=1)
+  return close[0][len("config."):] if close else ""
+
+
+def _kind_fits(value, default) -> bool:
+  """Whether `value` has the type of the base config's `default`."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, type(default)) and not isinstance(value, bool)
+
+
+def _check_fields(config) -> None:
+  """Every field of `base_config()`, of its type, and no other."""
+  _require(isinstance(config, ml_collections.ConfigDict),
+           f"the config is a {type(config).__name__}, not an "
+           "ml_collections.ConfigDict; get_config() must return one, e.g. "
+           "configuration.base_config() with changes.")
+  expected = _dotted_fields(base_config())
+  given = _dotted_fields(config)
+  missing = [name for name in expected if name not in given]
+  _require(not missing,
+           f"the config lacks config.{', config.'.join(missing[:5])}"
+           f"{' and more' if len(missing) > 5 else ''}; start the config "
+           "file from configuration.base_config().")
+  unknown = [name for name in given if name not in expected]
+  if unknown:
+    guess = suggest_field(unknown[0], expected)
+    raise ConfigError(f"the config has an unknown field config.{unknown[0]}"
+                      f"{f'; did you mean config.{guess}?' if guess else '.'}")
+  for name, default in expected.items():
+    kind = _KINDS[float if isinstance(default, float) else type(default)]
+    _require(_kind_fits(given[name], default),
+             f"config.{name}={given[name]!r} must be {kind}.")
+
+
+# Bounds beyond any real machine or run: a value past them is a typo.
+MAX_IMAGE_SIZE = 4096
+MAX_TOKENS = 65536              # Patches per image.
+MAX_HIDDEN_SIZE = 16384
+MAX_MLP_DIM = 65536
+MAX_LAYERS = 1024
+MAX_BATCH = 2**20
+MAX_EPOCHS = 100_000
+MAX_CLASSES = 2**20
+MAX_PROMPTS = 4096              # Experts, pool entries, prompt tokens.
+
+
+def _check_range(name: str, value, low: int, high: int) -> None:
+  _require(low <= value <= high,
+           f"config.{name}={value} must be between {low} and {high}.")
+
+
+def _check_model(config) -> dict:
+  """The ViT dimensions: each within bounds, and fitting together."""
+  dims = model_dims(config)  # Only a custom ViT's can be out of bounds.
+  for name, high in (("patch_size", MAX_IMAGE_SIZE),
+                     ("hidden_size", MAX_HIDDEN_SIZE),
+                     ("num_layers", MAX_LAYERS),
+                     ("num_heads", MAX_HIDDEN_SIZE),
+                     ("mlp_dim", MAX_MLP_DIM)):
+    _require(1 <= dims[name] <= high,
+             f"config.model.{name}={dims[name]} must be between 1 and "
+             f"{high}.")
+  _check_range("image_size", config.image_size, 1, MAX_IMAGE_SIZE)
   _require(config.image_size % dims["patch_size"] == 0,
            f"config.image_size={config.image_size} must be a multiple of the "
            f"patch size {dims['patch_size']}.")
+  tokens = (config.image_size // dims["patch_size"])**2
+  _require(tokens <= MAX_TOKENS,
+           f"config.image_size={config.image_size} makes {tokens} patches of "
+           f"size {dims['patch_size']}, more than {MAX_TOKENS}; use a larger "
+           "patch or a smaller image.")
   _require(dims["hidden_size"] % dims["num_heads"] == 0,
            "config.model.hidden_size must divide by config.model.num_heads.")
+  return dims
+
+
+def _check_method(config, dims: dict) -> None:
+  """The prompted layers and the chosen method's own sizes."""
   prompted = config.num_prompted_layers
   if config.method != "smope":  # The baselines' layout, on a smaller model.
     prompted = min(prompted, dims["num_layers"])
@@ -231,6 +338,8 @@ def validate(config) -> None:
            f"between 1 and the {dims['num_layers']} layers.")
   _require(config.method in METHODS,
            f"config.method={config.method!r}; choose one of {METHODS}.")
+  for name in ("num_experts", "pool_size", "prompt_length", "g_prompt_length"):
+    _check_range(name, config[name], 0, MAX_PROMPTS)
   if config.method == "smope":
     _require(1 <= config.top_k <= config.num_experts,
              f"config.top_k={config.top_k} must be between 1 and "
@@ -250,12 +359,66 @@ def validate(config) -> None:
     _require(prompted >= 3,
              "DualPrompt needs config.num_prompted_layers >= 3 (G-prompts "
              "in the first two blocks, E-prompts after them).")
+    _require(config.g_prompt_length >= 2 and config.g_prompt_length % 2 == 0,
+             f"config.g_prompt_length={config.g_prompt_length} must be even: "
+             "half keys, half values.")
   if config.method != "smope":
     _require(config.prompt_length >= 2 and config.prompt_length % 2 == 0,
              f"config.prompt_length={config.prompt_length} must be even: "
              "half keys, half values.")
     _require(config.pool_size >= (1 if config.method != "dualprompt" else 0),
              f"config.pool_size={config.pool_size} must be positive.")
+
+
+def _check_numbers(config) -> None:
+  """Counts within bounds; rates and loss weights finite."""
+  for name, high in (("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH),
+                     ("epochs", MAX_EPOCHS)):
+    _check_range(name, config[name], 1, high)
+  for name in ("align_ratio", "checkpoint_every_steps", "log_every_steps",
+               "keep_checkpoints"):
+    _require(config[name] >= 1,
+             f"config.{name}={config[name]} must be a positive integer.")
+  _check_range("align_epochs", config.align_epochs, 0, MAX_EPOCHS)
+  for name in ("freeze_steps", "iters_per_epoch"):
+    _require(config[name] >= 0, f"config.{name} must not be negative.")
+  _require(config.exit_at_step >= -1,
+           "config.exit_at_step must be -1 (off) or a step.")
+  for name in ("lr", "align_lr", "align_final_lr", "prompt_lr_multiplier"):
+    value = float(config[name])
+    _require(math.isfinite(value) and value > 0,
+             f"config.{name}={value} must be positive and finite.")
+  for name in ("router_weight", "prototype_weight", "ortho_weight", "epsilon",
+               "inference_penalty", "weight_decay", "align_weight_decay"):
+    value = float(config[name])
+    _require(math.isfinite(value) and value >= 0,
+             f"config.{name}={value} must be finite and not negative.")
+  _require(0 <= config.split_seed <= MAX_SEED,
+           f"config.split_seed={config.split_seed} is out of range; seeds "
+           f"must be integers from 0 to {MAX_SEED} (2**31-1).")
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first invalid field and what it accepts.
+
+  Needs nothing but the config (no JAX, no TensorFlow, no files), so that a
+  wrong value ends the program before anything starts.
+  """
+  _check_fields(config)
+  _require(config.dataset.strip() != "",
+           f"config.dataset={config.dataset!r}; name a benchmark "
+           f"{BENCHMARKS}, a TFDS dataset or 'folder:/path'.")
+  _check_range("num_tasks", config.num_tasks, 1, MAX_CLASSES)
+  _require(config.num_classes >= 0 and config.first_task_classes >= 0,
+           "config.num_classes and config.first_task_classes must not be "
+           "negative.")
+  _check_range("num_classes", config.num_classes, 0, MAX_CLASSES)
+  if config.num_classes and not config.joint:
+    # The data knows the class count; check what the config alone can.
+    from smope_jax.data import splits  # pylint: disable=g-import-not-at-top
+    splits.task_classes(range(config.num_classes), config.num_tasks,
+                        config.first_task_classes)
+  _check_method(config, _check_model(config))
   for name, choices in (("test_resize", ("resize", "resize_crop")),
                         ("schedule", SCHEDULES), ("dtype", DTYPES),
                         ("matmul_precision", MATMUL_PRECISIONS),
@@ -263,16 +426,7 @@ def validate(config) -> None:
                         ("imagenet_r_split", IMAGENET_R_SPLITS)):
     _require(config[name] in choices,
              f"config.{name}={config[name]!r}; choose one of {choices}.")
-  for name in ("batch_size", "eval_batch_size", "epochs", "align_ratio",
-               "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
-    _require(int(config[name]) >= 1,
-             f"config.{name}={config[name]} must be a positive integer.")
-  for name in ("lr", "align_lr", "align_final_lr"):
-    _require(float(config[name]) > 0, f"config.{name} must be positive.")
-  for name in ("freeze_steps", "iters_per_epoch", "align_epochs",
-               "router_weight", "prototype_weight", "epsilon",
-               "weight_decay", "align_weight_decay", "ortho_weight"):
-    _require(float(config[name]) >= 0, f"config.{name} must not be negative.")
+  _check_numbers(config)
   parse_seeds(config)
 
 

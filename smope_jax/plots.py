@@ -46,58 +46,72 @@ def plot_accuracy_matrix(acc: Any, path: epath.PathLike,
       color = "black" if value > 60.0 else "white"
       ax.text(j, t, f"{value:.1f}", ha="center", va="center", color=color,
               fontsize=fontsize)
-  ax.set_xticks(range(num_tasks))
-  ax.set_yticks(range(num_tasks))
+  # Tasks are numbered from 1, as in the log.
+  ax.set_xticks(range(num_tasks), [str(j + 1) for j in range(num_tasks)])
+  ax.set_yticks(range(num_tasks), [str(t + 1) for t in range(num_tasks)])
   ax.set_xlabel("evaluated task j")
-  ax.set_ylabel("after task t")
+  ax.set_ylabel("after training task t")
   if title:
     ax.set_title(title)
   fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
   return _write_png(fig, path)
 
 
-def plot_expert_frequencies(counts: Any, path: epath.PathLike,
+def plot_expert_frequencies(counts: Any, path: epath.PathLike, *,
+                            top_k: int, frequent: Any = None,
                             title: str | None = None) -> epath.Path:
-  """One heads x experts heatmap per prompted layer of activation shares.
+  """How often each expert was chosen, per prompted layer and head.
 
   Args:
-    counts: int array (L, H, E): how often each expert was in a sample's top-K
-      (section 3 of the spec), per prompted layer and head.
+    counts: int array (L, H, E): how often each expert was in a sample's
+      clean top-K during the counting passes.
     path: where to write the PNG.
-    title: optional figure title.
+    top_k: K; each counted sample adds K to every head's counts.
+    frequent: bool array (L, H, E) of the experts marked frequently used,
+      drawn with a cross.
+    title: the figure's title.
 
   Returns:
-    `path` as an epath.Path. Each head's counts are divided by their sum, so a
-    row shows how that head shares its activations among the experts.
+    `path` as an epath.Path. The colour is the fraction of counted samples
+    that chose the expert, on a fixed 0..1 scale, so that figures of
+    different runs and tasks compare.
   """
   counts = np.asarray(counts, dtype=np.float64)
   if counts.ndim != 3:
     raise ValueError(f"counts must be (layers, heads, experts), got shape "
                      f"{counts.shape}.")
   num_layers, num_heads, num_experts = counts.shape
-  totals = counts.sum(axis=-1, keepdims=True)
-  shares = np.divide(counts, totals, out=np.zeros_like(counts),
-                     where=totals > 0)
+  samples = counts.sum(axis=-1, keepdims=True) / top_k
+  fractions = np.divide(counts, samples, out=np.zeros_like(counts),
+                        where=samples > 0)
   ncols = min(num_layers, 3)
   nrows = math.ceil(num_layers / ncols)
   panel_w = max(3.0, 0.22 * num_experts + 1.0)
   panel_h = max(2.0, 0.22 * num_heads + 1.0)
-  fig = mpl_figure.Figure(figsize=(ncols * panel_w + 1.2, nrows * panel_h),
+  fig = mpl_figure.Figure(figsize=(ncols * panel_w + 1.2,
+                                   nrows * panel_h + 0.6),
                           layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False)
-  vmax = max(float(shares.max()), 1e-9)
+  image = None
   for layer, ax in enumerate(axes.flat):
     if layer >= num_layers:
       ax.set_axis_off()
       continue
-    image = ax.imshow(shares[layer], cmap="magma", vmin=0.0, vmax=vmax,
+    image = ax.imshow(fractions[layer], cmap="magma", vmin=0.0, vmax=1.0,
                       aspect="auto", interpolation="nearest")
-    ax.set_title(f"layer {layer}", fontsize=10)
+    if frequent is not None:
+      heads, experts = np.nonzero(np.asarray(frequent)[layer])
+      ax.scatter(experts, heads, marker="x", s=18, c="cyan", linewidths=1.0)
+    ax.set_title(f"block {layer}", fontsize=10)
     ax.set_xlabel("expert")
     ax.set_ylabel("head")
-  fig.colorbar(image, ax=axes, label="share of the head's activations")
+    ax.set_xticks(range(0, num_experts, max(num_experts // 8, 1)))
+    ax.set_yticks(range(num_heads))
+  fig.colorbar(image, ax=axes,
+               label=f"fraction of samples with the expert in their top-{top_k}")
   if title:
-    fig.suptitle(title)
+    fig.suptitle(title + ("   (x: marked frequently used)"
+                          if frequent is not None else ""), fontsize=10)
   return _write_png(fig, path)
 
 

@@ -1,23 +1,28 @@
-"""What a run leaves in its workdir and shows on the terminal.
+"""What a run leaves in its workdir and tells the user while it runs.
 
-Only process 0 writes: `config.json`, `metrics.json`, TensorBoard events,
-the PNG plots and the progress bar. Other processes get no-op writers.
+Scalars go through CLU's default metric writer: a log line and, on process
+0, TensorBoard events from one call (other processes only log). Process 0
+also writes `config.json`, `metrics.json`, the PNG plots and the seed table,
+and draws the terminal bar. JSON is written strictly: a non-finite number
+is an error, never a `NaN` in a file.
 """
 
 import json
-import sys
 
+from absl import logging
+from clu import metric_writers
 import numpy as np
 import tensorflow as tf
 
-from smope_jax import metrics, plots
+from smope_jax import metrics, plots, progress
 
 
 def write_json(path: str, payload) -> None:
-  """Writes JSON atomically (temp file + rename); works for gs:// paths."""
+  """Writes strict JSON atomically (temp file + rename); works on gs://."""
+  text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
   tmp = path + ".tmp"
   with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write(text)
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
@@ -26,70 +31,112 @@ def read_json(path: str):
     return json.load(f)
 
 
-class Progress:
-  """A one-line progress bar on stderr: phase, step, loss, accuracy, img/s."""
+def _hparams(config) -> dict:
+  """The config's scalar fields, flattened, as TensorBoard's hparams."""
+  flat = {}
 
-  def __init__(self, enabled: bool):
-    # Only on a terminal: redirected output gets the log lines instead.
-    self.enabled = enabled and sys.stderr is not None and sys.stderr.isatty()
-    self._last_len = 0
+  def visit(prefix, value):
+    if hasattr(value, "items"):
+      for key, sub in value.items():
+        visit(f"{prefix}{key}.", sub)
+    elif isinstance(value, (bool, int, float, str)):
+      flat[prefix[:-1]] = value
 
-  def update(self, label: str, step: int, total: int, values: dict) -> None:
-    if not self.enabled:
-      return
-    width = 24
-    filled = int(width * step / max(total, 1))
-    bar = "#" * filled + "." * (width - filled)
-    fields = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-    line = f"\r{label} [{bar}] {step}/{total} {fields}"
-    sys.stderr.write(line.ljust(self._last_len))
-    sys.stderr.flush()
-    self._last_len = len(line)
+  visit("", config.to_dict())
+  return flat
 
-  def close(self) -> None:
-    if self.enabled and self._last_len:
-      sys.stderr.write("\n")
-      sys.stderr.flush()
-      self._last_len = 0
+
+def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:
+  """Accuracy and forgetting of every seen task after the last one trained.
+
+  Forgetting of task j = its best accuracy after an earlier task minus its
+  accuracy now (the FFM term); the current task has none yet.
+  """
+  rows = [row for row in acc_matrix if row is not None]
+  t = len(rows)
+  last = rows[-1]
+  lines = [f"after task {t}: {evaluated_on} accuracy of each seen task",
+           "  task   accuracy   forgetting"]
+  for j, acc in enumerate(last):
+    if j < t - 1:
+      best = max(rows[i][j] for i in range(j, t - 1))
+      forgetting = f"{best - acc:10.2f}"
+    else:
+      forgetting = f"{'-':>10}"
+    lines.append(f"  {j + 1:4d}   {acc:8.2f}   {forgetting}")
+  lines.append(f"  mean   {np.mean(last):8.2f}")
+  return "\n".join(lines)
+
+
+def format_matrix(summary: dict) -> str:
+  """The accuracy matrix A[t][j] (tasks numbered from 1) and FAA/CAA/FFM."""
+  matrix = summary["acc_matrix"]
+  header = "  after \\ task " + "".join(f"{j + 1:>7d}" for j in
+                                        range(len(matrix)))
+  lines = ["accuracy matrix (%): row t = after training task t", header]
+  for t, row in enumerate(matrix):
+    cells = "".join(f"{v:7.2f}" if v is not None else f"{'':>7}"
+                    for v in row)
+    lines.append(f"  {t + 1:>12d} {cells}")
+  lines.append(f"FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  "
+               f"FFM {summary['ffm']:.2f}")
+  return "\n".join(lines)
 
 
 class Reporter:
-  """Scalars, metrics and plots of one run (a no-op off process 0)."""
+  """Scalars, metrics, plots and the terminal bar of one run."""
 
-  def __init__(self, workdir: str, enabled: bool, progress: bool):
+  def __init__(self, workdir: str, primary: bool, progress_bar: bool):
     self.workdir = workdir
-    self.enabled = enabled
-    self.progress = Progress(enabled and progress)
-    self._writer = (tf.summary.create_file_writer(workdir) if enabled
-                    else None)
+    self.primary = primary
+    self.bar = progress.Bar(primary and progress_bar)
+    self.writer = metric_writers.create_default_writer(
+        workdir if primary else None, just_logging=not primary,
+        asynchronous=False)
 
   def write_config(self, config) -> None:
-    if self.enabled:
+    """config.json and the hyper-parameters in TensorBoard (fresh runs)."""
+    if self.primary:
       write_json(f"{self.workdir}/config.json", config.to_dict())
+    self.writer.write_hparams(_hparams(config))
 
-  def scalars(self, step: int, values: dict, prefix: str = "") -> None:
-    if not self.enabled:
-      return
-    with self._writer.as_default():
-      for name, value in values.items():
-        tf.summary.scalar(prefix + name, float(value), step=step)
-    self._writer.flush()
+  def scalars(self, step: int, values: dict) -> None:
+    """One log line and TensorBoard scalars."""
+    self.bar.clear()
+    self.writer.write_scalars(step, {k: float(v) for k, v in values.items()})
+    self.writer.flush()
 
-  def task_report(self, summary: dict) -> None:
-    """Writes metrics.json and, from the same summary, the plots."""
-    if not self.enabled:
+  def log(self, message: str, *args) -> None:
+    """An INFO line that does not collide with the terminal bar."""
+    self.bar.clear()
+    logging.info(message, *args)
+
+  def task_report(self, summary: dict, title: str) -> None:
+    """metrics.json, the plots, and the per-task table in the log."""
+    self.log("%s", format_task_table(summary["acc_matrix"][
+        :summary["tasks_done"]], summary["evaluated_on"]))
+    if not self.primary:
       return
     write_json(f"{self.workdir}/metrics.json", summary)
-    matrix = np.array([[np.nan if v is None else v for v in row]
-                       for row in summary["acc_matrix"]], np.float64)
-    plots.plot_accuracy_matrix(matrix, f"{self.workdir}/accuracy_matrix.png",
-                               title=f"Accuracy (%) - FAA {summary['faa']:.2f}")
+    scores = (f"FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  "
+              f"FFM {summary['ffm']:.2f}")
+    plots.plot_accuracy_matrix(
+        np.array([[np.nan if v is None else v for v in row]
+                  for row in summary["acc_matrix"]], np.float64),
+        f"{self.workdir}/accuracy_matrix.png", title=f"{title}\n{scores}")
     if "expert_counts" in summary:
-      plots.plot_expert_frequencies(np.asarray(summary["expert_counts"]),
-                                    f"{self.workdir}/expert_frequencies.png")
+      plots.plot_expert_frequencies(
+          np.asarray(summary["expert_counts"]),
+          f"{self.workdir}/expert_frequencies.png",
+          top_k=summary["top_k"],
+          frequent=np.asarray(summary["expert_frequent"]),
+          title=f"{title}: expert use after task {summary['tasks_done']}")
+
+  def final_report(self, summary: dict) -> None:
+    self.log("%s", format_matrix(summary))
 
   def seed_report(self, summaries: list[dict], seeds: list[int]) -> None:
-    if not self.enabled:
+    if not self.primary:
       return
     table = metrics.summarize_seeds(summaries)
     write_json(f"{self.workdir}/seeds_summary.json",
@@ -100,6 +147,5 @@ class Reporter:
     print(text)
 
   def close(self) -> None:
-    self.progress.close()
-    if self._writer is not None:
-      self._writer.close()
+    self.bar.clear()
+    self.writer.close()

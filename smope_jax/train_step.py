@@ -33,6 +33,20 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
   return {**frozen, **trainable}
 
 
+def parameter_counts(params: dict) -> dict:
+  """Learnable (prompts + head) and frozen (backbone) parameter counts.
+
+  Works on arrays and on shapes (`jax.ShapeDtypeStruct`).
+  """
+  size = lambda tree: int(sum(  # noqa: E731
+      x.size for x in jax.tree_util.tree_leaves(tree)))
+  trainable, frozen = split_params(params)
+  counts = {"prompts": size(trainable.get("prompts", {})),
+            "head": size(trainable.get("head", {})), "frozen": size(frozen)}
+  counts["learnable"] = counts["prompts"] + counts["head"]
+  return counts
+
+
 @flax.struct.dataclass
 class TaskInputs:
   """What a training step needs besides parameters, optimizer and batch.

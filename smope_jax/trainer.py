@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from smope_jax import alignment, checkpointing, configuration
-from smope_jax import distributed, metrics, reporting, schedules
+from smope_jax import distributed, metrics, progress, reporting, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
@@ -102,6 +102,8 @@ class Run:
     self.mesh = distributed.make_mesh()
     self.replicated = distributed.replicated(self.mesh)
     self.batch_sharding = distributed.batch_sharded(self.mesh)
+    # Weights before data: a bad file fails in seconds, not after loading.
+    self.backbone = factory.load_backbone(config, self.workdir)
     self.data = pipeline.build_continual_data(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -119,6 +121,12 @@ class Run:
                                        config.progress_bar)
     self.checkpointer = checkpointing.Checkpointer(
         f"{self.workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
+    self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])),
+                              out_shardings=self.replicated)
+    self.run_clock = time.perf_counter()
+    self.train_seconds = 0.0
+    self.compiled = set()  # Modes whose train step this process compiled.
     self.phases = {"start": self.start_task, "warmup": self.train_phase,
                    "train": self.train_phase,
                    "bookkeeping": self.bookkeeping,
@@ -140,7 +148,8 @@ class Run:
   # ----------------------------------------------------------------- state
 
   def fresh_state(self) -> tuple[dict, dict]:
-    params = factory.init_params(self.config, self.model, self.method)
+    params = factory.init_params(self.config, self.model, self.method,
+                                 self.backbone)
     trainable, frozen = steps_lib.split_params(params)
     hidden = self.model.hidden_size
     state = {
@@ -167,42 +176,111 @@ class Run:
     return jax.jit(fn, out_shardings=self.replicated)
 
   def save(self, state, meta, force=False):
+    """Checkpoints the run; a non-finite state ends the run unsaved."""
+    self.ensure_finite(state, meta)
     meta["save_id"] += 1
     self.checkpointer.save(meta["save_id"], state, meta, force=force)
+
+  def ensure_finite(self, state, meta, loss=None):
+    """Stops a diverged run before anything non-finite is saved or reported.
+
+    Raises:
+      UserError: the loss or a learnable parameter is NaN or infinite.
+    """
+    finite = loss is None or np.isfinite(loss)
+    what = f"the loss is {loss}"
+    if finite:
+      finite = bool(distributed.to_host(self.all_finite(state["trainable"])))
+      what = "a learnable parameter is not finite"
+    if not finite:
+      raise UserError(
+          f"training diverged at task {meta['task'] + 1}, phase "
+          f"{meta['phase']}, epoch {meta['epoch'] + 1}, step {meta['step']}: "
+          f"{what}. Nothing non-finite was saved; the last checkpoint in "
+          f"{self.workdir}/checkpoints is the last good state. Lower "
+          f"--config.lr (now {self.config.lr}) or check the input images, "
+          "and run again with a new --workdir.")
 
   # ------------------------------------------------------------------ loop
 
   def run(self) -> dict:
-    self.reporter.write_config(self.config)
-    if self.config.joint:
-      logging.info("joint training of all %d classes as one task: the upper "
-                   "bound of continual learning", self.data.num_classes)
-    if self.config.validation:
-      logging.info("validation run: 20%% of the training data is held out "
-                   "and evaluated on; the test split is never read")
     (state, self.frozen), meta = self.fresh_state()
     restored = self.checkpointer.restore_latest(state)
-    if restored is not None:
+    if restored is None:
+      self.reporter.write_config(self.config)
+    else:
       _, state, meta = restored
       if meta.get("phase") not in PHASES:
         raise UserError(f"the checkpoint in {self.workdir}/checkpoints was "
                         "not written by this version of smope_jax; use a "
                         "new --workdir")
-      logging.info("resuming task %d, phase %s, epoch %d, step %d",
-                   meta["task"], meta["phase"], meta["epoch"], meta["step"])
+    self.log_start(meta)
     try:
       with jax.default_matmul_precision(self.config.matmul_precision):
         while meta["task"] < self.data.num_tasks:
           state = self.phases[meta["phase"]](state, meta)
       self.checkpointer.wait_until_finished()
       summary = self.summary(state, meta)
-      logging.info("%d tasks done: FAA %.2f  CAA %.2f  FFM %.2f (%s)",
-                   summary["tasks_done"], summary["faa"], summary["caa"],
-                   summary["ffm"], f"{self.workdir}/metrics.json")
+      self.reporter.final_report(summary)
+      self.reporter.log("%d tasks done: FAA %.2f  CAA %.2f  FFM %.2f (%s)",
+                        summary["tasks_done"], summary["faa"],
+                        summary["caa"], summary["ffm"],
+                        f"{self.workdir}/metrics.json")
       return summary
     finally:
       self.reporter.close()
       self.checkpointer.close()
+
+  @property
+  def title(self) -> str:
+    """The run in a few words, for logs and plot titles."""
+    c = self.config
+    method = configuration.METHOD_NAMES[c.method]
+    label = f"{c.dataset}, {self.data.num_tasks} tasks, {method}, seed {c.seed}"
+    return label + (" (upper bound: joint)" if c.joint else "")
+
+  def log_start(self, meta) -> None:
+    """What the run is about to do, or that it is finished already."""
+    log = self.reporter.log
+    if meta["task"] >= self.data.num_tasks:
+      log("%s: finished already (%d tasks); reporting its results",
+          self.title, meta["task"])
+      return
+    if meta["global_step"] or meta["task"]:
+      log("%s: resuming task %d, phase %s, epoch %d, step %d", self.title,
+          meta["task"] + 1, meta["phase"], meta["epoch"] + 1, meta["step"])
+    else:
+      log("%s: starting", self.title)
+    if self.config.joint:
+      log("joint training of all %d classes as one task: the upper bound of "
+          "continual learning", self.data.num_classes)
+    if self.config.validation:
+      log("validation run: 20%% of the training data is held out and "
+          "evaluated on; the test split is never read")
+    order = self.data.class_order
+    log("class order (seed %d) starts %s%s", self.config.seed,
+        ", ".join(map(str, order[:10])), ", ..." if len(order) > 10 else "")
+    batch = self.config.batch_size
+    for t in range(self.data.num_tasks):
+      log("task %d: %d classes, %d training images (%d steps of %d per "
+          "epoch), %d %s images", t + 1, len(self.data.task_classes(t)),
+          self.data.train_size(t), self.data.steps_per_epoch(t, batch), batch,
+          self.data.test_size(t), self.evaluated_on)
+    counts = steps_lib.parameter_counts(self.fresh_params_shapes())
+    log("%s: learnable parameters %s (prompts %s, head %s), frozen %s",
+        configuration.METHOD_NAMES[self.config.method], f"{counts['learnable']:,}",
+        f"{counts['prompts']:,}", f"{counts['head']:,}",
+        f"{counts['frozen']:,}")
+    log("devices: %d %s (%d per process, %d processes), mesh %s",
+        jax.device_count(), jax.devices()[0].platform,
+        jax.local_device_count(), jax.process_count(),
+        dict(self.mesh.shape))
+
+  def fresh_params_shapes(self):
+    return jax.eval_shape(lambda: self.model.init(
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, self.config.image_size, self.config.image_size, 3)),
+        self.method.init_context(), mode="train"))["params"]
 
   def advance(self, state, meta):
     """Moves to the next phase; a training phase gets a new optimizer."""
@@ -246,8 +324,9 @@ class Run:
     epochs = self.phase_epochs(phase)
     steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
     rates = phase_schedules(config, epochs, steps_per_epoch)
-    label = f"task {task + 1}/{self.data.num_tasks} {phase}"
-    images, clock, waited = 0, time.perf_counter(), [0.0]
+    clock = progress.PhaseClock(steps_per_epoch * epochs,
+                                meta["epoch"] * steps_per_epoch + meta["step"])
+    waited = [0.0]
     while meta["epoch"] < epochs:
       totals, logged = None, 0
       for local in timed(self.data.train_batches(
@@ -255,38 +334,45 @@ class Run:
                          waited):
         batch = distributed.global_batch(local, self.batch_sharding)
         phase_step = meta["epoch"] * steps_per_epoch + meta["step"]
+        step_rates = {g: np.float32(s(phase_step)) for g, s in rates.items()}
         inputs = steps_lib.TaskInputs(
             class_range=self.task_range(task), task=np.int32(task),
-            rates={g: np.float32(s(phase_step)) for g, s in rates.items()},
-            method_state=state["method_state"])
+            rates=step_rates, method_state=state["method_state"])
         state["trainable"], state["opt_state"], step_metrics = self.steps.train(
             mode, state["trainable"], state["opt_state"], self.frozen, batch,
             inputs)
+        first = clock.first_step_seconds is None
+        if first:  # Time the compilation apart from the steady steps.
+          jax.block_until_ready(step_metrics)
+        clock.step(local["image"].shape[0] * jax.process_count())
+        if first and mode not in self.compiled:
+          self.compiled.add(mode)
+          self.reporter.log("first %s step (compilation) took %s", mode,
+                            progress.format_seconds(clock.first_step_seconds))
         totals = step_metrics if totals is None else jax.tree_util.tree_map(
             jnp.add, totals, step_metrics)
         logged += 1
         meta["step"] += 1
         meta["global_step"] += 1
-        images += local["image"].shape[0] * jax.process_count()
         if meta["global_step"] == config.exit_at_step:
           exit_abruptly(config.exit_at_step)
-        if meta["step"] % config.log_every_steps == 0:
-          self.log_train(meta, totals, logged, label, steps_per_epoch,
-                         epochs, images / (time.perf_counter() - clock))
+        last_of_epoch = meta["step"] == steps_per_epoch
+        if meta["step"] % config.log_every_steps == 0 or last_of_epoch:
+          self.log_interval(state, meta, totals, logged, clock, step_rates,
+                            epochs)
           totals, logged = None, 0
+        else:
+          self.draw_bar(meta, clock, epochs)
         if meta["global_step"] % config.checkpoint_every_steps == 0:
           self.save(state, meta)
-      if totals is not None:
-        self.log_train(meta, totals, logged, label, steps_per_epoch, epochs,
-                       images / (time.perf_counter() - clock))
       meta["epoch"] += 1
       meta["step"] = 0
-    self.reporter.progress.close()
-    seconds = time.perf_counter() - clock
-    if mode == "train" and seconds > 0:
-      meta["train_images_per_second"].append(images / seconds)
+    seconds = time.perf_counter() - clock.started
+    self.train_seconds += seconds
+    if mode == "train":
+      meta["train_images_per_second"].append(clock.images_per_second)
     if seconds > 0 and waited[0] / seconds > INPUT_BOUND_FRACTION:
-      logging.warning(
+      self.reporter.log(
           "input pipeline is likely the bottleneck: %.0f%% of the %s phase "
           "waited for data (more host CPUs, config.cache_data=True or a "
           "smaller image_size help)", 100 * waited[0] / seconds, phase)
@@ -294,22 +380,66 @@ class Run:
     self.save(state, meta)
     return state
 
-  def log_train(self, meta, totals, steps, label, per_epoch, epochs,
-                images_per_s):
-    """Logs the mean of the step metrics accumulated over `steps` steps."""
+  def phase_label(self, meta, epochs: int) -> str:
+    return (f"task {meta['task'] + 1}/{self.data.num_tasks} {meta['phase']} "
+            f"epoch {min(meta['epoch'] + 1, epochs)}/{epochs}")
+
+  def draw_bar(self, meta, clock, epochs: int) -> None:
+    eta = clock.eta()
+    self.reporter.bar.draw(
+        self.phase_label(meta, epochs), clock.done, clock.total_steps,
+        f"ETA {progress.format_seconds(eta) if eta is not None else '?':>7}")
+
+  def log_interval(self, state, meta, totals, steps: int, clock, rates,
+                   epochs: int) -> None:
+    """Logs the mean step metrics since the last interval, with ETAs.
+
+    A non-finite loss stops the run here, before it reaches a checkpoint or
+    metrics.json.
+    """
     host = distributed.to_host(totals)
     values = {name: float(value) / steps for name, value in host.items()
               if name not in ("correct", "count")}
+    self.ensure_finite(state, meta, loss=values["loss"])
     values["acc"] = 100.0 * float(host["correct"]) / max(
         float(host["count"]), 1.0)
     meta["train_log"].append(
         {"global_step": meta["global_step"], "task": meta["task"],
          "phase": meta["phase"], **values})
-    values["img/s"] = images_per_s
-    self.reporter.scalars(meta["global_step"], values,
-                          prefix=f"train/{meta['phase']}/")
-    done = meta["epoch"] * per_epoch + meta["step"]
-    self.reporter.progress.update(label, done, per_epoch * epochs, values)
+    images_per_second = clock.interval()
+    scalars = {f"train/{k}": v for k, v in values.items()}
+    scalars.update({f"train/lr_{g}": float(r) for g, r in rates.items()})
+    scalars["train/images_per_second"] = images_per_second
+    self.reporter.scalars(meta["global_step"], scalars)
+    eta = clock.eta()
+    run_eta = self.run_eta(meta, clock)
+    losses = " ".join(f"{k} {v:.4g}" for k, v in values.items()
+                      if k not in ("loss", "acc"))
+    self.reporter.log(
+        "%s step %d/%d | loss %.4f (%s) | acc %.1f%% | lr %s | %.1f img/s | "
+        "ETA phase %s, run %s", self.phase_label(meta, epochs), meta["step"],
+        self.data.steps_per_epoch(meta["task"], self.config.batch_size),
+        values["loss"], losses, values["acc"],
+        " ".join(f"{g} {float(r):.3g}" for g, r in rates.items()),
+        images_per_second,
+        progress.format_seconds(eta) if eta is not None else "?",
+        progress.format_seconds(run_eta) if run_eta is not None else "?")
+    self.draw_bar(meta, clock, epochs)
+
+  def run_eta(self, meta, clock) -> float | None:
+    """Seconds left in the run: its remaining training steps at the current
+    pace, scaled by the share of time the run so far spent outside them."""
+    per_step = clock.seconds_per_step
+    if per_step is None:
+      return None
+    batch = self.config.batch_size
+    remaining = clock.total_steps - clock.done
+    for task in range(meta["task"] + 1, self.data.num_tasks):
+      remaining += self.data.steps_per_epoch(task, batch) * self.config.epochs
+    elapsed = time.perf_counter() - self.run_clock
+    trained = self.train_seconds + (time.perf_counter() - clock.started)
+    overhead = elapsed / trained if trained > 0 and meta["task"] else 1.0
+    return per_step * remaining * overhead
 
   def bookkeeping(self, state, meta):
     """SMoPE's expert counting: an inference-mode pass over the task's data.
@@ -318,15 +448,22 @@ class Run:
     dropped), and each batch's routing already sees the counts of the
     batches before it.
     """
-    task = meta["task"]
-    for local in self.data.train_batches(task, "count",
-                                         self.config.batch_size,
+    task, batch_size = meta["task"], self.config.batch_size
+    total = self.data.steps_per_epoch(task, batch_size)
+    clock = progress.PhaseClock(total, meta["step"])
+    for local in self.data.train_batches(task, "count", batch_size,
                                          start_step=meta["step"]):
       batch = distributed.global_batch(local, self.batch_sharding)
       state["method_state"] = self.steps.bookkeeping(
           state["trainable"], self.frozen, state["method_state"], batch,
           np.int32(task))
       meta["step"] += 1
+      clock.step(batch_size)
+      self.reporter.bar.draw(f"task {task + 1} counting experts", clock.done,
+                             total, "")
+    self.reporter.log("task %d: counted expert use over %d batches in %s",
+                      task + 1, total, progress.format_seconds(
+                          time.perf_counter() - clock.started))
     state = self.advance(state, meta)
     self.save(state, meta)
     return state
@@ -338,9 +475,12 @@ class Run:
     """
     task = meta["task"]
     feats, labels = [], []
-    for local in self.data.train_batches(task, "stats",
-                                         self.config.batch_size,
-                                         drop_remainder=False):
+    started = time.perf_counter()
+    for step, local in enumerate(self.data.train_batches(
+        task, "stats", self.config.batch_size, drop_remainder=False)):
+      self.reporter.bar.draw(f"task {task + 1} class statistics", step,
+                             -(-self.data.train_size(task) //
+                               self.config.batch_size), "")
       batch = distributed.global_batch(local, self.batch_sharding)
       out = self.steps.features(state["trainable"], self.frozen,
                                 state["method_state"], batch, np.int32(task))
@@ -355,6 +495,9 @@ class Run:
     host_means[classes], host_vars[classes] = means, variances
     state["class_means"], state["class_vars"] = distributed.put_replicated(
         (host_means, host_vars), self.mesh)
+    self.reporter.log("task %d: statistics of %d classes in %s", task + 1,
+                      len(classes), progress.format_seconds(
+                          time.perf_counter() - started))
     return self.advance(state, meta)
 
   def align(self, state, meta):
@@ -370,23 +513,33 @@ class Run:
       rates = np.zeros(config.align_epochs * config.num_classes, np.float32)
       rates[:schedule.total_steps] = schedule.rates(schedule.total_steps)
       key = jax.random.fold_in(jax.random.PRNGKey(config.seed), task)
+      per_class = config.batch_size * config.align_ratio
+      self.reporter.log("task %d: aligning the classifier on %d classes: %d "
+                        "epochs x %d iterations of %d replayed features",
+                        task + 1, seen, config.align_epochs, iterations,
+                        per_class)
+      started = time.perf_counter()
       trainable = dict(state["trainable"])
       trainable["head"] = alignment.align_head(
           trainable["head"], state["class_means"], state["class_vars"],
           key, np.int32(seen), np.int32(iterations), rates,
-          tx=self.align_tx,
-          per_class=config.batch_size * config.align_ratio,
+          tx=self.align_tx, per_class=per_class,
           num_epochs=config.align_epochs)
       state["trainable"] = trainable
+      jax.block_until_ready(trainable["head"])
+      self.reporter.log("task %d: alignment took %s", task + 1,
+                        progress.format_seconds(time.perf_counter() - started))
     return self.advance(state, meta)
 
   def evaluate(self, state, meta):
     """Accuracy on every seen task, predicting over all seen classes."""
     task = meta["task"]
     seen = np.int32(self.data.class_ranges[task][1])
-    row = []
+    row, started = [], time.perf_counter()
     for j in range(task + 1):
       correct = jnp.int32(0)
+      self.reporter.bar.draw(f"task {task + 1} evaluating", j, task + 1,
+                             f"task {j + 1}")
       for local in self.data.test_batches(j, self.config.eval_batch_size):
         batch = distributed.global_batch(local, self.batch_sharding)
         correct = correct + self.steps.eval(
@@ -397,14 +550,15 @@ class Run:
     meta["acc_matrix"].append(row)
     meta["task_seconds"].append(time.time() - meta.pop("task_clock",
                                                        time.time()))
-    logging.info("after task %d: %s accuracies %s", task + 1,
-                 self.evaluated_on, " ".join(f"{a:.2f}" for a in row))
+    self.reporter.log("task %d: evaluated %d tasks in %s", task + 1,
+                      task + 1, progress.format_seconds(
+                          time.perf_counter() - started))
     state = self.advance(state, meta)
     summary = self.summary(state, meta)
-    self.reporter.scalars(task + 1, {k: summary[k] for k in
-                                     ("faa", "caa", "ffm")}, prefix="eval/")
-    self.reporter.task_report(summary)
+    self.reporter.scalars(meta["global_step"], {
+        f"eval/{k}": summary[k] for k in ("faa", "caa", "ffm")})
     self.save(state, meta, force=True)
+    self.reporter.task_report(summary, self.title)
     return state
 
   @property

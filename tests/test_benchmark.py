@@ -17,6 +17,7 @@ import pytest
 
 from smope_jax.benchmark import report
 from smope_jax.benchmark import rows
+from smope_jax import train_step as ts
 from smope_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +142,7 @@ def test_imagenet_r_learnable_count_is_the_papers():
       lambda: model.init(jax.random.PRNGKey(0),
                          jnp.zeros((1, 224, 224, 3)), None,
                          mode="dense"))["params"]
-  counts = rows.parameter_counts(shapes)
+  counts = ts.parameter_counts(shapes)
   assert counts["learnable"] == 384_200
   assert counts["prompts"] == 230_400
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from smope_jax import schedules
 from smope_jax import train_step as steps_lib
-from smope_jax.benchmark import rows
 from smope_jax.models import factory
 
 BATCH = 4
@@ -58,7 +57,7 @@ def static_cost(config, num_tasks: int) -> dict:
   train = jax.jit(functools.partial(steps_lib.train_step, model=model,
                                     method=method, tx=tx, mode="train"))
   return {
-      "params": rows.parameter_counts(params),
+      "params": steps_lib.parameter_counts(params),
       "train_gflops_per_image": _flops(train.lower(
           trainable, jax.eval_shape(tx.init, trainable), frozen, batch,
           inputs)) / BATCH / 1e9,

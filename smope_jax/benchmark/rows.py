@@ -18,9 +18,8 @@ from smope_jax import configuration, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.models import factory
 
-METHOD_ORDER = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
-METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
-                "dualprompt": "DualPrompt", "codaprompt": "CODA-Prompt"}
+METHOD_ORDER = configuration.METHODS
+METHOD_NAMES = configuration.METHOD_NAMES
 
 
 def describe(row: str) -> str:
@@ -46,21 +45,6 @@ class Row:
   args: tuple
   donate: tuple = ()
   carry: Any = None
-
-
-def parameter_counts(params: dict) -> dict:
-  """Learnable (prompts + head) and frozen (backbone) parameter counts."""
-  trainable, frozen = steps_lib.split_params(params)
-  counts = {"prompts": _size(trainable.get("prompts", {})),
-            "head": _size(trainable.get("head", {})),
-            "frozen": _size(frozen)}
-  counts["learnable"] = counts["prompts"] + counts["head"]
-  return counts
-
-
-def _size(tree) -> int:
-  """Number of values in a tree of arrays or shapes (jax.ShapeDtypeStruct)."""
-  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 class MethodSetup:
@@ -152,5 +136,5 @@ class Setup:
     return rows
 
   def parameter_counts(self) -> dict:
-    return {name: parameter_counts(s.params)
+    return {name: steps_lib.parameter_counts(s.params)
             for name, s in self.methods.items()}

@@ -132,4 +132,5 @@ class SMoPE(base.Method):
 
   def report(self, state):
     return {"expert_counts": np.asarray(state["counts"]).tolist(),
-            "expert_frequent": np.asarray(state["frequent"]).tolist()}
+            "expert_frequent": np.asarray(state["frequent"]).tolist(),
+            "top_k": self.config.top_k}

@@ -25,21 +25,40 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
   return model, method
 
 
-def init_params(config, model: VisionTransformer,
-                method: base.Method) -> dict:
-  """Initial prompts and head; the backbone from `config.pretrained`.
+def load_backbone(config, workdir: str):
+  """The pretrained backbone of `config.pretrained`, or None for random.
 
-  With `config.pretrained == ""` the backbone stays random (tests, demo,
-  benchmark). Returns numpy arrays.
+  Read before anything else is built, so that missing or bad weights fail
+  in seconds. "demo" is the demo's own small backbone, made once in the
+  workdir (see `smope_jax.demo_backbone`).
+  """
+  if not config.pretrained:
+    return None
+  from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+  source = config.pretrained
+  if source == "demo":
+    from smope_jax import demo_backbone  # pylint: disable=g-import-not-at-top
+    source = demo_backbone.ensure_demo_backbone(config,
+                                                f"{workdir}/demo_backbone")
+  pretrained.check_source(source)
+  template = pretrained.backbone_template(configuration.model_dims(config),
+                                          config.image_size)
+  return pretrained.load_backbone(source, template)
+
+
+def init_params(config, model: VisionTransformer, method: base.Method,
+                backbone=None) -> dict:
+  """Initial prompts and head, with `backbone` (from `load_backbone`).
+
+  Without a backbone it stays random (tests, benchmark). Returns numpy
+  arrays.
   """
   images = jnp.zeros((1, config.image_size, config.image_size, 3))
   params = jax.jit(lambda k: model.init(
       k, images, method.init_context(), mode="train"))(
           jax.random.PRNGKey(config.seed))["params"]
   params = jax.tree_util.tree_map(np.asarray, params)
-  if config.pretrained:
-    from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
-    trainable, frozen = train_step.split_params(params)
-    frozen = pretrained.load_backbone(config.pretrained, frozen)
-    params = train_step.merge_params(trainable, frozen)
+  if backbone is not None:
+    trainable, _ = train_step.split_params(params)
+    params = train_step.merge_params(trainable, backbone)
   return params
