@@ -157,10 +157,8 @@ def _with(params, path, value):
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def _apply(model, params, context, mode, images=None):
-  return model.apply({"params": params},
-                     _images() if images is None else images, context,
-                     mode=mode)
+def _apply(model, params, context, mode):
+  return model.apply({"params": params}, _images(), context, mode=mode)
 
 
 def _grads(model, params, context, *losses_of_outputs):
@@ -335,10 +333,9 @@ def test_l2p_top_k_ties_go_to_the_lower_index():
   np.testing.assert_array_equal(prefix.aux["chosen"], [[0, 1, 2]] * 2)
 
 
-def _l2p_model(num_layers=2, pool=6, length=4, top_k=3):
-  prompts = l2p.L2PPrompts(num_layers=num_layers, pool_size=pool,
-                           length=length, hidden_size=D, num_heads=H,
-                           top_k=top_k)
+def _l2p_model(num_layers=2, pool=6, top_k=3):
+  prompts = l2p.L2PPrompts(num_layers=num_layers, pool_size=pool, length=4,
+                           hidden_size=D, num_heads=H, top_k=top_k)
   return vit.VisionTransformer(**TINY, prompts=prompts)
 
 
@@ -459,9 +456,10 @@ def test_l2p_key_loss_reaches_only_the_keys_and_ce_every_pool_entry():
 # DualPrompt.
 
 
-def _dual_model(pool=3):
+def _dual_model():
+  """G-prompts in blocks 0, 1; E-prompts (3 tasks) in blocks 2, 3."""
   prompts = dualprompt.DualPromptPrompts(
-      num_layers=4, pool_size=pool, length=4, g_length=4, hidden_size=D,
+      num_layers=4, pool_size=3, length=4, g_length=4, hidden_size=D,
       num_heads=H)
   return vit.VisionTransformer(**TINY, prompts=prompts)
 
