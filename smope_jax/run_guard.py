@@ -213,7 +213,8 @@ class WorkdirLock:
     killed outright (SIGKILL, preemption) leaves its lock behind and the
     next run on that host takes it over at once. On another host the pid
     cannot be checked, so the lock is taken over only once its heartbeat is
-    `stale_seconds` old: a live holder, however long it runs, never is.
+    `stale_seconds` old: a live holder, however long it runs, never is (the
+    hosts' clocks need to agree to within minutes).
 
   Release removes the file only if it still holds this run's token.
   """
@@ -371,7 +372,7 @@ class WorkdirLock:
       os.rename(self.path, aside)
     except FileNotFoundError:
       return False
-    moved = _read_json(aside)
+    moved = _read_record(aside)
     if moved is None or moved.get("token") != stale["token"]:
       # A competitor's fresh lock replaced the stale one before our rename:
       # put it back (a link never overwrites) and judge it.
@@ -404,19 +405,7 @@ class WorkdirLock:
     return True
 
   def _read(self) -> dict | None:
-    """The lock record, None if there is no lock, {} if it is not JSON."""
-    if _is_local(self.path):
-      return _read_json(self.path)
-    path = epath.Path(self.path)
-    for attempt in range(_READ_ATTEMPTS):
-      try:
-        return _parsed(path.read_text())
-      except FileNotFoundError:
-        return None
-      except ValueError:
-        if attempt + 1 < _READ_ATTEMPTS:
-          time.sleep(0.1)
-    return {}
+    return _read_record(self.path)
 
   # ------------------------------------------------------------- heartbeat
 
@@ -444,9 +433,14 @@ class WorkdirLock:
       epath.Path(self.path).write_text(text)  # Objects are replaced whole.
       return
     temporary = f"{self.path}.{record['token']}.tmp"
-    with open(temporary, "w") as f:
-      f.write(text)
-    os.replace(temporary, self.path)
+    try:
+      with open(temporary, "w") as f:
+        f.write(text)
+      os.replace(temporary, self.path)
+    except OSError:
+      if os.path.exists(temporary):
+        os.unlink(temporary)
+      raise
 
 
 def _parsed(text: str) -> dict:
@@ -456,19 +450,18 @@ def _parsed(text: str) -> dict:
   return record
 
 
-def _read_json(path: str) -> dict | None:
-  """A local lock record: None if absent, {} if it stays unreadable.
+def _read_record(path: str) -> dict | None:
+  """A lock record: None if there is none, {} if it stays unreadable.
 
   An exclusive create leaves the file empty for an instant before its
   record is written, so an unparsable file is read again a few times.
   """
   for attempt in range(_READ_ATTEMPTS):
     try:
-      with open(path) as f:
-        return _parsed(f.read())
+      return _parsed(epath.Path(path).read_text())
     except FileNotFoundError:
       return None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # Includes UnicodeDecodeError.
       if attempt + 1 < _READ_ATTEMPTS:
         time.sleep(0.1)
   return {}
