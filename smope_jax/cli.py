@@ -2,15 +2,32 @@
 
 absl and ml_collections report a bad flag, a config file that fails to load
 or an override of a field that does not exist with a traceback; users get
-the message alone.
+one line saying what is wrong instead. Config files are loaded here first,
+so that their errors name the file and line, and overrides are checked
+against the loaded fields, so that a typo gets a suggestion.
 """
 
+import os
+import re
 import sys
+import traceback
+import types
 
 from absl import app
 from absl import flags
+import ml_collections
+from ml_collections.config_flags import config_flags as config_flags_lib
 
+from smope_jax import configuration
+from smope_jax.errors import ConfigError
 from smope_jax.errors import UserError
+
+# Where the program is, e.g. "task 2, step 140": set by the trainer, named
+# by the message of an interrupted run.
+progress = ""
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
 
 
 def _cause(error: BaseException):
@@ -37,28 +54,141 @@ def _last_line(text: str) -> str:
   return last
 
 
+def _raised(error: Exception, path: str) -> str:
+  """'RuntimeError: boom (line 3)': an exception and its line in `path`."""
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  where = f" (line {lines[-1]})" if lines else ""
+  return _one_line(f"{type(error).__name__}: {error}") + where
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Runs `get_config` of a config file "path[:argument]", as config_flags does.
+
+  Raises:
+    ConfigError: the file is missing or unreadable, does not compile, fails
+      to run, has no `get_config`, or `get_config` fails or returns no
+      ConfigDict; the message names the file.
+  """
+  path, has_argument, argument = spec.partition(":")
+  try:
+    with open(path, "rb") as f:
+      source = f.read()
+  except OSError as e:
+    raise ConfigError(f"cannot read the config file {path} "
+                      f"({e.strerror or e}).") from None
+  module = types.ModuleType(f"{os.path.splitext(os.path.basename(path))[0]}")
+  module.__file__ = path
+  try:
+    code = compile(source, path, "exec")
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+  except SyntaxError as e:
+    raise ConfigError(f"{path}, line {e.lineno}: {e.msg}.") from None
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{path} fails to load: {_raised(e, path)}.") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"{path} defines no get_config(); a config file defines "
+                      "get_config(arg=None) returning a ConfigDict.")
+  try:
+    config = get_config(argument) if has_argument else get_config()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"{path}: get_config() raised {_raised(e, path)}.") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned "
+                      f"{type(config).__name__}, not a ConfigDict.")
+  return config
+
+
+def _flag_value(argv: list[str], name: str):
+  """The last value given to --name on the command line, or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    if arg in (f"-{name}", f"--{name}") and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith((f"-{name}=", f"--{name}=")):
+      value = arg.split("=", 1)[1]
+  return value
+
+
+def _overrides(argv: list[str], name: str) -> list[str]:
+  """Dotted fields overridden by --name.a.b=..., as config_flags finds them."""
+  pattern = re.compile(rf"-{{1,2}}(no)?{re.escape(name)}\.")
+  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv[1:]
+          if pattern.match(arg)]
+
+
+def _field(config, dotted: str):
+  """The value at a dotted path, or raises KeyError if there is none."""
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def _check_overrides(argv: list[str], name: str, config) -> None:
+  """Every --name.field=... names a field of the config; typos get a guess."""
+  fields = list(configuration.dotted_fields(config))
+  for dotted in _overrides(argv, name):
+    try:
+      _field(config, dotted)
+    except KeyError:
+      guess = configuration.suggest_field(dotted, fields)
+      hint = (f"did you mean {name}.{guess}?" if guess else
+              "see the config file for the fields it has.")
+      raise ConfigError(f"--{name}.{dotted}: the config has no field "
+                        f"{dotted!r}; {hint}") from None
+
+
+def _config_flag_names() -> list[str]:
+  return [name for name in flags.FLAGS
+          if config_flags_lib.is_config_flag(flags.FLAGS[name])]
+
+
+def _preload_configs(argv: list[str]) -> dict:
+  """{flag name: config} for each config file on the command line."""
+  configs = {}
+  for name in _config_flag_names():
+    spec = _flag_value(argv, name)
+    if spec:
+      configs[name] = load_config_file(spec)
+      _check_overrides(argv, name, configs[name])
+  return configs
+
+
+def _bad_value(error: flags.Error, configs: dict) -> str:
+  """A wrong-type override as "--config.x=v: config.x takes an integer"."""
+  match = re.match(r"flag --(\w+)\.([\w.]+)=(.*?): ", str(error), re.S)
+  if match and match.group(1) in configs:
+    name, dotted, value = match.groups()
+    kind = type(_field(configs[name], dotted))
+    if kind in configuration.KINDS:
+      return (f"--{name}.{dotted}={value}: {name}.{dotted} takes "
+              f"{configuration.KINDS[kind]}.")
+  return _last_line(str(_cause(error) or error))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad flag or config ends with one line and status 2."""
+  configs = {}
   try:
+    configs = _preload_configs(argv)
     remaining = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    # ml_collections raises these for an override of a field that does not
-    # exist, e.g. --config.nosuch=1.
-    name = str(e).strip("\"'")
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    culprit = next((o for o in overrides if name in o.split(".")), name)
-    message = (f"{culprit}: the config has no field {name!r}; see the "
-               "config file for the fields it has.")
+  except UserError as e:
+    message = str(e)
   except flags.Error as e:
-    message = _last_line(str(_cause(e) or e))
+    message = _bad_value(e, configs)
   else:
-    try:  # config_flags loads the file lazily: surface a missing file now.
-      if "config" in flags.FLAGS:
-        flags.FLAGS.config.keys()
-    except OSError as e:
-      message = _last_line(str(e))
-    else:
-      return remaining
+    return remaining
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -106,8 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-_KINDS = {int: "an integer", float: "a number", bool: "true or false",
-          str: "a string"}
+# How a message names the type a field or argument takes.
+KINDS = {int: "an integer", float: "a number", bool: "true or false",
+         str: "a string"}
 
 
 def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
@@ -121,7 +122,7 @@ def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
     ConfigError: an unknown key or a value of the wrong type, naming the
       config file and what it accepts.
   """
-  accepted = ", ".join(f"{k}=<{_KINDS[type(v)]}>" for k, v in
+  accepted = ", ".join(f"{k}=<{KINDS[type(v)]}>" for k, v in
                        defaults.items()) or "no argument"
   args = ml_collections.ConfigDict(defaults)
   for item in filter(None, (part.strip() for part in str(arg or "").split(","))):
@@ -138,7 +139,7 @@ def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
         args[key] = kind(value)
     except ValueError:
       raise ConfigError(f"{config_file}: {key}={value!r} is not "
-                        f"{_KINDS[kind]}.") from None
+                        f"{KINDS[kind]}.") from None
   return args
 
 
@@ -225,12 +226,12 @@ def _require(condition: bool, message: str):
     raise ConfigError(message)
 
 
-def _dotted_fields(config, prefix: str = "") -> dict:
+def dotted_fields(config, prefix: str = "") -> dict:
   """{"model.hidden_size": value, ...}: every leaf field by its dotted name."""
   fields = {}
   for name, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
-      fields.update(_dotted_fields(value, f"{prefix}{name}."))
+      fields.update(dotted_fields(value, f"{prefix}{name}."))
     else:
       fields[prefix + name] = value
   return fields
@@ -268,8 +269,8 @@ def _check_fields(config) -> None:
            f"the config is a {type(config).__name__}, not an "
            "ml_collections.ConfigDict; get_config() must return one, e.g. "
            "configuration.base_config() with changes.")
-  expected = _dotted_fields(base_config())
-  given = _dotted_fields(config)
+  expected = dotted_fields(base_config())
+  given = dotted_fields(config)
   missing = [name for name in expected if name not in given]
   _require(not missing,
            f"the config lacks config.{', config.'.join(missing[:5])}"
@@ -281,7 +282,7 @@ def _check_fields(config) -> None:
     raise ConfigError(f"the config has an unknown field config.{unknown[0]}"
                       f"{f'; did you mean config.{guess}?' if guess else '.'}")
   for name, default in expected.items():
-    kind = _KINDS[float if isinstance(default, float) else type(default)]
+    kind = KINDS[float if isinstance(default, float) else type(default)]
     _require(_kind_fits(given[name], default),
              f"config.{name}={given[name]!r} must be {kind}.")
 

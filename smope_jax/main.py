@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as std_logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import signal  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app
@@ -21,7 +22,12 @@ from absl import logging
 from ml_collections import config_flags
 
 from smope_jax import cli
+from smope_jax import configuration
+from smope_jax import workdir
 from smope_jax.errors import UserError
+
+# Exit status of a run ended by Ctrl-C or SIGTERM, as a shell reports SIGINT.
+EXIT_INTERRUPTED = 130
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar100.py or "
@@ -62,14 +68,69 @@ def _log_to_workdir(workdir: str) -> None:
     std_logging.getLogger().addHandler(log_file)
 
 
+def _interrupt(signum, frame):
+  """SIGTERM (preemption, `kill`) ends the run like Ctrl-C."""
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def interrupt_message(error: KeyboardInterrupt) -> str:
+  """The one line of an interrupted run, naming where it was if known."""
+  where = error.args[0] if error.args else cli.progress
+  at = f" at {where}" if where else ""
+  return (f"interrupted{at}; re-run the same command to resume from the "
+          "last checkpoint")
+
+
+def check_before_start(config, workdir_path: str) -> None:
+  """What the config and the paths alone can show, before any work starts.
+
+  The config (seeds included) is checked before JAX or TensorFlow is even
+  imported; then the workdir and the weights' source and cache.
+
+  Raises:
+    UserError: the first problem, in one sentence.
+  """
+  configuration.validate(config)
+  workdir.check_workdir(workdir_path)
+  if config.pretrained:
+    from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+    pretrained.check_source(config.pretrained)
+    if config.pretrained in pretrained.PRESETS:
+      workdir.check_weights_cache(config.pretrained)
+
+
+def _stop(message: str) -> None:
+  """Ends an interrupted run at once, with `message` as its last line.
+
+  The interrupt may have stopped a library mid-way (a tf.data thread, a
+  file write); tearing the interpreter down around it can hang or crash
+  after the message, so the process exits without it, as after `kill -9`,
+  from which every run resumes. Log files are flushed first; another
+  interrupt meanwhile ends the process there.
+  """
+  def exit_now(*_):
+    os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, exit_now)
+  std_logging.shutdown()
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  # Imported here so that --help stays fast and flag errors come first.
-  from smope_jax import distributed  # pylint: disable=g-import-not-at-top
-  from smope_jax import trainer  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _interrupt)
   try:
+    check_before_start(_CONFIG.value, _WORKDIR.value)
+    # Imported only now, so that the checks above come before JAX starts.
+    from smope_jax import distributed  # pylint: disable=g-import-not-at-top
+    from smope_jax import trainer  # pylint: disable=g-import-not-at-top
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
     _log_to_workdir(_WORKDIR.value)
@@ -78,6 +139,8 @@ def main(argv):
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as e:
+    _stop(interrupt_message(e))
 
 
 def run():

@@ -1,0 +1,123 @@
+"""Start-up checks that a run can write where it must.
+
+A read-only directory, a path through a file or a full disk then end the
+program at start with one line naming the path and the system's reason,
+instead of a traceback at the first checkpoint or download, hours later.
+"""
+
+import errno
+import os
+import socket
+
+from smope_jax.errors import UserError
+
+# Written and removed again: a disk that cannot take this is full.
+PROBE_BYTES = 4096
+
+
+def _reason(error: OSError, *ours: str) -> str:
+  """The system's reason, naming the file it concerns if not one of ours."""
+  reason = error.strerror or str(error)
+  if error.filename and os.fspath(error.filename) not in ours:
+    reason += f": {os.fspath(error.filename)}"
+  return reason
+
+
+def _probe_name(directory: str) -> str:
+  """A probe file that no other process (or host) writes at the same time."""
+  name = f".write_probe.{socket.gethostname()}.{os.getpid()}"
+  return f"{directory.rstrip('/')}/{name}"
+
+
+def _advice(error: OSError, other: str) -> str:
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return f"free space there or choose another {other}"
+  return f"fix its permissions or choose another {other}"
+
+
+def _check_local(directory: str, what: str, other: str) -> None:
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UserError(f"{what} {directory} is a file, not a directory; choose "
+                    f"another {other}.")
+  probe = _probe_name(directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"\0" * PROBE_BYTES)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise UserError(f"cannot write to {what} {directory} "
+                    f"({_reason(e, directory, probe)}); "
+                    f"{_advice(e, other)}.") from None
+  finally:
+    try:
+      os.remove(probe)
+    except OSError:
+      pass  # Never created; an error above says why.
+
+
+def _check_remote(directory: str, what: str, other: str) -> None:
+  """Cloud storage (gs://...) through TensorFlow's file system layer."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  probe = _probe_name(directory)
+  try:
+    tf.io.gfile.makedirs(directory)
+    with tf.io.gfile.GFile(probe, "wb") as f:
+      f.write(b"\0" * PROBE_BYTES)
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    reason = " ".join(str(getattr(e, "message", "") or e).split())
+    raise UserError(f"cannot write to {what} {directory} ({reason}); check "
+                    "its permissions and quota or choose another "
+                    f"{other}.") from None
+
+
+def check_writable(directory: str, what: str, other: str) -> None:
+  """Creates `directory` if needed and writes and removes a probe file there.
+
+  Raises:
+    UserError: "cannot write to {what} {directory} (reason); ... choose
+      another {other}."
+  """
+  if "://" in directory:
+    _check_remote(directory, what, other)
+  else:
+    _check_local(directory, what, other)
+
+
+def check_workdir(path: str) -> None:
+  """The workdir (local or gs://) exists or is created, and takes files."""
+  check_writable(path, "the workdir", "--workdir")
+
+
+def weights_cache_dir() -> str:
+  """Where presets are cached, as `pretrained` resolves it by default."""
+  return os.path.expanduser(os.environ.get("SMOPE_JAX_CACHE")
+                            or "~/.cache/smope_jax")
+
+
+def check_weights_cache(preset: str) -> None:
+  """A preset not yet in the cache needs a cache it can be downloaded into.
+
+  A cached preset is only read, so a read-only shared cache that holds it
+  is fine.
+  """
+  from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+  directory = weights_cache_dir()
+  if os.path.isfile(os.path.join(directory, pretrained.PRESETS[preset][1])):
+    return
+  check_writable(directory, f"the weights cache for {preset!r}",
+                 "cache directory with SMOPE_JAX_CACHE=DIR")
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """Checks early that the file a flag names can be written.
+
+  It must not be a directory, and its directory must exist or be created
+  and take files (a file already there is replaced whole).
+  """
+  if os.path.isdir(path):
+    raise UserError(f"{flag}={path} is a directory; name a file.")
+  check_writable(os.path.dirname(path) or ".", f"the directory of {flag}",
+                 flag)
