@@ -31,6 +31,10 @@ _STATE = "state"
 _META = "meta"
 
 
+class MalformedCheckpoint(ValueError):
+  """A checkpoint whose meta cannot be right; treated like an unreadable one."""
+
+
 class Checkpointer:
   """Keeps the last `max_to_keep` (state, meta) checkpoints in `directory`."""
 
@@ -75,13 +79,18 @@ class Checkpointer:
     })
     return self._manager.save(step, args=args, force=force)
 
-  def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, template: Any,
+                     check_meta=None) -> tuple[int, Any, dict] | None:
     """Returns (step, state, meta) of the newest readable checkpoint.
 
     Args:
       template: a pytree shaped like the saved state. Its leaves (numpy or
         jax arrays, `jax.ShapeDtypeStruct`s with shardings, Python or numpy
         scalars) say what type, dtype and sharding each restored leaf gets.
+      check_meta: called with each candidate's meta before its arrays are
+        read; it raises `MalformedCheckpoint` for a meta that cannot be
+        right (the checkpoint is then treated as unreadable) or a
+        `UserError` to refuse the workdir (e.g. another config wrote it).
 
     Returns:
       None if the directory holds no finished checkpoint.
@@ -97,7 +106,7 @@ class Checkpointer:
     target = jax.tree.map(_restorable_leaf, template)
     bad_steps = []
     for step in steps:
-      restored, error = self._try_restore(step, target)
+      restored, error = self._try_restore(step, target, check_meta)
       if _all_processes_succeeded(restored is not None):
         self._move_aside(bad_steps)
         state = jax.tree.map(_like_template, template, restored[_STATE])
@@ -126,12 +135,19 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
-  def _try_restore(self, step: int, target: Any):
+  def _try_restore(self, step: int, target: Any, check_meta=None):
     """Returns (restored composite, None) or (None, the error)."""
     try:
       saved = self._manager.item_metadata(step)[_STATE]
       saved_leaves = ocp.tree.to_flat_dict(saved.tree)
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          **{_META: ocp.args.JsonRestore()}))[_META]
+      if check_meta is not None:
+        check_meta(meta)
+    except errors.UserError:
+      raise
     except Exception as e:  # pylint: disable=broad-exception-caught
+      _collect_failed_reads()
       return None, e
     _check_compatible(step, self._directory, saved_leaves, target)
     try:

@@ -47,6 +47,8 @@ def _timm_hub(name):
 PRESETS = {
     "sup21k": _timm_hub("vit_base_patch16_224.augreg_in21k"),
     "sup1k": _timm_hub("vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    # The earlier augreg 21k -> 1k checkpoint: the baselines' published runs.
+    "sup1k_coda": _timm_hub("vit_base_patch16_224.augreg_in21k_ft_in1k"),
     "ibot21k": (f"{_IBOT}/vitb_16_pt22k/checkpoint_student.pth",
                 "ibot_vitb16_pt22k_student.pth"),
     "ibot1k": (f"{_IBOT}/vitb_16/checkpoint_teacher.pth",

@@ -19,7 +19,8 @@ import numpy as np
 from absl import logging
 
 from smope_jax import alignment, checkpointing, configuration
-from smope_jax import distributed, metrics, progress, reporting, schedules
+from smope_jax import distributed, metrics, progress, reporting, run_guard
+from smope_jax import schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
@@ -159,7 +160,8 @@ class Run:
         "class_means": np.zeros((self.config.num_classes, hidden), np.float32),
         "class_vars": np.zeros((self.config.num_classes, hidden), np.float32),
     }
-    meta = {"task": 0, "phase": "start", "epoch": 0, "step": 0,
+    meta = {"config": self.config.to_dict(),
+            "task": 0, "phase": "start", "epoch": 0, "step": 0,
             "global_step": 0, "save_id": 0, "seed": int(self.config.seed),
             "acc_matrix": [], "task_seconds": [],
             "train_log": [],
@@ -205,15 +207,12 @@ class Run:
 
   def run(self) -> dict:
     (state, self.frozen), meta = self.fresh_state()
-    restored = self.checkpointer.restore_latest(state)
+    restored = self.checkpointer.restore_latest(
+        state, check_meta=self.check_checkpoint)
     if restored is None:
       self.reporter.write_config(self.config)
     else:
       _, state, meta = restored
-      if meta.get("phase") not in PHASES:
-        raise UserError(f"the checkpoint in {self.workdir}/checkpoints was "
-                        "not written by this version of smope_jax; use a "
-                        "new --workdir")
     self.log_start(meta)
     try:
       with jax.default_matmul_precision(self.config.matmul_precision):
@@ -230,6 +229,40 @@ class Run:
     finally:
       self.reporter.close()
       self.checkpointer.close()
+
+  def check_checkpoint(self, meta: dict) -> None:
+    """Refuses another run's checkpoint; a malformed one counts as corrupt.
+
+    Raises:
+      UserError: the checkpoint was written by an older smope_jax or with
+        a config that computes otherwise (only result-neutral fields such
+        as logging intervals may differ).
+      checkpointing.MalformedCheckpoint: its stored position cannot be
+        right, so it is moved aside and an older one is tried.
+    """
+    if "config" not in meta:
+      raise UserError(f"the checkpoints in {self.workdir}/checkpoints were "
+                      "written by an older smope_jax; use a new --workdir")
+    run_guard.require_same_config(self.workdir, meta["config"],
+                                  self.config.to_dict())
+    count = lambda key: isinstance(meta.get(key), int) and (  # noqa: E731
+        not isinstance(meta.get(key), bool)) and meta[key] >= 0
+    problems = [key for key in ("task", "epoch", "step", "global_step",
+                                "save_id") if not count(key)]
+    if not problems:
+      if meta["task"] > self.data.num_tasks:
+        problems.append(f"task {meta['task']}")
+      if meta.get("phase") not in PHASES:
+        problems.append(f"phase {meta.get('phase')!r}")
+      rows = meta.get("acc_matrix")
+      if not (isinstance(rows, list) and len(rows) == meta["task"] and all(
+          isinstance(row, list) and len(row) == t + 1 and
+          all(isinstance(a, (int, float)) and 0 <= a <= 100 for a in row)
+          for t, row in enumerate(rows))):
+        problems.append("accuracy matrix")
+    if problems:
+      raise checkpointing.MalformedCheckpoint(
+          "its stored position is malformed: " + ", ".join(problems))
 
   @property
   def title(self) -> str:

@@ -120,6 +120,7 @@ def test_bad_config_flag_is_one_clear_error(tmp_path, flag, expected):
 
 def test_missing_data_is_one_clear_error(tmp_path):
   result = _main_subprocess("--config=configs/cifar100.py",
+                            "--config.pretrained=",
                             f"--config.data_dir={tmp_path / 'empty'}",
                             f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 2

@@ -1,0 +1,1 @@
+"""Benchmark configs: one get_config(arg) per benchmark; see README."""
