@@ -22,7 +22,7 @@ SCHEDULES = ("cosine", "epoch_cosine")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 IMAGENET_R_SPLITS = ("reference", "random")
-PRESETS = ("sup21k", "sup1k", "ibot21k", "ibot1k", "dino1k")
+PRESETS = ("sup21k", "sup1k", "sup1k_coda", "ibot21k", "ibot1k", "dino1k")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -158,8 +158,9 @@ def use_method(config, method: str, *, epochs: int,
   SMoPE keeps the config's settings. The baselines get the protocol behind
   their published numbers (the CODA-Prompt code): Adam at 1e-3 for prompts
   and classifier alike, a per-epoch cosine stepped at each epoch's start
-  (no lag), `epochs` epochs of `batch_size`, no classifier alignment, and
-  each method's prompt sizes. `prompt_lr_multiplier` and
+  (no lag), `epochs` epochs of `batch_size`, no classifier alignment, each
+  method's prompt sizes, and its ImageNet-1k backbone (`sup1k_coda`, the
+  augreg checkpoint before SMoPE's `augreg2`). `prompt_lr_multiplier` and
   `classifier_alignment` switch on the SMoPE repository's protocol (5x the
   rate for prompts; alignment with its defaults of 10 epochs, ratio 4).
   """
@@ -169,6 +170,8 @@ def use_method(config, method: str, *, epochs: int,
   if method == "smope":
     return config
   pool, length = BASELINE_PROMPTS[method]
+  if config.pretrained == "sup1k":  # The CODA-Prompt protocol's backbone.
+    config.pretrained = "sup1k_coda"
   config.update(
       optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="epoch_cosine",
       schedule_delay=False, freeze_steps=0, iters_per_epoch=0,
