@@ -68,7 +68,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: the file is missing or unreadable, does not compile, fails
       to run, has no `get_config`, or `get_config` fails or returns no
-      ConfigDict; the message names the file.
+      ConfigDict with the fields of `configuration.base_config()`; the
+      message names the file.
   """
   path, has_argument, argument = spec.partition(":")
   try:
@@ -99,9 +100,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(
         f"{path}: get_config() raised {_raised(e, path)}.") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config() returned "
-                      f"{type(config).__name__}, not a ConfigDict.")
+  try:
+    configuration.check_fields(config)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
   return config
 
 

@@ -241,20 +241,21 @@ def dotted_fields(config, prefix: str = "") -> dict:
 
 
 def suggest_field(name: str, fields) -> str:
-  """The field the user most likely meant by `name`, or "".
+  """The field the user most likely meant by the dotted `name`, or "".
 
-  A close spelling (difflib on the dotted names), or a field named by the
-  initials of `name`'s words (learning_rate -> lr).
+  In order: the same name in any group (patch_size -> model.patch_size),
+  a field named by the initials of the name's words (learning_rate -> lr),
+  the closest spelling (difflib).
   """
   fields = list(fields)
-  head, _, last = name.rpartition(".")
+  last = name.rpartition(".")[2]
   initials = "".join(word[0] for word in last.split("_") if word)
-  abbreviated = f"{head}.{initials}" if head else initials
-  if len(initials) > 1 and abbreviated in fields:
-    return abbreviated
-  close = difflib.get_close_matches(f"config.{name}",
-                                    [f"config.{f}" for f in fields], n=1)
-  return close[0][len("config."):] if close else ""
+  for wanted in (last, initials if len(initials) > 1 else None):
+    for field in fields:
+      if field.rpartition(".")[2] == wanted:
+        return field
+  close = difflib.get_close_matches(name, fields, n=1)
+  return close[0] if close else ""
 
 
 def _kind_fits(value, default) -> bool:
@@ -266,7 +267,7 @@ def _kind_fits(value, default) -> bool:
   return isinstance(value, type(default)) and not isinstance(value, bool)
 
 
-def _check_fields(config) -> None:
+def check_fields(config) -> None:
   """Every field of `base_config()`, of its type, and no other."""
   _require(isinstance(config, ml_collections.ConfigDict),
            f"the config is a {type(config).__name__}, not an "
@@ -408,7 +409,7 @@ def validate(config) -> None:
   Needs nothing but the config (no JAX, no TensorFlow, no files), so that a
   wrong value ends the program before anything starts.
   """
-  _check_fields(config)
+  check_fields(config)
   _require(config.dataset.strip() != "",
            f"config.dataset={config.dataset!r}; name a benchmark "
            f"{BENCHMARKS}, a TFDS dataset or 'folder:/path'.")

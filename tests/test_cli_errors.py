@@ -1,0 +1,446 @@
+"""User errors through the command line: one line, exit status 2, early.
+
+Every case runs the real command in a subprocess, as a user would. Errors
+that the config or the paths alone show must come before JAX or TensorFlow
+start: the whole stderr is the one `error:` line, within a few seconds.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=REPO)
+DEMO = "--config=configs/demo.py"
+# Config errors stop before JAX starts; the interpreter alone takes ~0.3 s.
+EARLY_SECONDS = 5
+
+
+def _run(module, *flags, env=None, timeout=120):
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, "-m", module, *flags], cwd=REPO, env=env or ENV,
+      capture_output=True, text=True, timeout=timeout, check=False)
+  return result, time.monotonic() - start
+
+
+def _assert_one_line(result, expected: str) -> str:
+  """Exit 2; stderr is exactly one line, `error: ...` containing `expected`."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  assert expected in lines[0], lines[0]
+  return lines[0]
+
+
+def _main_fails_early(tmp_path, *flags, expected: str) -> str:
+  result, seconds = _run("smope_jax.main", *flags,
+                         f"--workdir={tmp_path / 'run'}")
+  line = _assert_one_line(result, expected)
+  assert seconds < EARLY_SECONDS, seconds
+  return line
+
+
+# ----------------------------------------------------------- config files
+
+BROKEN_CONFIGS = {
+    "raises": ("def get_config():\n"
+               "  raise RuntimeError('boom')\n",
+               "get_config() raised RuntimeError: boom (line 2)"),
+    "fails_to_import": ("import no_such_module_anywhere\n"
+                        "def get_config():\n"
+                        "  return None\n",
+                        "fails to load: ModuleNotFoundError: No module named "
+                        "'no_such_module_anywhere' (line 1)"),
+    "syntax_error": ("def get_config(:\n"
+                     "  return None\n",
+                     ", line 1: "),
+    "no_get_config": ("config = {'lr': 0.1}\n", "defines no get_config()"),
+    "not_a_configdict": ("def get_config():\n"
+                         "  return {'lr': 0.1}\n",
+                         "the config is a dict, not an "
+                         "ml_collections.ConfigDict"),
+    "lacks_fields": ("import ml_collections\n"
+                     "def get_config():\n"
+                     "  config = ml_collections.ConfigDict()\n"
+                     "  config.lr = 0.1\n"
+                     "  return config\n",
+                     "the config lacks config."),
+    "unknown_field": ("from smope_jax import configuration\n"
+                      "def get_config():\n"
+                      "  config = configuration.base_config()\n"
+                      "  config.learning_rate = 0.1\n"
+                      "  return config\n",
+                      "unknown field config.learning_rate; did you mean "
+                      "config.lr?"),
+    "wrong_type": ("import ml_collections\n"
+                   "from smope_jax import configuration\n"
+                   "def get_config():\n"
+                   "  fields = configuration.base_config().to_dict()\n"
+                   "  fields['batch_size'] = '128'\n"
+                   "  return ml_collections.ConfigDict(fields)\n",
+                   "config.batch_size='128' must be an integer."),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_CONFIGS))
+def test_broken_config_file_is_one_line_naming_it(tmp_path, name):
+  source, expected = BROKEN_CONFIGS[name]
+  path = tmp_path / f"{name}.py"
+  path.write_text(source)
+  line = _main_fails_early(tmp_path, f"--config={path}", expected=expected)
+  assert str(path) in line
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  missing = tmp_path / "nowhere.py"
+  _main_fails_early(tmp_path, f"--config={missing}",
+                    expected=f"cannot read the config file {missing} (No "
+                    "such file or directory)")
+
+
+# -------------------------------------------------------------- overrides
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--config.learning_rate=0.1",
+     "--config.learning_rate: the config has no field 'learning_rate'; did "
+     "you mean config.lr?"),
+    ("--config.model.hiden_size=64", "did you mean config.model.hidden_size?"),
+    ("--config.patch_size=8", "did you mean config.model.patch_size?"),
+    ("--config.bach_size=8", "did you mean config.batch_size?"),
+    ("--config.nosuch=1",
+     "no field 'nosuch'; see the config file for the fields it has."),
+    ("--config.batch_size=abc",
+     "--config.batch_size=abc: config.batch_size takes an integer."),
+    ("--config.lr=fast", "--config.lr=fast: config.lr takes a number."),
+    ("--config.joint=maybe", "config.joint takes true or false."),
+])
+def test_bad_override_is_one_line(tmp_path, flag, expected):
+  _main_fails_early(tmp_path, DEMO, flag, expected=expected)
+
+
+# ------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--config.model.num_heads=0"],
+     "config.model.num_heads=0 must be between 1 and 16384."),
+    (["--config.model.num_heads=-4"], "config.model.num_heads=-4"),
+    (["--config.model.num_heads=3"],
+     "config.model.hidden_size must divide by config.model.num_heads."),
+    (["--config.model.patch_size=0"],
+     "config.model.patch_size=0 must be between 1 and 4096."),
+    (["--config.model.hidden_size=0"],
+     "config.model.hidden_size=0 must be between 1 and 16384."),
+    (["--config.model.hidden_size=32768"],
+     "config.model.hidden_size=32768 must be between 1 and 16384."),
+    (["--config.model.mlp_dim=0"],
+     "config.model.mlp_dim=0 must be between 1 and 65536."),
+    (["--config.model.num_layers=0"],
+     "config.model.num_layers=0 must be between 1 and 1024."),
+    (["--config.image_size=0"], "config.image_size=0 must be between 1 and "
+     "4096."),
+    (["--config.image_size=8192"], "config.image_size=8192 must be between 1 "
+     "and 4096."),
+    (["--config.image_size=36"], "must be a multiple of the patch size 8."),
+    (["--config.image_size=4096", "--config.model.patch_size=8"],
+     "makes 262144 patches of size 8, more than 65536"),
+    (["--config.batch_size=0"], "config.batch_size=0 must be between 1 and "
+     "1048576."),
+    (["--config.batch_size=-3"], "config.batch_size=-3 must be between 1"),
+    (["--config.batch_size=2097152"], "config.batch_size=2097152 must be "
+     "between 1 and 1048576."),
+    (["--config.eval_batch_size=0"], "config.eval_batch_size=0"),
+    (["--config.epochs=0"], "config.epochs=0 must be between 1 and 100000."),
+    (["--config.epochs=1000000"], "config.epochs=1000000 must be between"),
+    (["--config.align_epochs=-1"], "config.align_epochs=-1 must be between 0"),
+    (["--config.num_tasks=0"], "config.num_tasks=0 must be between 1"),
+    (["--config.num_experts=100000"], "config.num_experts=100000 must be "
+     "between 0 and 4096."),
+    (["--config.top_k=99"], "config.top_k=99"),
+    (["--config.lr=nan"], "config.lr=nan must be positive and finite."),
+    (["--config.lr=inf"], "config.lr=inf must be positive and finite."),
+    (["--config.lr=-inf"], "config.lr=-inf must be positive and finite."),
+    (["--config.lr=0"], "config.lr=0.0 must be positive and finite."),
+    (["--config.align_lr=inf"], "config.align_lr=inf must be positive"),
+    (["--config.align_final_lr=nan"], "config.align_final_lr=nan must be "
+     "positive"),
+    (["--config.prompt_lr_multiplier=0"], "config.prompt_lr_multiplier=0.0"),
+    (["--config.router_weight=nan"], "config.router_weight=nan must be finite "
+     "and not negative."),
+    (["--config.prototype_weight=inf"], "config.prototype_weight=inf must be "
+     "finite"),
+    (["--config.weight_decay=-1"], "config.weight_decay=-1.0 must be finite "
+     "and not negative."),
+    (["--config.seeds=,"], "config.seeds=',' names no seed"),
+    (["--config.seeds=0,a"], "config.seeds='0,a' must be comma-separated "
+     "integers"),
+    (["--config.seeds=0,-1"], "config.seeds='0,-1': seed -1 is out of range; "
+     "seeds must be integers from 0 to 2147483647 (2**31-1)."),
+    (["--config.seeds=1,2147483648"], "seed 2147483648 is out of range"),
+    (["--config.seeds=1,1"], "config.seeds='1,1' repeats seed 1"),
+    (["--config.seed=-1"], "config.seed=-1: seed -1 is out of range"),
+    (["--config.split_seed=-1"], "config.split_seed=-1 is out of range"),
+    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be a "
+     "positive integer."),
+])
+def test_invalid_value_is_one_line_before_jax(tmp_path, flags, expected):
+  _main_fails_early(tmp_path, DEMO, *flags, expected=expected)
+
+
+def test_baseline_sizes_are_checked(tmp_path):
+  _main_fails_early(tmp_path, "--config=configs/demo.py:method=dualprompt",
+                    "--config.g_prompt_length=3",
+                    expected="config.g_prompt_length=3 must be even")
+
+
+def test_config_errors_stop_before_jax_and_tensorflow_are_imported(tmp_path):
+  result, _ = _run("smope_jax.main", DEMO, "--config.lr=nan",
+                   f"--workdir={tmp_path}",
+                   env=dict(ENV, PYTHONPROFILEIMPORTTIME="1"))
+  assert result.returncode == 2
+  imported = {line.rsplit("|", 1)[-1].strip()
+              for line in result.stderr.splitlines() if "|" in line}
+  assert "smope_jax.configuration" in imported
+  assert not imported & {"jax", "jaxlib", "tensorflow", "flax"}, imported
+
+
+def test_configuration_module_imports_neither_jax_nor_tensorflow():
+  code = ("import sys\n"
+          "from smope_jax import cli, configuration, workdir\n"
+          "configuration.validate(configuration.base_config())\n"
+          "print(sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=60,
+                          check=True)
+  assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- workdir
+
+def test_workdir_under_a_file_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "a_file" / "run"
+  result, seconds = _run("smope_jax.main", DEMO, f"--workdir={workdir}")
+  _assert_one_line(result, f"cannot write to the workdir {workdir} (Not a "
+                   "directory); fix its permissions or choose another "
+                   "--workdir.")
+  assert seconds < EARLY_SECONDS
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  workdir = tmp_path / "a_file"
+  workdir.write_text("keep me")
+  result, _ = _run("smope_jax.main", DEMO, f"--workdir={workdir}")
+  _assert_one_line(result, f"the workdir {workdir} is a file, not a "
+                   "directory; choose another --workdir.")
+  assert workdir.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0,
+                    reason="root writes to read-only directories")
+def test_read_only_workdir_is_one_line(tmp_path):
+  workdir = tmp_path / "read_only"
+  workdir.mkdir()
+  workdir.chmod(0o500)
+  try:
+    result, _ = _run("smope_jax.main", DEMO, f"--workdir={workdir}")
+  finally:
+    workdir.chmod(0o700)
+  _assert_one_line(result, f"cannot write to the workdir {workdir} "
+                   "(Permission denied)")
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options):
+  """A small tmpfs at `path`; skips the test where mounting is refused."""
+  path.mkdir(exist_ok=True)
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                          str(path)], capture_output=True, text=True,
+                         check=False)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_file_system_workdir_is_one_line(tmp_path):
+  with _tmpfs(tmp_path / "mnt", "ro,size=64k") as mnt:
+    result, _ = _run("smope_jax.main", DEMO, f"--workdir={mnt}")
+    _assert_one_line(result, f"cannot write to the workdir {mnt} (Read-only "
+                     "file system); fix its permissions or choose another "
+                     "--workdir.")
+
+
+def test_full_workdir_is_one_line_and_leaves_no_probe(tmp_path):
+  with _tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+    with open(mnt / "filler", "wb", buffering=0) as f:
+      with pytest.raises(OSError):
+        while True:
+          f.write(b"\0" * 4096)
+    for workdir in (mnt, mnt / "run"):
+      result, _ = _run("smope_jax.main", DEMO, f"--workdir={workdir}")
+      _assert_one_line(result, f"cannot write to the workdir {workdir} (No "
+                       "space left on device); free space there or choose "
+                       "another --workdir.")
+    left = [name for _, _, files in os.walk(mnt) for name in files]
+    assert left == ["filler"]
+
+
+def test_unwritable_weights_cache_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  cache = tmp_path / "a_file" / "cache"
+  result, _ = _run("smope_jax.main", DEMO, "--config.pretrained=sup1k",
+                   f"--workdir={tmp_path / 'run'}",
+                   env=dict(ENV, SMOPE_JAX_CACHE=str(cache)))
+  _assert_one_line(result, f"cannot write to the weights cache for 'sup1k' "
+                   f"{cache} (Not a directory); fix its permissions or choose "
+                   "another cache directory with SMOPE_JAX_CACHE=DIR.")
+
+
+SUP1K_FILE = "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors"
+
+
+def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path):
+  code = textwrap.dedent("""
+      from smope_jax import errors, pretrained, workdir
+      workdir.check_weights_cache("sup1k")  # Cached: only read.
+      try:
+        workdir.check_weights_cache("sup21k")
+      except errors.UserError as e:
+        print(e)
+  """)
+  with _tmpfs(tmp_path / "cache", "size=64k") as cache:
+    (cache / SUP1K_FILE).write_bytes(b"cached")
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                            env=dict(ENV, SMOPE_JAX_CACHE=str(cache)),
+                            capture_output=True, text=True, timeout=120,
+                            check=True)
+  assert result.stdout.strip() == (
+      f"cannot write to the weights cache for 'sup21k' {cache} (Read-only "
+      "file system); fix its permissions or choose another cache directory "
+      "with SMOPE_JAX_CACHE=DIR.")
+
+
+def test_remote_workdir_goes_through_tensorflow_file_systems():
+  code = textwrap.dedent("""
+      import tensorflow as tf
+      from smope_jax import errors, workdir
+      workdir.check_workdir("ram://bucket/run")
+      print(tf.io.gfile.listdir("ram://bucket/run"))
+      try:
+        workdir.check_workdir("nosuchscheme://bucket/run")
+      except errors.UserError as e:
+        print(e)
+  """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120,
+                          check=True)
+  created, error = result.stdout.strip().splitlines()
+  assert created == "[]"  # Created, and the probe removed.
+  assert error.startswith("cannot write to the workdir "
+                          "nosuchscheme://bucket/run (")
+  assert "nosuchscheme" in error.split("(", 1)[1]
+
+
+# ------------------------------------------------------------- interrupts
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
+  workdir = tmp_path / "run"
+  with open(tmp_path / "stderr.txt", "w+") as log:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smope_jax.main", DEMO,
+         "--config.progress_bar=false", f"--workdir={workdir}"],
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+        # A shell starts background jobs with SIGINT ignored; Ctrl-C in a
+        # terminal reaches a foreground run, as restoring it here does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+      deadline = time.monotonic() + 120
+      while not (workdir / "checkpoints").exists():
+        assert process.poll() is None, "the run ended before training"
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+      time.sleep(1)  # Into the first task.
+      assert process.poll() is None
+      process.send_signal(signum)
+      process.wait(timeout=60)
+    finally:
+      if process.poll() is None:
+        process.kill()
+    log.seek(0)
+    stderr = log.read()
+  assert process.returncode == 130, stderr[-3000:]
+  lines = stderr.splitlines()
+  assert lines[-1] == ("interrupted; re-run the same command to resume from "
+                       "the last checkpoint")
+  assert sum("interrupted" in line for line in lines) == 1
+  assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+
+
+def test_interrupt_message_names_the_position_when_known():
+  code = textwrap.dedent("""
+      from smope_jax import cli, main
+      print(main.interrupt_message(KeyboardInterrupt("task 2, step 140")))
+      cli.progress = "task 3, step 7"
+      print(main.interrupt_message(KeyboardInterrupt()))
+  """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=60,
+                          check=True)
+  assert result.stdout.splitlines() == [
+      "interrupted at task 2, step 140; re-run the same command to resume "
+      "from the last checkpoint",
+      "interrupted at task 3, step 7; re-run the same command to resume "
+      "from the last checkpoint"]
+
+
+# -------------------------------------------------------------- benchmark
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--methods=l2p,foo"], "--methods: unknown foo; choose from smope,l2p,"),
+    (["--batch=-3"], "--batch=-3 must be between 1 and 1048576, or 0 for the "
+     "config's batch."),
+    (["--batch=abc"], "flag --batch=abc: invalid literal for int()"),
+    (["--repeats=0"], "--repeats=0 must be at least 1."),
+    (["--warmup=-1"], "--warmup=-1 must not be negative."),
+    (["--matmul_size=0"], "--matmul_size=0 must be between 1 and 16384."),
+    (["--config.lr=nan"], "config.lr=nan must be positive and finite."),
+    (["--config.learning_rate=1"], "did you mean config.lr?"),
+])
+def test_benchmark_flag_error_is_one_line_before_measuring(flags, expected):
+  result, seconds = _run("smope_jax.benchmark", DEMO, *flags)
+  _assert_one_line(result, expected)
+  assert seconds < EARLY_SECONDS
+
+
+def test_benchmark_unwritable_out_is_one_line_before_measuring(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  out = tmp_path / "a_file" / "bench.json"
+  result, seconds = _run("smope_jax.benchmark", DEMO, f"--out={out}")
+  _assert_one_line(result, f"the directory of --out {out.parent} is a file, "
+                   "not a directory; choose another --out.")
+  assert seconds < EARLY_SECONDS
+  result, _ = _run("smope_jax.benchmark", DEMO, f"--out={tmp_path}")
+  _assert_one_line(result, f"--out={tmp_path} is a directory; name a file.")
+
+
+def test_benchmark_batch_must_split_into_l2p_key_loss_groups():
+  result, _ = _run("smope_jax.benchmark", DEMO, "--batch=2", "--methods=l2p")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert result.stderr.splitlines()[-1] == (
+      "error: L2P's key loss splits the batch of 2 into "
+      "config.key_loss_groups=4 equal groups; pick a batch that divides by it "
+      "(--batch) or set --config.key_loss_groups=1.")
