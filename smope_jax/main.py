@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import contextlib  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import logging as std_logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import signal  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -69,9 +70,23 @@ def _log_to_workdir(workdir: str) -> None:
 
 
 def _interrupt(signum, frame):
-  """SIGTERM (preemption, `kill`) ends the run like Ctrl-C."""
   del signum, frame
   raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+  """SIGTERM (preemption, `kill`) ends the run like Ctrl-C, in this block.
+
+  A SIGTERM that is ignored or handled already stays so.
+  """
+  previous = signal.getsignal(signal.SIGTERM)
+  if previous == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def interrupt_message(error: KeyboardInterrupt) -> str:
@@ -123,24 +138,23 @@ def _stop(message: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-    signal.signal(signal.SIGTERM, _interrupt)
-  try:
-    check_before_start(_CONFIG.value, _WORKDIR.value)
-    # Imported only now, so that the checks above come before JAX starts.
-    from smope_jax import distributed  # pylint: disable=g-import-not-at-top
-    from smope_jax import trainer  # pylint: disable=g-import-not-at-top
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
-    _log_to_workdir(_WORKDIR.value)
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt as e:
-    _stop(interrupt_message(e))
+  with _sigterm_interrupts():
+    try:
+      check_before_start(_CONFIG.value, _WORKDIR.value)
+      # Imported only now, so that the checks above come before JAX starts.
+      from smope_jax import distributed  # pylint: disable=g-import-not-at-top
+      from smope_jax import trainer  # pylint: disable=g-import-not-at-top
+      logging.get_absl_handler().addFilter(_QuietLibraries())
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value)
+      _log_to_workdir(_WORKDIR.value)
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+      logging.flush()
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt as e:
+      _stop(interrupt_message(e))
 
 
 def run():
