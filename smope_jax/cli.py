@@ -179,6 +179,13 @@ def _bad_value(error: flags.Error, configs: dict) -> str:
   return _last_line(str(_cause(error) or error))
 
 
+def refuse_arguments(argv: list[str]) -> None:
+  """Every input is a flag: a word left after them is a mistake."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; give "
+                    "every setting as a flag, e.g. --config.lr=0.01.")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad flag or config ends with one line and status 2."""
   configs = {}

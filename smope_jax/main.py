@@ -17,7 +17,6 @@ import logging as std_logging  # pylint: disable=g-import-not-at-top,g-bad-impor
 import signal  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -136,10 +135,9 @@ def _stop(message: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   with _sigterm_interrupts():
     try:
+      cli.refuse_arguments(argv)
       check_before_start(_CONFIG.value, _WORKDIR.value)
       # Imported only now, so that the checks above come before JAX starts.
       from smope_jax import distributed  # pylint: disable=g-import-not-at-top

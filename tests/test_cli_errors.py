@@ -121,6 +121,7 @@ def test_missing_config_file_is_one_line(tmp_path):
      "--config.batch_size=abc: config.batch_size takes an integer."),
     ("--config.lr=fast", "--config.lr=fast: config.lr takes a number."),
     ("--config.joint=maybe", "config.joint takes true or false."),
+    ("stray", "unexpected arguments: stray; give every setting as a flag"),
 ])
 def test_bad_override_is_one_line(tmp_path, flag, expected):
   _main_fails_early(tmp_path, DEMO, flag, expected=expected)
@@ -418,6 +419,7 @@ def test_interrupt_message_names_the_position_when_known():
     (["--matmul_size=0"], "--matmul_size=0 must be between 1 and 16384."),
     (["--config.lr=nan"], "config.lr=nan must be positive and finite."),
     (["--config.learning_rate=1"], "did you mean config.lr?"),
+    (["stray"], "unexpected arguments: stray;"),
 ])
 def test_benchmark_flag_error_is_one_line_before_measuring(flags, expected):
   result, seconds = _run("smope_jax.benchmark", DEMO, *flags)

@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -92,10 +91,9 @@ def write_json(path: str, record: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   try:
+    cli.refuse_arguments(argv)
     check_flags(config)
     # Imported only now, so that flag errors come before JAX starts.
     import jax  # pylint: disable=g-import-not-at-top
