@@ -25,6 +25,10 @@ from smope_jax.errors import UserError
 # Where the program is, e.g. "task 2, step 140": set by the trainer, named
 # by the message of an interrupted run.
 progress = ""
+# The module a config file runs as; registered like an import, so that
+# dataclasses and pickling inside it work as under config_flags.
+_CONFIG_MODULE = "smope_jax_config_file"
+
 
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
@@ -78,8 +82,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   except OSError as e:
     raise ConfigError(f"cannot read the config file {path} "
                       f"({e.strerror or e}).") from None
-  module = types.ModuleType(f"{os.path.splitext(os.path.basename(path))[0]}")
+  module = types.ModuleType(_CONFIG_MODULE)
   module.__file__ = path
+  sys.modules[_CONFIG_MODULE] = module
   try:
     code = compile(source, path, "exec")
     exec(code, module.__dict__)  # pylint: disable=exec-used
