@@ -446,3 +446,25 @@ def test_benchmark_batch_must_split_into_l2p_key_loss_groups():
       "error: L2P's key loss splits the batch of 2 into "
       "config.key_loss_groups=4 equal groups; pick a batch that divides by it "
       "(--batch) or set --config.key_loss_groups=1.")
+
+
+def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path):
+  code = textwrap.dedent("""
+      import sys
+      from smope_jax import errors
+      from smope_jax.benchmark.__main__ import write_json
+      try:
+        write_json(sys.argv[1], {"rows": "x" * 200_000})
+      except errors.UserError as e:
+        print(e)
+  """)
+  with _tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+    out = mnt / "bench.json"
+    out.write_text("{}")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO,
+                            env=ENV, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == (
+        f"cannot write --out={out} (No space left on device); free space "
+        "there or choose another --out.")
+    assert os.listdir(mnt) == ["bench.json"] and out.read_text() == "{}"
