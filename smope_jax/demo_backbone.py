@@ -98,25 +98,27 @@ def letter_model(config) -> VisionTransformer:
                            **configuration.model_dims(config))
 
 
-def _optimizer(recipe: Recipe) -> optax.GradientTransformation:
+def _learning_rates(recipe: Recipe) -> np.ndarray:
+  """Linear warm-up to the peak, then a cosine to zero, one rate a step."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, recipe.peak_lr, recipe.warmup_steps, recipe.steps)
-  return optax.adamw(schedule, weight_decay=recipe.weight_decay)
+  return np.asarray(jax.vmap(schedule)(jnp.arange(recipe.steps)), np.float32)
 
 
-# Module-level jits: repeated builds in one process (tests) compile once.
+# Module-level jits, the rate an argument: builds of any length in one
+# process (tests) share one compilation per batch shape.
 @functools.partial(jax.jit, static_argnames=("model", "size"))
 def _init_params(key, *, model, size):
   return model.init(key, jnp.zeros((1, size, size, 3)), mode="plain")[
       "params"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "recipe", "size"))
-def _train_step(params, opt_state, key, masters, labels, *, model, recipe,
-                size):
-  images, targets = glyphs.sample_batch(key, masters, labels,
-                                        recipe.batch_size, size,
-                                        recipe.augmented_fraction)
+@functools.partial(jax.jit, static_argnames=(
+    "model", "size", "batch_size", "augmented_fraction", "weight_decay"))
+def _train_step(params, opt_state, key, rate, masters, labels, *, model,
+                size, batch_size, augmented_fraction, weight_decay):
+  images, targets = glyphs.sample_batch(key, masters, labels, batch_size,
+                                        size, augmented_fraction)
 
   def loss_fn(p):
     logits = model.apply({"params": p}, images, mode="plain")["logits"]
@@ -124,7 +126,8 @@ def _train_step(params, opt_state, key, masters, labels, *, model, recipe,
                                                            targets).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = _optimizer(recipe).update(grads, opt_state, params)
+  tx = optax.adamw(rate, weight_decay=weight_decay)
+  updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
 
@@ -146,12 +149,15 @@ def pretrain(config, recipe: Recipe = Recipe()) -> tuple[dict, float]:
   init_key, data_key, eval_key = jax.random.split(
       jax.random.PRNGKey(PRETRAIN_SEED), 3)
   params = _init_params(init_key, model=model, size=size)
-  opt_state = _optimizer(recipe).init(params)
+  # AdamW's state does not depend on the rate.
+  opt_state = optax.adamw(0.0, weight_decay=recipe.weight_decay).init(params)
   loss = jnp.nan
-  for i in range(recipe.steps):
+  for step, rate in enumerate(_learning_rates(recipe)):
     params, opt_state, loss = _train_step(
-        params, opt_state, jax.random.fold_in(data_key, i), masters, labels,
-        model=model, recipe=recipe, size=size)
+        params, opt_state, jax.random.fold_in(data_key, step), rate, masters,
+        labels, model=model, size=size, batch_size=recipe.batch_size,
+        augmented_fraction=recipe.augmented_fraction,
+        weight_decay=recipe.weight_decay)
   accuracy = float(_letter_accuracy(params, eval_key, masters, labels,
                                     model=model, count=recipe.eval_images,
                                     size=size))

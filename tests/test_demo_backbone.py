@@ -2,6 +2,7 @@
 directory the loader accepts, a cache that is reused or rebuilt, and
 features that beat a random backbone."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ from smope_jax.data import glyphs
 from smope_jax.errors import UserError
 from smope_jax.models import factory
 
-# A few steps: enough to check the plumbing, not to learn much.
-TINY = demo_backbone.Recipe(steps=3, batch_size=8, warmup_steps=1,
-                            eval_images=16)
+# A few steps: enough to check the plumbing, not to learn much. Recipes of
+# one batch size share one compilation.
+TINY = demo_backbone.Recipe(steps=3, batch_size=32, warmup_steps=1,
+                            eval_images=64)
 
 
 @pytest.fixture(name="config", scope="module")
@@ -141,7 +143,7 @@ def test_builds_a_converted_directory_the_demo_model_loads(config, built):
     info = json.load(f)
   assert info["sha256"] == npz_sha(built)
   assert "52 letters" in info["source"]
-  assert "3 AdamW steps of 8 images" in info["source"]
+  assert "3 AdamW steps of 32 images" in info["source"]
   assert info["image_size"] == 32
   with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
     keys = set(data.files)
@@ -225,8 +227,7 @@ def test_a_damaged_cache_is_rebuilt(config, built, tmp_path, monkeypatch,
 
 def test_another_recipe_or_model_size_is_rebuilt(config, built):
   assert demo_backbone.is_valid(built, config, TINY)
-  longer = demo_backbone.Recipe(steps=4, batch_size=8, warmup_steps=1,
-                                eval_images=16)
+  longer = dataclasses.replace(TINY, steps=4)
   assert not demo_backbone.is_valid(built, config, longer)
   wider = config.copy_and_resolve_references()
   wider.model.mlp_dim = 256
@@ -266,8 +267,7 @@ def nearest_class_mean_accuracy(train, train_labels, test, test_labels):
 
 
 def test_pretrained_features_tell_letters_apart_better(config, tmp_path):
-  short = demo_backbone.Recipe(steps=150, batch_size=64, warmup_steps=20,
-                               eval_images=64)
+  short = dataclasses.replace(TINY, steps=200, warmup_steps=20)
   directory = demo_backbone.ensure_demo_backbone(
       config, str(tmp_path / "demo_backbone"), short)
   trained = pretrained.load_backbone(directory, template(config))
@@ -283,8 +283,8 @@ def test_pretrained_features_tell_letters_apart_better(config, tmp_path):
           features(config, backbone, test_images), np.asarray(test_labels))
       for name, backbone in (("trained", trained),
                              ("random", random_backbone(config)))}
-  # Measured: 0.64 against 0.37 (chance 0.2).
-  assert accuracy["trained"] > accuracy["random"] + 0.15, accuracy
+  # Measured: 0.57 against 0.37 (chance 0.2).
+  assert accuracy["trained"] > accuracy["random"] + 0.1, accuracy
 
 
 @pytest.mark.slow
