@@ -3,6 +3,7 @@ directory the loader accepts, a cache that is reused or rebuilt, and
 features that beat a random backbone."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -153,7 +154,8 @@ def test_builds_a_converted_directory_the_demo_model_loads(config, built):
   with_backbone = config.copy_and_resolve_references()
   with_backbone.pretrained = built
   params = factory.init_params(
-      with_backbone, *factory.build_model(with_backbone, config.num_tasks))
+      with_backbone, *factory.build_model(with_backbone, config.num_tasks),
+      factory.load_backbone(with_backbone, "unused-workdir"))
   with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
     np.testing.assert_array_equal(params["cls"], data["cls"])
     np.testing.assert_array_equal(
@@ -161,6 +163,20 @@ def test_builds_a_converted_directory_the_demo_model_loads(config, built):
             "kernel"], data["Transformer/encoderblock_3/MlpBlock_3/Dense_1/"
                             "kernel"])
   assert params["head"]["kernel"].shape == (64, config.num_classes)
+
+
+def test_pretrained_demo_builds_into_the_workdir(config, built, tmp_path,
+                                                 monkeypatch):
+  """`config.pretrained = "demo"` is built once in WORKDIR/demo_backbone."""
+  monkeypatch.setattr(demo_backbone, "ensure_demo_backbone", functools.partial(
+      demo_backbone.ensure_demo_backbone, recipe=TINY))
+  demo = config.copy_and_resolve_references()
+  demo.pretrained = "demo"
+  loaded = factory.load_backbone(demo, str(tmp_path))
+  assert npz_sha(str(tmp_path / "demo_backbone")) == npz_sha(built)
+  with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
+    np.testing.assert_array_equal(loaded["embedding"]["kernel"],
+                                  data["embedding/kernel"])
 
 
 def test_the_build_depends_on_the_fixed_seed_only(config, built, tmp_path):
@@ -247,10 +263,11 @@ def test_an_unwritable_directory_is_a_user_error(config, tmp_path):
 def features(config, backbone, images):
   """Pre-logits (CLS after the final norm) of the backbone."""
   model = demo_backbone.letter_model(config)
-  params = {**model.init(jax.random.PRNGKey(0), images[:1], mode="plain")[
-      "params"], **backbone}
-  return np.asarray(model.apply({"params": params}, images,
-                                mode="plain")["pre_logits"])
+  head = {"kernel": jnp.zeros((model.hidden_size, model.num_classes)),
+          "bias": jnp.zeros((model.num_classes,))}
+  apply = jax.jit(functools.partial(model.apply, mode="plain"))
+  return np.asarray(apply({"params": {**backbone, "head": head}},
+                          images)["pre_logits"])
 
 
 def random_backbone(config):
