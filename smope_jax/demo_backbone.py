@@ -181,22 +181,28 @@ def _staging_directory(directory: str) -> str:
                     "pass a writable local --workdir") from e
 
 
-def _publish(backbone: dict, staging: str, directory: str,
-             info: dict) -> None:
+def _publish(backbone: dict, staging: str, directory: str, config,
+             recipe: Recipe) -> None:
   """Writes the converted directory into `staging`, then renames it.
 
-  A run stopped mid-write thus leaves no directory that looks complete.
+  A run stopped mid-write thus leaves no directory that looks complete. If
+  another process published the same backbone meanwhile (the training is
+  deterministic), its directory is kept.
   """
   # Imported here: `convert` defines its command-line flags on import.
   from smope_jax import convert  # pylint: disable=g-import-not-at-top
+  info = _expected_info(config, recipe)
   try:
     convert.save_backbone(backbone, staging, source=info["source"],
                           model=info["model"], image_size=info["image_size"])
+    if is_valid(directory, config, recipe):
+      return
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
-  except OSError as e:
-    raise UserError(f"cannot write the demo backbone to {directory} ({e}); "
-                    "pass a writable local --workdir") from e
+  except (OSError, UserError) as e:  # `save_backbone` raises UserError.
+    if not is_valid(directory, config, recipe):
+      raise UserError(f"cannot write the demo backbone to {directory} ({e}); "
+                      "pass a writable local --workdir") from e
 
 
 def ensure_demo_backbone(config, directory: str,
@@ -217,7 +223,7 @@ def ensure_demo_backbone(config, directory: str,
                  directory, describe(recipe))
     start = time.perf_counter()
     backbone, accuracy = pretrain(config, recipe)
-    _publish(backbone, staging, directory, _expected_info(config, recipe))
+    _publish(backbone, staging, directory, config, recipe)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   logging.info("demo backbone: done in %.1f s; letter accuracy %.1f %% on %d "

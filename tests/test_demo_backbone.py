@@ -260,6 +260,26 @@ def test_an_unwritable_directory_is_a_user_error(config, tmp_path):
     demo_backbone.ensure_demo_backbone(config, str(blocker / "sub"), TINY)
 
 
+def test_a_backbone_published_meanwhile_is_kept(config, built, tmp_path,
+                                                monkeypatch):
+  """Two processes building at once: the second keeps the first's copy."""
+  directory = str(tmp_path / "demo_backbone")
+
+  replace = os.replace
+
+  def publish_first_then_fail(source, target):
+    if target != directory:
+      return replace(source, target)
+    shutil.copytree(built, target)
+    raise OSError(39, "Directory not empty")
+
+  monkeypatch.setattr(os, "replace", publish_first_then_fail)
+  assert demo_backbone.ensure_demo_backbone(config, directory,
+                                            TINY) == directory
+  assert npz_sha(directory) == npz_sha(built)
+  assert os.listdir(tmp_path) == ["demo_backbone"]
+
+
 def features(config, backbone, images):
   """Pre-logits (CLS after the final norm) of the backbone."""
   model = demo_backbone.letter_model(config)
