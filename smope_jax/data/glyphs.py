@@ -3,9 +3,9 @@
 The demo's backbone is pre-trained on these, so it learns strokes, curves
 and corners without ever seeing a digit. `render_masters` draws every letter
 of every font once, centred on a square canvas; `sample_batch` turns masters
-into digit-like training images inside jit: a random affine warp, thinner or
-bolder strokes, noise, then the digits' own path (8x8 cells of 17 grey
-levels, upsampled bilinearly to the input size).
+into digit-like training images inside jit: broader strokes, a random
+affine warp, noise, then the digits' own path (8x8 cells of 17 grey levels,
+upsampled bilinearly to the input size).
 """
 
 import os
@@ -49,7 +49,7 @@ def _glyph_bitmap(font: ft2font.FT2Font, letter: str) -> np.ndarray:
 def _fit_square(bitmap: np.ndarray, size: int) -> np.ndarray:
   """Scales the bitmap's longer side to `size` and centres it on a square.
 
-  The digits were size-normalised the same way: each fills its box.
+  Like the digits, each letter then fills its box.
   """
   height, width = bitmap.shape
   scale = size / max(height, width)
@@ -93,6 +93,11 @@ def _embolden(images: jax.Array, steps: jax.Array) -> jax.Array:
                              steps[:, None, None, None], 1)[:, 0]
 
 
+def _matrices(rows) -> jax.Array:
+  """[[a, b], [c, d]] of (B,) entries -> (B, 2, 2)."""
+  return jnp.stack([jnp.stack(row, -1) for row in rows], -2)
+
+
 def _warp(images: jax.Array, key: jax.Array) -> jax.Array:
   """Random rotation, scale, aspect, shear and shift about the centre."""
   batch, size = images.shape[0], images.shape[1]
@@ -107,13 +112,12 @@ def _warp(images: jax.Array, key: jax.Array) -> jax.Array:
                              maxval=0.12) * size
   cos, sin, one, zero = (jnp.cos(angle), jnp.sin(angle), jnp.ones(batch),
                          jnp.zeros(batch))
-  matrix = lambda rows: jnp.stack([jnp.stack(r, -1) for r in rows], -2)  # noqa: E731
   # Source -> output in (y, x): rotation @ shear @ scale; sampling needs the
   # inverse (output -> source).
-  rotation = matrix([[cos, -sin], [sin, cos]])
-  shearing = matrix([[one, zero], [shear, one]])
-  scaling = matrix([[scale * jnp.sqrt(aspect), zero],
-                    [zero, scale / jnp.sqrt(aspect)]])
+  rotation = _matrices([[cos, -sin], [sin, cos]])
+  shearing = _matrices([[one, zero], [shear, one]])
+  scaling = _matrices([[scale * jnp.sqrt(aspect), zero],
+                       [zero, scale / jnp.sqrt(aspect)]])
   inverse = jnp.linalg.inv(rotation @ shearing @ scaling)
   centre = (size - 1) / 2
   grid = jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size),
