@@ -14,6 +14,7 @@ resumed run can save those step numbers again); nothing is ever deleted.
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 from typing import Any
@@ -77,7 +78,15 @@ class Checkpointer:
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(meta),
     })
-    return self._manager.save(step, args=args, force=force)
+    try:
+      return self._manager.save(step, args=args, force=force)
+    except (OSError, ValueError) as e:
+      if not _disk_full(e):
+        raise
+      raise errors.UserError(
+          f"cannot save a checkpoint in {self._directory}: no space left on "
+          "the device. Free space there and re-run the same command to "
+          "resume from the last checkpoint.") from None
 
   def restore_latest(self, template: Any,
                      check_meta=None) -> tuple[int, Any, dict] | None:
@@ -192,6 +201,12 @@ class Checkpointer:
       logging.warning(
           "Ignoring %s: a checkpoint whose save never finished (the run"
           " was probably interrupted while saving).", tmp.get())
+
+
+def _disk_full(error: Exception) -> bool:
+  """Orbax reports a full disk as OSError(ENOSPC) or inside a ValueError."""
+  return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or
+          "No space left on device" in str(error))
 
 
 def _collect_failed_reads() -> None:

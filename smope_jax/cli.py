@@ -191,9 +191,35 @@ def refuse_arguments(argv: list[str]) -> None:
                     "every setting as a flag, e.g. --config.lr=0.01.")
 
 
+def _installed_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/x.py` finds the installed configs from any directory.
+
+  A path that exists is kept; otherwise a `configs/` file is looked up in
+  the `configs` package that `pip install` puts beside smope_jax.
+  """
+  names = _config_flag_names()
+  out = []
+  for arg in argv:
+    flag, sep, spec = arg.partition("=")
+    path, colon, argument = spec.partition(":")
+    if (sep and flag.lstrip("-") in names and path.startswith("configs/") and
+        not os.path.exists(path)):
+      try:
+        import configs  # pylint: disable=g-import-not-at-top
+        installed = os.path.join(os.path.dirname(configs.__file__),
+                                 path[len("configs/"):])
+        if os.path.exists(installed):
+          arg = f"{flag}={installed}{colon}{argument}"
+      except ImportError:
+        pass
+    out.append(arg)
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad flag or config ends with one line and status 2."""
   configs = {}
+  argv = _installed_configs(argv)
   try:
     configs = _preload_configs(argv)
     remaining = flags.FLAGS(argv)

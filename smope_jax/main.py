@@ -54,18 +54,52 @@ class _QuietLibraries(std_logging.Filter):
             "smope_jax" in record.pathname)
 
 
-def _log_to_workdir(workdir: str) -> None:
-  """Also logs to WORKDIR/log.txt on process 0."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    tf.io.gfile.makedirs(workdir)
-    log_file = std_logging.StreamHandler(
-        tf.io.gfile.GFile(f"{workdir}/log.txt", "a"))
-    log_file.setFormatter(std_logging.Formatter(
+class _WorkdirLog(std_logging.Handler):
+  """WORKDIR/log.txt: every record written and flushed at once.
+
+  A local file is appended to; on a bucket (gs://), where objects cannot be
+  appended to, the whole log is rewritten after each record, which keeps it
+  complete whenever the run stops.
+  """
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+    self.setFormatter(std_logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))
-    log_file.addFilter(_QuietLibraries())
-    std_logging.getLogger().addHandler(log_file)
+    self.addFilter(_QuietLibraries())
+    self._remote = "://" in path
+    self._lines = []
+    if self._remote:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+          self._lines = [f.read()]
+
+  def emit(self, record):
+    try:
+      line = self.format(record) + "\n"
+      if not self._remote:
+        with open(self.path, "a") as f:
+          f.write(line)
+        return
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._lines.append(line)
+      with tf.io.gfile.GFile(self.path, "w") as f:
+        f.write("".join(self._lines))
+    except Exception:  # pylint: disable=broad-exception-caught
+      self.handleError(record)
+
+
+def _log_to_workdir(workdir: str) -> None:
+  """Also logs to WORKDIR/log.txt on process 0 (replacing an earlier run's
+  handler when several runs share a process, as in tests)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  root = std_logging.getLogger()
+  for handler in [h for h in root.handlers if isinstance(h, _WorkdirLog)]:
+    root.removeHandler(handler)
+  if jax.process_index() == 0:
+    root.addHandler(_WorkdirLog(f"{workdir}/log.txt"))
 
 
 def _interrupt(signum, frame):
@@ -107,7 +141,7 @@ def check_before_start(config, workdir_path: str) -> None:
   """
   configuration.validate(config)
   workdir.check_workdir(workdir_path)
-  if config.pretrained:
+  if config.pretrained and config.pretrained != "demo":  # The demo makes its own.
     from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
     pretrained.check_source(config.pretrained)
     if config.pretrained in pretrained.PRESETS:
@@ -141,12 +175,15 @@ def main(argv):
       check_before_start(_CONFIG.value, _WORKDIR.value)
       # Imported only now, so that the checks above come before JAX starts.
       from smope_jax import distributed  # pylint: disable=g-import-not-at-top
+      from smope_jax import run_guard  # pylint: disable=g-import-not-at-top
       from smope_jax import trainer  # pylint: disable=g-import-not-at-top
       logging.get_absl_handler().addFilter(_QuietLibraries())
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                              _PROCESS_ID.value)
-      _log_to_workdir(_WORKDIR.value)
-      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      # One run per workdir, taken before any log, checkpoint or output.
+      with run_guard.WorkdirLock(_WORKDIR.value):
+        _log_to_workdir(_WORKDIR.value)
+        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
       logging.flush()
       print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from smope_jax import alignment, checkpointing, configuration
+from smope_jax import alignment, checkpointing, cli, configuration
 from smope_jax import distributed, metrics, progress, reporting, run_guard
 from smope_jax import schedules
 from smope_jax import train_step as steps_lib
@@ -335,6 +335,7 @@ class Run:
     Gram-Schmidt), then the first training phase."""
     meta["task_clock"] = time.time()
     task = meta["task"]
+    cli.progress = f"task {task + 1}, start"
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task)
     state["trainable"], state["method_state"] = self.replicated_jit(
         self.method.start_task)(state["trainable"], state["method_state"],
@@ -387,6 +388,8 @@ class Run:
         logged += 1
         meta["step"] += 1
         meta["global_step"] += 1
+        cli.progress = (f"task {task + 1}, {phase} epoch {meta['epoch'] + 1}, "
+                        f"step {meta['step']}")
         if meta["global_step"] == config.exit_at_step:
           exit_abruptly(config.exit_at_step)
         last_of_epoch = meta["step"] == steps_per_epoch

@@ -67,7 +67,8 @@ def test_imagenet_r_default_is_ten_tasks_and_bad_argument_is_refused():
     _load("imagenet_r", "task=10")
   with pytest.raises(ConfigError, match="not an integer"):
     _load("imagenet_r", "tasks=ten")
-  with pytest.raises(ConfigError, match="cifar100.py takes no argument"):
+  with pytest.raises(ConfigError,
+                     match="cifar100.py takes method=<a string>"):
     _load("cifar100", "tasks=10")
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import random
 import io
+import os
 from unittest import mock
 
 import numpy as np
@@ -358,8 +359,8 @@ def test_imagenet_r_random_split_stays_available():
   assert total == 30000 and 0.19 < held_out / total < 0.21
 
 
-def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
-  """Reads real TFRecords (the mocks above replace TFDS's reader)."""
+def _prepare_real_imagenet_r(tmp_path) -> str:
+  """A real TFDS imagenet_r of 12 listed images (two classes)."""
   pytest.importorskip('importlib_resources')  # TFDS needs it to prepare.
   rng = np.random.default_rng(0)
   listed = _few_files_per_class(per_class=6)[:12]  # Two classes.
@@ -373,6 +374,12 @@ def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
   with mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
                          lambda self, url: str(tmp_path / 'raw')):
     tfds.builder('imagenet_r', data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
+  """Reads real TFRecords (the mocks above replace TFDS's reader)."""
+  data_dir = _prepare_real_imagenet_r(tmp_path)
   with pytest.raises(errors.MissingDataError, match='lacks 29988 listed'):
     data.build_continual_data(_config('imagenet_r', data_dir=data_dir))
   cd = data.build_continual_data(
@@ -392,6 +399,26 @@ def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
       'imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,
       batch_size=4, train_split='test[:50%]', test_split='test[50%:]'))
   assert generic.train_size(0) == generic.test_size(0) == 6
+
+
+def test_damaged_tfds_directory_is_one_clear_error(tmp_path):
+  data_dir = _prepare_real_imagenet_r(tmp_path)
+  config = _config('imagenet_r', data_dir=data_dir, num_tasks=1,
+                   imagenet_r_split='random')
+  records = [os.path.join(root, name)
+             for root, _, names in os.walk(data_dir) for name in names
+             if '.tfrecord' in name]
+  with open(records[0], 'r+b') as f:  # Cut the records short.
+    f.truncate(os.path.getsize(records[0]) // 2)
+  with pytest.raises(errors.MissingDataError, match='cannot be read'):
+    data.build_continual_data(config)
+  (info,) = [os.path.join(root, 'dataset_info.json')
+             for root, _, names in os.walk(data_dir)
+             if 'dataset_info.json' in names]
+  with open(info, 'w') as f:
+    f.write('{not json')
+  with pytest.raises(errors.MissingDataError, match='prepare it again'):
+    data.build_continual_data(config)
 
 
 # --- validation, task sizes, joint training ----------------------------------

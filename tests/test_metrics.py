@@ -149,14 +149,18 @@ def test_plot_accuracy_matrix(tmp_path):
 def test_plot_expert_frequencies(tmp_path):
   counts = np.random.default_rng(0).integers(0, 50, size=(6, 12, 25))
   counts[2, 5] = 0  # a head that never routed anything
+  frequent = counts > 40
   with warnings.catch_warnings():
     warnings.simplefilter('error', RuntimeWarning)
-    path = plots.plot_expert_frequencies(counts, tmp_path / 'experts.png')
+    path = plots.plot_expert_frequencies(counts, tmp_path / 'experts.png',
+                                         top_k=5, frequent=frequent,
+                                         title='a run')
   width, height = _png_size(path)
-  assert 1000 <= width <= 3500 and 400 <= height <= 1500
+  assert 1000 <= width <= 3500 and 400 <= height <= 1600
   single = plots.plot_expert_frequencies(counts[:1, :2, :3],
-                                         tmp_path / 'one.png', title='one')
+                                         tmp_path / 'one.png', top_k=1,
+                                         title='one')
   width, height = _png_size(single)
   assert 200 <= width <= 900 and 150 <= height <= 700
   with pytest.raises(ValueError):
-    plots.plot_expert_frequencies(counts[0], tmp_path / 'bad.png')
+    plots.plot_expert_frequencies(counts[0], tmp_path / 'bad.png', top_k=5)

@@ -116,5 +116,9 @@ def main(argv):
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def run():
   cli.run(main, ["config"])
+
+
+if __name__ == "__main__":
+  run()

@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from absl import logging
+from google.protobuf import json_format
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -131,6 +132,9 @@ class TfdsSource(Source):
           f"config.dataset={self.name!r} is neither a built-in benchmark "
           f"({', '.join(BENCHMARKS)}, digits), a folder ('folder:/path') nor a "
           f"TFDS dataset: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError, tf.errors.OpError,
+            json_format.ParseError) as e:  # A damaged dataset_info.json.
+      raise self._damaged(e, config.data_dir) from None
     features = self._builder.info.features
     self._image_key = config.image_key or _only_feature(
         features, tfds.features.Image, "image", self.name)
@@ -155,6 +159,24 @@ class TfdsSource(Source):
         self.index = carve_roles(self.index["train"], config.split_seed)
       elif not validation:
         self.index["test"] = self._read_index(test_split)
+
+  def _damaged(self, error, data_dir=None) -> errors.MissingDataError:
+    where = (self._builder.data_dir if hasattr(self, "_builder")
+             else data_dir or "the TFDS data directory")
+    reason = str(error).strip().splitlines()[0][:200] if str(error) else (
+        type(error).__name__)
+    return errors.MissingDataError(
+        f"the prepared TFDS dataset {self.name!r} in {where} cannot be read "
+        f"({reason}); it is damaged or incomplete: delete that directory and "
+        f"prepare it again (python launch/prepare_data.py --data_dir=DIR "
+        f"{self.name}).")
+
+  def _iterate(self, ds):
+    """Iterates a TFDS dataset; damaged files become one clear error."""
+    try:
+      yield from ds.as_numpy_iterator()
+    except tf.errors.OpError as e:
+      raise self._damaged(e) from None
 
   def _imagenet_r_roles(self, config) -> dict[str, RoleIndex]:
     everything = self._read_index("test", label_from_key=True)
@@ -202,7 +224,7 @@ class TfdsSource(Source):
     ds = self._as_dataset(split).map(preprocess.graph_only(
         lambda ex: (ex[key], ex[label]))).batch(4096)
     keys, labels = [np.zeros([0], object)], [np.zeros([0], np.int64)]
-    for batch_keys, batch_labels in ds.as_numpy_iterator():
+    for batch_keys, batch_labels in self._iterate(ds):
       keys.append(batch_keys.astype(object))
       labels.append(batch_labels.astype(np.int64))
     keys, labels = np.concatenate(keys), np.concatenate(labels)
@@ -223,7 +245,7 @@ class TfdsSource(Source):
         lambda ex: table.lookup(ex[key]) > 0))
     ds = ds.map(preprocess.graph_only(lambda ex: (ex[key], ex[image])))
     found = {}
-    for batch_keys, images in ds.batch(256).as_numpy_iterator():
+    for batch_keys, images in self._iterate(ds.batch(256)):
       found.update(zip(batch_keys, images))
     return [found[k] for k in keys]
 
