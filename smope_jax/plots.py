@@ -118,8 +118,9 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike, *,
 def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
   """Accuracy against inference cost, one panel per benchmark.
 
-  Our runs are filled markers with the std over seeds as error bars; the
-  published FAA of the same method is a hollow marker at the same cost.
+  Our runs are filled markers with the std over seeds as error bars, one
+  colour per method (in the legend); the published FAA of the same method is
+  a hollow marker at the same cost.
   """
   benchmarks = record["benchmarks"]
   fig = mpl_figure.Figure(figsize=(6.0 * len(benchmarks), 4.6),
@@ -135,17 +136,15 @@ def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
       for published in row["published_faa"][:1]:
         ax.scatter(x, published["mean"], s=60, facecolors="none",
                    edgecolors=color, linewidths=1.5)
-      ax.annotate(label, (x, faa["mean"]), textcoords="offset points",
-                  xytext=(6, 4), fontsize=8)
     ax.set_xlabel("inference GFLOPs per image (XLA)")
     ax.set_ylabel("final average accuracy (%)")
     ax.set_title(entry["benchmark"], fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.15)
-  handles = [mpl_lines.Line2D([], [], marker="o", linestyle="none",
-                              color="gray", label="ours (mean +- std)"),
-             mpl_lines.Line2D([], [], marker="o", linestyle="none",
-                              markerfacecolor="none", color="gray",
-                              label="published")]
-  axes[-1].legend(handles=handles, loc="lower right", fontsize=8)
+  for ax in axes:
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [mpl_lines.Line2D([], [], marker="o", linestyle="none",
+                                 markerfacecolor="none", color="gray",
+                                 label="published FAA")]
+    ax.legend(handles=handles, loc="best", fontsize=8)
   return _write_png(fig, path)

@@ -195,11 +195,14 @@ class Run:
       finite = bool(distributed.to_host(self.all_finite(state["trainable"])))
       what = "a learnable parameter is not finite"
     if not finite:
+      saved = ("no checkpoint was written yet" if
+               self.checkpointer.latest_step() is None else
+               f"the last checkpoint in {self.workdir}/checkpoints is the "
+               "last good state")
       raise UserError(
           f"training diverged at task {meta['task'] + 1}, phase "
           f"{meta['phase']}, epoch {meta['epoch'] + 1}, step {meta['step']}: "
-          f"{what}. Nothing non-finite was saved; the last checkpoint in "
-          f"{self.workdir}/checkpoints is the last good state. Lower "
+          f"{what}. Nothing non-finite was saved; {saved}. Lower "
           f"--config.lr (now {self.config.lr}) or check the input images, "
           "and run again with a new --workdir.")
 
@@ -634,6 +637,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config.seed = seeds[0]
     return Run(config, workdir).run()
   summaries = []
+  if config.pretrained == "demo":  # One backbone for all seeds, built once.
+    from smope_jax import demo_backbone  # pylint: disable=g-import-not-at-top
+    config = config.copy_and_resolve_references()
+    config.pretrained = demo_backbone.ensure_demo_backbone(
+        config, factory.demo_backbone_dir(workdir))
   for seed in seeds:
     seed_config = config.copy_and_resolve_references()
     seed_config.seed, seed_config.seeds = seed, ""

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny SMoPE protocol: 2 tasks of mocked CIFAR-100 (50 classes each).
 TINY_FLAGS = (
     "--config=configs/demo.py",
+    "--config.pretrained=",
     "--config.dataset=cifar100",
     "--config.num_classes=100",
     "--config.num_tasks=2",
@@ -36,6 +37,26 @@ TINY_FLAGS = (
     "--config.log_every_steps=1",
 )
 MOCK_EXAMPLES = 48
+# The same tiny model on the bundled digits (no mock needed), 1 epoch.
+TINY_DIGITS = (
+    "--config=configs/demo.py",
+    "--config.pretrained=",
+    "--config.image_size=16",
+    "--config.model.patch_size=8",
+    "--config.model.hidden_size=16",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.mlp_dim=32",
+    "--config.num_prompted_layers=1",
+    "--config.num_experts=4",
+    "--config.top_k=2",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=128",
+    "--config.epochs=1",
+    "--config.freeze_steps=1",
+    "--config.align_epochs=1",
+    "--config.progress_bar=False",
+)
 
 
 def run_main(argv: list[str], mock_examples: int = MOCK_EXAMPLES) -> int:

@@ -7,6 +7,7 @@ start: the whole stderr is the one `error:` line, within a few seconds.
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,7 +363,8 @@ def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
   with open(tmp_path / "stderr.txt", "w+") as log:
     process = subprocess.Popen(
         [sys.executable, "-m", "smope_jax.main", DEMO,
-         "--config.progress_bar=false", f"--workdir={workdir}"],
+         "--config.pretrained=", "--config.progress_bar=false",
+         f"--workdir={workdir}"],
         cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=log,
         # A shell starts background jobs with SIGINT ignored; Ctrl-C in a
         # terminal reaches a foreground run, as restoring it here does.
@@ -384,8 +386,10 @@ def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
     stderr = log.read()
   assert process.returncode == 130, stderr[-3000:]
   lines = stderr.splitlines()
-  assert lines[-1] == ("interrupted; re-run the same command to resume from "
-                       "the last checkpoint")
+  # The position, once training has started: "interrupted at task 1, ...".
+  assert re.fullmatch(r"interrupted( at task \d+, [\w ,]+)?; re-run the same "
+                      r"command to resume from the last checkpoint",
+                      lines[-1]), lines[-1]
   assert sum("interrupted" in line for line in lines) == 1
   assert "Traceback" not in stderr and "Fatal Python error" not in stderr
 

@@ -15,24 +15,7 @@ from PIL import Image
 
 import e2e_runner
 
-TINY_DIGITS = (
-    "--config=configs/demo.py",
-    "--config.image_size=16",
-    "--config.model.patch_size=8",
-    "--config.model.hidden_size=16",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.mlp_dim=32",
-    "--config.num_prompted_layers=1",
-    "--config.num_experts=4",
-    "--config.top_k=2",
-    "--config.batch_size=32",
-    "--config.eval_batch_size=128",
-    "--config.epochs=1",
-    "--config.freeze_steps=1",
-    "--config.align_epochs=1",
-    "--config.progress_bar=False",
-)
+TINY_DIGITS = e2e_runner.TINY_DIGITS
 
 
 def _run(tmp_path, *flags, mock_examples=e2e_runner.MOCK_EXAMPLES):

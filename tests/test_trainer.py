@@ -12,6 +12,7 @@ from configs import demo
 
 def _tiny_config(**overrides):
   config = demo.get_config()
+  config.pretrained = ""
   config.image_size = 16
   config.model.update(patch_size=8, hidden_size=16, num_layers=2,
                       num_heads=2, mlp_dim=32)

@@ -1,5 +1,7 @@
 """A config's model, its prompt method, and their initial parameters."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,14 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
   return model, method
 
 
+def demo_backbone_dir(workdir: str) -> str:
+  """Where the demo's backbone is cached: the workdir, or locally for a
+  bucket (the cache is a local directory)."""
+  if "://" in workdir:
+    return os.path.expanduser("~/.cache/smope_jax/demo_backbone")
+  return f"{workdir}/demo_backbone"
+
+
 def load_backbone(config, workdir: str):
   """The pretrained backbone of `config.pretrained`, or None for random.
 
@@ -39,7 +49,7 @@ def load_backbone(config, workdir: str):
   if source == "demo":
     from smope_jax import demo_backbone  # pylint: disable=g-import-not-at-top
     source = demo_backbone.ensure_demo_backbone(config,
-                                                f"{workdir}/demo_backbone")
+                                                demo_backbone_dir(workdir))
   pretrained.check_source(source)
   template = pretrained.backbone_template(configuration.model_dims(config),
                                           config.image_size)
