@@ -89,7 +89,7 @@ def align_head(head, means, variances, key, num_seen, iterations, rates, *,
 
   def loss_fn(params, feats, labels):
     logits = feats @ params["kernel"] + params["bias"]
-    seen = jnp.arange(num_classes) < num_seen
+    seen = losses.class_range_mask(num_classes, 0, num_seen)
     logits = jnp.where(seen[None], logits, -jnp.inf)
     return jnp.mean(losses.cross_entropy(logits, labels))
 

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from smope_jax import cli

@@ -1,4 +1,4 @@
-"""Expert bookkeeping of SMoPE (spec section 3), as pure functions on arrays.
+"""Expert bookkeeping of SMoPE, as pure functions on arrays.
 
 The expert state is a dict of two (L, H, E) arrays: `counts` (int32, how
 many training samples had expert j in the top-K of their clean scores,
@@ -8,7 +8,6 @@ task boundary; a mark is never removed).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def init_expert_state(num_layers: int, num_heads: int,
@@ -59,10 +58,3 @@ def mark_frequent(expert_state: dict) -> dict:
 def snapshot_prompts(prompts: dict) -> dict:
   """Copy of the expert keys and values taken when a task starts."""
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), prompts)
-
-
-def activation_frequencies(expert_state: dict) -> np.ndarray:
-  """Counts normalised per (layer, head), for plots and reports."""
-  counts = np.asarray(expert_state["counts"], np.float64)
-  totals = np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-  return counts / totals

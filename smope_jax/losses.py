@@ -1,4 +1,4 @@
-"""Losses of SMoPE while training a task (spec section 2)."""
+"""Losses of SMoPE while training a task: classification, router, prototype."""
 
 import jax
 import jax.numpy as jnp

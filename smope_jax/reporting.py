@@ -26,11 +26,6 @@ def write_json(path: str, payload) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def read_json(path: str):
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
-
-
 def _hparams(config) -> dict:
   """The config's scalar fields, flattened, as TensorBoard's hparams."""
   flat = {}

@@ -12,13 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Tiny SMoPE protocol: 2 tasks of mocked CIFAR-100 (50 classes each).
-TINY_FLAGS = (
+# The demo config with a tiny random ViT (nothing pre-trained).
+TINY_MODEL = (
     "--config=configs/demo.py",
     "--config.pretrained=",
-    "--config.dataset=cifar100",
-    "--config.num_classes=100",
-    "--config.num_tasks=2",
     "--config.image_size=16",
     "--config.model.patch_size=8",
     "--config.model.hidden_size=16",
@@ -28,6 +25,12 @@ TINY_FLAGS = (
     "--config.num_prompted_layers=1",
     "--config.num_experts=4",
     "--config.top_k=2",
+)
+# Tiny SMoPE protocol: 2 tasks of mocked CIFAR-100 (50 classes each).
+TINY_FLAGS = TINY_MODEL + (
+    "--config.dataset=cifar100",
+    "--config.num_classes=100",
+    "--config.num_tasks=2",
     "--config.batch_size=8",
     "--config.eval_batch_size=16",
     "--config.epochs=2",
@@ -38,18 +41,7 @@ TINY_FLAGS = (
 )
 MOCK_EXAMPLES = 48
 # The same tiny model on the bundled digits (no mock needed), 1 epoch.
-TINY_DIGITS = (
-    "--config=configs/demo.py",
-    "--config.pretrained=",
-    "--config.image_size=16",
-    "--config.model.patch_size=8",
-    "--config.model.hidden_size=16",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.mlp_dim=32",
-    "--config.num_prompted_layers=1",
-    "--config.num_experts=4",
-    "--config.top_k=2",
+TINY_DIGITS = TINY_MODEL + (
     "--config.batch_size=32",
     "--config.eval_batch_size=128",
     "--config.epochs=1",

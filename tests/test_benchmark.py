@@ -16,7 +16,6 @@ import ml_collections
 import pytest
 
 from smope_jax.benchmark import report
-from smope_jax.benchmark import rows
 from smope_jax import train_step as ts
 from smope_jax.models import factory
 
@@ -131,7 +130,7 @@ def test_table_lists_every_row(record):
 
 
 def test_imagenet_r_learnable_count_is_the_papers():
-  """384,200 = 6 x 12 x 25 x 2 x 64 prompts + the 200-class head (spec 1)."""
+  """384,200 = 6 x 12 x 25 x 2 x 64 prompts + the 200-class head: the paper's "0.38 M"."""
   spec = importlib.util.spec_from_file_location(
       "imagenet_r", os.path.join(ROOT, "configs", "imagenet_r.py"))
   module = importlib.util.module_from_spec(spec)

@@ -356,7 +356,8 @@ def test_remote_workdir_goes_through_tensorflow_file_systems():
 
 # ------------------------------------------------------------- interrupts
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
+@pytest.mark.parametrize("signum", [
+    signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
                          ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
   workdir = tmp_path / "run"

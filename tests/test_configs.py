@@ -1,4 +1,4 @@
-"""Every config file loads, validates, and carries the spec's settings."""
+"""Every config file loads, validates, and carries the reference settings."""
 
 import importlib.util
 import os
@@ -23,7 +23,7 @@ def _load(name, *args):
 # The reference settings: (file, arg) -> dataset, tasks, classes, batch, lr,
 # alpha_r, alpha_p, epsilon, align epochs, align ratio, schedule, freeze,
 # schedule iterations per epoch, backbone.
-SPEC = {
+REFERENCE = {
     ("cifar100", None): ("cifar100", 10, 100, 128, 0.005, 1e-5, 1e-5, 0.4, 50,
                          1, "cosine", 80, 40, "sup1k"),
     ("imagenet_r", "tasks=5"): ("imagenet_r", 5, 200, 64, 0.0025, 1e-4, 1e-5,
@@ -37,7 +37,7 @@ SPEC = {
 }
 
 
-@pytest.mark.parametrize("name,arg", list(SPEC))
+@pytest.mark.parametrize("name,arg", list(REFERENCE))
 def test_benchmark_configs_match_the_spec(name, arg):
   config = _load(name, *([arg] if arg else []))
   configuration.validate(config)
@@ -46,7 +46,7 @@ def test_benchmark_configs_match_the_spec(name, arg):
          config.prototype_weight, config.epsilon, config.align_epochs,
          config.align_ratio, config.schedule, config.freeze_steps,
          config.iters_per_epoch, config.pretrained)
-  assert got == SPEC[(name, arg)]
+  assert got == REFERENCE[(name, arg)]
   # Shared by every benchmark: ViT-B/16 at 224, E = 25, K = 5, 6 layers.
   assert (config.model.variant, config.image_size, config.num_experts,
           config.top_k, config.num_prompted_layers) == ("B/16", 224, 25, 5, 6)
@@ -75,7 +75,7 @@ def test_imagenet_r_default_is_ten_tasks_and_bad_argument_is_refused():
 def test_demo_config_validates():
   config = _load("demo")
   configuration.validate(config)
-  assert config.dataset == "digits" and config.pretrained == ""
+  assert config.dataset == "digits" and config.pretrained == "demo"
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -303,6 +303,7 @@ def nearest_class_mean_accuracy(train, train_labels, test, test_labels):
   return float(np.mean(classes[distances.argmin(1)] == test_labels))
 
 
+@pytest.mark.slow
 def test_pretrained_features_tell_letters_apart_better(config, tmp_path):
   short = dataclasses.replace(TINY, steps=200, warmup_steps=20)
   directory = demo_backbone.ensure_demo_backbone(

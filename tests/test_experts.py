@@ -238,11 +238,3 @@ def test_snapshot_is_a_copy():
   for a, b in zip(jax.tree_util.tree_leaves(snap),
                   jax.tree_util.tree_leaves(params)):
     assert a is not b
-
-
-def test_activation_frequencies():
-  counts = np.array([[[2, 2, 0, 4], [0, 0, 0, 0]]])
-  freq = experts.activation_frequencies(_state(counts))
-  chex.assert_shape(freq, (1, 2, 4))
-  np.testing.assert_allclose(freq[0, 0], [0.25, 0.25, 0.0, 0.5])
-  np.testing.assert_array_equal(freq[0, 1], np.zeros(4))

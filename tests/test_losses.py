@@ -1,4 +1,4 @@
-"""Tests for smope_jax.losses against direct NumPy computations (spec 2)."""
+"""Tests for smope_jax.losses against direct NumPy computations."""
 
 import chex
 import jax

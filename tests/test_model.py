@@ -400,7 +400,7 @@ _erf = np.vectorize(math.erf)
 
 
 def _np_forward(params, images, state, mode):
-  """The tiny model written out in float64 NumPy (spec section 1)."""
+  """The tiny model written out in float64 NumPy, rule by rule."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   images = np.asarray(images, np.float64)
   g = S // P

@@ -1,4 +1,4 @@
-"""Tests for smope_jax.models.prompt_attention against spec section 1."""
+"""Tests for smope_jax.models.prompt_attention: SMoPE's scoring and selection."""
 
 import chex
 import jax
@@ -48,7 +48,7 @@ def _attend(q, k, v, logits, values, fused=False):
 
 def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta,
                               top_k):
-  """Spec 1.1-1.6 written out with loops, in float64.
+  """The routing and attention rules written out with loops, in float64.
 
   Returns the output (B, N, H, D) and the selected indices (B, H, K).
   """

@@ -534,16 +534,10 @@ def _demo_torch(directory, **changes):
 
 ONE_64 = np.ones(64, np.float32)
 # Each case starts `main` (about 13 s of CPU, mostly start-up), so the
-# default suite runs one of each kind and the `slow` suite the rest.
+# default suite runs a few kinds and the `slow` suite the rest.
 CLI_CASES = {
     "cyclic pickle": _file_case(
         lambda d: write_torch(d / "w.pth", _cyclic_dict()), "cycle"),
-    "stride-0 giant tensor": _file_case(
-        lambda d: _demo_torch(d, cls_token=tensor(ONE, (1 << 40,), (0,))),
-        "cls_token of size (1099511627776,)"),
-    "unknown storage type": _file_case(
-        lambda d: _demo_torch(d, cls_token=tensor(
-            ONE, type_name="QInt8Storage")), "torch.QInt8Storage"),
     "nan weights": _file_case(
         lambda d: _demo_npz(d, cls=np.full((1, 1, 64), np.nan, np.float32)),
         "NaN or infinite values", "cls"),
@@ -552,6 +546,12 @@ CLI_CASES = {
         "download of 'sup21k'", "nothing was cached"),
 }
 SLOW_CLI_CASES = {
+    "stride-0 giant tensor": _file_case(
+        lambda d: _demo_torch(d, cls_token=tensor(ONE, (1 << 40,), (0,))),
+        "cls_token of size (1099511627776,)"),
+    "unknown storage type": _file_case(
+        lambda d: _demo_torch(d, cls_token=tensor(
+            ONE, type_name="QInt8Storage")), "torch.QInt8Storage"),
     "deep pickle": _file_case(
         lambda d: write_torch(d / "w.pth", raw_pickle=_deep_pickle()),
         "nested more than"),
