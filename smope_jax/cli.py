@@ -191,6 +191,10 @@ def refuse_arguments(argv: list[str]) -> None:
                     "every setting as a flag, e.g. --config.lr=0.01.")
 
 
+HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull",
+              "--helpxml"}
+
+
 def _installed_configs(argv: list[str]) -> list[str]:
   """`--config=configs/x.py` finds the installed configs from any directory.
 
@@ -223,6 +227,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     configs = _preload_configs(argv)
     remaining = flags.FLAGS(argv)
+  except SystemExit:
+    # absl ends --help with status 1; help that was asked for succeeded.
+    if HELP_FLAGS & set(argv[1:]):
+      sys.exit(0)
+    raise
   except UserError as e:
     message = str(e)
   except flags.Error as e:

@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from smope_jax import cli
 from smope_jax import pretrained
 from smope_jax.errors import UserError
 
@@ -143,17 +144,8 @@ def main(argv):
   print(f'wrote {_OUTPUT.value} (sha256 {info["sha256"]})')
 
 
-def _parse_flags(argv):
-  """Flag errors as one line and exit status 2, like the other commands."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {"; ".join(str(e).split(chr(10)))}', file=sys.stderr)
-    sys.exit(2)
-
-
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

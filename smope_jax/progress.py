@@ -75,6 +75,7 @@ class PhaseClock:
     self._steady_images = 0
     self._interval_start = self.started
     self._interval_images = 0
+    self.last_rate = 0.0  # Images/s of the last logged interval.
 
   def step(self, images: int) -> None:
     now = time.perf_counter()
@@ -93,7 +94,12 @@ class PhaseClock:
     seconds = now - self._interval_start
     rate = self._interval_images / seconds if self._interval_images else 0.0
     self._interval_start, self._interval_images = now, 0
+    self.last_rate = rate
     return rate
+
+  @property
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.started
 
   @property
   def images_per_second(self) -> float:

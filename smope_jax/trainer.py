@@ -424,10 +424,13 @@ class Run:
             f"epoch {min(meta['epoch'] + 1, epochs)}/{epochs}")
 
   def draw_bar(self, meta, clock, epochs: int) -> None:
+    """Elapsed time, ETA and the last interval's images/s, fixed widths."""
     eta = clock.eta()
+    eta = progress.format_seconds(eta) if eta is not None else "?"
     self.reporter.bar.draw(
         self.phase_label(meta, epochs), clock.done, clock.total_steps,
-        f"ETA {progress.format_seconds(eta) if eta is not None else '?':>7}")
+        f"{progress.format_seconds(clock.elapsed):>7} ETA {eta:>7} "
+        f"{clock.last_rate:7.1f} img/s")
 
   def log_interval(self, state, meta, totals, steps: int, clock, rates,
                    epochs: int) -> None:
