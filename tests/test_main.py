@@ -69,6 +69,7 @@ def test_finished_run_only_reports(uninterrupted):
   assert _metrics(uninterrupted)["acc_matrix"] == before["acc_matrix"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_same_results(uninterrupted, tmp_path):
   reference = _metrics(uninterrupted)
   task2_steps = [e["global_step"] for e in reference["train_log"]

@@ -121,6 +121,7 @@ def test_one_run_per_workdir(tmp_path):
     first.wait()
 
 
+@pytest.mark.slow
 def test_log_tells_the_story_when_output_goes_to_a_file(tmp_path):
   """Also: one compiled train step per mode serves tasks of every size."""
   workdir = tmp_path / "run"
