@@ -141,10 +141,11 @@ def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
     ax.set_title(entry["benchmark"], fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.15)
-  for ax in axes:
+  for ax, entry in zip(axes, benchmarks):
     handles, _ = ax.get_legend_handles_labels()
-    handles += [mpl_lines.Line2D([], [], marker="o", linestyle="none",
-                                 markerfacecolor="none", color="gray",
-                                 label="published FAA")]
+    if any(row["published_faa"] for row in entry["rows"]):
+      handles += [mpl_lines.Line2D([], [], marker="o", linestyle="none",
+                                   markerfacecolor="none", color="gray",
+                                   label="published FAA")]
     ax.legend(handles=handles, loc="best", fontsize=8)
   return _write_png(fig, path)

@@ -291,7 +291,7 @@ class Run:
       log("joint training of all %d classes as one task: the upper bound of "
           "continual learning", self.data.num_classes)
     if self.config.validation:
-      log("validation run: 20%% of the training data is held out and "
+      log("validation run: 20 % of the training data is held out and "
           "evaluated on; the test split is never read")
     order = self.data.class_order
     log("class order (seed %d) starts %s%s", self.config.seed,
