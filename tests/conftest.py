@@ -15,7 +15,9 @@ def _collect_garbage_on_main_thread():
 
   What survives is then frozen: the imports (JAX, TensorFlow, ...) and the
   caches hold millions of long-lived objects, and traversing them again
-  after every test would cost about half a second each.
+  after every test would cost about half a second each. The price: a
+  reference cycle among frozen objects is never collected (the default
+  suite peaks at about 3.5 GB of memory).
   """
   yield
   gc.collect()
