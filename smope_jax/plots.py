@@ -141,7 +141,6 @@ def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
     ax.set_title(entry["benchmark"], fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.15)
-  for ax, entry in zip(axes, benchmarks):
     handles, _ = ax.get_legend_handles_labels()
     if any(row["published_faa"] for row in entry["rows"]):
       handles += [mpl_lines.Line2D([], [], marker="o", linestyle="none",
