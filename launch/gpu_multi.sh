@@ -29,6 +29,19 @@
 # often lack it although their GPUs work); JAX_PLATFORMS=cuda still stops a
 # machine without GPUs. Use --require-gpu-check to make it an error.
 #
+# Preflight: before its process starts, every machine runs `python -m
+# smope_jax.preflight --config=CFG --target=gpu:MODELxN` (with the same
+# overrides), which compiles every step of the run for N GPUs in all: the GPUs
+# this machine uses (--gpus, else CUDA_VISIBLE_DEVICES, else all) times
+# --num-processes, each machine taken to have the same GPUs. MODEL comes from
+# nvidia-smi (H100 -> h100, A100 80GB -> a100-80gb, A100 40GB -> a100-40gb).
+# A run that does not fit in GPU memory or does not compile is refused with
+# the preflight's verdict (exit status 3). Every machine reaches the same
+# verdict, so all stop or all start together: none waits for a process 0 that
+# never comes. It is skipped, with a warning, for other GPU models and without
+# nvidia-smi. Without the GPU compiler packages (the project's extra
+# preflight-gpu) it stops, naming what to pip install.
+#
 # Options (--opt VALUE and --opt=VALUE both work):
 #   --config CFG            config file, e.g. configs/cifar100.py (required)
 #   --workdir DIR           shared output directory, gs://... or shared FS (required)
@@ -48,6 +61,7 @@
 #   --preallocate           XLA_PYTHON_CLIENT_PREALLOCATE=true
 #   --mem-fraction F        XLA_PYTHON_CLIENT_MEM_FRACTION, 0 < F <= 1 (default .9)
 #   --require-gpu-check     fail if nvidia-smi is missing
+#   --skip-preflight        start without the preflight (see below)
 #   --dry-run               print the command instead of running it
 #   -h, --help              print this help
 #
@@ -78,7 +92,7 @@ first_host() {
 gpu_option_defaults
 COORD="" NPROC="" PID_ARG="" PORT="" REQUIRE_GPU_CHECK=0
 
-FLAG_OPTS=(--dry-run --preallocate --require-gpu-check)
+FLAG_OPTS=(--dry-run --preallocate --require-gpu-check --skip-preflight)
 VALUE_OPTS=(--config --workdir --data-dir --coordinator --num-processes --process-id --port
   --gpus --config-args --python --mem-fraction)
 DASH_VALUE_OPTS=(--config-args)
@@ -154,5 +168,6 @@ elif ((!DRY_RUN)); then
   fi
 fi
 check_gpu_data_dir
+gpu_preflight $((10#$NPROC))
 
 exec_gpu_main

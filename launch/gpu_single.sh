@@ -33,8 +33,19 @@
 #   --preallocate         let JAX preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=true)
 #   --mem-fraction F      XLA_PYTHON_CLIENT_MEM_FRACTION, 0 < F <= 1 (default .9)
 #   --skip-gpu-check      do not require nvidia-smi
+#   --skip-preflight      start without the preflight (see below)
 #   --dry-run             print the command instead of running it
 #   -h, --help            print this help
+#
+# Preflight: before the run starts, `python -m smope_jax.preflight
+# --config=CFG --target=gpu:MODELxN` (with the same overrides) compiles every
+# step of the run for the GPUs used, here: N of them (--gpus, else
+# CUDA_VISIBLE_DEVICES, else all), of the model nvidia-smi names (H100 ->
+# h100, A100 80GB -> a100-80gb, A100 40GB -> a100-40gb). A run that does not
+# fit in GPU memory or does not compile is refused with the preflight's
+# verdict (exit status 3). It is skipped, with a warning, for other GPU models
+# and without nvidia-smi. Without the GPU compiler packages (the project's
+# extra preflight-gpu) it stops, naming what to pip install.
 #
 # Example:
 #   launch/gpu_single.sh --config=configs/cifar100.py --workdir=runs/cifar100 \
@@ -47,7 +58,7 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 gpu_option_defaults
 SKIP_GPU_CHECK=0
 
-FLAG_OPTS=(--dry-run --preallocate --skip-gpu-check)
+FLAG_OPTS=(--dry-run --preallocate --skip-gpu-check --skip-preflight)
 VALUE_OPTS=(--config --workdir --data-dir --gpus --config-args --python --mem-fraction)
 DASH_VALUE_OPTS=(--config-args)
 
@@ -85,5 +96,6 @@ elif ((!DRY_RUN && !SKIP_GPU_CHECK)); then
     "$PROG" "$n_used" "$n_used" >&2
 fi
 check_gpu_data_dir
+gpu_preflight 1
 
 exec_gpu_main

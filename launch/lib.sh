@@ -211,7 +211,7 @@ gpu_option_defaults() {
   CONFIG="" WORKDIR="" DATA_DIR="" GPUS="" CONFIG_ARGS="" PY=${PYTHON:-}
   MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.9}
   PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
-  DRY_RUN=0
+  DRY_RUN=0 SKIP_PREFLIGHT=0
 }
 
 # set_gpu_opt NAME [VALUE]: one of the shared GPU options.
@@ -219,6 +219,7 @@ gpu_option_defaults() {
 set_gpu_opt() {
   case $1 in
     --dry-run) DRY_RUN=1 ;;
+    --skip-preflight) SKIP_PREFLIGHT=1 ;;
     --preallocate) PREALLOCATE=true ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
@@ -312,4 +313,132 @@ exec_gpu_main() {
     exit 0
   fi
   exec "${cmd[@]}"
+}
+
+# ------------------------------------------------------------ the preflight
+# Before a run starts (on Cloud TPU: before a VM is created or used), the
+# scripts compile every jitted step of the run for its accelerators ahead of
+# time, on this machine, with `python -m smope_jax.preflight`, and refuse a
+# run that does not fit in device memory or does not compile. The preflight
+# gets the run's --config and overrides, and ends with one verdict line.
+# --skip-preflight (SKIP_PREFLIGHT=1) skips it.
+
+# Whether the preflight is to run (status 0); if it is skipped, say so.
+# Reads SKIP_PREFLIGHT.
+preflight_wanted() {
+  if ((SKIP_PREFLIGHT)); then
+    info "preflight skipped (--skip-preflight)"
+    return 1
+  fi
+}
+
+# run_preflight TARGET [DIR]: run `PY -m smope_jax.preflight --config=CONFIG
+# --target=TARGET` with the overrides (CONFIG_ARGS, then EXTRA), in DIR (default:
+# the current directory), this checkout first on PYTHONPATH; its output goes to
+# stderr. Returns when the run fits. Otherwise stops: exit status 3 with the
+# verdict (does not fit, does not compile) as the error, 2 with the preflight's
+# own error line (a bad flag or config, a missing extra) or its last line.
+# Under --dry-run, print the command instead. Reads CONFIG, CONFIG_ARGS,
+# EXTRA, PY, DRY_RUN.
+run_preflight() {
+  local target=$1 dir=${2:-} words=() shown summary rc=0
+  [[ -z $CONFIG_ARGS ]] || read -r -a words <<<"$CONFIG_ARGS"
+  local cmd=(env PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    "$PY" -m smope_jax.preflight --config="$CONFIG" --target="$target"
+    ${words[@]+"${words[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})
+  shown=$(qcmd "${cmd[@]}")
+  [[ -z $dir ]] || shown="cd $(q "$dir") && $shown"
+  if ((DRY_RUN)); then
+    printf '%s\n' "$shown"
+    return 0
+  fi
+  info "preflight: compiling the run for $target on this machine before it starts (--skip-preflight skips this)"
+  printf '+ %s\n' "$shown" >&2
+  # Show the output as it comes; keep the last verdict, error and other line.
+  summary=$( (if [[ -n $dir ]]; then cd "$dir" || exit 2; fi; exec "${cmd[@]}" </dev/null) 2>&1 | {
+    verdict="" error="" last=""
+    while IFS= read -r line || [[ -n $line ]]; do
+      printf '%s\n' "$line" >&2
+      case $line in
+        'preflight: '*) verdict=$line ;;
+        'error: '*) error=$line ;;
+      esac
+      [[ -z ${line//[[:space:]]/} ]] || last=$line
+    done
+    printf '%s\n%s\n%s\n' "$verdict" "$error" "$last"
+  }) || rc=$?
+  local verdict error last
+  { IFS= read -r verdict; IFS= read -r error; IFS= read -r last; } <<<"$summary"
+  case $rc in
+    0) ;;
+    3)
+      info "the preflight refuses this run: stopping before anything is created or started (--skip-preflight to go ahead anyway)"
+      printf '%s: error: %s\n' "$PROG" "${verdict:-$last}" >&2
+      exit 3
+      ;;
+    2)
+      error=${error:-$last}
+      die "preflight: ${error#error: }"
+      ;;
+    *) die "the preflight failed (exit status $rc): ${last:-no output}; fix that, or pass --skip-preflight" ;;
+  esac
+}
+
+# gpu_preflight HOSTS: the preflight for gpu:MODELxN, where MODEL is the model
+# of the GPUs this process uses (from nvidia-smi) and N is HOSTS times their
+# count: every host is taken to have the same GPUs as this one. Skipped, with
+# a note, without nvidia-smi or for a model with no device description. Reads
+# GPUS, CUDA_VISIBLE_DEVICES and what run_preflight reads.
+gpu_preflight() {
+  local hosts=$1 out name model="" m n i names=() ids=()
+  preflight_wanted || return 0
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    info "preflight skipped: without nvidia-smi the GPU model is unknown"
+    return 0
+  fi
+  if ! out=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1); then
+    warn "preflight skipped: nvidia-smi --query-gpu=name failed: ${out//$'\n'/ }"
+    return 0
+  fi
+  while IFS= read -r name; do
+    [[ -z $name ]] || names+=("$name")
+  done <<<"$out"
+  n=${#names[@]}
+  # The GPUs used: --gpus, else CUDA_VISIBLE_DEVICES, else all. Indices pick
+  # their models; UUIDs only count.
+  local used=${GPUS:-${CUDA_VISIBLE_DEVICES:-}}
+  if [[ -n $used ]]; then
+    IFS=, read -r -a ids <<<"$used"
+    n=${#ids[@]}
+    if [[ $used =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+      local all=(${names[@]+"${names[@]}"})
+      names=()
+      for i in "${ids[@]}"; do
+        if ((10#$i < ${#all[@]})); then
+          names+=("${all[10#$i]}")
+        fi
+      done
+    fi
+  fi
+  if ((n == 0 || ${#names[@]} == 0)); then
+    warn "preflight skipped: nvidia-smi lists none of the GPUs used"
+    return 0
+  fi
+  for name in "${names[@]}"; do
+    case $name in
+      *H100*) m=h100 ;;
+      *A100*80GB*) m=a100-80gb ;;
+      *A100*40GB*) m=a100-40gb ;;
+      *)
+        warn "preflight skipped: no device description is known for GPU '$name' (known: H100, A100 40GB, A100 80GB)"
+        return 0
+        ;;
+    esac
+    if [[ -n $model && $m != "$model" ]]; then
+      warn "preflight skipped: the GPUs used are of different models ($model, $m)"
+      return 0
+    fi
+    model=$m
+  done
+  run_preflight "gpu:${model}x$((n * hosts))"
 }

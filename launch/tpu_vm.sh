@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Usage: launch/tpu_vm.sh COMMAND --project=P --zone=Z --tpu-name=NAME [options] [-- MAIN_ARGS...]
+#        launch/tpu_vm.sh preflight --accelerator-type=T --config=CFG [options] [-- MAIN_ARGS...]
 #
 # Runs smope_jax on a Cloud TPU VM: a single host (v4-8, v5litepod-8, ...) or a
 # pod slice with several workers (v4-32, v5litepod-16, ...). Every gcloud call
@@ -9,7 +10,19 @@
 # from the VM's metadata, as multi-host checkpoints need.
 #
 # Commands:
-#   create   create the TPU VM (gcloud compute tpus tpu-vm create)
+#   preflight  compile every step of the run for --accelerator-type ahead of
+#            time, here on this workstation (no gcloud, no TPU needed):
+#            `python -m smope_jax.preflight --config=CFG --target=tpu:T` with
+#            the --config-args and the arguments after `--`, run in this
+#            checkout (v5litepod-N is passed as v5e-N). It ends with one
+#            verdict line; a run that does not fit in TPU memory or does not
+#            compile is refused with that line as the error (exit status 3).
+#            `all` runs it first; `run` and, given --config, `create` run it
+#            before they create or use the TPU (--skip-preflight skips it).
+#            Without the TPU compiler packages (the project's extra
+#            preflight-tpu) it stops, naming what to pip install
+#   create   create the TPU VM (gcloud compute tpus tpu-vm create); with
+#            --config, after the preflight
 #   setup    copy the project to every worker and install it there: a
 #            `git archive` tarball of this checkout (tracked files, including
 #            uncommitted edits) sent with `tpu-vm scp --worker=all`, or
@@ -17,7 +30,8 @@
 #            venv with `pip install -r requirements.txt` and jax[tpu] (on a
 #            fresh VM it first waits for the boot-time apt jobs); with
 #            --weights-cache, copies the cached weights to every worker
-#   run      check --data-dir, then start `python -m smope_jax.main
+#   run      preflight (for the VM's type unless --accelerator-type is
+#            given), check --data-dir, then start `python -m smope_jax.main
 #            --config=... --workdir=... --config.data_dir=...` on all workers
 #            at once (nohup, in the background, log to ~/LOG_FILE)
 #   logs     stream the log of one worker (default 0) until the run ends
@@ -26,7 +40,7 @@
 #   copy     copy a local (on-VM) workdir from worker 0 to --copy-to
 #            (gs://... via `gcloud storage cp` on the VM, else scp to here)
 #   delete   delete the TPU VM
-#   all      create, setup, run, logs, copy (local workdir), delete; the VM is
+#   all      preflight, create, setup, run, logs, copy (local workdir), delete; the VM is
 #            deleted also when a step fails or on Ctrl-C (unless --keep-vm);
 #            exits with the exit status of the run
 #
@@ -34,7 +48,8 @@
 #   --project P            GCP project (required)
 #   --zone Z               zone, e.g. us-central2-b (required)
 #   --tpu-name NAME        TPU VM name (required)
-#   --accelerator-type T   e.g. v4-8, v4-32, v5litepod-16 (required by create/all)
+#   --accelerator-type T   e.g. v4-8, v4-32, v5litepod-16 (required by
+#                          create/all/preflight)
 #   --runtime-version V    TPU software version; default by type: v2/v3/v4
 #                          tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
 #                          v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
@@ -50,7 +65,9 @@
 #                          has that flag (create, describe and delete stay GA)
 #   --config CFG           config path on the VM, relative to the project
 #                          checkout, e.g. configs/cifar100.py or
-#                          configs/imagenet_r.py:tasks=20 (required by run/all)
+#                          configs/imagenet_r.py:tasks=20 (required by
+#                          run/all/preflight); the preflight reads it from
+#                          this checkout
 #   --workdir DIR          gs://bucket/path, or a path on worker 0 (relative to
 #                          the home directory there); a pod slice (more than
 #                          one worker) needs gs:// (required by run/all)
@@ -80,6 +97,9 @@
 #   --venv D               virtualenv on the VM (default smope_venv)
 #   --log-file F           log file on the VM (default smope_run.log)
 #   --keep-vm              `all`: do not delete the VM at the end
+#   --skip-preflight       create or run without the preflight
+#   --python PY            Python for the preflight here (default: $PYTHON,
+#                          else python3, else python)
 #   --dry-run              print the commands instead of running them (gcloud
 #                          need not be installed)
 #   -h, --help             print this help
@@ -88,6 +108,8 @@
 #   launch/tpu_vm.sh all --project=my-proj --zone=us-central2-b --tpu-name=smope \
 #     --accelerator-type=v4-8 --config=configs/cifar100.py \
 #     --workdir=gs://my-bucket/smope/cifar100 --data-dir=gs://my-bucket/tfds \
+#     --config-args="--config.dtype=bfloat16"
+#   launch/tpu_vm.sh preflight --accelerator-type=v5litepod-8 --config=configs/cifar100.py \
 #     --config-args="--config.dtype=bfloat16"
 #   launch/tpu_vm.sh create --project=my-proj --zone=us-central2-b --tpu-name=smope --accelerator-type=v4-32 --spot
 #   launch/tpu_vm.sh setup  --project=my-proj --zone=us-central2-b --tpu-name=smope
@@ -128,12 +150,13 @@ CMD=""
 PROJECT="" ZONE="" TPU_NAME="" ACCEL="" RUNTIME="" CONFIG="" WORKDIR=""
 CONFIG_ARGS="" COPY_TO="" REPO_URL="" REF="" WORKER=0 CREATE_FLAGS=""
 SSH_FLAGS="" REMOTE_DIR=smope_jax VENV=smope_venv LOG_FILE=smope_run.log
-DATA_DIR="" WEIGHTS_CACHE="" SPOT=0 KEEP_VM=0 IAP=0 DRY_RUN=0
+DATA_DIR="" WEIGHTS_CACHE="" SPOT=0 KEEP_VM=0 IAP=0 DRY_RUN=0 SKIP_PREFLIGHT=0
+PY=${PYTHON:-}
 
-FLAG_OPTS=(--dry-run --spot --keep-vm --iap)
+FLAG_OPTS=(--dry-run --spot --keep-vm --iap --skip-preflight)
 VALUE_OPTS=(--project --zone --tpu-name --accelerator-type --runtime-version --config
   --workdir --data-dir --weights-cache --config-args --copy-to --repo-url --ref --worker
-  --remote-dir --venv --log-file --create-flags --ssh-flags)
+  --remote-dir --venv --log-file --create-flags --ssh-flags --python)
 DASH_VALUE_OPTS=(--config-args --create-flags --ssh-flags)
 
 set_opt() { # set_opt NAME [VALUE], for parse_args
@@ -142,6 +165,8 @@ set_opt() { # set_opt NAME [VALUE], for parse_args
     --spot) SPOT=1 ;;
     --keep-vm) KEEP_VM=1 ;;
     --iap) IAP=1 ;;
+    --skip-preflight) SKIP_PREFLIGHT=1 ;;
+    --python) PY=$2 ;;
     --project) PROJECT=$2 ;;
     --zone) ZONE=$2 ;;
     --tpu-name) TPU_NAME=$2 ;;
@@ -178,23 +203,25 @@ handle_help "$@"
 parse_args "$@"
 
 case $CMD in
-  create | setup | run | logs | status | stop | copy | delete | all) ;;
-  "") die "a command is required: create|setup|run|logs|status|stop|copy|delete|all (see --help)" ;;
-  *) die "unknown command '$CMD': expected create|setup|run|logs|status|stop|copy|delete|all" ;;
+  preflight | create | setup | run | logs | status | stop | copy | delete | all) ;;
+  "") die "a command is required: preflight|create|setup|run|logs|status|stop|copy|delete|all (see --help)" ;;
+  *) die "unknown command '$CMD': expected preflight|create|setup|run|logs|status|stop|copy|delete|all" ;;
 esac
 
 require() { # require VALUE --flag
   [[ -n $1 ]] || die "$2 is required for '$CMD' (see --help)"
 }
-require "$PROJECT" --project
-require "$ZONE" --zone
-require "$TPU_NAME" --tpu-name
-case $CMD in create | all) require "$ACCEL" --accelerator-type ;; esac
-case $CMD in run | all) require "$CONFIG" --config ;; esac
+if [[ $CMD != preflight ]]; then
+  require "$PROJECT" --project
+  require "$ZONE" --zone
+  require "$TPU_NAME" --tpu-name
+fi
+case $CMD in create | all | preflight) require "$ACCEL" --accelerator-type ;; esac
+case $CMD in run | all | preflight) require "$CONFIG" --config ;; esac
 case $CMD in run | all | copy) require "$WORKDIR" --workdir ;; esac
 case $CMD in run | all) require "$DATA_DIR" --data-dir ;; esac
 
-[[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+[[ $CMD == preflight || $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--tpu-name '$TPU_NAME' is not a valid name (lowercase letters, digits and '-', starting with a letter)"
 [[ $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a worker index (0, 1, ...), got '$WORKER'"
 for v in "$REMOTE_DIR" "$VENV" "$LOG_FILE"; do
@@ -261,7 +288,7 @@ add_config_args
 refuse_config_data_dir
 
 # Tools: checked before anything is done. Under --dry-run nothing is run.
-if ((!DRY_RUN)); then
+if ((!DRY_RUN)) && [[ $CMD != preflight ]]; then
   command -v gcloud >/dev/null 2>&1 ||
     die "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run"
   if [[ $CMD == setup || $CMD == all ]] && [[ -z $REPO_URL ]]; then
@@ -270,6 +297,11 @@ if ((!DRY_RUN)); then
       die "$REPO_ROOT is not a git checkout: pass --repo-url to clone the project on the VM"
   fi
 fi
+# The preflight's Python, for the commands that run it (create: with --config).
+case $CMD in
+  preflight | all | run) ((SKIP_PREFLIGHT)) || pick_python ;;
+  create) [[ -z $CONFIG ]] || ((SKIP_PREFLIGHT)) || pick_python ;;
+esac
 
 GC=(gcloud compute tpus tpu-vm)
 WHERE=(--project="$PROJECT" --zone="$ZONE")
@@ -316,7 +348,35 @@ jax_spec() {
 }
 
 # ----------------------------------------------------------------- commands
+# tpu_preflight TYPE: the preflight for accelerator type TYPE (v5litepod-N as
+# v5e-N), in this checkout, where --config is relative to the checkout as it
+# is on the VM. An unknown TYPE (empty): stop, or under --dry-run say so.
+tpu_preflight() {
+  local type=$1
+  preflight_wanted || return 0
+  if [[ -z $type ]]; then
+    ((DRY_RUN)) || die "cannot tell the accelerator type of $TPU_NAME (gcloud ... describe failed) for the preflight: pass --accelerator-type, or --skip-preflight"
+    info "the preflight's target is the accelerator type that describe prints: pass --accelerator-type to see its command"
+    return 0
+  fi
+  [[ $type != v5litepod-* ]] || type=v5e-${type#v5litepod-}
+  run_preflight "tpu:$type" "$REPO_ROOT"
+}
+
+do_preflight() {
+  tpu_preflight "$ACCEL"
+}
+
 do_create() {
+  if [[ -n $CONFIG ]]; then
+    tpu_preflight "$ACCEL"
+  else
+    info "no --config: creating $TPU_NAME without the preflight"
+  fi
+  create_vm
+}
+
+create_vm() {
   local args=("${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCEL" --version="$RUNTIME")
   ((SPOT)) && args+=(--spot)
   if [[ -n $CREATE_FLAGS ]]; then
@@ -415,14 +475,22 @@ EOF
 }
 
 do_run() {
-  if ((!WORKDIR_IS_GCS)) && [[ -z $ACCEL ]] && ((!DRY_RUN)); then
-    local acc
-    acc=$("${GC[@]}" describe "$TPU_NAME" "${WHERE[@]}" --format='value(acceleratorType)' 2>/dev/null || true)
-    acc=${acc##*/}
-    if [[ -n $acc ]] && is_multi_host "$acc"; then
+  # Without --accelerator-type: the VM's type, for the preflight and for a
+  # local workdir (one worker only).
+  local acc=$ACCEL
+  local describe=("${GC[@]}" describe "$TPU_NAME" "${WHERE[@]}" --format='value(acceleratorType)')
+  if [[ -z $acc ]] && { ((!SKIP_PREFLIGHT)) || ((!WORKDIR_IS_GCS)); }; then
+    if ((DRY_RUN)); then
+      ((SKIP_PREFLIGHT)) || show_cmd "${describe[@]}"
+    else
+      acc=$("${describe[@]}" 2>/dev/null || true)
+      acc=${acc##*/}
+    fi
+    if ((!WORKDIR_IS_GCS)) && [[ -n $acc ]] && is_multi_host "$acc"; then
       die "--workdir must be gs://... on a pod slice ('$acc' has several workers), got '$WORKDIR'"
     fi
   fi
+  tpu_preflight "$acc"
   check_data_dir
   start_run
 }
@@ -519,10 +587,12 @@ cleanup_all() {
 }
 
 do_all() {
-  # Before the VM exists: the data (gs:// for `all`) and the weights copy.
+  # Before the VM exists: the preflight, the data (gs:// for `all`) and the
+  # weights copy.
+  tpu_preflight "$ACCEL"
   check_data_dir
   check_weights_cache
-  do_create
+  create_vm
   if ((!DRY_RUN)); then
     trap cleanup_all EXIT
     trap 'cleanup_all 130' INT

@@ -639,6 +639,32 @@ for a; do case $a in --workdir=*) mkdir -p "${a#--workdir=}" && echo done > "${a
 exit 3
 """
 
+# The Python of the launching machine, playing `-m smope_jax.preflight`: it
+# appends "preflight ARGS" to $FAKE_LOG (where the fake gcloud logs too, to
+# see the order), its directory and arguments to $PREFLIGHT_ARGS, and answers
+# as $PREFLIGHT_ANSWER says: fits (exit 0), nofit (3), error (2) or crash
+# (1). Under `-m smope_jax.main` it prints its arguments.
+FAKE_PREFLIGHT = r"""#!/usr/bin/env bash
+case "$1 $2" in
+  "-m smope_jax.main") shift 2; for a; do printf 'MAIN<%s>\n' "$a"; done; exit 0 ;;
+  "-m smope_jax.preflight") shift 2 ;;
+  *) echo "fake python: unexpected $*" >&2; exit 98 ;;
+esac
+printf 'preflight %s\n' "$*" >> "${FAKE_LOG:-/dev/null}"
+{ printf 'CWD<%s>\n' "$PWD"; for a; do printf 'ARG<%s>\n' "$a"; done; } >> "${PREFLIGHT_ARGS:-/dev/null}"
+for a; do case $a in --target=*) target=${a#--target=} ;; esac; done
+printf 'step        peak memory per device\ntrain_step  1.0 GiB\n'
+case ${PREFLIGHT_ANSWER:-fits} in
+  fits) echo "preflight: fits $target: 1.0 GiB of 16 GiB per device" ;;
+  nofit)
+    echo "preflight: does not fit $target: 40.0 GiB of 16 GiB per device; largest per-device batch that fits: 8"
+    echo "I1206 12:00:00.000000 absl log line after the verdict" >&2
+    exit 3 ;;
+  error) echo 'error: no TPU compiler: pip install "smope-jax[preflight-tpu]"' >&2; exit 2 ;;
+  crash) echo "ModuleNotFoundError: No module named 'smope_jax.preflight'" >&2; exit 1 ;;
+esac
+"""
+
 
 def test_tpu_all_simulated(tmp_path):
   git = shutil.which("git")
@@ -669,8 +695,11 @@ def test_tpu_all_simulated(tmp_path):
   out = tmp_path / "results"
   gcs = tmp_path / "gcs"
   (gcs / "bkt" / "tfds").mkdir(parents=True)
+  preflight_args = tmp_path / "preflight-args"
   env = clean_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_HOME=str(home),
-                  FAKE_LOG=str(log), FAKE_GCS=str(gcs), TMPDIR=str(tmp_path), **ident)
+                  FAKE_LOG=str(log), FAKE_GCS=str(gcs), TMPDIR=str(tmp_path),
+                  PYTHON=str(write_exe(tmp_path / "python", FAKE_PREFLIGHT)),
+                  PREFLIGHT_ARGS=str(preflight_args), **ident)
   script = repo / "launch" / "tpu_vm.sh"
   all_args = ["all", *TPU_BASE, "--accelerator-type=v4-8", "--config=configs/cifar100.py",
               "--workdir=runs/c100", f"--copy-to={out}", "--config-args=--config.seed=3"]
@@ -681,7 +710,7 @@ def test_tpu_all_simulated(tmp_path):
                 cwd=tmp_path)
   assert missing.returncode == 2
   assert "--data-dir gs://bkt/nothing not found" in missing.stderr
-  assert log.read_text().splitlines() == ["storage ls gs://bkt/nothing"]
+  assert log.read_text().splitlines()[1:] == ["storage ls gs://bkt/nothing"]
   log.unlink()
 
   result = run(script, *all_args, DATA, *extra, env=env, cwd=tmp_path)
@@ -703,8 +732,12 @@ def test_tpu_all_simulated(tmp_path):
   # The local workdir was copied back, then the VM deleted, last.
   assert (out / "c100" / "result.txt").read_text().strip() == "done"
   calls = log.read_text().splitlines()
-  assert calls[0] == "storage ls gs://bkt/tfds"
-  assert calls[1].startswith("compute tpus tpu-vm create smope-test")
+  # The preflight ran here, in the checkout, on the run's config, first.
+  assert calls[0] == ("preflight --config=configs/cifar100.py --target=tpu:v4-8 "
+                      "--config.seed=3 --config.note=it's x")
+  assert preflight_args.read_text().startswith(f"CWD<{repo}>\n")
+  assert calls[1] == "storage ls gs://bkt/tfds"
+  assert calls[2].startswith("compute tpus tpu-vm create smope-test")
   assert calls[-1].startswith("compute tpus tpu-vm delete smope-test")
   # No temporary tarball left behind.
   assert not list(tmp_path.glob("smope_jax-launch.*"))
@@ -745,7 +778,8 @@ def test_tpu_all_simulated(tmp_path):
 def test_gpu_multi_dry_run_explicit(tmp_path):
   result = run(GPUN, "--config=configs/cifar100.py", "--workdir=gs://b/run",
                "--coordinator=10.1.2.3:12355", "--num-processes=4", "--process-id=2",
-               "--gpus=0,1", DATA, "--config-args=--config.seed=3", "--dry-run")
+               "--gpus=0,1", DATA, "--config-args=--config.seed=3", "--dry-run",
+               "--skip-preflight")
   assert result.returncode == 0, result.stderr
   (line,) = result.stdout.splitlines()
   assert ("python3 -m smope_jax.main --config=configs/cifar100.py --workdir=gs://b/run "
