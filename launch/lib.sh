@@ -317,14 +317,12 @@ exec_gpu_main() {
 
 # ------------------------------------------------------------ the preflight
 # Before a run starts (on Cloud TPU: before a VM is created or used), the
-# scripts compile every jitted step of the run for its accelerators ahead of
-# time, on this machine, with `python -m smope_jax.preflight`, and refuse a
-# run that does not fit in device memory or does not compile. The preflight
-# gets the run's --config and overrides, and ends with one verdict line.
-# --skip-preflight (SKIP_PREFLIGHT=1) skips it.
+# scripts compile every jitted step of the run for its accelerators on this
+# machine with `python -m smope_jax.preflight` and the run's --config and
+# overrides, and refuse a run that does not fit in device memory or does not
+# compile. --skip-preflight (SKIP_PREFLIGHT=1) skips it.
 
-# Whether the preflight is to run (status 0); if it is skipped, say so.
-# Reads SKIP_PREFLIGHT.
+# Whether the preflight is to run (status 0); if skipped, say so.
 preflight_wanted() {
   if ((SKIP_PREFLIGHT)); then
     info "preflight skipped (--skip-preflight)"
@@ -332,16 +330,14 @@ preflight_wanted() {
   fi
 }
 
-# run_preflight TARGET [DIR]: run `PY -m smope_jax.preflight --config=CONFIG
-# --target=TARGET` with the overrides (CONFIG_ARGS, then EXTRA), in DIR (default:
-# the current directory), this checkout first on PYTHONPATH; its output goes to
-# stderr. Returns when the run fits. Otherwise stops: exit status 3 with the
-# verdict (does not fit, does not compile) as the error, 2 with the preflight's
-# own error line (a bad flag or config, a missing extra) or its last line.
-# Under --dry-run, print the command instead. Reads CONFIG, CONFIG_ARGS,
-# EXTRA, PY, DRY_RUN.
+# run_preflight TARGET [DIR]: run the preflight for TARGET in DIR (default:
+# here), this checkout first on PYTHONPATH, its output on stderr, and return
+# if the run fits. Else stop: exit status 3 with its verdict line (does not
+# fit, does not compile) as the error, or 2 with its error line (bad flag or
+# config, compiler extra missing). Under --dry-run, print the command. Reads
+# CONFIG, CONFIG_ARGS, EXTRA, PY, DRY_RUN.
 run_preflight() {
-  local target=$1 dir=${2:-} words=() shown summary rc=0
+  local target=$1 dir=${2:-} words=() shown summary rc=0 verdict error last
   [[ -z $CONFIG_ARGS ]] || read -r -a words <<<"$CONFIG_ARGS"
   local cmd=(env PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     "$PY" -m smope_jax.preflight --config="$CONFIG" --target="$target"
@@ -367,7 +363,6 @@ run_preflight() {
     done
     printf '%s\n%s\n%s\n' "$verdict" "$error" "$last"
   }) || rc=$?
-  local verdict error last
   { IFS= read -r verdict; IFS= read -r error; IFS= read -r last; } <<<"$summary"
   case $rc in
     0) ;;
@@ -384,47 +379,37 @@ run_preflight() {
   esac
 }
 
-# gpu_preflight HOSTS: the preflight for gpu:MODELxN, where MODEL is the model
-# of the GPUs this process uses (from nvidia-smi) and N is HOSTS times their
-# count: every host is taken to have the same GPUs as this one. Skipped, with
-# a note, without nvidia-smi or for a model with no device description. Reads
-# GPUS, CUDA_VISIBLE_DEVICES and what run_preflight reads.
+# gpu_preflight HOSTS: the preflight for gpu:MODELxN, MODEL that of the GPUs
+# used here (nvidia-smi), N = HOSTS x their count (all hosts alike). Skipped,
+# with a note, without nvidia-smi or for a model with no device description.
+# Reads GPUS, CUDA_VISIBLE_DEVICES and what run_preflight reads.
 gpu_preflight() {
-  local hosts=$1 out name model="" m n i names=() ids=()
+  local hosts=$1 out name model="" m n i all=() names=() ids=()
   preflight_wanted || return 0
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     info "preflight skipped: without nvidia-smi the GPU model is unknown"
     return 0
-  fi
-  if ! out=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1); then
+  elif ! out=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1); then
     warn "preflight skipped: nvidia-smi --query-gpu=name failed: ${out//$'\n'/ }"
     return 0
   fi
   while IFS= read -r name; do
-    [[ -z $name ]] || names+=("$name")
+    [[ -z $name ]] || all+=("$name")
   done <<<"$out"
-  n=${#names[@]}
   # The GPUs used: --gpus, else CUDA_VISIBLE_DEVICES, else all. Indices pick
   # their models; UUIDs only count.
-  local used=${GPUS:-${CUDA_VISIBLE_DEVICES:-}}
-  if [[ -n $used ]]; then
-    IFS=, read -r -a ids <<<"$used"
+  names=(${all[@]+"${all[@]}"}) n=${#all[@]}
+  IFS=, read -r -a ids <<<"${GPUS:-${CUDA_VISIBLE_DEVICES:-}}"
+  if ((${#ids[@]} > 0)); then
     n=${#ids[@]}
-    if [[ $used =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-      local all=(${names[@]+"${names[@]}"})
+    if [[ ${ids[*]} =~ ^[0-9\ ]+$ ]]; then
       names=()
       for i in "${ids[@]}"; do
-        if ((10#$i < ${#all[@]})); then
-          names+=("${all[10#$i]}")
-        fi
+        ((10#$i >= ${#all[@]})) || names+=("${all[10#$i]}")
       done
     fi
   fi
-  if ((n == 0 || ${#names[@]} == 0)); then
-    warn "preflight skipped: nvidia-smi lists none of the GPUs used"
-    return 0
-  fi
-  for name in "${names[@]}"; do
+  for name in ${names[@]+"${names[@]}"}; do
     case $name in
       *H100*) m=h100 ;;
       *A100*80GB*) m=a100-80gb ;;
@@ -434,11 +419,9 @@ gpu_preflight() {
         return 0
         ;;
     esac
-    if [[ -n $model && $m != "$model" ]]; then
-      warn "preflight skipped: the GPUs used are of different models ($model, $m)"
-      return 0
-    fi
+    [[ -z $model || $m == "$model" ]] || { warn "preflight skipped: GPUs of two models ($model, $m)"; return 0; }
     model=$m
   done
+  [[ -n $model ]] || { warn "preflight skipped: nvidia-smi lists none of the GPUs used"; return 0; }
   run_preflight "gpu:${model}x$((n * hosts))"
 }

@@ -254,6 +254,16 @@ def test_gpu_models(name, model, tmp_path, bare_path):
                         f"is known for GPU '{name}' (known: H100, A100 40GB, A100 80GB)"]
 
 
+def test_gpu_models_of_the_gpus_used(tmp_path, bare_path):
+  env, calls, py = gpu_env(tmp_path, bare_path, [H100, "NVIDIA A100-SXM4-40GB"])
+  args = [CFG, "--workdir=w", f"--data-dir={tmp_path}", f"--python={py}"]
+  mixed = run(GPU1, *args, env=env)
+  assert mixed.returncode == 0 and calls() is None
+  assert "gpu_single.sh: warning: preflight skipped: GPUs of two models (h100, a100-40gb)" in (
+      mixed.stderr.splitlines())
+  second = run(GPU1, *args, "--gpus=1", env=env)
+  assert second.returncode == 0 and calls() == [CFG, "--target=gpu:a100-40gbx1"]
+
 def test_gpu_multi_preflight_counts_all_machines(tmp_path, bare_path):
   env, calls, py = gpu_env(tmp_path, bare_path, ["NVIDIA A100-SXM4-80GB"] * 8)
   args = [CFG, "--workdir=gs://b/w", f"--data-dir={tmp_path}", "--coordinator=h:1",
