@@ -38,7 +38,7 @@
 # A run that does not fit in GPU memory or does not compile is refused with
 # the preflight's verdict (exit status 3). Every machine reaches the same
 # verdict, so all stop or all start together: none waits for a process 0 that
-# never comes. It is skipped, with a warning, for other GPU models and without
+# never comes. It is skipped, saying so, for other GPU models and without
 # nvidia-smi. Without the GPU compiler packages (the project's extra
 # preflight-gpu) it stops, naming what to pip install.
 #

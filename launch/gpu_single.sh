@@ -43,7 +43,7 @@
 # CUDA_VISIBLE_DEVICES, else all), of the model nvidia-smi names (H100 ->
 # h100, A100 80GB -> a100-80gb, A100 40GB -> a100-40gb). A run that does not
 # fit in GPU memory or does not compile is refused with the preflight's
-# verdict (exit status 3). It is skipped, with a warning, for other GPU models
+# verdict (exit status 3). It is skipped, saying so, for other GPU models
 # and without nvidia-smi. Without the GPU compiler packages (the project's
 # extra preflight-gpu) it stops, naming what to pip install.
 #

@@ -21,8 +21,8 @@
 #            before they create or use the TPU (--skip-preflight skips it).
 #            Without the TPU compiler packages (the project's extra
 #            preflight-tpu) it stops, naming what to pip install
-#   create   create the TPU VM (gcloud compute tpus tpu-vm create); with
-#            --config, after the preflight
+#   create   create the TPU VM (gcloud compute tpus tpu-vm create); given
+#            --config, after the preflight (without, it cannot check a run)
 #   setup    copy the project to every worker and install it there: a
 #            `git archive` tarball of this checkout (tracked files, including
 #            uncommitted edits) sent with `tpu-vm scp --worker=all`, or
@@ -40,9 +40,9 @@
 #   copy     copy a local (on-VM) workdir from worker 0 to --copy-to
 #            (gs://... via `gcloud storage cp` on the VM, else scp to here)
 #   delete   delete the TPU VM
-#   all      preflight, create, setup, run, logs, copy (local workdir), delete; the VM is
-#            deleted also when a step fails or on Ctrl-C (unless --keep-vm);
-#            exits with the exit status of the run
+#   all      preflight, create, setup, run, logs, copy (local workdir),
+#            delete; the VM is deleted also when a step fails or on Ctrl-C
+#            (unless --keep-vm); exits with the exit status of the run
 #
 # Options (--opt VALUE and --opt=VALUE both work):
 #   --project P            GCP project (required)
