@@ -1,0 +1,284 @@
+r"""Input pipeline budget: training images per second and per CPU-second.
+
+    python -m smope_jax.benchmark.input_pipeline --config=configs/cub200.py
+
+Writes a mock copy of the config's benchmark (CIFAR-100, ImageNet-R or
+CUB-200) as a prepared TFDS dataset in a temporary directory: the real
+builder's features and encodings (CIFAR-100: 32 x 32 PNG; ImageNet-R and
+CUB-200: JPEG files kept as they are), at the sizes of `MOCKS`, with smooth
+noise that compresses like photographs. It then drives the trainer's own
+pipeline, `build_continual_data(config).train_batches`, with the config's
+image size, augmentation and batch, and reports images per second of wall
+time and images per CPU-second of this process: the per-core figure, which
+holds on a machine shared with other jobs. Only TensorFlow feeds the
+pipeline; JAX is not started. See docs/input_pipeline.md.
+"""
+
+import dataclasses
+import io
+import math
+import sys
+import tempfile
+
+from absl import flags
+import numpy as np
+
+from smope_jax import cli
+from smope_jax import configuration
+from smope_jax.benchmark.measure import Stopwatch
+from smope_jax.errors import UserError
+
+_CONFIG = flags.DEFINE_string(
+    "config", None, "Config file of a benchmark, e.g. configs/cub200.py "
+    "(its dataset, image_size and batch_size are measured).")
+_BATCHES = flags.DEFINE_integer(
+    "batches", 3, "Timed batches per setting (one more is written and read).")
+_THREADS = flags.DEFINE_list(
+    "threads", ["1", "0"], "tf.data threads to measure; 0 = tf.data's "
+    "default (about one per core).")
+_CACHE = flags.DEFINE_list(
+    "cache", ["true", "false"], "config.cache_data settings to measure.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mock:
+  """How a benchmark's mock images look."""
+  shorter: tuple[int, int]  # Range of the shorter side, px.
+  aspect: tuple[float, float]  # Range of longer / shorter side.
+  encoding: str  # "PNG" or "JPEG": the bytes TFDS stores as they are.
+  longer: int = 0  # Fixed longer side (CUB: 500 px), else from the aspect.
+
+
+MOCKS = {
+    "cifar100": Mock(shorter=(32, 32), aspect=(1.0, 1.0), encoding="PNG"),
+    # CUB-200-2011's photos are 500 px on their longer side.
+    "caltech_birds2011": Mock(shorter=(300, 500), aspect=(1.0, 1.0),
+                              encoding="JPEG", longer=500),
+    # ImageNet-R: about 2.2 GB of JPEGs for 30,000 images, ~73 KB each; these
+    # sizes give ~70 KB at quality 90 (mean ~430 x 540 px).
+    "imagenet_r": Mock(shorter=(300, 560), aspect=(1.0, 1.5),
+                       encoding="JPEG"),
+}
+JPEG_QUALITY = 90
+_TEXTURE = 1024  # Side of the smooth-noise textures images are cut from.
+
+
+def _textures(rng: np.random.Generator, count: int = 4) -> list[np.ndarray]:
+  """Smooth noise at three scales plus grain: compresses like a photo."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = []
+  for _ in range(count):
+    image = rng.normal(128, 3, (_TEXTURE, _TEXTURE, 3)).astype(np.float32)
+    for cells, amplitude in ((8, 90.0), (40, 35.0), (160, 12.0)):
+      small = rng.normal(0, 1, (cells, cells, 3)).astype(np.float32)
+      image += amplitude * np.stack(
+          [np.asarray(Image.fromarray(small[..., c]).resize(
+              (_TEXTURE, _TEXTURE), Image.BICUBIC)) for c in range(3)], -1)
+    out.append(np.clip(image, 0, 255).astype(np.uint8))
+  return out
+
+
+def mock_images(dataset: str, count: int, seed: int = 0):
+  """`count` encoded images of the benchmark, cut from smooth noise."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mock, rng = MOCKS[dataset], np.random.default_rng(seed)
+  textures = _textures(rng)
+  for i in range(count):
+    shorter = int(rng.integers(mock.shorter[0], mock.shorter[1] + 1))
+    longer = mock.longer or int(round(shorter * rng.uniform(*mock.aspect)))
+    h, w = (shorter, longer) if rng.random() < 0.75 else (longer, shorter)
+    image = Image.fromarray(textures[i % len(textures)])
+    if h * 8 < _TEXTURE:  # CIFAR: a whole texture shrunk, detail everywhere.
+      image = image.resize((w, h), Image.BOX)
+    else:
+      top = int(rng.integers(0, _TEXTURE - h + 1))
+      left = int(rng.integers(0, _TEXTURE - w + 1))
+      image = image.crop((left, top, left + w, top + h))
+    encoded = io.BytesIO()
+    image.save(encoded, mock.encoding, quality=JPEG_QUALITY)
+    yield encoded.getvalue()
+
+
+def _example(dataset: str, features, i: int, image, label: int, role: str):
+  """One example with every feature of the real builder."""
+  if dataset == "cifar100":
+    return {"id": f"{role}_{i:05d}", "image": image, "label": label,
+            "coarse_label": label % 20}
+  if dataset == "imagenet_r":
+    from smope_jax.data import imagenet_r  # pylint: disable=g-import-not-at-top
+    wnid = imagenet_r.class_wnids()[label]
+    return {"image": image, "label": wnid,
+            "file_name": f"{wnid}/mock_{i:05d}.jpg"}
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  w, h = Image.open(io.BytesIO(image)).size
+  name = features["label"].int2str(label)
+  return {"image": image, "label": label, "label_name": name,
+          "image/filename": f"{name}/mock_{i:05d}.jpg",
+          "bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
+          "segmentation_mask": np.zeros((h, w, 1), np.uint8)}
+
+
+def write_mock(config, data_dir: str, num_train: int, num_test: int) -> dict:
+  """Prepares a mock TFDS copy of `config.dataset` under `data_dir`.
+
+  The real builder's features encode the examples, so the records are what
+  `launch/prepare_data.py` writes; labels cycle through all classes. ImageNet-R
+  has one split: its train and test roles come from the seeded 80/20 split.
+
+  Returns:
+    Number of images and mean encoded bytes per image.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  dataset, stats = config.dataset, {"images": 0, "bytes": 0}
+  real = tfds.builder_cls(dataset)
+
+  def examples(self, role, count, first):
+    features = self.info.features
+    for i, image in enumerate(mock_images(dataset, count, seed=first)):
+      stats["images"] += 1
+      stats["bytes"] += len(image)
+      yield f"{role}_{i}", _example(dataset, features, first + i, image,
+                                    i % config.num_classes, role)
+
+  def split_generators(self, dl_manager):
+    del dl_manager  # Nothing is downloaded.
+    if dataset == "imagenet_r":
+      return {"test": examples(self, "test", num_train + num_test, 0)}
+    return {"train": examples(self, "train", num_train, 0),
+            "test": examples(self, "test", num_test, num_train)}
+
+  mock = type(f"Mock{real.__name__}", (real,),
+              {"name": real.name, "_split_generators": split_generators},
+              skip_registration=True)
+  mock(data_dir=data_dir).download_and_prepare()
+  return {"images": stats["images"],
+          "mean_bytes": stats["bytes"] / max(stats["images"], 1)}
+
+
+def measure(config, batches: int, threads: int) -> dict:
+  """Steady rates of the first task's training batches.
+
+  Loading the task (reading the records, and with cache_data decoding every
+  image once) is timed first. Then one untimed epoch of one batch pays what
+  happens once per process (TF's first use of its kernels and threads), and
+  an epoch of `batches` + 1 batches is read: its first batch, less a steady
+  batch, is the start-up every epoch pays (`epoch_start_*`); the steady
+  rates are those of the other `batches`. The consumer takes each batch at
+  once, so the pipeline runs flat out and holds no finished work ahead at
+  either end of the timed span.
+  """
+  from smope_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = pipeline.build_continual_data(config, threads=threads)
+  b, steps = config.batch_size, data.steps_per_epoch(0, config.batch_size)
+  if steps < batches + 1:
+    raise UserError(f"the mock data has {steps} batches; --batches={batches} "
+                    "needs one more.")
+  load = Stopwatch()
+  with load:  # An epoch that starts at its end reads nothing.
+    list(data.train_batches(0, 0, b, start_step=steps))
+  list(data.train_batches(0, 0, b, start_step=steps - 1))
+  first, steady = Stopwatch(), Stopwatch()
+  with first:
+    batches_read = data.train_batches(0, 1, b, start_step=steps - 1 - batches)
+    image = next(batches_read)["image"]
+  with steady:
+    count = sum(1 for _ in batches_read)
+  assert count == batches, (count, batches)
+  images = batches * b
+  return {
+      "threads": threads, "cache_data": bool(config.cache_data),
+      "batch": b, "batches": batches, "image_shape": image.shape,
+      "image_dtype": str(image.dtype),
+      "images_per_second": images / max(steady.wall, 1e-9),
+      "images_per_cpu_second": images / max(steady.cpu, 1e-9),
+      "epoch_start_wall_seconds": first.wall - steady.wall / batches,
+      "epoch_start_cpu_seconds": first.cpu - steady.cpu / batches,
+      "load_cpu_ms_per_image": 1e3 * load.cpu / data.train_size(0),
+      "load_wall_seconds": load.wall,
+  }
+
+
+def benchmark_config(config, data_dir: str):
+  """The config as measured: one task holding every class, the mock data."""
+  config = config.copy_and_resolve_references()
+  config.data_dir, config.num_tasks, config.first_task_classes = data_dir, 1, 0
+  if config.dataset == "imagenet_r":
+    config.imagenet_r_split = "random"  # The mock lacks the listed files.
+  configuration.validate(config)
+  return config
+
+
+def run(config, batches: int, threads=(1, 0), cache=(True, False)) -> dict:
+  """Writes the mock data, measures every setting; returns the record."""
+  if config.dataset not in MOCKS:
+    raise UserError(f"config.dataset={config.dataset!r}: the input benchmark "
+                    f"knows {', '.join(MOCKS)}.")
+  if batches < 1:
+    raise UserError(f"--batches={batches} must be at least 1.")
+  needed = (batches + 1) * config.batch_size
+  with tempfile.TemporaryDirectory() as data_dir:
+    config = benchmark_config(config, data_dir)
+    # ImageNet-R holds out 20 % of every class for its test role.
+    num_train = (math.ceil(needed / 0.8) + 2 * config.num_classes
+                 if config.dataset == "imagenet_r" else needed)
+    written = write_mock(config, data_dir, num_train, num_test=2)
+    rows = []
+    for cache_data in cache:
+      config.cache_data = cache_data
+      for t in threads:
+        rows.append(measure(config, batches, t))
+  return {"dataset": config.dataset, "image_size": config.image_size,
+          "batch": config.batch_size, "mock": written, "rows": rows,
+          "mock_sizes": dataclasses.asdict(MOCKS[config.dataset])}
+
+
+def format_table(record: dict) -> str:
+  lines = [
+      f"{record['dataset']}: {record['mock']['images']} mock images, "
+      f"{record['mock']['mean_bytes'] / 1e3:.1f} KB each on average; "
+      f"batch {record['batch']} of {record['image_size']} px",
+      "| cache_data | tf.data threads | images/s | images per CPU-second | "
+      "CPU ms/image | epoch start, CPU s | load, CPU ms/image |",
+      "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in record["rows"]:
+    lines.append(
+        f"| {r['cache_data']} | {r['threads'] or 'default'} | "
+        f"{r['images_per_second']:.0f} | {r['images_per_cpu_second']:.0f} | "
+        f"{1e3 / r['images_per_cpu_second']:.2f} | "
+        f"{r['epoch_start_cpu_seconds']:.2f} | "
+        f"{r['load_cpu_ms_per_image']:.2f} |")
+  return "\n".join(lines)
+
+
+def _parse(values, kind, name):
+  try:
+    parsed = [kind(v) for v in values]
+  except ValueError:
+    parsed = None
+  if not parsed or (kind is int and min(parsed) < 0):
+    raise UserError(f"--{name}={','.join(values)} is not a list of "
+                    f"{'threads >= 0' if kind is int else 'true/false'}.")
+  return parsed
+
+
+def _bool(text: str) -> bool:
+  if text.lower() not in ("true", "false", "1", "0"):
+    raise ValueError(text)
+  return text.lower() in ("true", "1")
+
+
+def main(argv):
+  try:
+    cli.refuse_arguments(argv)
+    config = cli.load_config_file(_CONFIG.value)
+    threads = _parse(_THREADS.value, int, "threads")
+    cache = _parse(_CACHE.value, _bool, "cache")
+    print(format_table(run(config, _BATCHES.value, threads, cache)))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  cli.run(main, ["config"])
