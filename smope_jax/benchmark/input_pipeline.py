@@ -60,6 +60,7 @@ MOCKS = {
                        encoding="JPEG"),
 }
 JPEG_QUALITY = 90
+DISTINCT = 64  # Distinct encoded images; the others repeat them.
 _TEXTURE = 1024  # Side of the smooth-noise textures images are cut from.
 
 
@@ -79,11 +80,18 @@ def _textures(rng: np.random.Generator, count: int = 4) -> list[np.ndarray]:
 
 
 def mock_images(dataset: str, count: int, seed: int = 0):
-  """`count` encoded images of the benchmark, cut from smooth noise."""
+  """`count` encoded images of the benchmark, cut from smooth noise.
+
+  The images repeat after `DISTINCT`: each is decoded and augmented on its
+  own, whatever its bytes, and encoding fewer keeps the benchmark short.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   mock, rng = MOCKS[dataset], np.random.default_rng(seed)
-  textures = _textures(rng)
+  textures, distinct = _textures(rng), []
   for i in range(count):
+    if i >= DISTINCT:
+      yield distinct[i % DISTINCT]
+      continue
     shorter = int(rng.integers(mock.shorter[0], mock.shorter[1] + 1))
     longer = mock.longer or int(round(shorter * rng.uniform(*mock.aspect)))
     h, w = (shorter, longer) if rng.random() < 0.75 else (longer, shorter)
@@ -96,7 +104,8 @@ def mock_images(dataset: str, count: int, seed: int = 0):
       image = image.crop((left, top, left + w, top + h))
     encoded = io.BytesIO()
     image.save(encoded, mock.encoding, quality=JPEG_QUALITY)
-    yield encoded.getvalue()
+    distinct.append(encoded.getvalue())
+    yield distinct[-1]
 
 
 def _example(dataset: str, features, i: int, image, label: int, role: str):
@@ -111,12 +120,13 @@ def _example(dataset: str, features, i: int, image, label: int, role: str):
             "file_name": f"{wnid}/mock_{i:05d}.jpg"}
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  w, h = Image.open(io.BytesIO(image)).size
+  mask = io.BytesIO()  # Encoded here: TFDS's own PNG encoder is slow.
+  Image.new("L", Image.open(io.BytesIO(image)).size).save(mask, "PNG")
   name = features["label"].int2str(label)
   return {"image": image, "label": label, "label_name": name,
           "image/filename": f"{name}/mock_{i:05d}.jpg",
           "bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
-          "segmentation_mask": np.zeros((h, w, 1), np.uint8)}
+          "segmentation_mask": mask.getvalue()}
 
 
 def write_mock(config, data_dir: str, num_train: int, num_test: int) -> dict:
@@ -199,6 +209,21 @@ def measure(config, batches: int, threads: int) -> dict:
   }
 
 
+def _counts(config, batches: int) -> tuple[int, int]:
+  """Training and test images to write: `batches` + 1 training batches.
+
+  ImageNet-R's roles come from the seeded split, which holds out
+  floor(0.2 n + 0.5) of a class of n images: none while classes have at
+  most 2 (labels cycle through the classes), else at most 0.2 n + 0.5.
+  """
+  needed, classes = (batches + 1) * config.batch_size, config.num_classes
+  if config.dataset != "imagenet_r":
+    return needed, 2
+  if needed <= 2 * classes:
+    return needed, 0
+  return math.ceil((needed + classes / 2) / 0.8), 0
+
+
 def benchmark_config(config, data_dir: str):
   """The config as measured: one task holding every class, the mock data."""
   config = config.copy_and_resolve_references()
@@ -216,13 +241,9 @@ def run(config, batches: int, threads=(1, 0), cache=(True, False)) -> dict:
                     f"knows {', '.join(MOCKS)}.")
   if batches < 1:
     raise UserError(f"--batches={batches} must be at least 1.")
-  needed = (batches + 1) * config.batch_size
   with tempfile.TemporaryDirectory() as data_dir:
     config = benchmark_config(config, data_dir)
-    # ImageNet-R holds out 20 % of every class for its test role.
-    num_train = (math.ceil(needed / 0.8) + 2 * config.num_classes
-                 if config.dataset == "imagenet_r" else needed)
-    written = write_mock(config, data_dir, num_train, num_test=2)
+    written = write_mock(config, data_dir, *_counts(config, batches))
     rows = []
     for cache_data in cache:
       config.cache_data = cache_data
