@@ -15,6 +15,7 @@ pipeline; JAX is not started. See docs/input_pipeline.md.
 """
 
 import dataclasses
+import functools
 import io
 import math
 import sys
@@ -66,10 +67,11 @@ DISTINCT = 64  # Distinct encoded images; the others repeat them.
 _TEXTURE = 1024  # Side of the smooth-noise textures images are cut from.
 
 
-def _textures(rng: np.random.Generator, count: int = 4) -> list[np.ndarray]:
+@functools.cache
+def _textures(count: int = 4) -> tuple[np.ndarray, ...]:
   """Smooth noise at three scales plus grain: compresses like a photo."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  out = []
+  rng, out = np.random.default_rng(0), []
   for _ in range(count):
     image = rng.normal(128, 3, (_TEXTURE, _TEXTURE, 3)).astype(np.float32)
     for cells, amplitude in ((8, 90.0), (40, 35.0), (160, 12.0)):
@@ -78,7 +80,7 @@ def _textures(rng: np.random.Generator, count: int = 4) -> list[np.ndarray]:
           [np.asarray(Image.fromarray(small[..., c]).resize(
               (_TEXTURE, _TEXTURE), Image.BICUBIC)) for c in range(3)], -1)
     out.append(np.clip(image, 0, 255).astype(np.uint8))
-  return out
+  return tuple(out)
 
 
 def mock_images(dataset: str, count: int, seed: int = 0):
@@ -89,7 +91,7 @@ def mock_images(dataset: str, count: int, seed: int = 0):
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   mock, rng = MOCKS[dataset], np.random.default_rng(seed)
-  textures, distinct = _textures(rng), []
+  textures, distinct = _textures(), []
   for i in range(count):
     if i >= DISTINCT:
       yield distinct[i % DISTINCT]
