@@ -66,7 +66,16 @@ class _Store:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def _decode_all(items: list, decode) -> list[np.ndarray]:
+def _options(threads: int) -> tf.data.Options:
+  """tf.data options: `threads` > 0 caps the pipeline at that many threads."""
+  options = tf.data.Options()
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _decode_all(items: list, decode, threads: int) -> list[np.ndarray]:
   """Decodes every item once (config.cache_data), in parallel."""
   if not items:
     return []
@@ -74,7 +83,7 @@ def _decode_all(items: list, decode) -> list[np.ndarray]:
             else np.stack(items))
   ds = tf.data.Dataset.from_tensor_slices(tensor)
   decoded = ds.map(preprocess.graph_only(decode), tf.data.AUTOTUNE)
-  return list(decoded.as_numpy_iterator())
+  return list(decoded.with_options(_options(threads)).as_numpy_iterator())
 
 
 class ContinualData:
@@ -87,8 +96,9 @@ class ContinualData:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, source,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, threads: int = 0):
     self._config = config
+    self._threads = threads
     self._source = source
     self._process_index = process_index
     self._process_count = process_count
@@ -141,7 +151,7 @@ class ContinualData:
     examples = self._source.load(role, self._check_task(task))
     items, decode = examples.items, self._source.decode
     if self._config.cache_data:
-      items, decode = _decode_all(items, decode), None
+      items, decode = _decode_all(items, decode, self._threads), None
     return _Store(items, self._remap[examples.labels], decode)
 
   def _train(self, task: int) -> _Store:
@@ -195,7 +205,7 @@ class ContinualData:
     ds = ds.map(preprocess.graph_only(example),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return ds.with_options(_options(self._threads)).as_numpy_iterator()
 
   def train_batches(self, task: int, epoch: int | str, global_batch: int, *,
                     start_step: int = 0,
@@ -265,7 +275,8 @@ def _keep_tf_on_cpu():
 
 def build_continual_data(config: ml_collections.ConfigDict, *,
                          process_index: int = 0,
-                         process_count: int = 1) -> ContinualData:
+                         process_count: int = 1,
+                         threads: int = 0) -> ContinualData:
   """Opens `config.dataset` and lays out its continual tasks.
 
   Reads the labels (and the keys that order the examples) once to fix the
@@ -275,6 +286,8 @@ def build_continual_data(config: ml_collections.ConfigDict, *,
     config: a validated config (see `configuration.validate`).
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
+    threads: threads of each tf.data pipeline; 0 = tf.data's default (about
+      one per core). The input budget benchmark measures with 1.
 
   Returns:
     The ContinualData of this process.
@@ -292,7 +305,9 @@ def build_continual_data(config: ml_collections.ConfigDict, *,
     raise errors.ConfigError(
         f"config.num_classes={config.num_classes} but {source.name} has "
         f"{source.num_classes} classes (0 takes the number from the data).")
-  data = ContinualData(config, source, process_index, process_count)
+  if threads < 0:
+    raise ValueError(f"threads={threads} must be >= 0.")
+  data = ContinualData(config, source, process_index, process_count, threads)
   for task in range(data.num_tasks):
     if data.train_size(task) < config.batch_size:
       raise errors.ConfigError(
