@@ -10,8 +10,6 @@ shuffled and (classes of earlier tasks) iterations of that many samples
 are taken, with AdamW (weight decay 5e-4).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,10 +57,11 @@ def epoch_order(key, num_seen, per_class: int, num_classes: int):
   return ids[jnp.argsort(priority)]
 
 
-@functools.partial(jax.jit, static_argnames=("tx", "per_class", "num_epochs"))
 def align_head(head, means, variances, key, num_seen, iterations, rates, *,
                tx, per_class: int, num_epochs: int):
   """Trains the head on replayed features; returns the new head.
+
+  Jitted with its static arguments bound by `train_step.make_steps`.
 
   Each iteration draws its samples from N(mean, diag(var) + 1e-4 I) of
   their classes. The reference draws a whole epoch and uses only its first

@@ -91,8 +91,10 @@ def _cluster_detected() -> bool:
   return len([h for h in hosts.split(",") if h]) > 1
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices=None) -> Mesh:
+  """One 'data' axis over `devices` (default: every device of the run)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices),
+              (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

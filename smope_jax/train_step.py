@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from smope_jax import losses, schedules
+from smope_jax import alignment, losses, schedules
 
 
 # The parameters that learn; everything else is the frozen backbone.
@@ -153,25 +153,61 @@ def feature_step(trainable, frozen, method_state, batch, task, *, model,
                 method)["pre_logits"]
 
 
+# Phases of a task, in order (`task_phases` picks a run's); the trainer
+# saves the name of the next one to run.
+PHASES = ("start", "warmup", "train", "bookkeeping", "stats", "align", "eval")
+# The train-step mode of each training phase.
+TRAINING_MODES = {"warmup": "dense", "train": "train"}
+
+
+def task_phases(method, classifier_alignment: bool, task: int) -> list[str]:
+  """The phases of one task for a method and protocol, in order."""
+  phases = ["start"]
+  if task == 0 and method.dense_warmup:
+    phases.append("warmup")
+  phases.append("train")
+  if method.bookkeeping:
+    phases.append("bookkeeping")
+  if classifier_alignment:
+    phases += ["stats", "align"]
+  return phases + ["eval"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The jitted steps of one run."""
-  train: Callable[..., Any]
+  """The jitted steps of one run, and the update rules they use.
+
+  The trainer calls them and the preflight compiles them for a target chip:
+  one builder (`make_steps`) serves both, so what is compiled ahead of time
+  is what runs.
+  """
+  train_for: Callable[[str], Any]  # mode -> jitted `train_step`
   eval: Callable[..., Any]
   bookkeeping: Callable[..., Any]
   features: Callable[..., Any]
+  start: Callable[..., Any]  # the method's task boundary
+  align: Callable[..., Any]  # classifier alignment of the head
+  init_optimizer: Callable[..., Any]
+  tx: optax.GradientTransformation
+  align_tx: optax.GradientTransformation
+
+  def train(self, mode, *args):
+    return self.train_for(mode)(*args)
 
 
-def make_steps(model, method, tx: optax.GradientTransformation, replicated,
-               exclude_unused_at_eval: bool) -> Steps:
+def make_steps(config, model, method, replicated) -> Steps:
   """Jits the steps of a run.
 
   One train step is compiled per mode (SMoPE's dense warm-up and top-K
   training), whatever the number and size of the tasks: the class ranges,
   task index, rates and method state are arguments. Parameters and states
-  come back replicated over the mesh; the batch arrives sharded over its
-  'data' axis, so XLA inserts the gradient all-reduce of data parallelism.
+  come back replicated over the mesh (every step's, so that multi-process
+  checkpoints can hold them); the batch arrives sharded over its 'data'
+  axis, so XLA inserts the gradient all-reduce of data parallelism.
   """
+  tx = schedules.adam(config.weight_decay,
+                      decoupled=config.optimizer == "adamw")
+  align_tx = schedules.adam(config.align_weight_decay)
 
   @functools.lru_cache(maxsize=None)
   def train_for(mode: str):
@@ -180,15 +216,20 @@ def make_steps(model, method, tx: optax.GradientTransformation, replicated,
     return jax.jit(fn, out_shardings=(replicated, replicated, replicated),
                    donate_argnums=(0, 1))
 
-  def train(mode, *args):
-    return train_for(mode)(*args)
-
   bound = dict(model=model, method=method)
+  align = functools.partial(
+      alignment.align_head, tx=align_tx,
+      per_class=config.batch_size * config.align_ratio,
+      num_epochs=config.align_epochs)
   return Steps(
-      train=train,
-      eval=jax.jit(functools.partial(eval_step, **bound,
-                                     exclude_unused=exclude_unused_at_eval),
+      train_for=train_for,
+      eval=jax.jit(functools.partial(
+          eval_step, **bound, exclude_unused=config.exclude_unused_at_eval),
                    out_shardings=replicated),
       bookkeeping=jax.jit(functools.partial(bookkeeping_step, **bound),
                           out_shardings=replicated, donate_argnums=(2,)),
-      features=jax.jit(functools.partial(feature_step, **bound)))
+      features=jax.jit(functools.partial(feature_step, **bound)),
+      start=jax.jit(method.start_task, out_shardings=replicated),
+      align=jax.jit(align, out_shardings=replicated),
+      init_optimizer=jax.jit(tx.init, out_shardings=replicated),
+      tx=tx, align_tx=align_tx)

@@ -26,10 +26,6 @@ from smope_jax.data import pipeline
 from smope_jax.errors import UserError
 from smope_jax.models import factory
 
-# Phases of a task, in order (`Run.task_phases` picks a method's);
-# `meta['phase']` names the next one to run.
-PHASES = ("start", "warmup", "train", "bookkeeping", "stats", "align", "eval")
-TRAINING_PHASES = ("warmup", "train")
 
 # Above this fraction of a phase spent waiting for data, the log says so.
 # (Steps are dispatched asynchronously, so some waiting overlaps compute.)
@@ -112,12 +108,8 @@ class Run:
       config = self.config = config.copy_and_resolve_references()
       config.num_classes = self.data.num_classes
     self.model, self.method = factory.build_model(config, self.data.num_tasks)
-    self.tx = schedules.adam(config.weight_decay,
-                             decoupled=config.optimizer == "adamw")
-    self.align_tx = schedules.adam(config.align_weight_decay)
-    self.steps = steps_lib.make_steps(self.model, self.method, self.tx,
-                                      self.replicated,
-                                      config.exclude_unused_at_eval)
+    self.steps = steps_lib.make_steps(config, self.model, self.method,
+                                      self.replicated)
     self.reporter = reporting.Reporter(self.workdir, distributed.is_primary(),
                                        config.progress_bar)
     self.checkpointer = checkpointing.Checkpointer(
@@ -136,15 +128,8 @@ class Run:
 
   def task_phases(self, task: int) -> list[str]:
     """The phases of a task for this run's method and config."""
-    phases = ["start"]
-    if task == 0 and self.method.dense_warmup:
-      phases.append("warmup")
-    phases.append("train")
-    if self.method.bookkeeping:
-      phases.append("bookkeeping")
-    if self.config.classifier_alignment:
-      phases += ["stats", "align"]
-    return phases + ["eval"]
+    return steps_lib.task_phases(self.method,
+                                 self.config.classifier_alignment, task)
 
   # ----------------------------------------------------------------- state
 
@@ -155,7 +140,7 @@ class Run:
     hidden = self.model.hidden_size
     state = {
         "trainable": trainable,
-        "opt_state": self.tx.init(trainable),
+        "opt_state": self.steps.tx.init(trainable),
         "method_state": self.method.init_state(trainable),
         "class_means": np.zeros((self.config.num_classes, hidden), np.float32),
         "class_vars": np.zeros((self.config.num_classes, hidden), np.float32),
@@ -168,14 +153,6 @@ class Run:
             "train_images_per_second": []}
     return (distributed.put_replicated(state, self.mesh),
             distributed.put_replicated(frozen, self.mesh)), meta
-
-  def replicated_jit(self, fn):
-    """`fn` jitted with outputs replicated over the mesh.
-
-    State created outside the training step must be a global array on every
-    device of every process, or multi-process checkpoints cannot hold it.
-    """
-    return jax.jit(fn, out_shardings=self.replicated)
 
   def save(self, state, meta, force=False):
     """Checkpoints the run; a non-finite state ends the run unsaved."""
@@ -255,7 +232,7 @@ class Run:
     if not problems:
       if meta["task"] > self.data.num_tasks:
         problems.append(f"task {meta['task']}")
-      if meta.get("phase") not in PHASES:
+      if meta.get("phase") not in steps_lib.PHASES:
         problems.append(f"phase {meta.get('phase')!r}")
       rows = meta.get("acc_matrix")
       if not (isinstance(rows, list) and len(rows) == meta["task"] and all(
@@ -302,7 +279,8 @@ class Run:
           "epoch), %d %s images", t + 1, len(self.data.task_classes(t)),
           self.data.train_size(t), self.data.steps_per_epoch(t, batch), batch,
           self.data.test_size(t), self.evaluated_on)
-    counts = steps_lib.parameter_counts(self.fresh_params_shapes())
+    counts = steps_lib.parameter_counts(
+        factory.param_shapes(self.config, self.model, self.method))
     log("%s: learnable parameters %s (prompts %s, head %s), frozen %s",
         configuration.METHOD_NAMES[self.config.method], f"{counts['learnable']:,}",
         f"{counts['prompts']:,}", f"{counts['head']:,}",
@@ -311,12 +289,6 @@ class Run:
         jax.device_count(), jax.devices()[0].platform,
         jax.local_device_count(), jax.process_count(),
         dict(self.mesh.shape))
-
-  def fresh_params_shapes(self):
-    return jax.eval_shape(lambda: self.model.init(
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, self.config.image_size, self.config.image_size, 3)),
-        self.method.init_context(), mode="train"))["params"]
 
   def advance(self, state, meta):
     """Moves to the next phase; a training phase gets a new optimizer."""
@@ -328,9 +300,8 @@ class Run:
     else:
       phase = phases[following]
     meta.update(phase=phase, epoch=0, step=0)
-    if phase in TRAINING_PHASES:
-      state["opt_state"] = self.replicated_jit(self.tx.init)(
-          state["trainable"])
+    if phase in steps_lib.TRAINING_MODES:
+      state["opt_state"] = self.steps.init_optimizer(state["trainable"])
     return state
 
   def start_task(self, state, meta):
@@ -340,9 +311,8 @@ class Run:
     task = meta["task"]
     cli.progress = f"task {task + 1}, start"
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task)
-    state["trainable"], state["method_state"] = self.replicated_jit(
-        self.method.start_task)(state["trainable"], state["method_state"],
-                                np.int32(task), key)
+    state["trainable"], state["method_state"] = self.steps.start(
+        state["trainable"], state["method_state"], np.int32(task), key)
     return self.advance(state, meta)
 
   def phase_epochs(self, phase: str) -> int:
@@ -357,7 +327,7 @@ class Run:
   def train_phase(self, state, meta):
     """The epochs of the dense warm-up or of the top-K training."""
     task, config, phase = meta["task"], self.config, meta["phase"]
-    mode = "dense" if phase == "warmup" else "train"
+    mode = steps_lib.TRAINING_MODES[phase]
     epochs = self.phase_epochs(phase)
     steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
     rates = phase_schedules(config, epochs, steps_per_epoch)
@@ -555,18 +525,15 @@ class Run:
       rates = np.zeros(config.align_epochs * config.num_classes, np.float32)
       rates[:schedule.total_steps] = schedule.rates(schedule.total_steps)
       key = jax.random.fold_in(jax.random.PRNGKey(config.seed), task)
-      per_class = config.batch_size * config.align_ratio
       self.reporter.log("task %d: aligning the classifier on %d classes: %d "
                         "epochs x %d iterations of %d replayed features",
                         task + 1, seen, config.align_epochs, iterations,
-                        per_class)
+                        config.batch_size * config.align_ratio)
       started = time.perf_counter()
       trainable = dict(state["trainable"])
-      trainable["head"] = alignment.align_head(
+      trainable["head"] = self.steps.align(
           trainable["head"], state["class_means"], state["class_vars"],
-          key, np.int32(seen), np.int32(iterations), rates,
-          tx=self.align_tx, per_class=per_class,
-          num_epochs=config.align_epochs)
+          key, np.int32(seen), np.int32(iterations), rates)
       state["trainable"] = trainable
       jax.block_until_ready(trainable["head"])
       self.reporter.log("task %d: alignment took %s", task + 1,

@@ -6,6 +6,7 @@ instead of a traceback at the first checkpoint or download, hours later.
 """
 
 import errno
+import json
 import os
 import socket
 
@@ -121,3 +122,21 @@ def check_output_file(path: str, flag: str) -> None:
     raise UserError(f"{flag}={path} is a directory; name a file.")
   check_writable(os.path.dirname(path) or ".", f"the directory of {flag}",
                  flag)
+
+
+def write_json_file(path: str, record: dict, flag: str) -> None:
+  """Writes `record` whole or not at all (a full disk leaves no half file).
+
+  Raises:
+    UserError: the file cannot be written; names `flag`.
+  """
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise UserError(f"cannot write {flag}={path} ({e.strerror or e}); free "
+                    f"space there or choose another {flag}.") from None

@@ -1,8 +1,14 @@
 """Shared test set-up."""
 
 import gc
+import os
 
 import pytest
+
+# With libtpu installed (the preflight's TPU compiler), JAX would otherwise
+# try to start a TPU runtime in every test process, and concurrent
+# processes would contend for its lock file. Subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(autouse=True)

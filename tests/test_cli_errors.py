@@ -457,9 +457,9 @@ def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path):
   code = textwrap.dedent("""
       import sys
       from smope_jax import errors
-      from smope_jax.benchmark.__main__ import write_json
+      from smope_jax import workdir
       try:
-        write_json(sys.argv[1], {"rows": "x" * 200_000})
+        workdir.write_json_file(sys.argv[1], {"rows": "x" * 200_000}, "--out")
       except errors.UserError as e:
         print(e)
   """)

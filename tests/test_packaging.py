@@ -36,7 +36,13 @@ def test_pyproject_and_requirements_agree():
   assert project["optional-dependencies"]["data"] == _requirements(
       "requirements-data.txt")
   assert set(project["scripts"]) == {"smope-train", "smope-benchmark",
-                                     "smope-convert", "smope-compare"}
+                                     "smope-convert", "smope-compare",
+                                     "smope-preflight"}
+  # The preflight extras are the compilers the preflight looks for.
+  extras = project["optional-dependencies"]
+  assert extras["preflight-tpu"] == ["libtpu==0.0.42.*"]
+  assert [r.split(">")[0] for r in extras["preflight-gpu"]] == [
+      "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12"]
   assert not any("torch" in r for r in _requirements("requirements-test.txt"))
 
 
@@ -61,11 +67,15 @@ def test_install_scripts_and_api_from_another_directory(tmp_path):
   # PYTHONPATH to it); this environment provides the dependencies.
   env = dict(os.environ, PYTHONPATH=str(site))
   for script in ("smope-train", "smope-benchmark", "smope-convert",
-                 "smope-compare"):
+                 "smope-compare", "smope-preflight"):
     result = subprocess.run([str(bin_dir / script), "--help"], cwd=elsewhere,
                             env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, (script, result.stderr[-2000:])
+  # The GPU device descriptions ship with the package.
+  specs = sorted(os.listdir(site / "smope_jax" / "preflight" / "gpu_specs"))
+  assert specs == ["a100_sxm_40.txtpb", "a100_sxm_80.txtpb",
+                   "h100_sxm.txtpb"]
   # The configs resolve from the installed package, from any directory.
   result = subprocess.run(
       [str(bin_dir / "smope-train"), "--config=configs/demo.py",

@@ -5,8 +5,6 @@ Deep L2P++, DualPrompt, CODA-Prompt) next to the plain ViT, with their
 learnable parameters and FLOP ratios, and writes the full record as JSON.
 """
 
-import json
-import os
 import sys
 
 from absl import flags
@@ -76,20 +74,6 @@ def check_key_loss_groups(config, batch: int) -> None:
                     "set --config.key_loss_groups=1.")
 
 
-def write_json(path: str, record: dict) -> None:
-  """Writes `record` whole or not at all (a full disk leaves no half file)."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=2)
-    os.replace(tmp, path)
-  except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise UserError(f"cannot write --out={path} ({e.strerror or e}); free "
-                    "space there or choose another --out.") from None
-
-
 def main(argv):
   config = _CONFIG.value
   try:
@@ -109,7 +93,7 @@ def main(argv):
     record["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     print(report.format_table(record))
     if _OUT.value:
-      write_json(_OUT.value, record)
+      workdir.write_json_file(_OUT.value, record, "--out")
       print(f"wrote {_OUT.value}")
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

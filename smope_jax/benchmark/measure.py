@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from smope_jax.preflight import roofline
+
 MEMORY_DEVICE = "device memory_stats() peak_bytes_in_use"
 MEMORY_RSS = "process peak RSS (resource.getrusage ru_maxrss)"
 
@@ -27,6 +29,18 @@ def compiled_flops(compiled) -> float:
   if isinstance(analysis, dict):
     analysis = [analysis]
   return float(sum(a.get("flops", 0.0) for a in analysis or []))
+
+
+def compiled_traffic_bytes(compiled) -> float:
+  """The bytes a call accesses, as the roofline bound counts them."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  stats = compiled.memory_analysis()
+  return roofline.traffic_bytes(
+      (analysis or {}).get("bytes accessed"),
+      stats.argument_size_in_bytes if stats else 0,
+      stats.output_size_in_bytes if stats else 0)
 
 
 def compiled_memory_bytes(compiled) -> Optional[int]:
@@ -102,6 +116,7 @@ class Measurement:
   compile_seconds: float
   compiled_memory_bytes: Optional[int]
   peak_memory_bytes: int
+  traffic_bytes: float
 
 
 def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
@@ -131,7 +146,8 @@ def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
   return Measurement(compiled_flops(compiled), [w.wall for w in calls],
                      [w.cpu for w in calls], [w.wall for w in probes],
                      [w.cpu for w in probes], compile_seconds,
-                     compiled_memory_bytes(compiled), peak_memory_bytes())
+                     compiled_memory_bytes(compiled), peak_memory_bytes(),
+                     compiled_traffic_bytes(compiled))
 
 
 def _call(compiled, args, carry):

@@ -10,6 +10,7 @@ from absl import logging
 
 from smope_jax.benchmark import measure
 from smope_jax.benchmark import rows as rows_lib
+from smope_jax.preflight import roofline
 
 # Batch on CPU when neither --batch nor --config.batch_size is given: the
 # configs' training batches (64-128) take minutes per ViT-B/16 step there.
@@ -52,6 +53,22 @@ def resolve_batch(config, batch_flag: int, batch_overridden: bool,
   return int(config.batch_size), "config.batch_size"
 
 
+def modelled(m: measure.Measurement, config) -> dict:
+  """The preflight's roofline bound of a row on this device's chip, and the
+  measured time against it (empty where the chip is not in the table)."""
+  chip = roofline.chip_of(jax.local_devices()[0].device_kind)
+  if chip is None:
+    return {}
+  precision = dict(dtype=config.dtype,
+                   matmul_precision=config.matmul_precision)
+  bound = roofline.bound(chip, m.flops, m.traffic_bytes, **precision)
+  seconds = statistics.median(m.seconds)
+  return {"chip": chip.name, "modelled_seconds": bound.seconds,
+          "modelled_limited_by": bound.limited_by,
+          "measured_vs_modelled": seconds / bound.seconds,
+          "mfu": roofline.utilization(m.flops, seconds, chip, **precision)}
+
+
 def row_result(m: measure.Measurement, batch: int, probe_flops: float,
                probe_flop_per_cpu_second: float, description: str) -> dict:
   """One row and its fractions of the matmul probe.
@@ -91,16 +108,18 @@ def run(config, batch: int, *, repeats: int, warmup: int,
   setup = rows_lib.Setup(config, batch, methods)
   probe = measure.MatmulProbe(matmul_size)
   measured = {}
-  for name, row in setup.rows().items():
-    logging.info("measuring %s (batch %d) ...", name, batch)
-    measured[name] = measure.measure(
-        row.fn, row.args, donate=row.donate, carry=row.carry,
-        repeats=repeats, warmup=warmup, probe=probe)
+  with jax.default_matmul_precision(config.matmul_precision):
+    for name, row in setup.rows().items():
+      logging.info("measuring %s (batch %d) ...", name, batch)
+      measured[name] = measure.measure(
+          row.fn, row.args, donate=row.donate, carry=row.carry,
+          repeats=repeats, warmup=warmup, probe=probe)
   seconds = [w.wall for w in probe.samples]
   cpu_seconds = [w.cpu for w in probe.samples]
   per_cpu_second = probe.flops / statistics.median(cpu_seconds)
-  results = {name: row_result(m, batch, probe.flops, per_cpu_second,
-                              rows_lib.describe(name))
+  results = {name: {**row_result(m, batch, probe.flops, per_cpu_second,
+                                 rows_lib.describe(name)),
+                     **modelled(m, config)}
              for name, m in measured.items()}
   results["matmul"] = {
       "description": f"float32 {matmul_size}x{matmul_size} matmul, timed "
@@ -148,6 +167,7 @@ def run(config, batch: int, *, repeats: int, warmup: int,
                 "num_prompted_layers": smope.num_prompted_layers,
                 "num_experts": smope.num_experts, "top_k": smope.top_k,
                 "dtype": str(config.dtype),
+                "matmul_precision": str(config.matmul_precision),
                 "fused_attention": bool(config.fused_attention)},
       "batch": batch,
       "batch_source": batch_source,
@@ -186,6 +206,7 @@ def format_table(record: dict) -> str:
         f"{100 * r['fraction_of_matmul_cpu_time']:.0f}% | "
         f"{_mb(r['compiled_memory_bytes'])} | "
         f"{_mb(r['peak_memory_bytes'])} |")
+  lines += modelled_table(record)
   ratios, m = record["ratios"], record["machine"]
   lines += ["", "| method | learnable parameters | prompts | head | "
             "inference GFLOPs vs plain ViT | SMoPE inference / this | "
@@ -214,3 +235,24 @@ def format_table(record: dict) -> str:
       f"weights: {record['weights']}",
   ]
   return "\n".join(lines)
+
+
+def modelled_table(record: dict) -> list[str]:
+  """Measured against the preflight's roofline bound, where it applies."""
+  rows = {n: r for n, r in record["rows"].items() if "modelled_seconds" in r}
+  if not rows:
+    return ["", f"no modelled bound: {record['machine']['device_kind']} is "
+            "not a chip of the preflight's table (smope_jax/preflight/"
+            "chips.py)"]
+  chip = next(iter(rows.values()))["chip"]
+  lines = ["", f"| row | measured ms | modelled ms ({chip}, "
+           f"{record['model']['dtype']}, "
+           f"'{record['model']['matmul_precision']}') | limited by | "
+           "measured / modelled | MFU |", "|---|---:|---:|---|---:|---:|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {1e3 * r['seconds_median']:.3f} | "
+                 f"{1e3 * r['modelled_seconds']:.3f} | "
+                 f"{r['modelled_limited_by']} | "
+                 f"{r['measured_vs_modelled']:.2f}x | "
+                 f"{100 * r['mfu']:.1f}% |")
+  return lines

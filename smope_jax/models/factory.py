@@ -56,6 +56,15 @@ def load_backbone(config, workdir: str):
   return pretrained.load_backbone(source, template)
 
 
+def param_shapes(config, model: VisionTransformer, method: base.Method):
+  """The parameter tree's shapes and dtypes, without computing it."""
+  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3),
+                                jnp.float32)
+  return jax.eval_shape(lambda x: model.init(
+      jax.random.PRNGKey(0), x, method.init_context(), mode="train"),
+                        images)["params"]
+
+
 def init_params(config, model: VisionTransformer, method: base.Method,
                 backbone=None) -> dict:
   """Initial prompts and head, with `backbone` (from `load_backbone`).

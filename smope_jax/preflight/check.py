@@ -1,0 +1,198 @@
+"""The preflight: compile a run for a target, judge whether it fits, and
+find the largest per-device batch that does when it does not.
+
+A TPU compiler refuses a program that does not fit the chip's memory
+("RESOURCE_EXHAUSTED", "Ran out of memory"); a GPU compiler does not check,
+so the run's per-device total is held against the chip's memory times the
+fraction JAX may allocate (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.9 in the
+launch scripts).
+"""
+
+import dataclasses
+from typing import Optional
+
+from absl import logging
+
+from smope_jax import configuration, distributed
+from smope_jax.errors import UserError
+from smope_jax.preflight import chips, devices, roofline
+from smope_jax.preflight import steps as steps_lib
+
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")
+# Triton GEMM fusions of some shapes have no tile configuration when the
+# compiler cannot autotune (no device); XLA then keeps such products out of
+# Triton, on cuBLAS, as its maintainers advise.
+TRITON_GEMM_FAILURE = "Couldn't find output tile sizes"
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+# Probes the largest-batch search may spend on one batch field.
+MAX_SEARCH_PROBES = 12
+
+
+@dataclasses.dataclass
+class Result:
+  """A whole preflight: the target, every step, the verdict."""
+  target: chips.Target
+  config: object
+  steps: list
+  capacity: int
+  largest: dict = dataclasses.field(default_factory=dict)
+  notes: list = dataclasses.field(default_factory=list)
+
+  def per_device(self, field: str) -> int:
+    return int(self.config[field]) // self.target.devices
+
+  def out_of_memory(self, step) -> bool:
+    if step.error:
+      return any(s in step.error for s in OUT_OF_MEMORY)
+    return step.total > self.capacity
+
+  @property
+  def failed(self) -> list:
+    """Steps that did not compile for another reason than memory."""
+    return [s for s in self.steps if s.error and not self.out_of_memory(s)]
+
+  @property
+  def fits(self) -> bool:
+    return not self.failed and not any(
+        self.out_of_memory(s) for s in self.steps)
+
+  def bound(self, step) -> Optional[roofline.Bound]:
+    if step.error or step.flops is None:
+      return None
+    traffic = roofline.traffic_bytes(step.bytes_accessed, step.arguments,
+                                     step.outputs)
+    return roofline.bound(self.target.spec, step.flops, traffic,
+                          dtype=self.config.dtype,
+                          matmul_precision=self.config.matmul_precision)
+
+
+class Preflight:
+  """Compiles a config's steps for a target's devices."""
+
+  def __init__(self, config, target: chips.Target, memory_fraction: float):
+    self.config = config
+    self.target = target
+    self.mesh = distributed.make_mesh(devices.target_devices(target))
+    capacity = target.spec.memory_bytes
+    if target.platform == "gpu":
+      capacity = int(capacity * memory_fraction)
+    self.capacity = capacity
+    self.compiler_options = None
+
+  def compile_all(self, config) -> list:
+    """Every step of `config` (batch fields may differ from the run's)."""
+    configuration.validate_devices(config, self.target.devices,
+                                   self.target.hosts)
+    run = steps_lib.RunSteps(config, self.mesh)
+    results = []
+    for name, (fn, args) in run.calls().items():
+      logging.info("compiling %s for %s", name, self.target.name)
+      results.append(self._compile(name, fn, args, config))
+    return results
+
+  def _compile(self, name, fn, args, config):
+    result = steps_lib.compile_step(
+        name, fn, args, precision=config.matmul_precision,
+        compiler_options=self.compiler_options)
+    if (result.error and TRITON_GEMM_FAILURE in result.error and
+        self.compiler_options is None):
+      logging.warning("%s: %s; compiling again with Triton GEMM off", name,
+                      result.error)
+      self.compiler_options = NO_TRITON_GEMM
+      result = steps_lib.compile_step(
+          name, fn, args, precision=config.matmul_precision,
+          compiler_options=self.compiler_options)
+    return result
+
+  def run(self) -> Result:
+    result = Result(self.target, self.config, self.compile_all(self.config),
+                    self.capacity)
+    if self.compiler_options:
+      result.notes.append(
+          "XLA's Triton GEMM emitter found no tile sizes for a matrix "
+          "product without autotuning; compiled with "
+          "--xla_gpu_enable_triton_gemm=false (cuBLAS), which the run uses "
+          "too on this GPU")
+    self._fill_flops(result)
+    if not result.failed:
+      for field in ("batch_size", "eval_batch_size"):
+        if any(result.out_of_memory(s) for s in result.steps
+               if s.batch_field == field):
+          result.largest[field] = self.largest_batch(result, field)
+    return result
+
+  def _fill_flops(self, result: Result) -> None:
+    """FLOPs from this host's cost analysis where the compiler gave none."""
+    if all(s.flops is not None or s.error for s in result.steps):
+      return
+    per_device = {f: result.per_device(f)
+                  for f in ("batch_size", "eval_batch_size")}
+    flops = steps_lib.host_flops(self.config, per_device)
+    for step in result.steps:
+      if step.flops is None and not step.error:
+        step.flops = flops.get(step.name)
+
+  def probe(self, field: str, per_device: int, names: set) -> Optional[int]:
+    """The largest per-device total of the named steps with `per_device`
+    images of `field`, or None when one does not fit."""
+    config = self.config.copy_and_resolve_references()
+    config[field] = per_device * self.target.devices
+    run = steps_lib.RunSteps(config, self.mesh)
+    totals = []
+    for name, (fn, args) in run.calls().items():
+      if name not in names:
+        continue
+      step = self._compile(name, fn, args, config)
+      probe = Result(self.target, config, [step], self.capacity)
+      if probe.out_of_memory(step):
+        return None
+      if step.error:
+        raise UserError(f"{name} does not compile for {self.target.name} "
+                        f"at {per_device} images per device: {step.error}")
+      totals.append(step.total)
+    return max(totals)
+
+  def largest_batch(self, result: Result, field: str) -> int:
+    """The largest per-device batch of `field` that fits, by compiling.
+
+    The search compiles the step that needs the most memory per image (a
+    training step, for `batch_size`) and then checks its answer against
+    every step of that batch, adding any that does not fit. Memory grows
+    about linearly with the batch, so after fitting probes it aims where
+    that line meets the capacity, then narrows the bracket [fits, does not
+    fit] to neighbours.
+    """
+    steps = [s.name for s in result.steps if s.batch_field == field]
+    names = {max(steps, key=lambda n: (n.startswith("train"), n))}
+    fits, fails = 0, result.per_device(field)
+    measured = {}
+    for _ in range(MAX_SEARCH_PROBES):
+      if fails - fits <= 1:
+        if not fits or names == set(steps):
+          break
+        names = set(steps)  # The answer, checked against every step.
+        if self.probe(field, fits, names) is not None:
+          break
+        fails, fits, measured = fits, 0, {}
+        continue
+      guess = self._guess(fits, fails, measured)
+      logging.info("largest %s: trying %d per device", field, guess)
+      total = self.probe(field, guess, names)
+      if total is None:
+        fails = guess
+      else:
+        fits, measured[guess] = guess, total
+    return fits
+
+  def _guess(self, fits: int, fails: int, measured: dict) -> int:
+    """The next probe inside (fits, fails): 1 first, then the line."""
+    if fits == 0:
+      return 1
+    points = sorted(measured.items())
+    if len(points) >= 2:
+      (b0, m0), (b1, m1) = points[-2], points[-1]
+      slope = (m1 - m0) / (b1 - b0)
+      if slope > 0:
+        aim = b1 + int((self.capacity - m1) / slope)
+        return min(max(aim, fits + 1), fails - 1)
+    return min(max(fits * 16, fits + 1), (fits + fails) // 2)
