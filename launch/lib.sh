@@ -330,7 +330,8 @@ preflight_wanted() {
   fi
 }
 
-# run_preflight TARGET [DIR]: run the preflight for TARGET in DIR (default:
+# run_preflight TARGET [DIR [FLAG...]]: run the preflight for TARGET, with
+# FLAGs, in DIR (default:
 # here), this checkout first on PYTHONPATH, its output on stderr, and return
 # if the run fits. Else stop: exit status 3 with its verdict line (does not
 # fit, does not compile) as the error, or 2 with its error line (bad flag or
@@ -338,9 +339,10 @@ preflight_wanted() {
 # CONFIG, CONFIG_ARGS, EXTRA, PY, DRY_RUN.
 run_preflight() {
   local target=$1 dir=${2:-} words=() shown summary rc=0 verdict error last
+  shift $(($# < 2 ? $# : 2))
   [[ -z $CONFIG_ARGS ]] || read -r -a words <<<"$CONFIG_ARGS"
   local cmd=(env PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-    "$PY" -m smope_jax.preflight --config="$CONFIG" --target="$target"
+    "$PY" -m smope_jax.preflight --config="$CONFIG" --target="$target" "$@"
     ${words[@]+"${words[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})
   shown=$(qcmd "${cmd[@]}")
   [[ -z $dir ]] || shown="cd $(q "$dir") && $shown"
@@ -423,5 +425,8 @@ gpu_preflight() {
     model=$m
   done
   [[ -n $model ]] || { warn "preflight skipped: nvidia-smi lists none of the GPUs used"; return 0; }
-  run_preflight "gpu:${model}x$((n * hosts))"
+  # Held against the share of each GPU the run may allocate.
+  local target="gpu:${model}x$((n * hosts))"
+  ((hosts == 1)) || target+="/$hosts"
+  run_preflight "$target" "" --memory_fraction="$MEM_FRACTION"
 }

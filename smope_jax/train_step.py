@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from smope_jax import alignment, losses, schedules
 
@@ -195,6 +196,42 @@ class Steps:
     return self.train_for(mode)(*args)
 
 
+# XLA's GPU compiler can fail to find a Triton tile configuration for some
+# matrix products (seen for a ViT-B/16 value projection's backward, f32 and
+# bf16, when it cannot autotune). Such a step is compiled again with those
+# products left to cuBLAS, as XLA's maintainers advise; nothing else changes.
+TRITON_GEMM_FAILURE = "Couldn't find output tile sizes"
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+
+
+class CompileFallback:
+  """A jitted step that recompiles without Triton GEMMs when XLA cannot
+  emit one; `lower` gives the first form, for ahead-of-time compilation."""
+
+  def __init__(self, jit_with_options: Callable[[Any], Any]):
+    self._jit = jit_with_options
+    self._fn = jit_with_options(None)
+    self.options = None
+
+  def __call__(self, *args):
+    try:
+      return self._fn(*args)
+    except jax.errors.JaxRuntimeError as e:
+      # Compilation fails before any argument is donated, so a retry sees
+      # the same arguments.
+      if self.options is not None or TRITON_GEMM_FAILURE not in str(e):
+        raise
+      logging.warning("XLA found no Triton tiling for a matrix product; "
+                      "compiling this step with --xla_gpu_enable_triton_gemm"
+                      "=false")
+      self.options = NO_TRITON_GEMM
+      self._fn = self._jit(NO_TRITON_GEMM)
+      return self._fn(*args)
+
+  def lower(self, *args):
+    return self._fn.lower(*args)
+
+
 def make_steps(config, model, method, replicated) -> Steps:
   """Jits the steps of a run.
 
@@ -209,12 +246,16 @@ def make_steps(config, model, method, replicated) -> Steps:
                       decoupled=config.optimizer == "adamw")
   align_tx = schedules.adam(config.align_weight_decay)
 
+  def jitted(fn, **kwargs):
+    return CompileFallback(lambda options: jax.jit(
+        fn, compiler_options=options, **kwargs))
+
   @functools.lru_cache(maxsize=None)
   def train_for(mode: str):
-    fn = functools.partial(train_step, model=model, method=method, tx=tx,
-                           mode=mode)
-    return jax.jit(fn, out_shardings=(replicated, replicated, replicated),
-                   donate_argnums=(0, 1))
+    return jitted(functools.partial(train_step, model=model, method=method,
+                                    tx=tx, mode=mode),
+                  out_shardings=(replicated, replicated, replicated),
+                  donate_argnums=(0, 1))
 
   bound = dict(model=model, method=method)
   align = functools.partial(
@@ -223,13 +264,13 @@ def make_steps(config, model, method, replicated) -> Steps:
       num_epochs=config.align_epochs)
   return Steps(
       train_for=train_for,
-      eval=jax.jit(functools.partial(
+      eval=jitted(functools.partial(
           eval_step, **bound, exclude_unused=config.exclude_unused_at_eval),
-                   out_shardings=replicated),
-      bookkeeping=jax.jit(functools.partial(bookkeeping_step, **bound),
-                          out_shardings=replicated, donate_argnums=(2,)),
-      features=jax.jit(functools.partial(feature_step, **bound)),
-      start=jax.jit(method.start_task, out_shardings=replicated),
-      align=jax.jit(align, out_shardings=replicated),
-      init_optimizer=jax.jit(tx.init, out_shardings=replicated),
+                  out_shardings=replicated),
+      bookkeeping=jitted(functools.partial(bookkeeping_step, **bound),
+                         out_shardings=replicated, donate_argnums=(2,)),
+      features=jitted(functools.partial(feature_step, **bound)),
+      start=jitted(method.start_task, out_shardings=replicated),
+      align=jitted(align, out_shardings=replicated),
+      init_optimizer=jitted(tx.init, out_shardings=replicated),
       tx=tx, align_tx=align_tx)

@@ -203,7 +203,7 @@ def test_gpu_single_preflight_for_the_local_gpus(tmp_path, bare_path):
   args = [CFG, "--workdir=w", f"--data-dir={tmp_path}", f"--python={py}"]
   result = run(GPU1, *args, *OVERRIDES, env=env)
   assert result.returncode == 0, result.stderr
-  assert calls() == [CFG, "--target=gpu:h100x8", *PASSED]
+  assert calls() == [CFG, "--target=gpu:h100x8", "--memory_fraction=.9", *PASSED]
   assert "preflight: fits gpu:h100x8" in result.stderr
   assert "MAIN<--config.note=it's x>" in result.stdout  # then the run started
 
@@ -229,7 +229,7 @@ def test_gpu_single_counts_the_gpus_used(select, target, tmp_path, bare_path):
   result = run(GPU1, CFG, "--workdir=w", f"--data-dir={tmp_path}", f"--python={py}", *flags,
                env=env)
   assert result.returncode == 0, result.stderr
-  assert calls() == [CFG, f"--target={target}"]
+  assert calls() == [CFG, f"--target={target}", "--memory_fraction=.9"]
 
 
 @pytest.mark.parametrize("name, model", [
@@ -246,7 +246,7 @@ def test_gpu_models(name, model, tmp_path, bare_path):
   assert result.returncode == 0, result.stderr
   assert "MAIN<" in result.stdout
   if model:
-    assert calls() == [CFG, f"--target=gpu:{model}x2"]
+    assert calls() == [CFG, f"--target=gpu:{model}x2", "--memory_fraction=.9"]
   else:
     assert calls() is None
     warnings = [line for line in result.stderr.splitlines() if "preflight" in line]
@@ -262,7 +262,8 @@ def test_gpu_models_of_the_gpus_used(tmp_path, bare_path):
   assert "gpu_single.sh: warning: preflight skipped: GPUs of two models (h100, a100-40gb)" in (
       mixed.stderr.splitlines())
   second = run(GPU1, *args, "--gpus=1", env=env)
-  assert second.returncode == 0 and calls() == [CFG, "--target=gpu:a100-40gbx1"]
+  assert second.returncode == 0 and calls() == [CFG, "--target=gpu:a100-40gbx1",
+                                                  "--memory_fraction=.9"]
 
 def test_gpu_multi_preflight_counts_all_machines(tmp_path, bare_path):
   env, calls, py = gpu_env(tmp_path, bare_path, ["NVIDIA A100-SXM4-80GB"] * 8)
@@ -270,16 +271,16 @@ def test_gpu_multi_preflight_counts_all_machines(tmp_path, bare_path):
           "--num-processes=3", "--process-id=2", "--gpus=0,1,2,3", f"--python={py}"]
   result = run(GPUN, *args, env=env)
   assert result.returncode == 0, result.stderr
-  assert calls() == [CFG, "--target=gpu:a100-80gbx12"]
+  assert calls() == [CFG, "--target=gpu:a100-80gbx12/3", "--memory_fraction=.9"]
   assert "MAIN<--process_id=2>" in result.stdout
 
   refused = run(GPUN, *args, env=dict(env, PREFLIGHT_ANSWER="nofit"))
   assert refused.returncode == 3 and "MAIN<" not in refused.stdout
-  assert last_error(refused) == "gpu_multi.sh: error: " + NOFIT.format("gpu:a100-80gbx12")
+  assert last_error(refused) == "gpu_multi.sh: error: " + NOFIT.format("gpu:a100-80gbx12/3")
 
   dry = run(GPUN, *args, "--dry-run", env=env)
   lines = dry.stdout.splitlines()
-  assert "smope_jax.preflight" in lines[0] and "--target=gpu:a100-80gbx12" in lines[0]
+  assert "smope_jax.preflight" in lines[0] and "--target=gpu:a100-80gbx12/3" in lines[0]
   assert "smope_jax.main" in lines[1] and len(lines) == 2
 
 

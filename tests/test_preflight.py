@@ -37,6 +37,7 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU,
     ("gpu:h100x1", "h100", 1, 1, "1x1x1"),
     ("gpu:h100x8", "h100", 8, 1, "1x1x8"),
     ("gpu:a100-40gbx16", "a100-40gb", 16, 2, "1x2x8"),
+    ("gpu:a100-80gbx12/3", "a100-80gb", 12, 3, "1x3x4"),
 ])
 def test_targets(name, chip, count, hosts, topology):
   target = chips.parse_target(name)
@@ -50,6 +51,7 @@ def test_targets(name, chip, count, hosts, topology):
     ("tpu:v9-8", "unknown TPU type"),
     ("gpu:rtx4090x1", "expected gpu:MODELxN"),
     ("gpu:h100x9", "do not split evenly"),
+    ("gpu:h100x8/3", "do not split evenly"),
     ("cpu:1", "expected tpu:TYPE or gpu:MODELxN"),
 ])
 def test_bad_targets(name, words):
@@ -300,3 +302,35 @@ def test_preflight_and_benchmark_run_without_tensorflow_tfds_or_clu(tmp_path):
                         "--repeats=1", "--warmup=0", "--matmul_size=64")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "smope_train" in result.stdout
+
+
+def test_gpu_steps_recompile_without_triton_gemm_when_xla_cannot_tile():
+  """The trainer's steps retry once, with Triton GEMMs off, on that error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from smope_jax import train_step  # pylint: disable=g-import-not-at-top
+  compiled_with = []
+
+  def jit_with(options):
+    compiled_with.append(options)
+
+    def step(x):
+      if options is None:
+        raise jax.errors.JaxRuntimeError(
+            "INTERNAL: Couldn't find output tile sizes that satisfy hlo: "
+            "%dot.404 = f32[25216,768]{1,0} dot(...)")
+      return x + 1
+    return step
+
+  step = train_step.CompileFallback(jit_with)
+  assert step(1) == 2 and step(2) == 3
+  assert compiled_with == [None, {"xla_gpu_enable_triton_gemm": False}]
+
+  def other_error(options):
+    del options
+
+    def step(x):
+      raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {x}")
+    return step
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    train_step.CompileFallback(other_error)(1)

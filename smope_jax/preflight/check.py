@@ -13,17 +13,17 @@ from typing import Optional
 
 from absl import logging
 
-from smope_jax import configuration, distributed
+from smope_jax import configuration, distributed, train_step
 from smope_jax.errors import UserError
 from smope_jax.preflight import chips, devices, roofline
-from smope_jax.preflight import steps as steps_lib
+from smope_jax.preflight import steps as preflight_steps
 
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")
-# Triton GEMM fusions of some shapes have no tile configuration when the
-# compiler cannot autotune (no device); XLA then keeps such products out of
-# Triton, on cuBLAS, as its maintainers advise.
-TRITON_GEMM_FAILURE = "Couldn't find output tile sizes"
-NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+# Without a GPU, XLA cannot size the scratch space of CUB's radix sort (the
+# alignment shuffles by sorting); such a step is compiled with XLA's own
+# sort, which needs no more memory.
+NO_CUDA_LIBRARIES = "Error loading CUDA libraries"
+NO_CUB_SORT = {"xla_gpu_enable_cub_radix_sort": False}
 # Probes the largest-batch search may spend on one batch field.
 MAX_SEARCH_PROBES = 12
 
@@ -77,13 +77,14 @@ class Preflight:
     if target.platform == "gpu":
       capacity = int(capacity * memory_fraction)
     self.capacity = capacity
-    self.compiler_options = None
+    # Steps that compiled only with extra XLA options, and those options.
+    self.used_options: dict[str, dict] = {}
 
   def compile_all(self, config) -> list:
     """Every step of `config` (batch fields may differ from the run's)."""
     configuration.validate_devices(config, self.target.devices,
                                    self.target.hosts)
-    run = steps_lib.RunSteps(config, self.mesh)
+    run = preflight_steps.RunSteps(config, self.mesh)
     results = []
     for name, (fn, args) in run.calls().items():
       logging.info("compiling %s for %s", name, self.target.name)
@@ -91,28 +92,38 @@ class Preflight:
     return results
 
   def _compile(self, name, fn, args, config):
-    result = steps_lib.compile_step(
-        name, fn, args, precision=config.matmul_precision,
-        compiler_options=self.compiler_options)
-    if (result.error and TRITON_GEMM_FAILURE in result.error and
-        self.compiler_options is None):
-      logging.warning("%s: %s; compiling again with Triton GEMM off", name,
-                      result.error)
-      self.compiler_options = NO_TRITON_GEMM
-      result = steps_lib.compile_step(
+    """One step, compiled again with the options a GPU compile may need."""
+    options = dict(self.used_options.get(name, {}))
+    while True:
+      result = preflight_steps.compile_step(
           name, fn, args, precision=config.matmul_precision,
-          compiler_options=self.compiler_options)
-    return result
+          compiler_options=options or None)
+      retry = {}
+      if result.error and train_step.TRITON_GEMM_FAILURE in result.error:
+        retry = train_step.NO_TRITON_GEMM
+      elif result.error and NO_CUDA_LIBRARIES in result.error:
+        retry = NO_CUB_SORT
+      if not retry or retry.items() <= options.items():
+        return result
+      logging.warning("%s: %s; compiling again with %s", name, result.error,
+                      retry)
+      options.update(retry)
+      self.used_options.setdefault(name, {}).update(retry)
 
   def run(self) -> Result:
     result = Result(self.target, self.config, self.compile_all(self.config),
                     self.capacity)
-    if self.compiler_options:
-      result.notes.append(
-          "XLA's Triton GEMM emitter found no tile sizes for a matrix "
-          "product without autotuning; compiled with "
-          "--xla_gpu_enable_triton_gemm=false (cuBLAS), which the run uses "
-          "too on this GPU")
+    for name, options in self.used_options.items():
+      if "xla_gpu_enable_triton_gemm" in options:
+        result.notes.append(
+            f"{name}: XLA's Triton GEMM emitter found no tile sizes for a "
+            "matrix product without autotuning; compiled with "
+            "--xla_gpu_enable_triton_gemm=false (cuBLAS), as the trainer "
+            "does when a GPU compile fails so")
+      if "xla_gpu_enable_cub_radix_sort" in options:
+        result.notes.append(
+            f"{name}: compiled with XLA's own sort instead of CUB's, whose "
+            "scratch size needs a GPU to compute")
     self._fill_flops(result)
     if not result.failed:
       for field in ("batch_size", "eval_batch_size"):
@@ -127,7 +138,7 @@ class Preflight:
       return
     per_device = {f: result.per_device(f)
                   for f in ("batch_size", "eval_batch_size")}
-    flops = steps_lib.host_flops(self.config, per_device)
+    flops = preflight_steps.host_flops(self.config, per_device)
     for step in result.steps:
       if step.flops is None and not step.error:
         step.flops = flops.get(step.name)
@@ -137,7 +148,7 @@ class Preflight:
     images of `field`, or None when one does not fit."""
     config = self.config.copy_and_resolve_references()
     config[field] = per_device * self.target.devices
-    run = steps_lib.RunSteps(config, self.mesh)
+    run = preflight_steps.RunSteps(config, self.mesh)
     totals = []
     for name, (fn, args) in run.calls().items():
       if name not in names:

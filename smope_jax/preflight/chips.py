@@ -7,8 +7,8 @@ v5e and v6e chips have one TensorCore. Peaks are dense (no sparsity).
 Target names follow the names people already use: Cloud TPU accelerator
 types (`tpu:v4-32`, `tpu:v5litepod-8` or `tpu:v5e-8`, `tpu:v5p-8`,
 `tpu:v6e-8`; the number counts TensorCores for v4 and v5p, chips for v5e and
-v6e) and NVIDIA machines as model x GPUs (`gpu:h100x8`, `gpu:a100-40gbx1`,
-8 GPUs per host).
+v6e) and NVIDIA machines as model x GPUs (`gpu:h100x8`, `gpu:a100-40gbx1`;
+8 GPUs per host unless `/HOSTS` says otherwise: `gpu:a100-80gbx12/3`).
 """
 
 import dataclasses
@@ -188,14 +188,15 @@ def _tpu_target(text: str, rest: str) -> Target:
 
 
 def _gpu_target(text: str, rest: str) -> Target:
-  match = re.fullmatch(r"([a-z0-9-]+)x([0-9]+)", rest)
+  match = re.fullmatch(r"([a-z0-9-]+)x([0-9]+)(?:/([0-9]+))?", rest)
   if not match or match.group(1) not in GPU_SPECS or int(match.group(2)) < 1:
-    raise UserError(f"--target={text}: expected gpu:MODELxN with MODEL one "
-                    f"of {', '.join(GPU_SPECS)}, e.g. gpu:h100x8.")
+    raise UserError(f"--target={text}: expected gpu:MODELxN or "
+                    f"gpu:MODELxN/HOSTS with MODEL one of "
+                    f"{', '.join(GPU_SPECS)}, e.g. gpu:h100x8.")
   count = int(match.group(2))
-  hosts = -(-count // GPUS_PER_HOST)
-  if count % hosts:
+  hosts = int(match.group(3) or -(-count // GPUS_PER_HOST))
+  if not 1 <= hosts <= count or count % hosts:
     raise UserError(f"--target={text}: {count} GPUs do not split evenly "
-                    f"over {hosts} hosts of up to {GPUS_PER_HOST}.")
+                    f"over {hosts} hosts.")
   return Target(text, match.group(1), count, hosts,
                 f"1x{hosts}x{count // hosts}")
