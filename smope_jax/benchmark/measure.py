@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from smope_jax import train_step
 from smope_jax.preflight import roofline
 
 MEMORY_DEVICE = "device memory_stats() peak_bytes_in_use"
@@ -134,7 +135,14 @@ def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
     probe: sampled before and after every timed call.
   """
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # As the trainer does (see `train_step.CompileFallback`).
+    if train_step.TRITON_GEMM_FAILURE not in str(e):
+      raise
+    compiled = lowered.compile(train_step.NO_TRITON_GEMM)
   compile_seconds = time.perf_counter() - start
   for _ in range(warmup):
     args = _call(compiled, args, carry)[0]

@@ -2,10 +2,11 @@
 
 A step cannot take less time than its arithmetic at the chip's peak FLOP/s,
 nor less than its memory traffic at the chip's bandwidth; the larger of the
-two is the shortest possible step time. The traffic is XLA's estimate of
-the bytes the step accesses where the compiler gives one (TPU), else the
-bytes it must at least read and write once (its arguments and outputs), so
-the bound stays a lower bound either way.
+two is the shortest step time the model allows. The traffic is XLA's own
+estimate of the bytes the compiled step moves where the compiler gives one
+(TPU: each fused operation's operands and results), else the bytes the step
+must at least read and write once (its arguments and outputs), which makes
+the bound a strict lower bound.
 """
 
 import dataclasses
