@@ -1,7 +1,9 @@
 """End-to-end: the whole protocol through `main`, resume, and user errors."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,8 @@ import pytest
 import e2e_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# In-process runs log INFO records only with absl's verbosity flag set.
+LOG_INFO = ("--verbosity=0",)
 
 
 def _metrics(workdir) -> dict:
@@ -66,7 +70,61 @@ def test_finished_run_only_reports(uninterrupted):
   status = e2e_runner.run_main(
       [*e2e_runner.TINY_FLAGS, f"--workdir={uninterrupted}"])
   assert status == 0
-  assert _metrics(uninterrupted)["acc_matrix"] == before["acc_matrix"]
+  assert _metrics(uninterrupted) == before
+
+
+def test_finished_run_writes_its_deleted_results_again(uninterrupted,
+                                                       caplog):
+  before = _metrics(uninterrupted)
+  for name in ("metrics.json", "accuracy_matrix.png"):
+    os.remove(os.path.join(uninterrupted, name))
+  with caplog.at_level(logging.INFO):
+    status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, *LOG_INFO,
+                                  f"--workdir={uninterrupted}"])
+  assert status == 0
+  assert _metrics(uninterrupted) == before
+  assert os.path.getsize(os.path.join(uninterrupted, "accuracy_matrix.png"))
+  assert "metrics.json, accuracy_matrix.png missing from" in caplog.text
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(
+    uninterrupted, tmp_path, caplog, capfd, monkeypatch, full_disk_at_save):
+  workdir = str(tmp_path)
+  full_disk_at_save(3)
+  capfd.readouterr()
+  with caplog.at_level(logging.INFO):
+    status = e2e_runner.run_main(
+        [*e2e_runner.TINY_FLAGS, *LOG_INFO, f"--workdir={workdir}"])
+  printed = capfd.readouterr().err
+  assert status == 2
+  assert "Traceback" not in printed and "Logging error" not in printed
+  lines = [l for l in printed.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, printed[-3000:]
+  assert lines[0].startswith(f"error: cannot save a checkpoint in {workdir}/"
+                             "checkpoints: no space left")
+  assert not [n for n in os.listdir(f"{workdir}/checkpoints")
+              if "tmp" in n]
+  # log.txt holds every record the run logged from its start (before it,
+  # the start-up has no workdir yet), then the error line.
+  ours = [r for r in caplog.records if "smope_jax" in r.pathname or
+          r.levelno >= logging.WARNING]
+  with open(os.path.join(workdir, "log.txt")) as f:
+    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "",
+                    f.read())
+  assert logged.startswith("INFO cifar100, 2 tasks, SMoPE, seed 0: starting")
+  assert "".join(f"{r.levelname} {r.getMessage()}\n" for r in ours).endswith(
+      logged.removesuffix(f"ERROR {lines[0][7:]}\n"))
+  assert logged.endswith(f"ERROR {lines[0][7:]}\n")
+  assert "| loss " in logged and "left by the failed save" in logged
+  monkeypatch.undo()  # Space again.
+  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
+  assert status == 0
+  resumed, reference = _metrics(workdir), _metrics(uninterrupted)
+  for key in ("acc_matrix", "expert_counts", "faa", "caa", "ffm"):
+    assert resumed[key] == reference[key], key
+  np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
+                             [e["loss"] for e in reference["train_log"]],
+                             rtol=1e-6)
 
 
 @pytest.mark.slow
