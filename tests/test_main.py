@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import e2e_runner
+from smope_jax import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-process runs log INFO records only with absl's verbosity flag set.
@@ -153,6 +154,37 @@ def test_interrupted_run_resumes_to_same_results(uninterrupted, tmp_path):
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
                              [e["loss"] for e in reference["train_log"]],
                              rtol=1e-6)
+
+
+def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
+    tmp_path, tmpfs, capfd):
+  lines = [f"record {i} " + "x" * 1500 for i in range(6)]
+  with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+    # pylint: disable-next=protected-access
+    handler = main_lib._WorkdirLog(str(mnt / "log.txt"))
+    log = logging.getLogger("smope_jax_test_log")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+      log.warning(lines[0])
+      with open(mnt / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError):
+          while True:
+            f.write(b"\0" * 512)
+      for line in lines[1:5]:
+        log.warning(line)
+      written = (mnt / "log.txt").read_text().splitlines(keepends=True)
+      assert written and all(l.endswith("\n") for l in written)
+      assert [l.split(" WARNING ")[1] for l in written] == [
+          l + "\n" for l in lines[:len(written)]]
+      assert len(written) < 5  # Some records waited for space.
+      os.remove(mnt / "filler")
+      log.warning(lines[5])
+      written = (mnt / "log.txt").read_text().splitlines()
+    finally:
+      log.removeHandler(handler)
+  assert [l.split(" WARNING ")[1] for l in written] == lines
+  assert "Logging error" not in capfd.readouterr().err
 
 
 def test_bad_config_value_is_one_clear_error(tmp_path):
