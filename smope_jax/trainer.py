@@ -252,8 +252,8 @@ class Run:
     """
     missing = self.reporter.missing_results(summary)
     if missing:
-      self.reporter.log("%s missing from %s; writing them again",
-                        ", ".join(missing), self.workdir)
+      self.reporter.log("writing again what is missing from %s: %s",
+                        self.workdir, ", ".join(missing))
       self.reporter.write_results(summary, self.title)
 
   def check_checkpoint(self, meta: dict) -> None:

@@ -85,7 +85,8 @@ def test_finished_run_writes_its_deleted_results_again(uninterrupted,
   assert status == 0
   assert _metrics(uninterrupted) == before
   assert os.path.getsize(os.path.join(uninterrupted, "accuracy_matrix.png"))
-  assert "metrics.json, accuracy_matrix.png missing from" in caplog.text
+  assert (f"writing again what is missing from {uninterrupted}: "
+          "metrics.json, accuracy_matrix.png") in caplog.text
 
 
 def test_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(
