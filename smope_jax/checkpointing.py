@@ -9,14 +9,22 @@ far, ...). Every process of a multi-process run must call `save` and
 A run killed mid-save, a full disk or a damaged copy can leave the newest step
 unreadable. `restore_latest` then falls back to the newest readable step and
 moves the unreadable newer ones aside to `<directory>/corrupt-<step>` (so the
-resumed run can save those step numbers again); nothing is ever deleted.
+resumed run can save those step numbers again); no checkpoint is ever
+deleted. Only a save that fails in this process (a full disk) deletes its own
+unfinished directory, to give the space back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import gc
 import json
+import logging as std_logging
+import sys
+import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -30,6 +38,8 @@ from smope_jax import errors
 
 _STATE = "state"
 _META = "meta"
+# How long a failed save waits for its other writers to stop.
+WRITER_JOIN_SECONDS = 30.0
 
 
 class MalformedCheckpoint(ValueError):
@@ -69,7 +79,11 @@ class Checkpointer:
     """Writes `state` and `meta` as `step`; True if a save happened.
 
     Returns False (nothing written) if `step` is not newer
-    than the latest checkpoint, unless `force`.
+    than the latest checkpoint, unless `force`. A save that fails leaves no
+    temporary directory behind.
+
+    Raises:
+      errors.UserError: the disk is full (the earlier checkpoints stay).
     """
     # A JSON round trip fails here, not in the background writer, on values
     # JSON cannot hold, and snapshots `meta` against later mutation.
@@ -79,8 +93,10 @@ class Checkpointer:
         _META: ocp.args.JsonSave(meta),
     })
     try:
-      return self._manager.save(step, args=args, force=force)
-    except (OSError, ValueError) as e:
+      with _held_writer_reports():
+        return self._manager.save(step, args=args, force=force)
+    except Exception as e:
+      self._remove_unfinished(step)
       if not _disk_full(e):
         raise
       raise errors.UserError(
@@ -196,11 +212,92 @@ class Checkpointer:
       multihost_utils.sync_global_devices("smope_jax_checkpoint_move_aside")
     self._manager.reload()
 
+  def _remove_unfinished(self, step: int) -> None:
+    """Deletes what a failed save of `step` left, giving back its space."""
+    if jax.process_index() != 0:
+      return
+    prefix = f"{step}.orbax-checkpoint-tmp"
+    with contextlib.suppress(OSError):
+      for path in self._directory.iterdir():
+        if path.name.startswith(prefix):
+          path.rmtree(missing_ok=True)
+          logging.info("Removed %s, left by the failed save.", path)
+
   def _warn_unfinished_saves(self) -> None:
     for tmp in ocp.utils.tmp_checkpoints(self._directory):
       logging.warning(
           "Ignoring %s: a checkpoint whose save never finished (the run"
           " was probably interrupted while saving).", tmp.get())
+
+
+class _HeldReports(std_logging.Filter):
+  """Holds back Orbax's warnings and errors (see `_held_writer_reports`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    if record.levelno >= std_logging.WARNING and "orbax" in record.pathname:
+      self.records.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _held_writer_reports():
+  """Lets what Orbax's writers report during a save out only if it succeeds.
+
+  When a save fails (a full disk), each of Orbax's writer threads logs the
+  same error with its traceback, and TensorStore callbacks that reach the
+  writer's closed event loop report "Event loop is closed" as unraisable
+  exceptions, during the save and after it; the error itself reaches
+  `save`, which reports it in one line. So Orbax's log records and the
+  unraisable reports are held during the save and passed on only if it
+  succeeds; after a failure, late "Event loop is closed" reports are
+  dropped for the rest of the process.
+  """
+  logger = std_logging.getLogger("absl")
+  held = _HeldReports()
+  unraisable = []
+  hook = sys.unraisablehook
+  before = set(threading.enumerate())
+  logger.addFilter(held)
+  sys.unraisablehook = unraisable.append
+  try:
+    yield
+  except BaseException as e:
+    if isinstance(e, Exception):  # Not on Ctrl-C: that ends the run now.
+      _join_new_threads(before)
+    _collect_failed_reads()  # Leftover tasks report now, while held.
+    sys.unraisablehook = functools.partial(_unless_closed_loop, hook)
+    raise
+  else:
+    sys.unraisablehook = hook
+  finally:
+    logger.removeFilter(held)
+  for report in unraisable:
+    hook(report)
+  for record in held.records:
+    logger.handle(record)
+
+
+def _join_new_threads(before: set[threading.Thread]) -> None:
+  """Waits for the writer threads a failed save leaves running.
+
+  A save fails as soon as one of its items does; the other items' writers
+  go on writing into the save's directory for a moment.
+  """
+  deadline = time.monotonic() + WRITER_JOIN_SECONDS
+  for thread in set(threading.enumerate()) - before:
+    if not thread.daemon:
+      thread.join(max(deadline - time.monotonic(), 0))
+
+
+def _unless_closed_loop(hook, report) -> None:
+  if not (isinstance(report.exc_value, RuntimeError) and
+          str(report.exc_value) == "Event loop is closed"):
+    hook(report)
 
 
 def _disk_full(error: Exception) -> bool:

@@ -64,22 +64,18 @@ def save_backbone(params, directory, *, source, model, image_size):
 
   Each file is replaced atomically; the npz goes first, so a failure between
   the two leaves an info.json whose sha256 no longer matches, which loading
-  reports. Raises UserError if the directory cannot be written.
+  reports. Raises OSError if the directory cannot be written: the fix
+  depends on the caller (`--output` here, the workdir for the demo).
   """
   npz = os.path.join(directory, pretrained.BACKBONE_FILE)
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with _atomic_file(npz) as f:
-      np.savez(f, **pretrained.flatten(params))
-    info = dict(source=source, model=model, image_size=image_size,
-                sha256=pretrained.sha256_file(npz))
-    with _atomic_file(os.path.join(directory, pretrained.INFO_FILE),
-                      "w") as f:
-      json.dump(info, f, indent=2)
-      f.write("\n")
-  except OSError as e:
-    raise UserError(f"cannot write {directory} ({e.strerror or e}); free "
-                    "some space or choose another --output") from e
+  os.makedirs(directory, exist_ok=True)
+  with _atomic_file(npz) as f:
+    np.savez(f, **pretrained.flatten(params))
+  info = dict(source=source, model=model, image_size=image_size,
+              sha256=pretrained.sha256_file(npz))
+  with _atomic_file(os.path.join(directory, pretrained.INFO_FILE), "w") as f:
+    json.dump(info, f, indent=2)
+    f.write("\n")
   return info
 
 
@@ -120,8 +116,12 @@ def _convert(source, output, model, image_size):
     params = pretrained.load_backbone(source, template)
     if source not in pretrained.PRESETS:
       source = os.path.abspath(source)
-    return save_backbone(params, output, source=source, model=model,
-                         image_size=image_size)
+    try:
+      return save_backbone(params, output, source=source, model=model,
+                           image_size=image_size)
+    except OSError as e:
+      raise UserError(f"cannot write {output} ({e.strerror or e}); free "
+                      "some space or choose another --output") from e
   except BaseException:
     _remove_empty(created)
     raise

@@ -14,6 +14,7 @@ the same backbone, as runs share a published checkpoint.
 """
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -177,8 +178,7 @@ def _staging_directory(directory: str) -> str:
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=".demo_backbone-", dir=parent)
   except OSError as e:
-    raise UserError(f"cannot write the demo backbone to {directory} ({e}); "
-                    "pass a writable local --workdir") from e
+    raise UserError(_unwritable(directory, e)) from e
 
 
 def _publish(backbone: dict, staging: str, directory: str, config,
@@ -199,10 +199,18 @@ def _publish(backbone: dict, staging: str, directory: str, config,
       return
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
-  except (OSError, UserError) as e:  # `save_backbone` raises UserError.
+  except OSError as e:
     if not is_valid(directory, config, recipe):
-      raise UserError(f"cannot write the demo backbone to {directory} ({e}); "
-                      "pass a writable local --workdir") from e
+      raise UserError(_unwritable(directory, e)) from e
+
+
+def _unwritable(directory: str, error: OSError) -> str:
+  """The one line for a backbone that cannot be written, with its fix."""
+  fix = "pass a writable local --workdir"
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    fix = "free some space there or pass a --workdir on another disk"
+  return (f"cannot write the demo backbone to {directory} "
+          f"({error.strerror or error}); {fix}")
 
 
 def ensure_demo_backbone(config, directory: str,

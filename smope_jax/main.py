@@ -59,8 +59,14 @@ class _WorkdirLog(std_logging.Handler):
 
   A local file is appended to; on a bucket (gs://), where objects cannot be
   appended to, the whole log is rewritten after each record, which keeps it
-  complete whenever the run stops.
+  complete whenever the run stops. A record that cannot be written (a full
+  disk) leaves no partial line and no error report; it is kept and written
+  before the next record once there is room again, so the log stays whole up
+  to the last record the disk could take.
   """
+
+  # Records kept while the file cannot be written, at most.
+  MAX_PENDING = 10_000
 
   def __init__(self, path: str):
     super().__init__()
@@ -69,7 +75,7 @@ class _WorkdirLog(std_logging.Handler):
         "%(asctime)s %(levelname)s %(message)s"))
     self.addFilter(_QuietLibraries())
     self._remote = "://" in path
-    self._lines = []
+    self._lines = []  # Local: records not written yet; remote: the log.
     if self._remote:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       if tf.io.gfile.exists(path):
@@ -79,27 +85,56 @@ class _WorkdirLog(std_logging.Handler):
   def emit(self, record):
     try:
       line = self.format(record) + "\n"
-      if not self._remote:
-        with open(self.path, "a") as f:
-          f.write(line)
-        return
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._lines.append(line)
-      with tf.io.gfile.GFile(self.path, "w") as f:
-        f.write("".join(self._lines))
     except Exception:  # pylint: disable=broad-exception-caught
       self.handleError(record)
+      return
+    if not self._remote:
+      del self._lines[:-self.MAX_PENDING + 1]
+    self._lines.append(line)
+    try:
+      if self._remote:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        with tf.io.gfile.GFile(self.path, "w") as f:
+          f.write("".join(self._lines))
+      else:
+        _append_whole(self.path, "".join(self._lines).encode())
+        self._lines = []
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass  # Kept in self._lines for the next record.
 
 
-def _log_to_workdir(workdir: str) -> None:
-  """Also logs to WORKDIR/log.txt on process 0 (replacing an earlier run's
-  handler when several runs share a process, as in tests)."""
+def _append_whole(path: str, data: bytes) -> None:
+  """Appends `data` to `path` entirely, or not at all (raising OSError)."""
+  with open(path, "ab", buffering=0) as f:
+    start = f.seek(0, os.SEEK_END)
+    try:
+      while data:
+        data = data[f.write(data):]
+    except OSError:
+      f.truncate(start)
+      raise
+
+
+@contextlib.contextmanager
+def _log_to_workdir(workdir: str):
+  """Also logs to WORKDIR/log.txt on process 0, within the block.
+
+  A UserError that ends the block is its last line, as on the terminal.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   root = std_logging.getLogger()
-  for handler in [h for h in root.handlers if isinstance(h, _WorkdirLog)]:
-    root.removeHandler(handler)
+  handler = std_logging.NullHandler()
   if jax.process_index() == 0:
-    root.addHandler(_WorkdirLog(f"{workdir}/log.txt"))
+    handler = _WorkdirLog(f"{workdir}/log.txt")
+  root.addHandler(handler)
+  try:
+    yield
+  except UserError as e:
+    handler.handle(std_logging.LogRecord(
+        __name__, std_logging.ERROR, __file__, 0, "%s", (e,), None))
+    raise
+  finally:
+    root.removeHandler(handler)
 
 
 def _interrupt(signum, frame):
@@ -181,8 +216,8 @@ def main(argv):
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                              _PROCESS_ID.value)
       # One run per workdir, taken before any log, checkpoint or output.
-      with run_guard.WorkdirLock(_WORKDIR.value):
-        _log_to_workdir(_WORKDIR.value)
+      with run_guard.WorkdirLock(_WORKDIR.value), _log_to_workdir(
+          _WORKDIR.value):
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
       logging.flush()

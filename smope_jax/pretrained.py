@@ -559,6 +559,12 @@ def _materialize(tree, label, storage_bytes):
   return _rebuild(tree, arrays, {})
 
 
+# How a torch.save file starts: a zip archive's first entry (torch >= 1.6)
+# or the pickle protocol opcode of the legacy format.
+_ZIP_START = b"PK\x03\x04"
+_PICKLE_START = b"\x80"
+
+
 def read_torch(path, label=None):
   """Reads a torch.save file (zip format, torch >= 1.6) without torch.
 
@@ -567,9 +573,19 @@ def read_torch(path, label=None):
   """
   label = label or path
   if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(len(_ZIP_START))
+    if not head or head == _ZIP_START:
+      raise UnreadableWeightsError(
+          f"{label}: truncated (a zip archive without its end, as an "
+          "interrupted download or copy leaves); fetch or copy it again")
+    if head.startswith(_PICKLE_START):
+      raise UnreadableWeightsError(
+          f"{label}: a legacy torch < 1.6 checkpoint, which is not "
+          "supported; re-save it with a recent torch")
     raise UnreadableWeightsError(
-        f"{label}: not a zip-format torch checkpoint (legacy torch < 1.6 "
-        "files are not supported; re-save it with a recent torch)")
+        f"{label}: not a torch checkpoint (neither a zip archive nor a "
+        "legacy pickle)")
   try:
     with zipfile.ZipFile(path) as zf:
       pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]

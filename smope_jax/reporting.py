@@ -110,6 +110,20 @@ class Reporter:
     """metrics.json, the plots, and the per-task table in the log."""
     self.log("%s", format_task_table(summary["acc_matrix"][
         :summary["tasks_done"]], summary["evaluated_on"]))
+    self.write_results(summary, title)
+
+  def missing_results(self, summary: dict) -> list[str]:
+    """The result files of `summary` that are not in the workdir."""
+    if not self.primary:
+      return []
+    names = ["metrics.json", "accuracy_matrix.png"]
+    if "expert_counts" in summary:
+      names.append("expert_frequencies.png")
+    return [name for name in names
+            if not tf.io.gfile.exists(f"{self.workdir}/{name}")]
+
+  def write_results(self, summary: dict, title: str) -> None:
+    """metrics.json and the plots of `summary` (process 0 only)."""
     if not self.primary:
       return
     write_json(f"{self.workdir}/metrics.json", summary)

@@ -30,6 +30,11 @@ from smope_jax.models import factory
 # Above this fraction of a phase spent waiting for data, the log says so.
 # (Steps are dispatched asynchronously, so some waiting overlaps compute.)
 INPUT_BOUND_FRACTION = 0.5
+# What every smope_jax before the config was checkpointed stored in `meta`:
+# a checkpoint with these and no config is an older version's, not damaged.
+OLDER_META_KEYS = frozenset(("task", "phase", "epoch", "step", "global_step",
+                             "save_id", "seed", "acc_matrix", "task_seconds",
+                             "train_images_per_second"))
 # Exit status of the `exit_at_step` fault injection.
 EXIT_INJECTED_FAULT = 3
 
@@ -160,8 +165,11 @@ class Run:
     meta["save_id"] += 1
     self.checkpointer.save(meta["save_id"], state, meta, force=force)
 
-  def ensure_finite(self, state, meta, loss=None):
+  def ensure_finite(self, state, meta, loss=None, rate="lr"):
     """Stops a diverged run before anything non-finite is saved or reported.
+
+    `rate` names the config field of the learning rate of the phase that
+    ran last: the one to lower.
 
     Raises:
       UserError: the loss or a learnable parameter is NaN or infinite.
@@ -176,12 +184,14 @@ class Run:
                self.checkpointer.latest_step() is None else
                f"the last checkpoint in {self.workdir}/checkpoints is the "
                "last good state")
+      where = f"task {meta['task'] + 1}, phase {meta['phase']}"
+      if meta["phase"] in TRAINING_PHASES:
+        where += f", epoch {meta['epoch'] + 1}, step {meta['step']}"
       raise UserError(
-          f"training diverged at task {meta['task'] + 1}, phase "
-          f"{meta['phase']}, epoch {meta['epoch'] + 1}, step {meta['step']}: "
-          f"{what}. Nothing non-finite was saved; {saved}. Lower "
-          f"--config.lr (now {self.config.lr}) or check the input images, "
-          "and run again with a new --workdir.")
+          f"training diverged at {where}: {what}. Nothing non-finite was "
+          f"saved; {saved}. Lower --config.{rate} (now "
+          f"{getattr(self.config, rate)}) or check the input images, and run "
+          "again with a new --workdir.")
 
   # ------------------------------------------------------------------ loop
 
@@ -200,6 +210,7 @@ class Run:
           state = self.phases[meta["phase"]](state, meta)
       self.checkpointer.wait_until_finished()
       summary = self.summary(state, meta)
+      self.write_missing_results(summary)
       self.reporter.final_report(summary)
       self.reporter.log("%d tasks done: FAA %.2f  CAA %.2f  FFM %.2f (%s)",
                         summary["tasks_done"], summary["faa"],
@@ -210,6 +221,18 @@ class Run:
       self.reporter.close()
       self.checkpointer.close()
 
+  def write_missing_results(self, summary: dict) -> None:
+    """Writes metrics.json and the plots again where they are missing.
+
+    A finished run re-run after they were deleted, or one stopped between
+    its last checkpoint and writing them, thus ends with all of them.
+    """
+    missing = self.reporter.missing_results(summary)
+    if missing:
+      self.reporter.log("writing again what is missing from %s: %s",
+                        self.workdir, ", ".join(missing))
+      self.reporter.write_results(summary, self.title)
+
   def check_checkpoint(self, meta: dict) -> None:
     """Refuses another run's checkpoint; a malformed one counts as corrupt.
 
@@ -217,12 +240,17 @@ class Run:
       UserError: the checkpoint was written by an older smope_jax or with
         a config that computes otherwise (only result-neutral fields such
         as logging intervals may differ).
-      checkpointing.MalformedCheckpoint: its stored position cannot be
-        right, so it is moved aside and an older one is tried.
+      checkpointing.MalformedCheckpoint: its metadata is not this
+        version's or its stored position cannot be right, so it is moved
+        aside and an older one is tried.
     """
-    if "config" not in meta:
+    if isinstance(meta, dict) and "config" not in meta and (
+        OLDER_META_KEYS <= meta.keys()):
       raise UserError(f"the checkpoints in {self.workdir}/checkpoints were "
                       "written by an older smope_jax; use a new --workdir")
+    if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
+      raise checkpointing.MalformedCheckpoint(
+          f"its metadata is a {type(meta).__name__} without the run's config")
     run_guard.require_same_config(self.workdir, meta["config"],
                                   self.config.to_dict())
     count = lambda key: isinstance(meta.get(key), int) and (  # noqa: E731
@@ -535,7 +563,7 @@ class Run:
           trainable["head"], state["class_means"], state["class_vars"],
           key, np.int32(seen), np.int32(iterations), rates)
       state["trainable"] = trainable
-      jax.block_until_ready(trainable["head"])
+      self.ensure_finite(state, meta, rate="align_lr")
       self.reporter.log("task %d: alignment took %s", task + 1,
                         progress.format_seconds(time.perf_counter() - started))
     return self.advance(state, meta)

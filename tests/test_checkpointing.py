@@ -198,3 +198,52 @@ def test_other_state_layout_raises_user_error(tmp_path):
     ckpt.restore_latest(template)
   ckpt.close()
   assert (tmp_path / '1').is_dir()
+
+
+def _assert_quiet_full_disk_error(error, capfd, caplog, directory):
+  """One user error, nothing else reported, no unfinished save left."""
+  assert 'no space left' in str(error.value)
+  assert 're-run the same command to resume' in str(error.value)
+  printed = capfd.readouterr()
+  assert 'Traceback' not in printed.err + printed.out
+  assert 'Event loop is closed' not in printed.err + printed.out
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not [p for p in directory.iterdir()
+              if 'orbax-checkpoint-tmp' in p.name]
+
+
+def test_full_disk_in_the_writer_is_one_error_and_leaves_nothing(
+    tmp_path, capfd, caplog, monkeypatch, full_disk_at_save):
+  _save_steps(tmp_path, [1, 2])
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  full_disk_at_save(1)
+  capfd.readouterr()
+  with caplog.at_level(logging.INFO), pytest.raises(
+      errors.UserError, match=str(tmp_path)) as error:
+    ckpt.save(3, _state(3.0), _meta(3))
+  _assert_quiet_full_disk_error(error, capfd, caplog, tmp_path)
+  monkeypatch.undo()  # Space again: step 3 is saved anew.
+  assert ckpt.restore_latest(_state(0.0))[0] == 2
+  assert ckpt.save(3, _state(3.0), _meta(3))
+  step, state, _ = ckpt.restore_latest(_state(0.0))
+  ckpt.close()
+  assert step == 3
+  _assert_trees_equal(state, _state(3.0))
+
+
+def test_full_tmpfs_is_one_error_and_gives_the_space_back(
+    tmp_path, capfd, caplog, tmpfs):
+  """A real full disk: TensorStore's writers fail in several threads."""
+  rng = np.random.default_rng(0)
+  # 12 incompressible arrays of 8 kB: about 100 kB per checkpoint.
+  state = {f'a{i}': rng.random(2000, np.float32) for i in range(12)}
+  with tmpfs(tmp_path / 'mnt', 'size=300k') as mnt:
+    ckpt = checkpointing.Checkpointer(mnt / 'checkpoints')
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO), pytest.raises(
+        errors.UserError) as error:
+      for step in range(1, 6):
+        ckpt.save(step, state, {'task': step})
+    _assert_quiet_full_disk_error(error, capfd, caplog, mnt / 'checkpoints')
+    assert ckpt.restore_latest(state)[0] == step - 1
+    ckpt.close()

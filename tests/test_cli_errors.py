@@ -5,7 +5,6 @@ that the config or the paths alone show must come before JAX or TensorFlow
 start: the whole stderr is the one `error:` line, within a few seconds.
 """
 
-import contextlib
 import os
 import re
 import signal
@@ -259,31 +258,16 @@ def test_read_only_workdir_is_one_line(tmp_path):
                    "(Permission denied)")
 
 
-@contextlib.contextmanager
-def _tmpfs(path, options):
-  """A small tmpfs at `path`; skips the test where mounting is refused."""
-  path.mkdir(exist_ok=True)
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                          str(path)], capture_output=True, text=True,
-                         check=False)
-  if mount.returncode:
-    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", str(path)], check=True)
-
-
-def test_read_only_file_system_workdir_is_one_line(tmp_path):
-  with _tmpfs(tmp_path / "mnt", "ro,size=64k") as mnt:
+def test_read_only_file_system_workdir_is_one_line(tmp_path, tmpfs):
+  with tmpfs(tmp_path / "mnt", "ro,size=64k") as mnt:
     result, _ = _run("smope_jax.main", DEMO, f"--workdir={mnt}")
     _assert_one_line(result, f"cannot write to the workdir {mnt} (Read-only "
                      "file system); fix its permissions or choose another "
                      "--workdir.")
 
 
-def test_full_workdir_is_one_line_and_leaves_no_probe(tmp_path):
-  with _tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+def test_full_workdir_is_one_line_and_leaves_no_probe(tmp_path, tmpfs):
+  with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
     with open(mnt / "filler", "wb", buffering=0) as f:
       with pytest.raises(OSError):
         while True:
@@ -311,7 +295,7 @@ def test_unwritable_weights_cache_is_one_line(tmp_path):
 SUP1K_FILE = "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors"
 
 
-def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path):
+def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path, tmpfs):
   code = textwrap.dedent("""
       from smope_jax import errors, pretrained, workdir
       workdir.check_weights_cache("sup1k")  # Cached: only read.
@@ -320,7 +304,7 @@ def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path):
       except errors.UserError as e:
         print(e)
   """)
-  with _tmpfs(tmp_path / "cache", "size=64k") as cache:
+  with tmpfs(tmp_path / "cache", "size=64k") as cache:
     (cache / SUP1K_FILE).write_bytes(b"cached")
     subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
@@ -453,7 +437,7 @@ def test_benchmark_batch_must_split_into_l2p_key_loss_groups():
       "(--batch) or set --config.key_loss_groups=1.")
 
 
-def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path):
+def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path, tmpfs):
   code = textwrap.dedent("""
       import sys
       from smope_jax import errors
@@ -463,7 +447,7 @@ def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path):
       except errors.UserError as e:
         print(e)
   """)
-  with _tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+  with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
     out = mnt / "bench.json"
     out.write_text("{}")
     result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO,

@@ -260,6 +260,19 @@ def test_an_unwritable_directory_is_a_user_error(config, tmp_path):
     demo_backbone.ensure_demo_backbone(config, str(blocker / "sub"), TINY)
 
 
+def test_a_full_disk_is_a_user_error_naming_the_workdir(config, tmp_path,
+                                                        tmpfs):
+  with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+    with pytest.raises(UserError) as e:
+      demo_backbone.ensure_demo_backbone(config, str(mnt / "demo_backbone"),
+                                         TINY)
+    assert str(e.value) == (
+        f"cannot write the demo backbone to {mnt / 'demo_backbone'} (No "
+        "space left on device); free some space there or pass a --workdir "
+        "on another disk")
+    assert not os.listdir(mnt)  # The staging directory is gone.
+
+
 def test_a_backbone_published_meanwhile_is_kept(config, built, tmp_path,
                                                 monkeypatch):
   """Two processes building at once: the second keeps the first's copy."""

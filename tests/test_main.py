@@ -1,7 +1,9 @@
 """End-to-end: the whole protocol through `main`, resume, and user errors."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -9,8 +11,11 @@ import numpy as np
 import pytest
 
 import e2e_runner
+from smope_jax import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# In-process runs log INFO records only with absl's verbosity flag set.
+LOG_INFO = ("--verbosity=0",)
 
 
 def _metrics(workdir) -> dict:
@@ -61,40 +66,100 @@ def test_full_protocol_writes_all_outputs(uninterrupted):
     assert json.load(f)["num_tasks"] == 2
 
 
-def test_finished_run_only_reports(uninterrupted):
+def test_finished_run_reports_and_writes_its_deleted_results_again(
+    uninterrupted, caplog):
   before = _metrics(uninterrupted)
-  status = e2e_runner.run_main(
-      [*e2e_runner.TINY_FLAGS, f"--workdir={uninterrupted}"])
+  for name in ("metrics.json", "accuracy_matrix.png"):
+    os.remove(os.path.join(uninterrupted, name))
+  with caplog.at_level(logging.INFO):
+    status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, *LOG_INFO,
+                                  f"--workdir={uninterrupted}"])
   assert status == 0
-  assert _metrics(uninterrupted)["acc_matrix"] == before["acc_matrix"]
+  assert "finished already" in caplog.text
+  assert _metrics(uninterrupted) == before
+  assert os.path.getsize(os.path.join(uninterrupted, "accuracy_matrix.png"))
+  assert (f"writing again what is missing from {uninterrupted}: "
+          "metrics.json, accuracy_matrix.png") in caplog.text
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_a_whole_log(
+    tmp_path, caplog, capfd, full_disk_at_save):
+  workdir = str(tmp_path)
+  full_disk_at_save(3)
+  capfd.readouterr()
+  with caplog.at_level(logging.INFO):
+    status = e2e_runner.run_main(
+        [*e2e_runner.TINY_FLAGS, *LOG_INFO, f"--workdir={workdir}"])
+  printed = capfd.readouterr().err
+  assert status == 2
+  assert "Traceback" not in printed and "Logging error" not in printed
+  lines = [l for l in printed.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, printed[-3000:]
+  assert lines[0].startswith(f"error: cannot save a checkpoint in {workdir}/"
+                             "checkpoints: no space left")
+  assert not [n for n in os.listdir(f"{workdir}/checkpoints")
+              if "tmp" in n]
+  # log.txt holds every record the run logged from its start (before it,
+  # the start-up has no workdir yet), then the error line.
+  ours = [r for r in caplog.records if "smope_jax" in r.pathname or
+          r.levelno >= logging.WARNING]
+  with open(os.path.join(workdir, "log.txt")) as f:
+    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "",
+                    f.read())
+  assert logged.startswith("INFO cifar100, 2 tasks, SMoPE, seed 0: starting")
+  assert "".join(f"{r.levelname} {r.getMessage()}\n" for r in ours).endswith(
+      logged.removesuffix(f"ERROR {lines[0][7:]}\n"))
+  assert logged.endswith(f"ERROR {lines[0][7:]}\n")
+  assert "| loss " in logged and "left by the failed save" in logged
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_same_results(uninterrupted, tmp_path):
-  reference = _metrics(uninterrupted)
-  task2_steps = [e["global_step"] for e in reference["train_log"]
-                 if e["task"] == 1]
-  stop_at = task2_steps[len(task2_steps) // 2]
+def test_a_run_stopped_by_a_full_disk_resumes_to_the_same_results(
+    uninterrupted, tmp_path, monkeypatch, full_disk_at_save):
   workdir = str(tmp_path)
-  # The fault injection ends the process abruptly, so it runs in its own.
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tests", "e2e_runner.py"), "--",
-       *e2e_runner.TINY_FLAGS, f"--workdir={workdir}",
-       f"--config.exit_at_step={stop_at}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 3, result.stderr[-2000:]  # Mid task 2.
-  partial = _metrics(workdir)
-  assert len(partial["acc_matrix"]) == 1
+  full_disk_at_save(3)
+  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
+  assert status == 2
+  monkeypatch.undo()  # Space again.
   status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
   assert status == 0
-  resumed = _metrics(workdir)
-  assert resumed["acc_matrix"] == reference["acc_matrix"]
-  assert resumed["expert_counts"] == reference["expert_counts"]
-  assert ([e["global_step"] for e in resumed["train_log"]] ==
-          [e["global_step"] for e in reference["train_log"]])
+  resumed, reference = _metrics(workdir), _metrics(uninterrupted)
+  for key in ("acc_matrix", "expert_counts", "faa", "caa", "ffm"):
+    assert resumed[key] == reference[key], key
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
                              [e["loss"] for e in reference["train_log"]],
                              rtol=1e-6)
+
+
+def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
+    tmp_path, tmpfs, capfd):
+  lines = [f"record {i} " + "x" * 1500 for i in range(6)]
+  with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+    # pylint: disable-next=protected-access
+    handler = main_lib._WorkdirLog(str(mnt / "log.txt"))
+    log = logging.getLogger("smope_jax_test_log")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+      log.warning(lines[0])
+      with open(mnt / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError):
+          while True:
+            f.write(b"\0" * 512)
+      for line in lines[1:5]:
+        log.warning(line)
+      written = (mnt / "log.txt").read_text().splitlines(keepends=True)
+      assert written and all(l.endswith("\n") for l in written)
+      assert [l.split(" WARNING ")[1] for l in written] == [
+          l + "\n" for l in lines[:len(written)]]
+      assert len(written) < 5  # Some records waited for space.
+      os.remove(mnt / "filler")
+      log.warning(lines[5])
+      written = (mnt / "log.txt").read_text().splitlines()
+    finally:
+      log.removeHandler(handler)
+  assert [l.split(" WARNING ")[1] for l in written] == lines
+  assert "Logging error" not in capfd.readouterr().err
 
 
 def test_bad_config_value_is_one_clear_error(tmp_path):

@@ -1,12 +1,15 @@
 """The task loop's phase transitions and batch counts, phase by phase."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from smope_jax import distributed, experts, trainer
+from smope_jax import checkpointing, distributed, experts, trainer
 from smope_jax.data import sources
+from smope_jax.errors import UserError
 from configs import demo
 
 
@@ -106,3 +109,68 @@ def test_a_task_of_5000_images_takes_39_steps_and_counts_39_batches(
   counts = distributed.to_host(state["method_state"]["counts"])
   # Every layer and head: 39 batches x 128 samples x K = 2.
   assert np.all(counts.sum(-1) == 39 * 128 * 2)
+
+
+@pytest.fixture(scope="module", name="fresh")
+def _fresh(run):
+  """`run`'s fresh state and meta, built once (about 6 s of CPU)."""
+  (state, run.frozen), meta = run.fresh_state()
+  return state, meta
+
+
+def _two_checkpoints(fresh, directory):
+  """Steps 1 and 2 of the fresh state; returns the checkpointer."""
+  state, meta = fresh
+  ckpt = checkpointing.Checkpointer(directory)
+  ckpt.save(1, state, meta)
+  ckpt.save(2, state, dict(meta, save_id=2))
+  return ckpt
+
+
+@pytest.mark.parametrize("damaged", [
+    [1, 2], "meta", None, {"task": 0, "phase": "train"},
+    {"config": [], "task": 0}])
+def test_metadata_of_another_shape_is_moved_aside(run, fresh, tmp_path,
+                                                  damaged):
+  ckpt = _two_checkpoints(fresh, tmp_path)
+  with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
+    json.dump(damaged, f)
+  step, _, meta = ckpt.restore_latest(fresh[0],
+                                      check_meta=run.check_checkpoint)
+  ckpt.close()
+  assert step == 1 and meta["save_id"] == 0
+  assert (tmp_path / "corrupt-2").is_dir() and not (tmp_path / "2").exists()
+
+
+def test_an_older_versions_checkpoint_is_refused(run, fresh, tmp_path):
+  """Versions before the config was checkpointed wrote these keys."""
+  ckpt = _two_checkpoints(fresh, tmp_path)
+  older = {"task": 0, "phase": "train", "epoch": 0, "step": 3,
+           "global_step": 3, "save_id": 2, "seed": 0, "acc_matrix": [],
+           "task_seconds": [], "train_log": [], "train_images_per_second": []}
+  with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
+    json.dump(older, f)
+  with pytest.raises(UserError, match="written by an older smope_jax; use a "
+                     "new --workdir"):
+    ckpt.restore_latest(fresh[0], check_meta=run.check_checkpoint)
+  ckpt.close()
+  assert (tmp_path / "2").is_dir()
+
+
+def test_a_diverging_alignment_names_align_lr_and_its_task(run, fresh,
+                                                          monkeypatch):
+  config = run.config.copy_and_resolve_references()
+  config.align_lr = 1e30
+  monkeypatch.setattr(run, "config", config)
+  state, meta = dict(fresh[0]), dict(fresh[1], task=1, phase="align")
+  # Replayed features of unit variance around random class means.
+  means = np.random.default_rng(0).normal(
+      size=state["class_means"].shape).astype(np.float32)
+  state["class_means"], state["class_vars"] = distributed.put_replicated(
+      (means, np.ones_like(means)), run.mesh)
+  with pytest.raises(UserError) as e:
+    run.align(state, meta)
+  assert str(e.value).startswith(
+      "training diverged at task 2, phase align: a learnable parameter is "
+      "not finite.")
+  assert "Lower --config.align_lr (now 1e+30)" in str(e.value)

@@ -237,6 +237,24 @@ def test_hostile_torch_files_are_refused_fast_and_small(tmp_path, case):
   assert peak < 2 * os.path.getsize(path) + (32 << 20), peak
 
 
+def test_truncated_legacy_and_junk_torch_files_are_told_apart(tmp_path):
+  whole = write_torch(tmp_path / "ok.pth", {"model": timm_tensors()})
+  data = whole.read_bytes()
+  # A legacy (torch < 1.6) file starts with its pickled magic number.
+  legacy = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+  for name, content, expected in (
+      ("half.pth", data[:len(data) // 2], "truncated"),
+      ("end_missing.pth", data[:-10], "truncated"),
+      ("empty.pth", b"", "truncated"),
+      ("legacy.pth", legacy, "a legacy torch < 1.6 checkpoint"),
+      ("junk.pth", b"<html>", "not a torch checkpoint")):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(MissingWeightsError) as e:
+      pretrained.load_backbone(str(path), template())
+    assert str(e.value).startswith(f"{path}: {expected}"), e.value
+
+
 def _npy_header_only(shape, descr="<f4"):
   """An .npy member that declares `shape` but holds no data."""
   header = io.BytesIO()
