@@ -185,7 +185,7 @@ class Run:
                f"the last checkpoint in {self.workdir}/checkpoints is the "
                "last good state")
       where = f"task {meta['task'] + 1}, phase {meta['phase']}"
-      if meta["phase"] in TRAINING_PHASES:
+      if meta["phase"] in steps_lib.TRAINING_MODES:
         where += f", epoch {meta['epoch'] + 1}, step {meta['step']}"
       raise UserError(
           f"training diverged at {where}: {what}. Nothing non-finite was "

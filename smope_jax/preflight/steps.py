@@ -9,7 +9,7 @@ compiles here is what the run executes.
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
