@@ -57,12 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 12          # Used when variant == "custom".
   c.model.mlp_dim = 3072          # Used when variant == "custom".
   c.pretrained = "sup1k"          # Preset name, checkpoint file or converted dir; "" = random init (tests only).
-  c.dtype = "float32"             # Backbone compute dtype (or "auto"); prompts, scores and losses stay float32.
+  c.dtype = "float32"             # Backbone activations and products (or "auto"); prompts, losses, logits float32.
   c.matmul_precision = "highest"  # "highest": full float32 (no TF32 on GPUs); "high", "default": the platform's
-                                  # (CPUs ignore them); "bfloat16": the model's products of bfloat16-rounded
-                                  # operands summed in float32, on every platform; or "auto".
-  c.routing_precision = "float32"  # SMoPE's expert scores and top-K from a float32 mean query ("float32"), or
-                                   # from the backbone's own queries and products ("backbone"); or "auto".
+                                  # (CPUs ignore them); "bfloat16": every product of the model on bfloat16-rounded
+                                  # operands summed in float32, on every platform; or "auto". See docs/precision.md.
+  c.routing_precision = "float32"  # SMoPE's scores and top-K from a full-float32 mean query ("float32") or from
+                                   # the backbone's own bfloat16 queries ("backbone"); or "auto".
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
   # The method: SMoPE, or a baseline (see use_method for their protocol).
   c.method = "smope"              # One of METHODS.

@@ -13,6 +13,12 @@ last task, with the final checkpoint and the evaluation's routing. The
 images are those of every task's test split; the run's own precision
 computes the forward. It also recomputes the last accuracy row from that
 forward, which must equal metrics.json's.
+
+Runs drift apart while they train (any rounding difference can flip an
+expert, and the flip changes what follows), so per run it also evaluates
+the REFERENCE's final weights in the run's precision: the routing
+agreement and accuracy there show what the precision alone changes in one
+forward, without the drift.
 """
 
 import functools
@@ -80,13 +86,19 @@ def _load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def routing_decisions(workdir: str) -> tuple[np.ndarray, list[float]]:
+PRECISION_FIELDS = ("dtype", "matmul_precision", "routing_precision")
+
+
+def routing_decisions(workdir: str, precision: dict | None = None
+                      ) -> tuple[np.ndarray, list[float]]:
   """The final checkpoint's experts (L, N, H, K) on all test images.
 
   Also returns the accuracy (%) on each task's test images, predicting
-  over all classes, as the run's last evaluation.
+  over all classes, as the run's last evaluation. `precision` overrides
+  the run's PRECISION_FIELDS for this forward.
   """
   config = _load_config(workdir)
+  config.update(precision or {})
   with tempfile.TemporaryDirectory() as scratch:
     run = trainer.Run(config, scratch)  # Builds model and data, writes there.
     try:
@@ -128,31 +140,40 @@ def study(reference: str, runs: list[str]) -> list[dict]:
   for workdir in [reference, *runs]:
     metrics = _read_json(f"{workdir}/metrics.json")
     config = _load_config(workdir)
+    precision = {k: config[k] for k in PRECISION_FIELDS}
     chosen, accuracy = routing_decisions(workdir)
     if reference_choice is None:
       reference_choice = chosen
+    same_weights, same_weights_accuracy = (
+        routing_decisions(reference, precision) if rows else
+        (chosen, accuracy))
     rows.append({
-        "run": workdir, "dtype": config.dtype,
-        "matmul_precision": config.matmul_precision,
-        "routing_precision": config.routing_precision,
+        "run": workdir, **precision,
         **{k: metrics[k] for k in ("faa", "caa", "ffm")},
         **final_losses(metrics),
         "routing_agreement": agreement(chosen, reference_choice),
         "decisions": int(chosen[..., 0].size),
         "last_row": metrics["acc_matrix"][-1],
-        "last_row_recomputed": accuracy})
+        "last_row_recomputed": accuracy,
+        "reference_weights_agreement": agreement(same_weights,
+                                                 reference_choice),
+        "reference_weights_last_row": same_weights_accuracy})
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
+  """Markdown; "ref. weights" columns evaluate the reference's weights."""
   lines = ["| run | dtype | matmul | routing | FAA | CAA | FFM | router "
-           "| prototype | same experts |", "|" + " --- |" * 10]
+           "| prototype | same experts | ref. weights: same experts | "
+           "ref. weights: FAA |", "|" + " --- |" * 12]
   for r in rows:
     lines.append(
         f"| {r['run']} | {r['dtype']} | {r['matmul_precision']} | "
         f"{r['routing_precision']} | {r['faa']:.2f} | {r['caa']:.2f} | "
         f"{r['ffm']:.2f} | {r['router']:.4g} | {r['prototype']:.4g} | "
-        f"{100 * r['routing_agreement']:.2f} % of {r['decisions']} |")
+        f"{100 * r['routing_agreement']:.2f} % of {r['decisions']} | "
+        f"{100 * r['reference_weights_agreement']:.2f} % | "
+        f"{np.mean(r['reference_weights_last_row']):.2f} |")
   return "\n".join(lines)
 
 

@@ -215,7 +215,8 @@ def test_study_reads_a_finished_run(tmp_path):
                       num_heads=2, mlp_dim=32)
   config.update(num_prompted_layers=1, num_experts=4, top_k=2, epochs=1,
                 num_tasks=2, batch_size=64, eval_batch_size=128,
-                freeze_steps=1, align_epochs=1, progress_bar=False)
+                freeze_steps=1, dense_warmup=False,
+                classifier_alignment=False, progress_bar=False)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   chosen, accuracy = precision_study.routing_decisions(workdir)
