@@ -23,6 +23,7 @@ forward, without the drift.
 
 import functools
 import json
+import os
 import sys
 import tempfile
 
@@ -97,6 +98,7 @@ def routing_decisions(workdir: str, precision: dict | None = None
   over all classes, as the run's last evaluation. `precision` overrides
   the run's PRECISION_FIELDS for this forward.
   """
+  workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only.
   config = _load_config(workdir)
   config.update(precision or {})
   with tempfile.TemporaryDirectory() as scratch:
