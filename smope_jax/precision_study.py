@@ -128,7 +128,8 @@ def routing_decisions(workdir: str, precision: dict | None = None
             chosen.append(np.asarray(out["selected"])[:, real])
             predicted = np.asarray(train_step.predict_seen(
                 out["logits"], seen))[real]
-            correct += int(np.sum(predicted == np.asarray(local["label"])[real]))
+            labels = np.asarray(local["label"])[real]
+            correct += int(np.sum(predicted == labels))
           accuracy.append(100.0 * correct / run.data.test_size(j))
     finally:
       run.reporter.close()

@@ -12,7 +12,7 @@ import pytest
 from smope_jax import configuration, precision_study, trainer
 from smope_jax.errors import ConfigError
 from smope_jax.methods import smope
-from smope_jax.models import matmul, vit
+from smope_jax.models import attention, matmul, vit
 from smope_jax.models import prompt_attention as pa
 from configs import demo
 
@@ -219,12 +219,27 @@ def test_study_reads_a_finished_run(tmp_path):
                 classifier_alignment=False, progress_bar=False)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
-  chosen, accuracy = precision_study.routing_decisions(workdir)
-  metrics = json.load(open(f"{workdir}/metrics.json"))
+  with open(f"{workdir}/metrics.json") as f:
+    metrics = json.load(f)
+  [row] = precision_study.study(workdir, [])
   # The study's forward is the run's last evaluation.
-  np.testing.assert_allclose(accuracy, metrics["acc_matrix"][-1])
-  assert chosen.shape[0] == 1 and chosen.shape[2:] == (2, 2)
-  rows = precision_study.study(workdir, [workdir])
-  assert [r["routing_agreement"] for r in rows] == [1.0, 1.0]
-  assert rows[0]["faa"] == metrics["faa"]
-  assert "| 100.00 % of" in precision_study.format_table(rows)
+  np.testing.assert_allclose(row["last_row_recomputed"],
+                             metrics["acc_matrix"][-1])
+  # One prompted block and 2 heads per image.
+  assert row["decisions"] > 0 and row["decisions"] % 2 == 0
+  assert row["faa"] == metrics["faa"] and row["routing_agreement"] == 1.0
+  assert "| 100.00 % of" in precision_study.format_table([row])
+
+
+def test_fused_attention_takes_bfloat16_products():
+  q, k, v = (jnp.asarray(_random(2, 5, 2, 8, seed=s)) for s in range(3))
+  prefix = attention.Prefix(values=jnp.asarray(_random(2, 2, 3, 8, seed=3)),
+                            bias=jnp.asarray(_random(2, 2, 3, seed=4)))
+  fused = attention.prefix_attention(q, k, v, prefix, fused=True,
+                                     bfloat16_products=True)
+  unfused = attention.prefix_attention(q, k, v, prefix,
+                                       bfloat16_products=True)
+  exact = attention.prefix_attention(q, k, v, prefix)
+  chex.assert_type(fused, jnp.float32)
+  np.testing.assert_allclose(fused, unfused, atol=3e-2)
+  assert 0 < np.max(np.abs(unfused - exact)) < 3e-2

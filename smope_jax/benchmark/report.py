@@ -147,7 +147,7 @@ def run(config, batch: int, *, repeats: int, warmup: int,
                 "num_classes": model.num_classes,
                 "num_prompted_layers": smope.num_prompted_layers,
                 "num_experts": smope.num_experts, "top_k": smope.top_k,
-                "dtype": str(config.dtype),
+                "dtype": str(model.dtype),  # After resolving "auto".
                 "fused_attention": bool(config.fused_attention)},
       "batch": batch,
       "batch_source": batch_source,
