@@ -13,7 +13,6 @@ or a GPU it runs as one bfloat16 pass of the matrix units.
 import jax
 import jax.numpy as jnp
 
-BFLOAT16 = "bfloat16"  # The config.matmul_precision value that selects it.
 
 
 def _rounded(*operands):
