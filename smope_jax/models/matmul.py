@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def _rounded(*operands):
   return [jnp.asarray(x).astype(jnp.bfloat16) for x in operands]
 
