@@ -19,8 +19,9 @@ METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
 OPTIMIZERS = ("adamw", "adam")
 KEY_LOSSES = ("cross_sample", "per_sample")
 SCHEDULES = ("cosine", "epoch_cosine")
-DTYPES = ("float32", "bfloat16")
-MATMUL_PRECISIONS = ("highest", "high", "default")
+DTYPES = ("float32", "bfloat16", "auto")
+MATMUL_PRECISIONS = ("highest", "high", "default", "bfloat16", "auto")
+ROUTING_PRECISIONS = ("float32", "backbone", "auto")
 IMAGENET_R_SPLITS = ("reference", "random")
 PRESETS = ("sup21k", "sup1k", "sup1k_coda", "ibot21k", "ibot1k", "dino1k")
 
@@ -56,8 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 12          # Used when variant == "custom".
   c.model.mlp_dim = 3072          # Used when variant == "custom".
   c.pretrained = "sup1k"          # Preset name, checkpoint file or converted dir; "" = random init (tests only).
-  c.dtype = "float32"             # Backbone compute dtype; prompts, scores and losses stay float32.
-  c.matmul_precision = "highest"  # Float32 matrix products in full float32 (no TF32 on GPUs).
+  c.dtype = "float32"             # Backbone activations and products (or "auto"); prompts, losses, logits float32.
+  c.matmul_precision = "highest"  # "highest": full float32 (no TF32 on GPUs); "high", "default": the platform's
+                                  # (CPUs ignore them); "bfloat16": every product of the model on bfloat16-rounded
+                                  # operands summed in float32, on every platform; or "auto". See docs/precision.md.
+  c.routing_precision = "float32"  # SMoPE's scores and top-K from a full-float32 mean query ("float32") or from
+                                   # the backbone's own bfloat16 queries ("backbone"); or "auto".
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
   # The method: SMoPE, or a baseline (see use_method for their protocol).
   c.method = "smope"              # One of METHODS.
@@ -427,12 +432,74 @@ def validate(config) -> None:
   for name, choices in (("test_resize", ("resize", "resize_crop")),
                         ("schedule", SCHEDULES), ("dtype", DTYPES),
                         ("matmul_precision", MATMUL_PRECISIONS),
+                        ("routing_precision", ROUTING_PRECISIONS),
                         ("optimizer", OPTIMIZERS),
                         ("imagenet_r_split", IMAGENET_R_SPLITS)):
     _require(config[name] in choices,
              f"config.{name}={config[name]!r}; choose one of {choices}.")
   _check_numbers(config)
   parse_seeds(config)
+
+
+# What an "auto" dtype, matmul_precision or routing_precision becomes on each
+# platform; docs/precision.md gives the measurements behind the choice.
+PRECISION_DEFAULTS = {
+    "cpu": {"dtype": "float32", "matmul_precision": "highest",
+            "routing_precision": "float32"},
+    "gpu": {"dtype": "float32", "matmul_precision": "highest",
+            "routing_precision": "float32"},
+    "tpu": {"dtype": "float32", "matmul_precision": "highest",
+            "routing_precision": "float32"},
+}
+_PLATFORM_NAMES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu",
+                   "tpu": "tpu"}
+
+
+def resolve_precision(config, platform: str) -> dict:
+  """The concrete precision fields of `config` on `platform`.
+
+  Each of dtype, matmul_precision and routing_precision keeps its value
+  unless it is "auto", which takes PRECISION_DEFAULTS[platform]. Needs no
+  JAX, so that a launcher can ask for a platform it does not run on.
+
+  Args:
+    config: a config of `base_config()`'s fields.
+    platform: "cpu", "gpu" or "tpu" (also JAX's "cuda" and "rocm").
+
+  Raises:
+    ConfigError: an unknown platform.
+  """
+  name = _PLATFORM_NAMES.get(str(platform).lower())
+  _require(name is not None,
+           f"platform {platform!r} is unknown; use one of "
+           f"{tuple(PRECISION_DEFAULTS)}.")
+  defaults = PRECISION_DEFAULTS[name]
+  return {field: defaults[field] if config[field] == "auto" else
+          config[field] for field in defaults}
+
+
+def model_precision(config) -> dict:
+  """How the model computes under the config's concrete precision fields.
+
+  `bfloat16_products`: every matrix product of the model on bfloat16
+  operands, summed in float32. `float32_routing`: the expert scores from a
+  float32 mean query at full precision; taken only where the backbone is
+  not full float32 already, so the float32 model computes exactly as
+  without it. `score_products`: how the scores' own product is computed
+  (`prompt_attention.SCORE_PRODUCTS`). `context`: the default precision
+  of all other products (`jax.default_matmul_precision`); full float32
+  under "bfloat16", whose rounding the model writes out.
+  """
+  bf16_products = config.matmul_precision == "bfloat16"
+  float32_routing = config.routing_precision == "float32" and (
+      config.dtype != "float32" or config.matmul_precision != "highest")
+  score_products = ("float32" if float32_routing else
+                    "bfloat16" if bf16_products else "")
+  return {"bfloat16_products": bf16_products,
+          "float32_routing": float32_routing,
+          "score_products": score_products,
+          "context": ("highest" if bf16_products else
+                      config.matmul_precision)}
 
 
 def validate_devices(config, device_count: int, process_count: int) -> None:

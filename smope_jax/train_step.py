@@ -118,7 +118,7 @@ def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
   return jnp.argmax(jnp.where(allowed[None], logits, -jnp.inf), axis=-1)
 
 
-def _infer(trainable, frozen, method_state, images, task, model, method,
+def infer(trainable, frozen, method_state, images, task, model, method,
            exclude_unused: bool = True):
   """Forward with the method's inference rules."""
   context = method.context(method_state, task, exclude_unused=exclude_unused)
@@ -133,7 +133,7 @@ def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
   With `exclude_unused` False, SMoPE routes as the reference's published
   evaluation did (see `prompt_attention.selection_penalty`).
   """
-  out = _infer(trainable, frozen, method_state, batch["image"], task, model,
+  out = infer(trainable, frozen, method_state, batch["image"], task, model,
                method, exclude_unused)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
@@ -142,7 +142,7 @@ def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
 def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
                      method):
   """Inference-mode pass whose outputs update the method's state."""
-  out = _infer(trainable, frozen, method_state, batch["image"], task, model,
+  out = infer(trainable, frozen, method_state, batch["image"], task, model,
                method)
   return method.bookkeep(method_state, out, batch["mask"])
 
@@ -150,7 +150,7 @@ def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
 def feature_step(trainable, frozen, method_state, batch, task, *, model,
                  method):
   """Pre-logits with test-time routing, for the class statistics."""
-  return _infer(trainable, frozen, method_state, batch["image"], task, model,
+  return infer(trainable, frozen, method_state, batch["image"], task, model,
                 method)["pre_logits"]
 
 

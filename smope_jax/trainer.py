@@ -101,6 +101,10 @@ class Run:
     configuration.validate(config)
     configuration.validate_devices(config, jax.device_count(),
                                    jax.process_count())
+    # "auto" precision fields become this platform's; checkpoints hold those.
+    config = self.config = config.copy_and_resolve_references()
+    config.update(configuration.resolve_precision(config,
+                                                  jax.default_backend()))
     self.mesh = distributed.make_mesh()
     self.replicated = distributed.replicated(self.mesh)
     self.batch_sharding = distributed.batch_sharded(self.mesh)
@@ -205,7 +209,8 @@ class Run:
       _, state, meta = restored
     self.log_start(meta)
     try:
-      with jax.default_matmul_precision(self.config.matmul_precision):
+      with jax.default_matmul_precision(
+          configuration.model_precision(self.config)["context"]):
         while meta["task"] < self.data.num_tasks:
           state = self.phases[meta["phase"]](state, meta)
       self.checkpointer.wait_until_finished()
@@ -317,6 +322,9 @@ class Run:
         jax.device_count(), jax.devices()[0].platform,
         jax.local_device_count(), jax.process_count(),
         dict(self.mesh.shape))
+    log("precision on %s: dtype %s, matmul_precision %s, routing_precision "
+        "%s", jax.default_backend(), self.config.dtype,
+        self.config.matmul_precision, self.config.routing_precision)
 
   def advance(self, state, meta):
     """Moves to the next phase; a training phase gets a new optimizer."""

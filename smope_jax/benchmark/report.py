@@ -8,6 +8,7 @@ import statistics
 import jax
 from absl import logging
 
+from smope_jax import configuration
 from smope_jax.benchmark import measure
 from smope_jax.benchmark import rows as rows_lib
 from smope_jax.preflight import roofline
@@ -105,10 +106,15 @@ def run(config, batch: int, *, repeats: int, warmup: int,
         matmul_size: int, batch_source: str = "argument",
         methods=rows_lib.METHOD_ORDER) -> dict:
   """Measures every row for `config` at `batch`; returns the JSON record."""
+  # "auto" precision fields become this platform's, as in training.
+  config = config.copy_and_resolve_references()
+  config.update(configuration.resolve_precision(config,
+                                                jax.default_backend()))
   setup = rows_lib.Setup(config, batch, methods)
   probe = measure.MatmulProbe(matmul_size)
   measured = {}
-  with jax.default_matmul_precision(config.matmul_precision):
+  with jax.default_matmul_precision(
+      configuration.model_precision(config)["context"]):
     for name, row in setup.rows().items():
       logging.info("measuring %s (batch %d) ...", name, batch)
       measured[name] = measure.measure(

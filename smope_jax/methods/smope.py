@@ -12,14 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smope_jax import experts, losses
+from smope_jax import configuration, experts, losses
 from smope_jax.methods import base
 from smope_jax.models import attention
 from smope_jax.models import prompt_attention as routing
 
 
 class SMoPEPrompts(base.PromptModule):
-  """Expert keys and values (L, H, E, d), uniform on [0, 1)."""
+  """Expert keys and values (L, H, E, d), uniform on [0, 1).
+
+  `score_products` says how the expert scores' product is computed (see
+  `prompt_attention.expert_scores`).
+  """
   num_layers: int
   num_heads: int
   num_experts: int
@@ -27,6 +31,7 @@ class SMoPEPrompts(base.PromptModule):
   top_k: int
   epsilon: float
   inference_penalty: float
+  score_products: str = ""
 
   needs_query = False
 
@@ -50,7 +55,7 @@ class SMoPEPrompts(base.PromptModule):
           context.get("exclude_unused", True))[layer]
     logits, values, scores, selected = routing.route(
         block_query, self.keys[layer], self.values[layer], eta, self.top_k,
-        mode)
+        mode, self.score_products)
     return attention.Prefix(values=values, bias=logits,
                             aux={"scores": scores, "selected": selected})
 
@@ -77,7 +82,8 @@ class SMoPE(base.Method):
         num_layers=c.num_prompted_layers, num_heads=d["num_heads"],
         num_experts=c.num_experts,
         head_dim=d["hidden_size"] // d["num_heads"], top_k=c.top_k,
-        epsilon=c.epsilon, inference_penalty=c.inference_penalty)
+        epsilon=c.epsilon, inference_penalty=c.inference_penalty,
+        score_products=configuration.model_precision(c)["score_products"])
 
   def init_state(self, trainable):
     dims = trainable["prompts"]["keys"].shape[:3]

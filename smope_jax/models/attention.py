@@ -20,6 +20,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from smope_jax.models import matmul
+
 
 @flax.struct.dataclass
 class Prefix:
@@ -44,12 +46,14 @@ def head_major(tokens: jax.Array, num_heads: int) -> jax.Array:
   return jnp.swapaxes(split, 1, 2)
 
 
-def prefix_logits(query: jax.Array, prefix: Prefix) -> jax.Array:
+def prefix_logits(query: jax.Array, prefix: Prefix,
+                  bfloat16_products: bool = False) -> jax.Array:
   """float32 (B, H, N, P) or, for a rank-one prefix, (B, H, 1, P)."""
   logits = None
   if prefix.keys is not None:
     q = jnp.swapaxes(query, 1, 2)  # (B, H, N, d)
-    logits = jnp.einsum("bhqd,bhpd->bhqp", q, prefix.keys.astype(q.dtype))
+    logits = matmul.einsum("bhqd,bhpd->bhqp", q, prefix.keys.astype(q.dtype),
+                           bfloat16=bfloat16_products)
     logits = logits.astype(jnp.float32) * query.shape[-1] ** -0.5
   if prefix.bias is not None:
     bias = prefix.bias[:, :, None, :].astype(jnp.float32)
@@ -59,7 +63,8 @@ def prefix_logits(query: jax.Array, prefix: Prefix) -> jax.Array:
 
 def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                      prefix: Optional[Prefix] = None, *,
-                     fused: bool = False) -> jax.Array:
+                     fused: bool = False,
+                     bfloat16_products: bool = False) -> jax.Array:
   """Attention over [prefix ; tokens]; (B, N, H, d) in and out.
 
   Args:
@@ -67,14 +72,25 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     prefix: the block's prefix, or None for plain attention.
     fused: use `jax.nn.dot_product_attention` with the prefix as P extra
       keys (zeros when it has none) and its bias as an additive bias.
+    bfloat16_products: the products of `models.matmul`; the fused kernel
+      gets bfloat16 inputs (it sums their products in float32) and its
+      output comes back in the query's dtype.
   """
   if prefix is not None:
     batch, _, heads, head_dim = query.shape
     num_prefix = prefix.values.shape[2]
     chex.assert_shape(prefix.values, (batch, heads, num_prefix, head_dim))
+  if fused and bfloat16_products:
+    dtype = query.dtype
+    to_bf16 = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    if prefix is not None:
+      prefix = prefix.replace(values=to_bf16(prefix.values), keys=(
+          None if prefix.keys is None else to_bf16(prefix.keys)))
+    return _fused_attention(to_bf16(query), to_bf16(key), to_bf16(value),
+                            prefix).astype(dtype)
   if fused:
     return _fused_attention(query, key, value, prefix)
-  return _softmax_attention(query, key, value, prefix)
+  return _softmax_attention(query, key, value, prefix, bfloat16_products)
 
 
 def _fused_attention(query, key, value, prefix):
@@ -97,7 +113,8 @@ def _fused_attention(query, key, value, prefix):
       bias=bias, scale=scale)
 
 
-def _softmax_attention(query, key, value, prefix=None):
+def _softmax_attention(query, key, value, prefix=None,
+                       bfloat16_products=False):
   """Softmax attention with the prefix columns as their own small product.
 
   Runs head-major, (B, H, N, d): there XLA's CPU matmuls take contiguous
@@ -108,19 +125,21 @@ def _softmax_attention(query, key, value, prefix=None):
   dtype = query.dtype
   scale = query.shape[-1] ** -0.5
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+  product = lambda spec, a, b: matmul.einsum(  # noqa: E731
+      spec, a, b, bfloat16=bfloat16_products)
+  logits = product("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   if prefix is not None:
-    extra = prefix_logits(query, prefix)
+    extra = prefix_logits(query, prefix, bfloat16_products)
     row_max = jnp.maximum(row_max, jnp.max(extra, axis=-1, keepdims=True))
   # The result does not depend on the shift; no gradient needs to flow.
   row_max = jax.lax.stop_gradient(row_max)
   weights = jnp.exp(logits - row_max)
   denominator = jnp.sum(weights, axis=-1, keepdims=True)
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), v)
+  out = product("bhqk,bhkd->bhqd", weights.astype(dtype), v)
   if prefix is not None:
     extra_weights = jnp.exp(extra - row_max)
     denominator = denominator + jnp.sum(extra_weights, axis=-1, keepdims=True)
-    out = out + jnp.einsum("bhqp,bhpd->bhqd", extra_weights.astype(dtype),
-                           prefix.values.astype(dtype))
+    out = out + product("bhqp,bhpd->bhqd", extra_weights.astype(dtype),
+                        prefix.values.astype(dtype))
   return jnp.swapaxes(out / denominator.astype(dtype), 1, 2)

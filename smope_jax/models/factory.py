@@ -15,15 +15,21 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
                                                  base.Method]:
   """The configured ViT with `config.method`'s prompts (no parameters yet).
 
+  Precision fields left "auto" take this platform's defaults.
+
   `num_tasks` sizes what depends on it (DualPrompt's pool, CODA-Prompt's
   components per task).
   """
+  config = config.copy_and_resolve_references()
+  config.update(configuration.resolve_precision(config, jax.default_backend()))
   dims = configuration.model_dims(config)
   method = methods.get(config, num_tasks, dims)
+  precision = configuration.model_precision(config)
   model = VisionTransformer(
       num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
       fused_attention=config.fused_attention, prompts=method.prompts(),
-      **dims)
+      bfloat16_products=precision["bfloat16_products"],
+      float32_routing=precision["float32_routing"], **dims)
   return model, method
 
 

@@ -16,15 +16,31 @@ import chex
 import jax
 import jax.numpy as jnp
 
-def expert_scores(query: jax.Array, expert_keys: jax.Array) -> jax.Array:
+from smope_jax.models import matmul
+
+# How the scores' product is computed: "" at the context's precision,
+# "bfloat16" as every product of the model (`models.matmul`), "float32" in
+# full float32 whatever the context.
+SCORE_PRODUCTS = ("", "bfloat16", "float32")
+
+
+def expert_scores(query: jax.Array, expert_keys: jax.Array,
+                  products: str = "") -> jax.Array:
   """Clean expert scores s = q_bar . P^K, in float32, shape (B, H, E).
 
   q_bar is the mean of the projected queries over all N tokens, taken after
-  the projection and before the attention scale.
+  the projection and before the attention scale. `products` is one of
+  SCORE_PRODUCTS.
   """
   chex.assert_rank(query, 4)
+  if products not in SCORE_PRODUCTS:
+    raise ValueError(f"products must be one of {SCORE_PRODUCTS}, got "
+                     f"{products!r}")
   mean_query = jnp.mean(query.astype(jnp.float32), axis=1)  # (B, H, d)
-  return jnp.einsum("bhd,hed->bhe", mean_query, expert_keys.astype(jnp.float32))
+  precision = jax.lax.Precision.HIGHEST if products == "float32" else None
+  return matmul.einsum("bhd,hed->bhe", mean_query,
+                       expert_keys.astype(jnp.float32),
+                       bfloat16=products == "bfloat16", precision=precision)
 
 
 def selection_penalty(expert_state, mode: str, epsilon: float,
@@ -78,14 +94,16 @@ def gather_expert_vectors(expert_vectors: jax.Array,
 
 
 def route(query: jax.Array, expert_keys: jax.Array, expert_values: jax.Array,
-          eta: Optional[jax.Array], top_k: int, mode: str):
+          eta: Optional[jax.Array], top_k: int, mode: str,
+          products: str = ""):
   """Scores the experts and picks the prompt columns for one block.
 
   Returns (prompt_logits (B,H,P), prompt_values (B,H,P,d), scores (B,H,E),
   selected (B,H,K)). In dense mode every expert takes part (P = E) and
   `selected` is the top-K of the clean scores, for reporting only.
+  `products` is the scores' (see `expert_scores`).
   """
-  scores = expert_scores(query, expert_keys)
+  scores = expert_scores(query, expert_keys, products)
   scale = query.shape[-1] ** -0.5
   if mode == "dense":
     selected = select_experts(scores, jnp.zeros(scores.shape[1:]), top_k)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from smope_jax.models import attention
+from smope_jax.models import matmul
 
 Dtype = Any
 
@@ -41,20 +42,44 @@ def symmetric_uniform(bound: float):
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  bfloat16_products: bool = False
 
   @nn.compact
   def __call__(self, x):
     hidden = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    products = matmul.layer_kwargs(self.bfloat16_products)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0",
+                 **products)(x)
     x = gelu_exact(x)
-    return nn.Dense(hidden, dtype=self.dtype, name="Dense_1")(x)
+    return nn.Dense(hidden, dtype=self.dtype, name="Dense_1", **products)(x)
+
+
+def mean_query_float32(tokens: jax.Array, projection: dict) -> jax.Array:
+  """The mean projected query of the tokens in full float32, (B, 1, H, d).
+
+  The projection is affine, so the mean of the projected tokens is the
+  projection of their mean: one (B, D) x (D, H, d) product, at HIGHEST
+  precision whatever the model's dtype and precision.
+  """
+  mean = jnp.mean(tokens.astype(jnp.float32), axis=1)  # (B, D)
+  query = jnp.einsum("bD,Dhd->bhd", mean,
+                     projection["kernel"].astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  return (query + projection["bias"].astype(jnp.float32))[:, None]
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Attention over an optional prefix; qkv kernels laid out (D, H, d)."""
+  """Attention over an optional prefix; qkv kernels laid out (D, H, d).
+
+  With `float32_routing` the prefix sees `mean_query_float32` of the block's
+  input instead of its projected queries (the methods that route by the
+  block's queries use only their mean).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   fused: bool = False
+  bfloat16_products: bool = False
+  float32_routing: bool = False
 
   @nn.compact
   def __call__(self, x, prefix_fn: Optional[Callable] = None):
@@ -65,14 +90,21 @@ class MultiHeadDotProductAttention(nn.Module):
     """
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
+    products = matmul.layer_kwargs(self.bfloat16_products)
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), dtype=self.dtype, name=name)
-    query, key, value = proj("query")(x), proj("key")(x), proj("value")(x)
-    prefix = prefix_fn(query) if prefix_fn is not None else None
+        (self.num_heads, head_dim), dtype=self.dtype, name=name, **products)
+    query_proj = proj("query")
+    query, key, value = query_proj(x), proj("key")(x), proj("value")(x)
+    prefix = None
+    if prefix_fn is not None:
+      prefix = prefix_fn(
+          mean_query_float32(x, query_proj.variables["params"])
+          if self.float32_routing else query)
     out = attention.prefix_attention(query, key, value, prefix,
-                                     fused=self.fused)
+                                     fused=self.fused,
+                                     bfloat16_products=self.bfloat16_products)
     out = nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype,
-                          name="out")(out)
+                          name="out", **products)(out)
     return out, None if prefix is None else prefix.aux
 
 
@@ -82,16 +114,21 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   fused: bool = False
+  bfloat16_products: bool = False
+  float32_routing: bool = False
 
   @nn.compact
   def __call__(self, x, prefix_fn=None):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
     y, aux = MultiHeadDotProductAttention(
         self.num_heads, self.dtype, self.fused,
+        bfloat16_products=self.bfloat16_products,
+        float32_routing=self.float32_routing,
         name="MultiHeadDotProductAttention_1")(y, prefix_fn)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_3")(y)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.bfloat16_products,
+                 name="MlpBlock_3")(y)
     return x + y, aux
 
 
@@ -112,6 +149,8 @@ class Encoder(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   fused: bool = False
+  bfloat16_products: bool = False
+  float32_routing: bool = False
 
   @nn.compact
   def __call__(self, x, prefix_for: Optional[Callable] = None):
@@ -124,6 +163,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       x, block_aux = Encoder1DBlock(
           self.num_heads, self.mlp_dim, self.dtype, self.fused,
+          self.bfloat16_products, self.float32_routing,
           name=f"encoderblock_{i}")(
               x, prefix_for(i) if prefix_for is not None else None)
       if block_aux is not None:
@@ -144,6 +184,10 @@ class VisionTransformer(nn.Module):
   Returns a dict: `logits` (B, C) and `pre_logits` (B, D) in float32, plus
   the method's own outputs in prompted modes (e.g. SMoPE's `scores`
   (L, B, H, E) and `selected` (L, B, H, K)).
+
+  `bfloat16_products` computes every matrix product as `models.matmul`
+  says; `float32_routing` gives the prompts each block's mean query in full
+  float32 (see `mean_query_float32`), whatever `dtype` and the products.
   """
   num_classes: int
   patch_size: int = 16
@@ -153,6 +197,8 @@ class VisionTransformer(nn.Module):
   mlp_dim: int = 3072
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  bfloat16_products: bool = False
+  float32_routing: bool = False
   prompts: Optional[nn.Module] = None
 
   @nn.compact
@@ -162,7 +208,9 @@ class VisionTransformer(nn.Module):
                        f"{mode!r}")
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+                dtype=self.dtype, name="embedding",
+                **matmul.conv_kwargs(self.bfloat16_products))(
+                    images.astype(self.dtype))
     batch, height, width, channels = x.shape
     x = jnp.reshape(x, (batch, height * width, channels))
     cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))
@@ -170,7 +218,9 @@ class VisionTransformer(nn.Module):
         [jnp.broadcast_to(cls, (batch, 1, channels)).astype(x.dtype), x], 1)
 
     encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim,
-                      self.dtype, self.fused_attention, name="Transformer")
+                      self.dtype, self.fused_attention,
+                      self.bfloat16_products, self.float32_routing,
+                      name="Transformer")
     prompted = self.prompts is not None and mode != "plain"
     query = prefix_for = None
     if prompted:
@@ -185,7 +235,9 @@ class VisionTransformer(nn.Module):
     bound = self.hidden_size ** -0.5
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head",
                       kernel_init=symmetric_uniform(bound),
-                      bias_init=symmetric_uniform(bound))(pre_logits)
+                      bias_init=symmetric_uniform(bound),
+                      **matmul.layer_kwargs(self.bfloat16_products))(
+                          pre_logits)
     out = {"logits": logits, "pre_logits": pre_logits}
     if prompted:
       out.update(self.prompts.outputs(aux, query=query, context=context,

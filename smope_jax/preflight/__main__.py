@@ -58,6 +58,8 @@ def main(argv):
     from smope_jax.preflight import check, report  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.pretrained = ""  # Shapes only: no weights are read.
+    # "auto" precision fields become the target platform's, as its run's.
+    config.update(configuration.resolve_precision(config, target.platform))
     result = check.Preflight(config, target, _MEMORY_FRACTION.value).run()
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     lines = report.header(result, name) + report.memory_table(result)

@@ -94,9 +94,10 @@ class Preflight:
   def _compile(self, name, fn, args, config):
     """One step, compiled again with the options a GPU compile may need."""
     options = dict(self.used_options.get(name, {}))
+    precision = configuration.model_precision(config)["context"]
     while True:
       result = preflight_steps.compile_step(
-          name, fn, args, precision=config.matmul_precision,
+          name, fn, args, precision=precision,
           compiler_options=options or None)
       retry = {}
       if result.error and train_step.TRITON_GEMM_FAILURE in result.error:
