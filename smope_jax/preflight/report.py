@@ -130,10 +130,11 @@ def verdict(result) -> str:
   line = (f"preflight: fits {name}: largest step {largest.name} needs "
           f"{gib(largest.total)} of {gib(result.capacity)} GiB per device")
   rate = train_rate(result)
+  devices = result.target.devices
   if rate:
-    line += (f"; training at most {rate[0]:.0f} img/s per chip "
-             f"({rate[0] * result.target.devices:.0f} for the "
-             f"{result.target.devices} devices)")
+    line += f"; training at most {rate[0]:.0f} img/s per chip"
+    if devices > 1:
+      line += f" ({rate[0] * devices:.0f} for the {devices} chips)"
   return line
 
 
