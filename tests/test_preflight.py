@@ -207,6 +207,12 @@ def test_demo_steps_compile_for_a_4_chip_tpu(method):
   count, size = train.collectives["all-reduce"]
   assert count >= 1 and size >= 4 * (64 * 10 + 10)
   assert report.verdict(result).startswith("preflight: fits tpu:v5e-4: ")
+  # The tables fit an 80-column terminal and name every step once.
+  lines = (report.header(result, "configs/demo.py") +
+           report.memory_table(result) + report.cost_table(result))
+  assert max(len(line) for line in lines) <= 80, lines
+  for name in names:
+    assert sum(line.startswith(f"  {name} ") for line in lines) == 2, name
 
 
 @needs_libtpu

@@ -6,6 +6,7 @@ Tables fit 80 columns: one of memory per device, one of cost per call
 
 from smope_jax import configuration
 from smope_jax.preflight import chips
+from smope_jax.preflight import steps as preflight_steps
 
 NAME_WIDTH = 19
 
@@ -67,16 +68,18 @@ def cost_table(result) -> list[str]:
   for step in result.steps:
     if step.error:
       continue
-    per_image = result.per_device(step.batch_field)
+    images = (0 if step.name in preflight_steps.WHOLE_CALL else
+              result.per_device(step.batch_field))
     bound = result.bound(step)
-    gflops = (f"{step.flops / per_image / 1e9:9.2f}" if step.flops else
-              f"{'-':>9}")
-    per_image_step = step.name not in ("start", "alignment")
-    if step.flops and step.name in ("start", "alignment"):
+    if not step.flops:
+      gflops = f"{'-':>9}"
+    elif images:
+      gflops = f"{step.flops / images / 1e9:9.2f}"
+    else:
       gflops = f"{step.flops / 1e9:8.2f}*"
     ms = f"{bound.seconds * 1e3:8.3f}" if bound else f"{'-':>8}"
-    rate = (f"{per_image / bound.seconds:10.0f}" if bound and per_image_step
-            and bound.seconds > 0 else f"{'-':>10}")
+    rate = (f"{images / bound.seconds:10.0f}" if bound and images and
+            bound.seconds > 0 else f"{'-':>10}")
     lines.append(f"  {step.name:<{NAME_WIDTH}} {gflops} {ms}  {rate}  "
                  f"{collective_text(step.collectives)}")
   lines.append("  (* whole call, not per image; bound = max(FLOPs at peak, "
@@ -96,7 +99,7 @@ def errors(result) -> list[str]:
 
 
 def train_rate(result):
-  """(step name, images/s per chip) of the slowest training step."""
+  """(images/s per chip, step name) of the slowest training step."""
   rates = []
   for step in result.steps:
     bound = result.bound(step)

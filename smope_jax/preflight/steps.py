@@ -21,6 +21,8 @@ from smope_jax.models import factory
 
 # Which config field sizes each step's batch.
 BATCH_FIELDS = {"eval": "eval_batch_size"}  # Every other step: batch_size.
+# Steps that see no batch of images: their cost is per call.
+WHOLE_CALL = ("start", "alignment")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
 # An instruction `%name = SHAPE op(...)`, SHAPE a tuple for combined ops.
