@@ -34,10 +34,15 @@ import numpy as np
 
 from smope_jax import checkpointing, cli, configuration, distributed
 from smope_jax import train_step, trainer
+from smope_jax import workdir as workdir_lib
 from smope_jax.errors import UserError
 from smope_jax.models import factory
 
-_OUT = flags.DEFINE_string("out", None, "Also write the rows as JSON here.")
+
+def define_flags() -> None:
+  """The command's flag, defined when it runs: importing the module adds
+  none (compare's --out lives in the same test process)."""
+  flags.DEFINE_string("out", None, "Also write the rows as JSON here.")
 
 
 def _read_json(path: str):
@@ -197,10 +202,10 @@ def main(argv):
             f"{row['last_row_recomputed']} differs from metrics.json's "
             f"{row['last_row']}", file=sys.stderr)
   print(format_table(rows))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(rows, f, indent=1)
+  if flags.FLAGS.out:
+    workdir_lib.write_json_file(flags.FLAGS.out, rows, "--out")
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, [])

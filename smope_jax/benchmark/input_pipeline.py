@@ -30,17 +30,21 @@ from smope_jax import configuration
 from smope_jax.benchmark.measure import Stopwatch
 from smope_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file of a benchmark, e.g. configs/cub200.py: its "
-    "dataset, image_size and batch_size (--config.batch_size=...) are "
-    "measured.", lock_config=True)
-_BATCHES = flags.DEFINE_integer(
-    "batches", 3, "Timed batches per setting (two more are written).")
-_THREADS = flags.DEFINE_list(
-    "threads", ["1", "0"], "tf.data threads to measure; 0 = tf.data's "
-    "default (about one per core).")
-_CACHE = flags.DEFINE_list(
-    "cache", ["true", "false"], "config.cache_data settings to measure.")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing the module for its
+  functions (tests, other commands) adds no flags."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file of a benchmark, e.g. configs/cub200.py: "
+      "its dataset, image_size and batch_size (--config.batch_size=...) are "
+      "measured.", lock_config=True)
+  flags.DEFINE_integer(
+      "batches", 3, "Timed batches per setting (two more are written).")
+  flags.DEFINE_list(
+      "threads", ["1", "0"], "tf.data threads to measure; 0 = tf.data's "
+      "default (about one per core).")
+  flags.DEFINE_list(
+      "cache", ["true", "false"], "config.cache_data settings to measure.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,14 +302,15 @@ def _bool(text: str) -> bool:
 def main(argv):
   try:
     cli.refuse_arguments(argv)
-    config = _CONFIG.value
-    threads = _parse(_THREADS.value, int, "threads")
-    cache = _parse(_CACHE.value, _bool, "cache")
-    print(format_table(run(config, _BATCHES.value, threads, cache)))
+    values = flags.FLAGS
+    threads = _parse(values.threads, int, "threads")
+    cache = _parse(values.cache, _bool, "cache")
+    print(format_table(run(values.config, values.batches, threads, cache)))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, ["config"])
