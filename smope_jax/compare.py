@@ -18,7 +18,7 @@ import sys
 
 from absl import flags
 
-from smope_jax import cli
+from smope_jax import cli, workdir
 from smope_jax.configuration import METHOD_NAMES
 from smope_jax.errors import UserError
 
@@ -47,19 +47,13 @@ class Run:
     return self.metrics["tasks_done"] == len(self.metrics["task_classes"])
 
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path}: {e}") from None
-
-
 def find_runs(directory: str) -> list[Run]:
   """The run in a workdir, or the seed runs of a multi-seed workdir."""
   if os.path.isfile(os.path.join(directory, "metrics.json")):
-    return [Run(directory, _read_json(os.path.join(directory, "config.json")),
-                _read_json(os.path.join(directory, "metrics.json")))]
+    return [Run(directory,
+                workdir.read_json_file(os.path.join(directory, "config.json")),
+                workdir.read_json_file(os.path.join(directory,
+                                                    "metrics.json")))]
   seeds = sorted(d for d in (os.listdir(directory)
                              if os.path.isdir(directory) else [])
                  if d.startswith("seed_"))

@@ -22,7 +22,6 @@ forward, without the drift.
 """
 
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -43,14 +42,6 @@ def define_flags() -> None:
   """The command's flag, defined when it runs: importing the module adds
   none (compare's --out lives in the same test process)."""
   flags.DEFINE_string("out", None, "Also write the rows as JSON here.")
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path}: {e}") from None
 
 
 def final_losses(metrics: dict) -> dict:
@@ -82,7 +73,7 @@ def agreement(selected: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _load_config(workdir: str) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(_read_json(f"{workdir}/config.json"))
+  config = ml_collections.ConfigDict(workdir_lib.read_json_file(f"{workdir}/config.json"))
   if config.method != "smope":
     raise UserError(f"{workdir} is a {config.method} run; the study reads "
                     "SMoPE's routing.")
@@ -146,7 +137,7 @@ def study(reference: str, runs: list[str]) -> list[dict]:
   """One row per run (the reference first), see the module docstring."""
   rows, reference_choice = [], None
   for workdir in [reference, *runs]:
-    metrics = _read_json(f"{workdir}/metrics.json")
+    metrics = workdir_lib.read_json_file(f"{workdir}/metrics.json")
     config = _load_config(workdir)
     precision = {k: config[k] for k in PRECISION_FIELDS}
     chosen, accuracy = routing_decisions(workdir)

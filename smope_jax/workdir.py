@@ -140,3 +140,12 @@ def write_json_file(path: str, record: dict, flag: str) -> None:
       os.remove(tmp)
     raise UserError(f"cannot write {flag}={path} ({e.strerror or e}); free "
                     f"space there or choose another {flag}.") from None
+
+
+def read_json_file(path: str):
+  """A JSON file's content; a missing or damaged file is a UserError."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: {e}") from None

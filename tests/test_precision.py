@@ -14,7 +14,7 @@ from smope_jax.errors import ConfigError
 from smope_jax.methods import smope
 from smope_jax.models import attention, matmul, vit
 from smope_jax.models import prompt_attention as pa
-from configs import demo
+import test_trainer
 
 
 def _bf16(x):
@@ -208,15 +208,8 @@ def test_final_losses_average_the_last_task_top_k_intervals():
 
 
 def test_study_reads_a_finished_run(tmp_path):
-  config = demo.get_config()
-  config.pretrained = ""
-  config.image_size = 16
-  config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                      num_heads=2, mlp_dim=32)
-  config.update(num_prompted_layers=1, num_experts=4, top_k=2, epochs=1,
-                num_tasks=2, batch_size=64, eval_batch_size=128,
-                freeze_steps=1, dense_warmup=False,
-                classifier_alignment=False, progress_bar=False)
+  config = test_trainer.tiny_config(epochs=1, num_tasks=2, dense_warmup=False,
+                                    classifier_alignment=False)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   with open(f"{workdir}/metrics.json") as f:

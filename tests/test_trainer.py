@@ -13,7 +13,7 @@ from smope_jax.errors import UserError
 from configs import demo
 
 
-def _tiny_config(**overrides):
+def tiny_config(**overrides):
   config = demo.get_config()
   config.pretrained = ""
   config.image_size = 16
@@ -33,7 +33,7 @@ def _counts(tree):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  return trainer.Run(_tiny_config(), str(tmp_path_factory.mktemp("run")))
+  return trainer.Run(tiny_config(), str(tmp_path_factory.mktemp("run")))
 
 
 def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
@@ -96,7 +96,7 @@ class _ArraySource(sources.Source):
 def test_a_task_of_5000_images_takes_39_steps_and_counts_39_batches(
     tmp_path, monkeypatch):
   monkeypatch.setattr(sources, "make_source", lambda config: _ArraySource())
-  run = trainer.Run(_tiny_config(num_tasks=2, batch_size=128, epochs=1,
+  run = trainer.Run(tiny_config(num_tasks=2, batch_size=128, epochs=1,
                                  dense_warmup=False, log_every_steps=1000),
                     str(tmp_path))
   assert run.data.train_size(0) == 5000
