@@ -207,6 +207,7 @@ def test_final_losses_average_the_last_task_top_k_intervals():
       "router": 3.0, "prototype": 2.0}
 
 
+@pytest.mark.slow
 def test_study_reads_a_finished_run(tmp_path):
   config = test_trainer.tiny_config(epochs=1, num_tasks=2, dense_warmup=False,
                                     classifier_alignment=False)
