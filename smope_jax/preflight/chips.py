@@ -98,8 +98,9 @@ CHIPS = {
 }
 
 # The device description XLA compiles GPU code for (files beside this one).
-GPU_SPECS = {"h100": "h100_sxm.txtpb", "a100-40gb": "a100_sxm_40.txtpb",
-             "a100-80gb": "a100_sxm_80.txtpb"}
+GPU_DESCRIPTIONS = {"h100": "h100_sxm.txtpb",
+                    "a100-40gb": "a100_sxm_40.txtpb",
+                    "a100-80gb": "a100_sxm_80.txtpb"}
 GPUS_PER_HOST = 8
 
 # TPU slices: chips -> topology, per generation (the shapes Cloud TPU
@@ -189,10 +190,11 @@ def _tpu_target(text: str, rest: str) -> Target:
 
 def _gpu_target(text: str, rest: str) -> Target:
   match = re.fullmatch(r"([a-z0-9-]+)x([0-9]+)(?:/([0-9]+))?", rest)
-  if not match or match.group(1) not in GPU_SPECS or int(match.group(2)) < 1:
+  if (not match or match.group(1) not in GPU_DESCRIPTIONS or
+      int(match.group(2)) < 1):
     raise UserError(f"--target={text}: expected gpu:MODELxN or "
                     f"gpu:MODELxN/HOSTS with MODEL one of "
-                    f"{', '.join(GPU_SPECS)}, e.g. gpu:h100x8.")
+                    f"{', '.join(GPU_DESCRIPTIONS)}, e.g. gpu:h100x8.")
   count = int(match.group(2))
   hosts = int(match.group(3) or -(-count // GPUS_PER_HOST))
   if not 1 <= hosts <= count or count % hosts:

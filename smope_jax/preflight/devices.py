@@ -54,7 +54,8 @@ def require_compiler(platform: str) -> None:
 
 def gpu_spec_text(chip: str) -> str:
   """The device description XLA compiles for (shipped with the package)."""
-  path = pathlib.Path(__file__).with_name("gpu_specs") / chips.GPU_SPECS[chip]
+  path = (pathlib.Path(__file__).with_name("gpu_specs") /
+          chips.GPU_DESCRIPTIONS[chip])
   return path.read_text()
 
 

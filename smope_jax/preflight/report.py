@@ -125,10 +125,10 @@ def verdict(result) -> str:
                      f"{per_device * result.target.devices})")
       else:
         parts.append(f"not even 1 image per device fits ({field})")
-    worst = [s for s in result.steps if result.out_of_memory(s)]
-    return (f"preflight: does not fit {name}: {', '.join(s.name for s in worst)}"
-            f" over {gib(result.capacity)} GiB per device; "
-            + "; ".join(parts))
+    worst = ", ".join(s.name for s in result.steps
+                      if result.out_of_memory(s))
+    return (f"preflight: does not fit {name}: {worst} over "
+            f"{gib(result.capacity)} GiB per device; " + "; ".join(parts))
   largest = max(result.steps, key=lambda s: s.total)
   line = (f"preflight: fits {name}: largest step {largest.name} needs "
           f"{gib(largest.total)} of {gib(result.capacity)} GiB per device")
