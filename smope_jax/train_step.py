@@ -119,7 +119,7 @@ def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
 
 
 def infer(trainable, frozen, method_state, images, task, model, method,
-           exclude_unused: bool = True):
+          exclude_unused: bool = True):
   """Forward with the method's inference rules."""
   context = method.context(method_state, task, exclude_unused=exclude_unused)
   return model.apply({"params": merge_params(trainable, frozen)}, images,
@@ -134,7 +134,7 @@ def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
   evaluation did (see `prompt_attention.selection_penalty`).
   """
   out = infer(trainable, frozen, method_state, batch["image"], task, model,
-               method, exclude_unused)
+              method, exclude_unused)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
@@ -143,7 +143,7 @@ def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
                      method):
   """Inference-mode pass whose outputs update the method's state."""
   out = infer(trainable, frozen, method_state, batch["image"], task, model,
-               method)
+              method)
   return method.bookkeep(method_state, out, batch["mask"])
 
 
@@ -151,7 +151,7 @@ def feature_step(trainable, frozen, method_state, batch, task, *, model,
                  method):
   """Pre-logits with test-time routing, for the class statistics."""
   return infer(trainable, frozen, method_state, batch["image"], task, model,
-                method)["pre_logits"]
+               method)["pre_logits"]
 
 
 # Phases of a task, in order (`task_phases` picks a run's); the trainer
