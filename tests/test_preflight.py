@@ -153,14 +153,18 @@ class _FakeSearch:
     (100, 1, 10_000, 65536, 9900),
     (20_000, 10, 16_000, 64, 0),          # Not even one image fits.
     (0, 1000, 10_000, 11, 10),
+    # The compiler refuses below the nominal capacity: the line overshoots
+    # once, then the bracket is halved.
+    (100, 1, 10_000, 65536, 8900),
 ])
 def test_largest_batch_search(fixed, per_image, capacity, configured,
                               expected):
   """The search ends on the bracket [fits, fits + 1] in a few compiles."""
   from smope_jax.preflight import check  # pylint: disable=g-import-not-at-top
-  fake = _FakeSearch(fixed, per_image, capacity)
+  usable = 9_000 if expected == 8900 else capacity
+  fake = _FakeSearch(fixed, per_image, usable)
   search = check.Preflight.__new__(check.Preflight)
-  search.capacity = capacity
+  search.capacity = search.search_capacity = capacity
   search.probe = fake.probe
   from smope_jax.preflight import steps  # pylint: disable=g-import-not-at-top
   result = check.Result(chips.parse_target("tpu:v5e-4"),
@@ -168,7 +172,7 @@ def test_largest_batch_search(fixed, per_image, capacity, configured,
                         [steps.Compiled("train (train)", "batch_size"),
                          steps.Compiled("eval", "eval_batch_size")], capacity)
   assert search.largest_batch(result, "batch_size") == expected
-  assert len(fake.probes) <= 6, fake.probes
+  assert len(fake.probes) <= (6 if usable == capacity else 20), fake.probes
   if expected:
     assert expected in fake.probes and expected + 1 in fake.probes + [
         configured]

@@ -9,6 +9,7 @@ launch scripts).
 """
 
 import dataclasses
+import re
 from typing import Optional
 
 from absl import logging
@@ -24,8 +25,10 @@ OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")
 # sort, which needs no more memory.
 NO_CUDA_LIBRARIES = "Error loading CUDA libraries"
 NO_CUB_SORT = {"xla_gpu_enable_cub_radix_sort": False}
+# How a TPU compiler names the memory it can use, in GiB, when it refuses.
+USABLE_MEMORY = re.compile(r"exceeds available HBM \(([\d.]+)G\)")
 # Probes the largest-batch search may spend on one batch field.
-MAX_SEARCH_PROBES = 12
+MAX_SEARCH_PROBES = 24
 
 
 @dataclasses.dataclass
@@ -77,6 +80,7 @@ class Preflight:
     if target.platform == "gpu":
       capacity = int(capacity * memory_fraction)
     self.capacity = capacity
+    self.search_capacity = capacity  # Lowered to what a compiler reports.
     # Steps that compiled only with extra XLA options, and those options.
     self.used_options: dict[str, dict] = {}
 
@@ -157,6 +161,10 @@ class Preflight:
       step = self._compile(name, fn, args, config)
       probe = Result(self.target, config, [step], self.capacity)
       if probe.out_of_memory(step):
+        usable = USABLE_MEMORY.search(step.error or "")
+        if usable:
+          self.search_capacity = min(self.search_capacity,
+                                     int(float(usable.group(1)) * chips.GIB))
         return None
       if step.error:
         raise UserError(f"{name} does not compile for {self.target.name} "
@@ -171,13 +179,15 @@ class Preflight:
     training step, for `batch_size`) and then checks its answer against
     every step of that batch, adding any that does not fit. Memory grows
     about linearly with the batch, so after fitting probes it aims where
-    that line meets the capacity, then narrows the bracket [fits, does not
-    fit] to neighbours.
+    that line meets the capacity (for TPUs, the usable memory the compiler
+    reports once it refuses a probe); after a probe the line said would
+    fit does not, it halves the bracket [fits, does not fit] instead, down
+    to neighbours.
     """
     steps = [s.name for s in result.steps if s.batch_field == field]
     names = {max(steps, key=lambda n: (n.startswith("train"), n))}
     fits, fails = 0, result.per_device(field)
-    measured = {}
+    measured, missed = {}, False
     for _ in range(MAX_SEARCH_PROBES):
       if fails - fits <= 1:
         if not fits or names == set(steps):
@@ -187,24 +197,29 @@ class Preflight:
           break
         fails, fits, measured = fits, 0, {}
         continue
-      guess = self._guess(fits, fails, measured)
+      guess = self._guess(fits, fails, measured, missed)
       logging.info("largest %s: trying %d per device", field, guess)
       total = self.probe(field, guess, names)
       if total is None:
-        fails = guess
+        fails, missed = guess, bool(measured)
       else:
         fits, measured[guess] = guess, total
     return fits
 
-  def _guess(self, fits: int, fails: int, measured: dict) -> int:
-    """The next probe inside (fits, fails): 1 first, then the line."""
+  def _guess(self, fits: int, fails: int, measured: dict,
+             missed: bool) -> int:
+    """The next probe inside (fits, fails): 1 first, then along the line
+    through the last two fitting probes until the line has missed once,
+    then the bracket's middle."""
     if fits == 0:
       return 1
+    middle = (fits + fails) // 2
     points = sorted(measured.items())
-    if len(points) >= 2:
-      (b0, m0), (b1, m1) = points[-2], points[-1]
-      slope = (m1 - m0) / (b1 - b0)
-      if slope > 0:
-        aim = b1 + int((self.capacity - m1) / slope)
-        return min(max(aim, fits + 1), fails - 1)
-    return min(max(fits * 16, fits + 1), (fits + fails) // 2)
+    if len(points) == 1:
+      return min(max(fits * 16, fits + 1), middle)
+    (b0, m0), (b1, m1) = points[-2], points[-1]
+    slope = (m1 - m0) / (b1 - b0)
+    if missed or slope <= 0:
+      return middle
+    aim = b1 + int((self.search_capacity - m1) / slope)
+    return min(max(aim, fits + 1), fails - 1)
