@@ -204,7 +204,9 @@ def test_demo_steps_compile_for_a_4_chip_tpu(method):
   assert names == expected + ["eval"]
   assert result.fits and not result.largest
   for step in result.steps:
-    assert step.error is None and step.total > 0 and step.flops > 0, step
+    # A method's task start may do nothing (L2P's): no FLOPs there.
+    assert step.error is None and step.total > 0, step
+    assert step.flops > 0 or step.name == "start" and step.flops == 0, step
   train = next(s for s in result.steps if s.name == "train (train)")
   # Data parallelism: the gradients are summed over the 4 chips, the head's
   # 64 x 10 + 10 float32 parameters among them.

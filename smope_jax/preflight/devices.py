@@ -15,12 +15,14 @@ from smope_jax.errors import UserError
 from smope_jax.preflight import chips
 
 # Set before JAX starts: the workstation's own backend stays the CPU (no TPU
-# runtime start-up, no CUDA driver), libtpu asks no cloud metadata server,
-# JAX accepts a CUDA plugin without a driver, and a second process may load
-# libtpu (tests, the launch scripts).
-ENVIRONMENT = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1",
-               "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
-               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+# runtime start-up, no CUDA driver).
+ENVIRONMENT = {"JAX_PLATFORMS": "cpu"}
+# Set before a compiler loads: libtpu asks no cloud metadata server and
+# takes no machine-wide lock file (another process may compile at the same
+# time), JAX accepts a CUDA plugin without a driver.
+COMPILER_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1",
+                        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+                        "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
 
 EXTRAS = {"tpu": "preflight-tpu", "gpu": "preflight-gpu"}
 # The modules each extra installs: the compiler, and for GPUs ptxas.
@@ -31,7 +33,7 @@ COMPILER_MODULES = {"tpu": ("libtpu",),
 
 def prepare_environment() -> None:
   """Sets ENVIRONMENT where the user has not; call before importing JAX."""
-  for name, value in ENVIRONMENT.items():
+  for name, value in {**ENVIRONMENT, **COMPILER_ENVIRONMENT}.items():
     os.environ.setdefault(name, value)
 
 
@@ -66,6 +68,8 @@ def target_devices(target: chips.Target) -> list:
     UserError: the compiler is not installed or refuses the target.
   """
   require_compiler(target.platform)
+  for name, value in COMPILER_ENVIRONMENT.items():
+    os.environ.setdefault(name, value)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     if target.platform == "tpu":

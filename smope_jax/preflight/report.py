@@ -71,7 +71,7 @@ def cost_table(result) -> list[str]:
     images = (0 if step.name in preflight_steps.WHOLE_CALL else
               result.per_device(step.batch_field))
     bound = result.bound(step)
-    if not step.flops:
+    if step.flops is None:
       gflops = f"{'-':>9}"
     elif images:
       gflops = f"{step.flops / images / 1e9:9.2f}"
