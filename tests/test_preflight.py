@@ -139,11 +139,12 @@ class _FakeSearch:
 
   def __init__(self, fixed, per_image, capacity):
     self.fixed, self.per_image, self.capacity = fixed, per_image, capacity
-    self.probes = []
+    self.probes, self.names = [], []
 
   def probe(self, field, per_device, names):
-    del field, names
+    del field
     self.probes.append(per_device)
+    self.names.append(names)
     total = self.fixed + self.per_image * per_device
     return total if total <= self.capacity else None
 
@@ -176,6 +177,7 @@ def test_largest_batch_search(fixed, per_image, capacity, configured,
   if expected:
     assert expected in fake.probes and expected + 1 in fake.probes + [
         configured]
+    assert fake.names == [{"train (train)"}] * len(fake.probes)
 
 
 def _demo_config(method="smope", **overrides):

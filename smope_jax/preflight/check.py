@@ -175,28 +175,19 @@ class Preflight:
   def largest_batch(self, result: Result, field: str) -> int:
     """The largest per-device batch of `field` that fits, by compiling.
 
-    The search compiles the step that needs the most memory per image (a
-    training step, for `batch_size`) and then checks its answer against
-    every step of that batch, adding any that does not fit. Memory grows
-    about linearly with the batch, so after fitting probes it aims where
-    that line meets the capacity (for TPUs, the usable memory the compiler
-    reports once it refuses a probe); after a probe the line said would
-    fit does not, it halves the bracket [fits, does not fit] instead, down
-    to neighbours.
+    Each probe compiles every step of that batch (which of them needs most
+    memory differs between chips). Memory grows about linearly with the
+    batch, so after fitting probes the search aims where that line meets
+    the capacity (for TPUs, the usable memory the compiler reports once it
+    refuses a probe); once a probe the line said would fit does not, it
+    halves the bracket [fits, does not fit] instead, down to neighbours.
     """
-    steps = [s.name for s in result.steps if s.batch_field == field]
-    names = {max(steps, key=lambda n: (n.startswith("train"), n))}
+    names = {s.name for s in result.steps if s.batch_field == field}
     fits, fails = 0, result.per_device(field)
     measured, missed = {}, False
     for _ in range(MAX_SEARCH_PROBES):
       if fails - fits <= 1:
-        if not fits or names == set(steps):
-          break
-        names = set(steps)  # The answer, checked against every step.
-        if self.probe(field, fits, names) is not None:
-          break
-        fails, fits, measured = fits, 0, {}
-        continue
+        break
       guess = self._guess(fits, fails, measured, missed)
       logging.info("largest %s: trying %d per device", field, guess)
       total = self.probe(field, guess, names)
