@@ -19,8 +19,8 @@ import sys
 from absl import flags
 
 from smope_jax import cli, workdir
-from smope_jax.configuration import METHOD_NAMES
 from smope_jax.errors import UserError
+from smope_jax.methods import registry
 
 _OUT = flags.DEFINE_string("out", None, "Directory for comparison.md, "
                            ".json and .png.")
@@ -174,11 +174,13 @@ def compare(directories: list[str], out: str) -> dict:
 
 
 def _order(method: str) -> int:
-  return list(METHOD_NAMES).index(method) if method in METHOD_NAMES else 99
+  """Registered methods in the registry's order, any other after them."""
+  names = registry.names()
+  return names.index(method) if method in names else len(names)
 
 
 def method_label(row: dict) -> str:
-  name = METHOD_NAMES.get(row["method"], row["method"])
+  name = registry.display_name(row["method"])
   return f"{name} (upper bound: joint)" if row["joint"] else name
 
 

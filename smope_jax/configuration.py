@@ -9,28 +9,28 @@ import math
 
 import ml_collections
 
+from smope_jax import errors
+from smope_jax.data import benchmarks
 from smope_jax.errors import ConfigError
+from smope_jax.methods import registry
 from smope_jax.models.variants import VIT_VARIANTS
 
-BENCHMARKS = ("cifar100", "imagenet_r", "caltech_birds2011", "digits")
-METHODS = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
-METHOD_NAMES = {"smope": "SMoPE", "l2p": "L2P++", "deep_l2p": "Deep L2P++",
-                "dualprompt": "DualPrompt", "codaprompt": "CODA-Prompt"}
+# The one list of each field's choices; the modules that act on a field
+# read it from here.
 OPTIMIZERS = ("adamw", "adam")
-KEY_LOSSES = ("cross_sample", "per_sample")
 SCHEDULES = ("cosine", "epoch_cosine")
+TEST_RESIZES = ("resize", "resize_crop")
 DTYPES = ("float32", "bfloat16", "auto")
 MATMUL_PRECISIONS = ("highest", "high", "default", "bfloat16", "auto")
 ROUTING_PRECISIONS = ("float32", "backbone", "auto")
 IMAGENET_R_SPLITS = ("reference", "random")
-PRESETS = ("sup21k", "sup1k", "sup1k_coda", "ibot21k", "ibot1k", "dino1k")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all benchmarks (the CIFAR-100 reference values)."""
   c = ml_collections.ConfigDict()
   # Data.
-  c.dataset = "cifar100"          # A benchmark of BENCHMARKS, any TFDS name, or "folder:/path".
+  c.dataset = "cifar100"          # A benchmark of data/benchmarks.py, any TFDS name, or "folder:/path".
   c.data_dir = ""                 # TFDS data dir of prepared data ("" = TFDS default).
   c.train_split = "train"         # TFDS split syntax, for TFDS datasets other than the benchmarks.
   c.test_split = "test"           # Likewise; "" = hold out 20 % of each class of train_split.
@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
                                    # the backbone's own bfloat16 queries ("backbone"); or "auto".
   c.fused_attention = False       # Use jax.nn.dot_product_attention (zero keys + bias form).
   # The method: SMoPE, or a baseline (see use_method for their protocol).
-  c.method = "smope"              # One of METHODS.
+  c.method = registry.REFERENCE   # A registered method (methods/registry.py).
   c.num_prompted_layers = 6       # Blocks 0..L-1 carry prompts (baselines: at most all blocks).
   c.classifier_alignment = True   # Class statistics and Gaussian replay after each task.
   # Baselines (L2P++, DualPrompt, CODA-Prompt).
@@ -148,42 +148,17 @@ def parse_arg(arg, config_file: str, **defaults) -> ml_collections.ConfigDict:
   return args
 
 
-# Prompted blocks of the baselines: L2P++ 0; Deep L2P++ 0-4; DualPrompt
-# G-prompts in 0-1 and E-prompts in 2-4; CODA-Prompt 0-4.
-BASELINE_LAYERS = {"l2p": 1, "deep_l2p": 5, "dualprompt": 5, "codaprompt": 5}
-# Pool size, prompt length (keys + values) of each baseline.
-BASELINE_PROMPTS = {"l2p": (30, 20), "deep_l2p": (30, 20),
-                    "dualprompt": (0, 20), "codaprompt": (100, 8)}
-
-
 def use_method(config, method: str, *, epochs: int,
                batch_size: int = 128) -> ml_collections.ConfigDict:
-  """Sets `config.method` with its defaults.
+  """Sets `config.method` with the protocol behind its published numbers.
 
-  SMoPE keeps the config's settings. The baselines get the protocol behind
-  their published numbers (the CODA-Prompt code): Adam at 1e-3 for prompts
-  and classifier alike, a per-epoch cosine stepped at each epoch's start
-  (no lag), `epochs` epochs of `batch_size`, no classifier alignment, each
-  method's prompt sizes, and its ImageNet-1k backbone (`sup1k_coda`, the
-  augreg checkpoint before SMoPE's `augreg2`). `prompt_lr_multiplier` and
-  `classifier_alignment` switch on the SMoPE repository's protocol (5x the
-  rate for prompts; alignment with its defaults of 10 epochs, ratio 4).
+  A benchmark config holds SMoPE's settings; each method's spec changes
+  what its protocol needs (`registry.MethodSpec.apply_protocol`), with the
+  benchmark's `epochs` and `batch_size` for the baselines' protocol.
   """
-  if method not in METHODS:
-    raise ConfigError(f"method={method!r}; choose one of {METHODS}.")
+  spec = registry.get(method)
   config.method = method
-  if method == "smope":
-    return config
-  pool, length = BASELINE_PROMPTS[method]
-  if config.pretrained == "sup1k":  # The CODA-Prompt protocol's backbone.
-    config.pretrained = "sup1k_coda"
-  config.update(
-      optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="epoch_cosine",
-      schedule_delay=False, freeze_steps=0, iters_per_epoch=0,
-      epochs=epochs, batch_size=batch_size, prompt_lr_multiplier=1.0,
-      classifier_alignment=False, align_epochs=10, align_ratio=4,
-      dense_warmup=False, top_k=5, pool_size=pool, prompt_length=length,
-      num_prompted_layers=BASELINE_LAYERS[method])
+  spec.apply_protocol(config, epochs=epochs, batch_size=batch_size)
   return config
 
 
@@ -215,23 +190,18 @@ def parse_seeds(config) -> list[int]:
       raise ConfigError(f"config.seeds={config.seeds!r} must be "
                         "comma-separated integers, e.g. "
                         "--config.seeds=0,1,2,3,4") from None
-    _require(seeds, f"config.seeds={config.seeds!r} names no seed; give "
+    errors.require(seeds, f"config.seeds={config.seeds!r} names no seed; give "
              "integers, e.g. --config.seeds=0,1,2,3,4, or leave it empty "
              "to run config.seed.")
   field = (f"config.seeds={config.seeds!r}" if str(config.seeds).strip()
            else f"config.seed={config.seed}")
   for seed in seeds:
-    _require(0 <= seed <= MAX_SEED,
+    errors.require(0 <= seed <= MAX_SEED,
              f"{field}: seed {seed} is out of range; seeds must be integers "
              f"from 0 to {MAX_SEED} (2**31-1).")
-    _require(seeds.count(seed) == 1,
+    errors.require(seeds.count(seed) == 1,
              f"{field} repeats seed {seed}; name each seed once.")
   return seeds
-
-
-def _require(condition: bool, message: str):
-  if not condition:
-    raise ConfigError(message)
 
 
 def dotted_fields(config, prefix: str = "") -> dict:
@@ -274,14 +244,14 @@ def _kind_fits(value, default) -> bool:
 
 def check_fields(config) -> None:
   """Every field of `base_config()`, of its type, and no other."""
-  _require(isinstance(config, ml_collections.ConfigDict),
+  errors.require(isinstance(config, ml_collections.ConfigDict),
            f"the config is a {type(config).__name__}, not an "
            "ml_collections.ConfigDict; get_config() must return one, e.g. "
            "configuration.base_config() with changes.")
   expected = dotted_fields(base_config())
   given = dotted_fields(config)
   missing = [name for name in expected if name not in given]
-  _require(not missing,
+  errors.require(not missing,
            f"the config lacks config.{', config.'.join(missing[:5])}"
            f"{' and more' if len(missing) > 5 else ''}; start the config "
            "file from configuration.base_config().")
@@ -292,7 +262,7 @@ def check_fields(config) -> None:
                       f"{f'; did you mean config.{guess}?' if guess else '.'}")
   for name, default in expected.items():
     kind = KINDS[float if isinstance(default, float) else type(default)]
-    _require(_kind_fits(given[name], default),
+    errors.require(_kind_fits(given[name], default),
              f"config.{name}={given[name]!r} must be {kind}.")
 
 
@@ -309,7 +279,7 @@ MAX_PROMPTS = 4096              # Experts, pool entries, prompt tokens.
 
 
 def _check_range(name: str, value, low: int, high: int) -> None:
-  _require(low <= value <= high,
+  errors.require(low <= value <= high,
            f"config.{name}={value} must be between {low} and {high}.")
 
 
@@ -321,63 +291,35 @@ def _check_model(config) -> dict:
                      ("num_layers", MAX_LAYERS),
                      ("num_heads", MAX_HIDDEN_SIZE),
                      ("mlp_dim", MAX_MLP_DIM)):
-    _require(1 <= dims[name] <= high,
+    errors.require(1 <= dims[name] <= high,
              f"config.model.{name}={dims[name]} must be between 1 and "
              f"{high}.")
   _check_range("image_size", config.image_size, 1, MAX_IMAGE_SIZE)
-  _require(config.image_size % dims["patch_size"] == 0,
+  errors.require(config.image_size % dims["patch_size"] == 0,
            f"config.image_size={config.image_size} must be a multiple of the "
            f"patch size {dims['patch_size']}.")
   tokens = (config.image_size // dims["patch_size"])**2
-  _require(tokens <= MAX_TOKENS,
+  errors.require(tokens <= MAX_TOKENS,
            f"config.image_size={config.image_size} makes {tokens} patches of "
            f"size {dims['patch_size']}, more than {MAX_TOKENS}; use a larger "
            "patch or a smaller image.")
-  _require(dims["hidden_size"] % dims["num_heads"] == 0,
+  errors.require(dims["hidden_size"] % dims["num_heads"] == 0,
            "config.model.hidden_size must divide by config.model.num_heads.")
   return dims
 
 
 def _check_method(config, dims: dict) -> None:
-  """The prompted layers and the chosen method's own sizes."""
+  """The prompted layers, then the chosen method's own checks."""
+  spec = registry.get(config.method)
   prompted = config.num_prompted_layers
-  if config.method != "smope":  # The baselines' layout, on a smaller model.
+  if spec.fixed_layout:  # A fixed layout is cut to a smaller model.
     prompted = min(prompted, dims["num_layers"])
-  _require(1 <= prompted <= dims["num_layers"],
-           f"config.num_prompted_layers={config.num_prompted_layers} must be "
-           f"between 1 and the {dims['num_layers']} layers.")
-  _require(config.method in METHODS,
-           f"config.method={config.method!r}; choose one of {METHODS}.")
+  errors.require(1 <= prompted <= dims["num_layers"],
+                 f"config.num_prompted_layers={config.num_prompted_layers} "
+                 f"must be between 1 and the {dims['num_layers']} layers.")
   for name in ("num_experts", "pool_size", "prompt_length", "g_prompt_length"):
     _check_range(name, config[name], 0, MAX_PROMPTS)
-  if config.method == "smope":
-    _require(1 <= config.top_k <= config.num_experts,
-             f"config.top_k={config.top_k} must be between 1 and "
-             f"config.num_experts={config.num_experts}.")
-  if config.method in ("l2p", "deep_l2p"):
-    _require(1 <= config.top_k <= config.pool_size,
-             f"config.top_k={config.top_k} must be between 1 and "
-             f"config.pool_size={config.pool_size}.")
-    _require(config.key_loss in KEY_LOSSES,
-             f"config.key_loss={config.key_loss!r}; choose one of "
-             f"{KEY_LOSSES}.")
-    _require(config.key_loss_groups >= 1 and
-             config.batch_size % config.key_loss_groups == 0,
-             f"config.key_loss_groups={config.key_loss_groups} must divide "
-             f"config.batch_size={config.batch_size}.")
-  if config.method == "dualprompt":
-    _require(prompted >= 3,
-             "DualPrompt needs config.num_prompted_layers >= 3 (G-prompts "
-             "in the first two blocks, E-prompts after them).")
-    _require(config.g_prompt_length >= 2 and config.g_prompt_length % 2 == 0,
-             f"config.g_prompt_length={config.g_prompt_length} must be even: "
-             "half keys, half values.")
-  if config.method != "smope":
-    _require(config.prompt_length >= 2 and config.prompt_length % 2 == 0,
-             f"config.prompt_length={config.prompt_length} must be even: "
-             "half keys, half values.")
-    _require(config.pool_size >= (1 if config.method != "dualprompt" else 0),
-             f"config.pool_size={config.pool_size} must be positive.")
+  spec.check(config, dims)
 
 
 def _check_numbers(config) -> None:
@@ -387,23 +329,23 @@ def _check_numbers(config) -> None:
     _check_range(name, config[name], 1, high)
   for name in ("align_ratio", "checkpoint_every_steps", "log_every_steps",
                "keep_checkpoints"):
-    _require(config[name] >= 1,
+    errors.require(config[name] >= 1,
              f"config.{name}={config[name]} must be a positive integer.")
   _check_range("align_epochs", config.align_epochs, 0, MAX_EPOCHS)
   for name in ("freeze_steps", "iters_per_epoch"):
-    _require(config[name] >= 0, f"config.{name} must not be negative.")
-  _require(config.exit_at_step >= -1,
+    errors.require(config[name] >= 0, f"config.{name} must not be negative.")
+  errors.require(config.exit_at_step >= -1,
            "config.exit_at_step must be -1 (off) or a step.")
   for name in ("lr", "align_lr", "align_final_lr", "prompt_lr_multiplier"):
     value = float(config[name])
-    _require(math.isfinite(value) and value > 0,
+    errors.require(math.isfinite(value) and value > 0,
              f"config.{name}={value} must be positive and finite.")
   for name in ("router_weight", "prototype_weight", "ortho_weight", "epsilon",
                "inference_penalty", "weight_decay", "align_weight_decay"):
     value = float(config[name])
-    _require(math.isfinite(value) and value >= 0,
+    errors.require(math.isfinite(value) and value >= 0,
              f"config.{name}={value} must be finite and not negative.")
-  _require(0 <= config.split_seed <= MAX_SEED,
+  errors.require(0 <= config.split_seed <= MAX_SEED,
            f"config.split_seed={config.split_seed} is out of range; seeds "
            f"must be integers from 0 to {MAX_SEED} (2**31-1).")
 
@@ -415,11 +357,18 @@ def validate(config) -> None:
   wrong value ends the program before anything starts.
   """
   check_fields(config)
-  _require(config.dataset.strip() != "",
+  errors.require(config.dataset.strip() != "",
            f"config.dataset={config.dataset!r}; name a benchmark "
-           f"{BENCHMARKS}, a TFDS dataset or 'folder:/path'.")
+           f"{tuple(benchmarks.BENCHMARKS)}, a TFDS dataset or "
+           "'folder:/path'.")
+  benchmark = benchmarks.BENCHMARKS.get(config.dataset)
+  errors.require(
+      not benchmark or config.num_classes in (0, benchmark.num_classes),
+      f"config.num_classes={config.num_classes}, but {config.dataset} has "
+      f"{benchmark and benchmark.num_classes} classes; set "
+      f"{benchmark and benchmark.num_classes} or 0 (from the data).")
   _check_range("num_tasks", config.num_tasks, 1, MAX_CLASSES)
-  _require(config.num_classes >= 0 and config.first_task_classes >= 0,
+  errors.require(config.num_classes >= 0 and config.first_task_classes >= 0,
            "config.num_classes and config.first_task_classes must not be "
            "negative.")
   _check_range("num_classes", config.num_classes, 0, MAX_CLASSES)
@@ -429,13 +378,13 @@ def validate(config) -> None:
     splits.task_classes(range(config.num_classes), config.num_tasks,
                         config.first_task_classes)
   _check_method(config, _check_model(config))
-  for name, choices in (("test_resize", ("resize", "resize_crop")),
+  for name, choices in (("test_resize", TEST_RESIZES),
                         ("schedule", SCHEDULES), ("dtype", DTYPES),
                         ("matmul_precision", MATMUL_PRECISIONS),
                         ("routing_precision", ROUTING_PRECISIONS),
                         ("optimizer", OPTIMIZERS),
                         ("imagenet_r_split", IMAGENET_R_SPLITS)):
-    _require(config[name] in choices,
+    errors.require(config[name] in choices,
              f"config.{name}={config[name]!r}; choose one of {choices}.")
   _check_numbers(config)
   parse_seeds(config)
@@ -470,7 +419,7 @@ def resolve_precision(config, platform: str) -> dict:
     ConfigError: an unknown platform.
   """
   name = _PLATFORM_NAMES.get(str(platform).lower())
-  _require(name is not None,
+  errors.require(name is not None,
            f"platform {platform!r} is unknown; use one of "
            f"{tuple(PRECISION_DEFAULTS)}.")
   defaults = PRECISION_DEFAULTS[name]
@@ -506,9 +455,9 @@ def validate_devices(config, device_count: int, process_count: int) -> None:
   """The global batches must split evenly over devices and hosts."""
   for name in ("batch_size", "eval_batch_size"):
     value = int(config[name])
-    _require(value % device_count == 0,
+    errors.require(value % device_count == 0,
              f"config.{name}={value} must divide by the {device_count} "
              f"devices of this run; try {max(device_count, value - value % device_count)}.")
-    _require(value % process_count == 0,
+    errors.require(value % process_count == 0,
              f"config.{name}={value} must divide by the {process_count} "
              "processes of this run.")

@@ -20,3 +20,9 @@ class MissingDataError(UserError):
 
 class MissingWeightsError(UserError):
   """Pretrained weights are not available locally or do not fit the model."""
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `condition` holds."""
+  if not condition:
+    raise ConfigError(message)

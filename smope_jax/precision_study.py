@@ -35,6 +35,7 @@ from smope_jax import checkpointing, cli, configuration, distributed
 from smope_jax import train_step, trainer
 from smope_jax import workdir as workdir_lib
 from smope_jax.errors import UserError
+from smope_jax.methods import registry
 from smope_jax.models import factory
 
 
@@ -74,9 +75,10 @@ def agreement(selected: np.ndarray, reference: np.ndarray) -> float:
 
 def _load_config(workdir: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(workdir_lib.read_json_file(f"{workdir}/config.json"))
-  if config.method != "smope":
-    raise UserError(f"{workdir} is a {config.method} run; the study reads "
-                    "SMoPE's routing.")
+  if config.method != registry.REFERENCE:
+    raise UserError(f"{workdir} is a {registry.display_name(config.method)} "
+                    f"run; the study reads "
+                    f"{registry.display_name(registry.REFERENCE)}'s routing.")
   if config.pretrained == "demo":  # The backbone cached in the run's workdir.
     config.pretrained = factory.demo_backbone_dir(workdir)
   config.progress_bar = False
@@ -108,7 +110,7 @@ def routing_decisions(workdir: str, precision: dict | None = None
       state, last = restored[1], run.data.num_tasks - 1
       infer = jax.jit(functools.partial(
           train_step.infer, model=run.model, method=run.method,
-          exclude_unused=bool(config.exclude_unused_at_eval)))
+          evaluating=True))
       seen = run.data.class_ranges[last][1]
       chosen, accuracy = [], []
       with jax.default_matmul_precision(

@@ -1,6 +1,7 @@
-"""Published final average accuracies (FAA, %, mean +- std over 5 seeds).
+"""Where the published final average accuracies come from.
 
-Keyed by (TFDS dataset, number of tasks) and method. Backbones: supervised
+The numbers (FAA, %, mean +- std over 5 seeds) live in each method's spec,
+keyed by (TFDS dataset, number of tasks). Backbones: supervised
 ImageNet-21k -> 1k ViT-B/16 for ImageNet-R and CIFAR-100, supervised
 ImageNet-21k ViT-B/16 for CUB-200. The SMoPE paper's "L2P" row is Deep
 L2P++. Sources:
@@ -10,49 +11,18 @@ L2P++. Sources:
   V  VQ-Prompt (Jiao et al., NeurIPS 2024), Tables 1-2.
 """
 
+from smope_jax.methods import registry
+
 SOURCES = {
     "S": "SMoPE paper (arXiv 2509.24483)",
     "C": "CODA-Prompt paper, via VQ-Prompt / OS-Prompt",
     "V": "VQ-Prompt paper (NeurIPS 2024)",
 }
 
-# (dataset, tasks) -> method -> [(mean, std, source), ...]
-FAA = {
-    ("imagenet_r", 5): {
-        "l2p": [(70.83, 0.58, "V")],
-        "deep_l2p": [(73.93, 0.37, "V")],
-        "dualprompt": [(73.05, 0.50, "V")],
-        "codaprompt": [(76.51, 0.38, "V")],
-    },
-    ("imagenet_r", 10): {
-        "l2p": [(69.29, 0.73, "V")],
-        "deep_l2p": [(71.66, 0.64, "S"), (71.66, 0.64, "V")],
-        "dualprompt": [(71.32, 0.62, "S"), (71.32, 0.62, "V")],
-        "codaprompt": [(75.45, 0.56, "S"), (75.45, 0.56, "V")],
-        "smope": [(79.32, 0.42, "S")],
-    },
-    ("imagenet_r", 20): {
-        "l2p": [(65.89, 1.30, "V")],
-        "deep_l2p": [(68.42, 1.20, "V")],
-        "dualprompt": [(67.87, 1.39, "V")],
-        "codaprompt": [(72.37, 1.19, "V")],
-    },
-    ("cifar100", 10): {
-        "l2p": [(82.50, 1.10, "V")],
-        "deep_l2p": [(84.30, 1.03, "S"), (84.30, 1.03, "V")],
-        "dualprompt": [(82.37, 0.29, "S"), (83.05, 1.16, "C")],
-        "codaprompt": [(87.02, 0.10, "S"), (86.25, 0.74, "C")],
-        "smope": [(89.23, 0.12, "S")],
-    },
-    ("caltech_birds2011", 10): {
-        "deep_l2p": [(78.64, 0.60, "S")],
-        "dualprompt": [(77.27, 0.31, "S")],
-        "codaprompt": [(76.65, 0.70, "S")],
-        "smope": [(87.43, 0.39, "S")],
-    },
-}
-
 
 def faa(dataset: str, num_tasks: int, method: str) -> list[tuple]:
-  """The published (mean, std, source) values of a cell, maybe none."""
-  return FAA.get((dataset, num_tasks), {}).get(method, [])
+  """The published (mean, std, source) values of a cell, maybe none; each
+  method's spec holds its own (`registry.MethodSpec.published`)."""
+  if method not in registry.names():
+    return []
+  return list(registry.get(method).published.get((dataset, num_tasks), ()))

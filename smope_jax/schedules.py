@@ -23,9 +23,10 @@ import jax
 import numpy as np
 import optax
 
+from smope_jax import configuration
+
 FINAL_LR = 1e-6
 FREEZE_LR = 1e-6
-KINDS = ("cosine", "epoch_cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,9 @@ class Schedule:
   delayed: bool = True
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"unknown schedule {self.kind!r}; use one of {KINDS}")
+    if self.kind not in configuration.SCHEDULES:
+      raise ValueError(f"unknown schedule {self.kind!r}; use one of "
+                       f"{configuration.SCHEDULES}")
 
   def _per_step(self, i: int) -> float:
     """Value i of the per-step curve (the reference's `schedule[i]`)."""

@@ -119,22 +119,19 @@ def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
 
 
 def infer(trainable, frozen, method_state, images, task, model, method,
-          exclude_unused: bool = True):
-  """Forward with the method's inference rules."""
-  context = method.context(method_state, task, exclude_unused=exclude_unused)
+          evaluating: bool = False):
+  """Forward with the method's inference rules (its evaluation's rules
+  when `evaluating`)."""
+  context = method.context(method_state, task, evaluating=evaluating)
   return model.apply({"params": merge_params(trainable, frozen)}, images,
                      context, mode="eval")
 
 
 def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
-              model, method, exclude_unused: bool):
-  """Number of correctly classified real images in the batch.
-
-  With `exclude_unused` False, SMoPE routes as the reference's published
-  evaluation did (see `prompt_attention.selection_penalty`).
-  """
+              model, method):
+  """Number of correctly classified real images in the batch."""
   out = infer(trainable, frozen, method_state, batch["image"], task, model,
-              method, exclude_unused)
+              method, evaluating=True)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
@@ -264,8 +261,7 @@ def make_steps(config, model, method, replicated) -> Steps:
       num_epochs=config.align_epochs)
   return Steps(
       train_for=train_for,
-      eval=jitted(functools.partial(
-          eval_step, **bound, exclude_unused=config.exclude_unused_at_eval),
+      eval=jitted(functools.partial(eval_step, **bound),
                   out_shardings=replicated),
       bookkeeping=jitted(functools.partial(bookkeeping_step, **bound),
                          out_shardings=replicated, donate_argnums=(2,)),

@@ -24,6 +24,7 @@ from smope_jax import schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
+from smope_jax.methods import registry
 from smope_jax.models import factory
 
 
@@ -281,7 +282,7 @@ class Run:
   def title(self) -> str:
     """The run in a few words, for logs and plot titles."""
     c = self.config
-    method = configuration.METHOD_NAMES[c.method]
+    method = registry.display_name(c.method)
     label = f"{c.dataset}, {self.data.num_tasks} tasks, {method}, seed {c.seed}"
     return label + (" (upper bound: joint)" if c.joint else "")
 
@@ -315,7 +316,7 @@ class Run:
     counts = steps_lib.parameter_counts(
         factory.param_shapes(self.config, self.model, self.method))
     log("%s: learnable parameters %s (prompts %s, head %s), frozen %s",
-        configuration.METHOD_NAMES[self.config.method], f"{counts['learnable']:,}",
+        registry.display_name(self.config.method), f"{counts['learnable']:,}",
         f"{counts['prompts']:,}", f"{counts['head']:,}",
         f"{counts['frozen']:,}")
     log("devices: %d %s (%d per process, %d processes), mesh %s",

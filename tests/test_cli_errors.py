@@ -432,9 +432,10 @@ def test_benchmark_batch_must_split_into_l2p_key_loss_groups():
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert result.stderr.splitlines()[-1] == (
-      "error: L2P's key loss splits the batch of 2 into "
+      "error: L2P++'s key loss splits the batch of 2 into "
       "config.key_loss_groups=4 equal groups; pick a batch that divides by it "
-      "(--batch) or set --config.key_loss_groups=1.")
+      "(config.batch_size, or the benchmark's --batch) or set "
+      "--config.key_loss_groups=1.")
 
 
 def test_benchmark_record_is_written_whole_or_not_at_all(tmp_path, tmpfs):

@@ -16,6 +16,7 @@ from PIL import Image
 from smope_jax import configuration
 from smope_jax import data
 from smope_jax import errors
+from smope_jax.data import benchmarks
 from smope_jax.data import imagenet_r
 from smope_jax.data import preprocess
 from smope_jax.data import sources
@@ -390,7 +391,7 @@ def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
   assert test['image'].shape[1:] == (8, SIZE, SIZE, 3)
   assert test['mask'].sum() == cd.test_size(0)
   # Read as any TFDS dataset: a split it lacks is named with those it has.
-  monkeypatch.delitem(sources.BENCHMARKS, 'imagenet_r')
+  monkeypatch.delitem(benchmarks.BENCHMARKS, 'imagenet_r')
   with pytest.raises(errors.ConfigError, match="its splits are: test"):
     data.build_continual_data(_config(
         'imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,

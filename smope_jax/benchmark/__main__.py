@@ -14,6 +14,7 @@ from smope_jax import cli
 from smope_jax import configuration
 from smope_jax import workdir
 from smope_jax.errors import UserError
+from smope_jax.methods import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/imagenet_r.py:tasks=10; "
@@ -28,8 +29,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", 2048, "Side of the float32 reference matmul.")
 _METHODS = flags.DEFINE_list(
-    "methods", ["smope", "l2p", "deep_l2p", "dualprompt", "codaprompt"],
-    "Methods to measure; SMoPE is always measured (ratios refer to it).")
+    "methods", None, "Methods to measure (default: every registered one); "
+    "the reference method is always measured (ratios refer to it).")
 
 
 # The reference matmul's side: 16384 floats square is 1 GiB per operand.
@@ -43,9 +44,10 @@ def check_flags(config) -> None:
     UserError: the first wrong flag, in one sentence.
   """
   configuration.validate(config)
-  if config.method != "smope":
-    raise UserError("the benchmark measures every method from SMoPE's "
-                    "config: pass the config without method=...")
+  if config.method != registry.REFERENCE:
+    raise UserError("the benchmark measures every method from "
+                    f"{registry.display_name(registry.REFERENCE)}'s config: "
+                    "pass the config without method=...")
   if not 0 <= _BATCH.value <= configuration.MAX_BATCH:
     raise UserError(f"--batch={_BATCH.value} must be between 1 and "
                     f"{configuration.MAX_BATCH}, or 0 for the config's batch.")
@@ -56,22 +58,12 @@ def check_flags(config) -> None:
   if not 1 <= _MATMUL_SIZE.value <= MAX_MATMUL_SIZE:
     raise UserError(f"--matmul_size={_MATMUL_SIZE.value} must be between 1 "
                     f"and {MAX_MATMUL_SIZE}.")
-  unknown = [m for m in _METHODS.value if m not in configuration.METHODS]
+  unknown = [m for m in _METHODS.value or () if m not in registry.names()]
   if unknown:
     raise UserError(f"--methods: unknown {','.join(unknown)}; choose from "
-                    f"{','.join(configuration.METHODS)}.")
+                    f"{','.join(registry.names())}.")
   if _OUT.value:
     workdir.check_output_file(_OUT.value, "--out")
-
-
-def check_key_loss_groups(config, batch: int) -> None:
-  """L2P's key loss splits each batch into `key_loss_groups` equal parts."""
-  if ({"l2p", "deep_l2p"} & set(_METHODS.value) and
-      batch % config.key_loss_groups):
-    raise UserError(f"L2P's key loss splits the batch of {batch} into "
-                    f"config.key_loss_groups={config.key_loss_groups} equal "
-                    "groups; pick a batch that divides by it (--batch) or "
-                    "set --config.key_loss_groups=1.")
 
 
 def main(argv):
@@ -86,7 +78,6 @@ def main(argv):
         flags.FLAGS["config"])
     batch, source = report.resolve_batch(
         config, _BATCH.value, overridden, jax.default_backend())
-    check_key_loss_groups(config, batch)
     record = report.run(config, batch, repeats=_REPEATS.value,
                         warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value,
                         batch_source=source, methods=_METHODS.value)

@@ -11,6 +11,7 @@ from absl import logging
 from smope_jax import configuration
 from smope_jax.benchmark import measure
 from smope_jax.benchmark import rows as rows_lib
+from smope_jax.methods import registry
 from smope_jax.preflight import roofline
 
 # Batch on CPU when neither --batch nor --config.batch_size is given: the
@@ -104,8 +105,9 @@ def row_result(m: measure.Measurement, batch: int, probe_flops: float,
 
 def run(config, batch: int, *, repeats: int, warmup: int,
         matmul_size: int, batch_source: str = "argument",
-        methods=rows_lib.METHOD_ORDER) -> dict:
-  """Measures every row for `config` at `batch`; returns the JSON record."""
+        methods=None) -> dict:
+  """Measures every row for `config` at `batch` (of `methods`, default every
+  registered one); returns the JSON record."""
   # "auto" precision fields become this platform's, as in training.
   config = config.copy_and_resolve_references()
   config.update(configuration.resolve_precision(config,
@@ -143,23 +145,24 @@ def run(config, batch: int, *, repeats: int, warmup: int,
   flops = {name: r["gflops_per_image"] for name, r in results.items()
            if "gflops_per_image" in r}
   model = setup.model
-  smope = setup.methods["smope"].config
+  ref = registry.REFERENCE
+  smope = setup.methods[ref].config
   params = setup.parameter_counts()
   ratios = {
       "inference_flops_vs_plain":
-          flops["smope_inference"] / flops["plain_vit"],
+          flops[f"{ref}_inference"] / flops["plain_vit"],
       "train_flops_vs_inference":
-          flops["smope_train"] / flops["smope_inference"],
+          flops[f"{ref}_train"] / flops[f"{ref}_inference"],
   }
   for name in setup.methods:
-    if name == "smope":
+    if name == ref:
       continue
     ratios[f"{name}_inference_flops_vs_plain"] = (
         flops[f"{name}_inference"] / flops["plain_vit"])
     ratios[f"inference_flops_vs_{name}"] = (
-        flops["smope_inference"] / flops[f"{name}_inference"])
+        flops[f"{ref}_inference"] / flops[f"{name}_inference"])
     ratios[f"train_flops_vs_{name}"] = (
-        flops["smope_train"] / flops[f"{name}_train"])
+        flops[f"{ref}_train"] / flops[f"{name}_train"])
   return {
       "date": datetime.datetime.now().astimezone().isoformat(
           timespec="seconds"),
@@ -179,7 +182,7 @@ def run(config, batch: int, *, repeats: int, warmup: int,
       "batch_source": batch_source,
       "repeats": repeats,
       "warmup": warmup,
-      "params": params["smope"],
+      "params": params[ref],
       "params_by_method": params,
       "memory_source": measure.memory_source(),
       "rows": results,
@@ -218,13 +221,13 @@ def format_table(record: dict) -> str:
             "inference GFLOPs vs plain ViT | SMoPE inference / this | "
             "SMoPE train step / this |", "|---|---:|---:|---:|---:|---:|---:|"]
   for name, p in record["params_by_method"].items():
-    if name == "smope":
+    if name == registry.REFERENCE:
       cost = (f"{ratios['inference_flops_vs_plain']:.4f}x", "1", "1")
     else:
       cost = (f"{ratios[f'{name}_inference_flops_vs_plain']:.4f}x",
               f"{ratios[f'inference_flops_vs_{name}']:.4f}",
               f"{ratios[f'train_flops_vs_{name}']:.4f}")
-    lines.append(f"| {rows_lib.METHOD_NAMES[name]} | {p['learnable']:,} | "
+    lines.append(f"| {registry.display_name(name)} | {p['learnable']:,} | "
                  f"{p['prompts']:,} | {p['head']:,} | " + " | ".join(cost) +
                  " |")
   lines += [

@@ -3,7 +3,8 @@
 Every method runs the configured ViT on the same random images with random
 weights: the benchmark measures cost, not accuracy, so the backbone is never
 loaded (`config.pretrained` is ignored). Each method gets its own settings
-(prompt sizes, prompted blocks) from `configuration.use_method`.
+(prompt sizes, prompted blocks) from its protocol (`configuration.use_method`)
+and the reference method's model gives the plain-ViT and dense rows.
 """
 
 import dataclasses
@@ -16,10 +17,8 @@ import numpy as np
 
 from smope_jax import configuration, schedules
 from smope_jax import train_step as steps_lib
+from smope_jax.methods import registry
 from smope_jax.models import factory
-
-METHOD_ORDER = configuration.METHODS
-METHOD_NAMES = configuration.METHOD_NAMES
 
 
 def describe(row: str) -> str:
@@ -29,8 +28,9 @@ def describe(row: str) -> str:
   if row == "dense_prompts":
     return "SMoPE's warm-up forward: prefix attention over all E experts"
   method, _, kind = row.rpartition("_")
-  name = METHOD_NAMES[method]
-  query = "" if method == "smope" else "frozen query pass, then "
+  spec = registry.get(method)
+  name = spec.display_name
+  query = "frozen query pass, then " if spec.query_pass else ""
   if kind == "inference":
     return f"{name} inference: {query}the prompted forward (test routing)"
   return (f"{name} train step: {query}the prompted forward and backward, "
@@ -101,11 +101,12 @@ class MethodSetup:
 class Setup:
   """Every method on the same images.
 
-  The config is SMoPE's (a benchmark config without `method=`); each
-  baseline takes its own settings from `configuration.use_method`.
+  The config is the reference method's (a benchmark config without
+  `method=`); every other method takes its own settings from
+  `configuration.use_method`, with the benchmark's batch.
   """
 
-  def __init__(self, config, batch: int, methods=METHOD_ORDER):
+  def __init__(self, config, batch: int, methods=None):
     key_images, key_labels = jax.random.split(jax.random.PRNGKey(config.seed))
     size = config.image_size
     images = jax.random.uniform(key_images, (batch, size, size, 3))
@@ -115,21 +116,26 @@ class Setup:
     base = config.copy_and_resolve_references()
     base.pretrained = ""
     self.methods = {}
-    for name in (n for n in METHOD_ORDER if n == "smope" or n in methods):
+    for name in registry.names():
+      if methods is not None and name not in (registry.REFERENCE, *methods):
+        continue
       method_config = configuration.use_method(
           base.copy_and_resolve_references(), name, epochs=base.epochs,
           batch_size=base.batch_size)
+      method_config.batch_size = batch
+      configuration.validate(method_config)
       self.methods[name] = MethodSetup(method_config, images, labels, task)
-    self.model = self.methods["smope"].model
+    self.model = self.methods[registry.REFERENCE].model
 
   def rows(self) -> dict[str, Row]:
     """Lighter rows first, so the running peak memory grows row by row."""
-    smope = self.methods["smope"]
-    rows = {"plain_vit": smope.inference("plain"),
-            "smope_inference": smope.inference(),
-            "dense_prompts": smope.inference("dense")}
-    baselines = [name for name in self.methods if name != "smope"]
-    for name in baselines:
+    reference = self.methods[registry.REFERENCE]
+    rows = {"plain_vit": reference.inference("plain"),
+            f"{registry.REFERENCE}_inference": reference.inference(),
+            "dense_prompts": reference.inference("dense")}
+    for name in self.methods:
+      if name == registry.REFERENCE:
+        continue
       rows[f"{name}_inference"] = self.methods[name].inference()
     for name in self.methods:
       rows[f"{name}_train"] = self.methods[name].train()

@@ -10,7 +10,7 @@ import math
 
 import tensorflow as tf
 
-TEST_RESIZES = ("resize", "resize_crop")
+from smope_jax import configuration
 
 
 def graph_only(fn):
@@ -149,5 +149,5 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     image = center_crop(resize_shorter_side(image, round(size * 256 / 224)),
                         size)
   else:
-    raise ValueError(f"Unknown test resize {mode!r}; use {TEST_RESIZES}.")
+    raise ValueError(f"Unknown test resize {mode!r}; use {configuration.TEST_RESIZES}.")
   return tf.ensure_shape(image, [size, size, 3])

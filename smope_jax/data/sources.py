@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from smope_jax import errors
+from smope_jax.data import benchmarks
 from smope_jax.data import imagenet_r
 from smope_jax.data import preprocess
 from smope_jax.data import splits
@@ -26,24 +27,6 @@ ROLES = ("train", "test")
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TFDS_ID = "tfds_id"  # TFDS's own unique example id, for datasets without one.
-
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-  """How a built-in benchmark's TFDS dataset is read."""
-  key: str  # A unique string feature that fixes the canonical order.
-  train_split: str = "train"
-  test_split: str = "test"
-
-
-BENCHMARKS = {
-    "cifar100": Benchmark(key="id"),
-    "caltech_birds2011": Benchmark(key="image/filename"),
-    # TFDS ships ImageNet-R as one split; the roles come from the lists.
-    "imagenet_r": Benchmark(key="file_name", train_split="test",
-                            test_split=""),
-}
-IMAGENET_R_SPLITS = ("reference", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +107,13 @@ class TfdsSource(Source):
 
   def __init__(self, config, validation: bool):
     self.name = config.dataset
-    benchmark = BENCHMARKS.get(self.name)
+    benchmark = benchmarks.BENCHMARKS.get(self.name)
     try:
       self._builder = tfds.builder(self.name, data_dir=config.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise errors.ConfigError(
           f"config.dataset={self.name!r} is neither a built-in benchmark "
-          f"({', '.join(BENCHMARKS)}, digits), a folder ('folder:/path') nor a "
+          f"({', '.join(benchmarks.BENCHMARKS)}), a folder ('folder:/path') nor a "
           f"TFDS dataset: {str(e).splitlines()[0]}") from None
     except (ValueError, OSError, tf.errors.OpError,
             json_format.ParseError) as e:  # A damaged dataset_info.json.
@@ -149,9 +132,9 @@ class TfdsSource(Source):
     self._key = benchmark.key if benchmark else TFDS_ID
     train_split = benchmark.train_split if benchmark else config.train_split
     test_split = benchmark.test_split if benchmark else config.test_split
-    if benchmark and self.name == "imagenet_r":
+    if benchmark and benchmark.reference_lists:
       self.class_names = list(imagenet_r.class_wnids())
-      self.index = self._imagenet_r_roles(config)
+      self.index = self._reference_list_roles(config, train_split)
     else:
       self.class_names = list(features[self._label_key].names)
       self.index = {"train": self._read_index(train_split)}
@@ -178,8 +161,9 @@ class TfdsSource(Source):
     except tf.errors.OpError as e:
       raise self._damaged(e) from None
 
-  def _imagenet_r_roles(self, config) -> dict[str, RoleIndex]:
-    everything = self._read_index("test", label_from_key=True)
+  def _reference_list_roles(self, config, split: str) -> dict[str, RoleIndex]:
+    """ImageNet-R's roles: the reference's lists, or a seeded 80/20 split."""
+    everything = self._read_index(split, label_from_key=True)
     if config.imagenet_r_split == "random":
       return carve_roles(everything, config.split_seed)
     return {role: everything.subset(positions) for role, positions in
@@ -375,7 +359,8 @@ class DigitsSource(Source):
 def make_source(config) -> Source:
   """The source named by `config.dataset`, with validation applied."""
   validation = bool(config.validation)
-  if config.dataset == "digits":
+  benchmark = benchmarks.BENCHMARKS.get(config.dataset)
+  if benchmark and benchmark.source == "digits":
     source = DigitsSource(config, validation)
   elif str(config.dataset).startswith(FOLDER_PREFIX):
     source = FolderSource(config, validation)

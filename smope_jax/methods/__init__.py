@@ -1,23 +1,24 @@
-"""Prompt methods by name: SMoPE and the baselines it is compared with.
+"""Prompt methods: SMoPE and the baselines it is compared with.
 
-Adding a method means one module with its prompt module and `Method`
-subclass (see `base`) and one line here.
+A method is two modules: its model code (a `base.PromptModule` and a
+`base.Method` subclass, JAX) and its spec (JAX-free), a
+`registry.MethodSpec`. The built-in specs are registered here, in the
+tables' order; a method of your own needs only its modules and one
+`registry.register` call, from a module its config file imports.
 """
 
-from smope_jax.errors import ConfigError
-from smope_jax.methods import base
-from smope_jax.methods.codaprompt import CodaPrompt
-from smope_jax.methods.dualprompt import DualPrompt
-from smope_jax.methods.l2p import DeepL2P
-from smope_jax.methods.l2p import L2P
-from smope_jax.methods.smope import SMoPE
+from smope_jax.methods import codaprompt_spec
+from smope_jax.methods import dualprompt_spec
+from smope_jax.methods import l2p_spec
+from smope_jax.methods import registry
+from smope_jax.methods import smope_spec
 
-METHODS = {m.name: m for m in (SMoPE, L2P, DeepL2P, DualPrompt, CodaPrompt)}
+for _spec in (smope_spec.SPEC, l2p_spec.L2P, l2p_spec.DEEP_L2P,
+              dualprompt_spec.SPEC, codaprompt_spec.SPEC):
+  registry.register(_spec)
 
 
-def get(config, num_tasks: int, dims: dict) -> base.Method:
-  """The `config.method` of a run with `num_tasks` tasks and ViT `dims`."""
-  if config.method not in METHODS:
-    raise ConfigError(f"config.method={config.method!r}; choose one of "
-                      f"{tuple(METHODS)}.")
-  return METHODS[config.method](config, num_tasks, dims)
+def build(config, num_tasks: int, dims: dict):
+  """The `base.Method` of `config.method` for `num_tasks` tasks and ViT
+  `dims` (imports the method's model code)."""
+  return registry.method_class(config.method)(config, num_tasks, dims)

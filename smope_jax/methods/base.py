@@ -82,7 +82,6 @@ class PromptModule(nn.Module):
 class Method:
   """The trainer's view of a prompt method. Subclasses override the hooks."""
 
-  name: ClassVar[str] = ""
   # Task 0 starts with a dense warm-up (mode 'dense') for half the epochs.
   dense_warmup: ClassVar[bool] = False
   # A pass over each task's training data after training (see `bookkeep`).
@@ -112,9 +111,13 @@ class Method:
     """A context for building the parameters (task 0, nothing learned)."""
     return {"task": jnp.int32(0)}
 
-  def context(self, state: dict, task, *, exclude_unused: bool = True):
-    """The prompt module's per-step inputs, built inside the jitted step."""
-    del state, exclude_unused
+  def context(self, state: dict, task, *, evaluating: bool = False):
+    """The prompt module's per-step inputs, built inside the jitted step.
+
+    `evaluating` marks the test-set evaluation, whose rules a method may
+    set apart from its other inference passes.
+    """
+    del state, evaluating
     return {"task": task}
 
   def loss_terms(self, out: dict, trainable: dict, state: dict, task,

@@ -123,8 +123,6 @@ def ortho_penalty(x: jax.Array, num_used) -> jax.Array:
 class CodaPrompt(base.Method):
   """Gram-Schmidt at task boundaries; the optional orthogonality penalty."""
 
-  name = "codaprompt"
-
   def __init__(self, config, num_tasks, dims):
     super().__init__(config, num_tasks, dims)
     self.per_task = int(config.pool_size / num_tasks)

@@ -78,8 +78,6 @@ class DualPromptPrompts(base.PromptModule):
 class DualPrompt(base.Method):
   """The task id selects the trained E-prompt; its key loss pulls key t."""
 
-  name = "dualprompt"
-
   def prompts(self):
     c, d = self.config, self.dims
     return DualPromptPrompts(

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 
 from smope_jax.methods import base
 
-KEY_LOSSES = ("cross_sample", "per_sample")
-
 
 class L2PPrompts(base.PromptModule):
   """Pools (L, M, Lp, D) and keys (L, M, D) of the prompted blocks."""
@@ -88,8 +86,6 @@ def key_loss(similarity: jax.Array, chosen: jax.Array, mask: jax.Array,
 class L2P(base.Method):
   """L2P++ (block 0) or Deep L2P++ (blocks 0-4): the pool and its keys."""
 
-  name = "l2p"
-
   def prompts(self):
     c, d = self.config, self.dims
     return L2PPrompts(num_layers=self.num_layers,
@@ -105,7 +101,3 @@ class L2P(base.Method):
     return {"key": (key_loss(out["key_similarity"], out["key_chosen"], mask,
                              group, self.config.key_loss == "cross_sample"),
                     1.0)}
-
-
-class DeepL2P(L2P):
-  name = "deep_l2p"

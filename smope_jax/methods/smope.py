@@ -69,7 +69,6 @@ class SMoPEPrompts(base.PromptModule):
 class SMoPE(base.Method):
   """The trainer's hooks: counts and marks, snapshot, router and prototype."""
 
-  name = "smope"
   bookkeeping = True
 
   def __init__(self, config, num_tasks, dims):
@@ -107,10 +106,13 @@ class SMoPE(base.Method):
              self.config.num_experts)
     return {**experts.init_expert_state(*shape), "exclude_unused": True}
 
-  def context(self, state, task, *, exclude_unused=True):
+  def context(self, state, task, *, evaluating=False):
+    """Never-used experts are excluded, except in an evaluation that keeps
+    the published numbers' routing (`config.exclude_unused_at_eval`)."""
     del task
     return {"counts": state["counts"], "frequent": state["frequent"],
-            "exclude_unused": exclude_unused}
+            "exclude_unused": (not evaluating or
+                               self.config.exclude_unused_at_eval)}
 
   def loss_terms(self, out, trainable, state, task, mask, mode):
     """Router loss in top-K mode; prototype loss against the snapshot.

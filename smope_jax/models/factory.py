@@ -23,7 +23,7 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
   config = config.copy_and_resolve_references()
   config.update(configuration.resolve_precision(config, jax.default_backend()))
   dims = configuration.model_dims(config)
-  method = methods.get(config, num_tasks, dims)
+  method = methods.build(config, num_tasks, dims)
   precision = configuration.model_precision(config)
   model = VisionTransformer(
       num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),

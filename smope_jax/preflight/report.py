@@ -4,7 +4,7 @@ Tables fit 80 columns: one of memory per device, one of cost per call
 (FLOPs per image, the roofline bound, images/s per chip, collectives).
 """
 
-from smope_jax import configuration
+from smope_jax.methods import registry
 from smope_jax.preflight import chips
 from smope_jax.preflight import steps as preflight_steps
 
@@ -25,7 +25,7 @@ def _bytes(n: int) -> str:
 def header(result, config_name: str) -> list[str]:
   target, config = result.target, result.config
   spec = target.spec
-  method = configuration.METHOD_NAMES.get(config.method, config.method)
+  method = registry.display_name(config.method)
   peak = spec.peak_flops(config.dtype, config.matmul_precision)
   lines = [
       f"preflight: {config_name} on {target.name}",
