@@ -205,6 +205,9 @@ class WorkdirLock:
       try:
         if _same_file(fd, self.path):
           os.unlink(self.path)  # Still locked: no other run holds it.
+        else:
+          logging.warning("%s is no longer this run's lock; left in place.",
+                          self.path)
       except OSError as e:  # Harmless: the next run locks the file anew.
         logging.warning("Could not remove %s (%s).", self.path, e)
       finally:

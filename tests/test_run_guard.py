@@ -213,13 +213,16 @@ def test_a_local_lock_file_nobody_holds_is_reused(tmp_path, content):
     assert _read_lock(tmp_path)["pid"] == os.getpid()
 
 
-def test_release_removes_only_our_lock(tmp_path):
+def test_release_removes_only_our_lock(tmp_path, caplog):
   first = workdir_lock.WorkdirLock(tmp_path)
   first.acquire()
   os.remove(_lock_file(tmp_path))  # By hand, while the run goes on.
   with workdir_lock.WorkdirLock(tmp_path):
-    first.release()
+    with caplog.at_level(logging.WARNING):
+      first.release()
     assert _read_lock(tmp_path)["pid"] == os.getpid()
+    assert any("no longer this run's lock" in r.getMessage()
+               for r in caplog.records)
   assert not os.path.exists(_lock_file(tmp_path))
 
 
