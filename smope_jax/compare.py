@@ -18,7 +18,7 @@ import sys
 
 from absl import flags
 
-from smope_jax import cli, workdir
+from smope_jax import cli, config_compare, workdir
 from smope_jax.errors import UserError
 from smope_jax.methods import registry
 
@@ -30,10 +30,9 @@ METRICS = ("faa", "caa", "ffm")
 BENCHMARK_FIELDS = ("dataset", "num_tasks", "first_task_classes",
                     "validation", "imagenet_r_split", "image_size",
                     "test_resize")
-# Fields that cannot change results; they may differ within a row.
-RUN_CONTROL_FIELDS = ("seed", "seeds", "data_dir", "progress_bar",
-                      "log_every_steps", "checkpoint_every_steps",
-                      "keep_checkpoints", "exit_at_step", "cache_data")
+# Fields that may differ within a row: those that cannot change results,
+# and `seed`, since a row is the mean over the runs of several seeds.
+ROW_NEUTRAL_FIELDS = (*config_compare.RESULT_NEUTRAL_FIELDS, "seed")
 
 
 @dataclasses.dataclass
@@ -62,16 +61,6 @@ def find_runs(directory: str) -> list[Run]:
     raise UserError(f"{directory} holds no run with an evaluated task "
                     "(no metrics.json there or in seed_*/).")
   return runs
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
 
 
 def benchmark_key(run: Run) -> tuple:
@@ -104,18 +93,16 @@ def group_rows(runs: list[Run]) -> dict:
     tables.setdefault(benchmark_key(run), {}).setdefault(row, []).append(run)
   for rows in tables.values():
     for (method, _), members in rows.items():
-      first = _flat(members[0].config)
       for other in members[1:]:
-        fields = _flat(other.config)
-        for name in sorted(set(first) | set(fields)):
-          if name.split(".")[0] in RUN_CONTROL_FIELDS:
-            continue
-          if first.get(name) != fields.get(name):
-            raise UserError(
-                f"{members[0].directory} and {other.directory} ({method} on "
-                f"{benchmark_label(other)}) differ in {name} "
-                f"({first.get(name)!r} vs {fields.get(name)!r}): a row holds "
-                "runs of one protocol; compare them separately.")
+        diffs = config_compare.config_differences(
+            members[0].config, other.config, ignored=ROW_NEUTRAL_FIELDS)
+        if diffs:
+          name, ours, theirs = diffs[0]
+          raise UserError(
+              f"{members[0].directory} and {other.directory} ({method} on "
+              f"{benchmark_label(other)}) differ in {name} ({ours!r} vs "
+              f"{theirs!r}): a row holds runs of one protocol; compare them "
+              "separately.")
   return tables
 
 

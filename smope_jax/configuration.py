@@ -4,6 +4,7 @@ Benchmark files in `configs/` start from `base_config()` and set what
 differs; `validate` turns a wrong value into one clear `ConfigError`.
 """
 
+import collections.abc
 import difflib
 import math
 
@@ -205,10 +206,13 @@ def parse_seeds(config) -> list[int]:
 
 
 def dotted_fields(config, prefix: str = "") -> dict:
-  """{"model.hidden_size": value, ...}: every leaf field by its dotted name."""
+  """{"model.hidden_size": value, ...}: every leaf field by its dotted name.
+
+  `config` is a ConfigDict or a nested Mapping such as a saved config.json.
+  """
   fields = {}
   for name, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, (ml_collections.ConfigDict, collections.abc.Mapping)):
       fields.update(dotted_fields(value, f"{prefix}{name}."))
     else:
       fields[prefix + name] = value

@@ -210,13 +210,13 @@ def main(argv):
       check_before_start(_CONFIG.value, _WORKDIR.value)
       # Imported only now, so that the checks above come before JAX starts.
       from smope_jax import distributed  # pylint: disable=g-import-not-at-top
-      from smope_jax import run_guard  # pylint: disable=g-import-not-at-top
       from smope_jax import trainer  # pylint: disable=g-import-not-at-top
+      from smope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
       logging.get_absl_handler().addFilter(_QuietLibraries())
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                              _PROCESS_ID.value)
       # One run per workdir, taken before any log, checkpoint or output.
-      with run_guard.WorkdirLock(_WORKDIR.value), _log_to_workdir(
+      with workdir_lock.WorkdirLock(_WORKDIR.value), _log_to_workdir(
           _WORKDIR.value):
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UserError as e:

@@ -7,38 +7,26 @@ and draws the terminal bar. JSON is written strictly: a non-finite number
 is an error, never a `NaN` in a file.
 """
 
-import json
-
 from absl import logging
 from clu import metric_writers
 import numpy as np
 import tensorflow as tf
 
-from smope_jax import metrics, plots, progress
+from smope_jax import configuration, metrics, plots, progress, workdir
 
 
-def write_json(path: str, payload) -> None:
-  """Writes strict JSON atomically (temp file + rename); works on gs://."""
-  text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+# Config, metrics and seed table: strict JSON, whole or not at all.
+write_json = workdir.write_run_json
 
 
 def _hparams(config) -> dict:
-  """The config's scalar fields, flattened, as TensorBoard's hparams."""
-  flat = {}
+  """The config's fields by dotted name, as TensorBoard's hparams.
 
-  def visit(prefix, value):
-    if hasattr(value, "items"):
-      for key, sub in value.items():
-        visit(f"{prefix}{key}.", sub)
-    elif isinstance(value, (bool, int, float, str)):
-      flat[prefix[:-1]] = value
-
-  visit("", config.to_dict())
-  return flat
+  Lists and None are left out: hparams hold only numbers and strings.
+  """
+  return {name: value
+          for name, value in configuration.dotted_fields(config).items()
+          if isinstance(value, (bool, int, float, str))}
 
 
 def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from smope_jax import alignment, checkpointing, cli, configuration
-from smope_jax import distributed, metrics, progress, reporting, run_guard
+from smope_jax import config_compare, distributed, metrics, progress, reporting
 from smope_jax import schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
@@ -257,8 +257,8 @@ class Run:
     if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
       raise checkpointing.MalformedCheckpoint(
           f"its metadata is a {type(meta).__name__} without the run's config")
-    run_guard.require_same_config(self.workdir, meta["config"],
-                                  self.config.to_dict())
+    config_compare.require_same_config(self.workdir, meta["config"],
+                                       self.config.to_dict())
     count = lambda key: isinstance(meta.get(key), int) and (  # noqa: E731
         not isinstance(meta.get(key), bool)) and meta[key] >= 0
     problems = [key for key in ("task", "epoch", "step", "global_step",

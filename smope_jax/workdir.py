@@ -149,3 +149,18 @@ def read_json_file(path: str):
       return json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read {path}: {e}") from None
+
+
+def write_run_json(path: str, record) -> None:
+  """`write_json_file` for a run's own files, in a local or gs:// workdir.
+
+  Strict: a non-finite number raises ValueError before anything is written,
+  never a `NaN` in a file.
+  """
+  text = json.dumps(record, indent=2, allow_nan=False)
+  if "://" not in path:
+    write_json_file(path, record, "--workdir")
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(path, "w") as f:  # An object is replaced whole.
+    f.write(text)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from smope_jax import compare
+from smope_jax import compare, config_compare
 from configs import cifar100, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +95,19 @@ def test_refuses_to_mix_protocols_in_one_row(tmp_path):
 def test_not_a_run_directory(tmp_path):
   with pytest.raises(compare.UserError, match="holds no run"):
     compare.compare([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_a_row_and_a_resume_ignore_the_same_result_neutral_fields():
+  neutral = config_compare.RESULT_NEUTRAL_FIELDS
+  assert compare.ROW_NEUTRAL_FIELDS[:len(neutral)] == neutral
+  # A row only adds the seed: it is the mean over several seeds' runs.
+  assert compare.ROW_NEUTRAL_FIELDS[len(neutral):] == ("seed",)
+
+
+def test_runs_differing_only_in_result_neutral_fields_share_a_row(tmp_path):
+  runs = [_write_run(tmp_path / "a", _tiny(), 80.0, 0),
+          _write_run(tmp_path / "b", _tiny(eval_batch_size=7, data_dir="d",
+                                           progress_bar=False), 82.0, 1)]
+  tables = compare.group_rows([r for d in runs for r in compare.find_runs(d)])
+  ((rows,),) = [list(t.values()) for t in tables.values()]
+  assert [r.directory for r in rows] == runs

@@ -1,4 +1,5 @@
-"""Tests for smope_jax.run_guard: one config and one run per workdir."""
+"""One config and one run per workdir: smope_jax.config_compare and
+smope_jax.workdir_lock."""
 
 import json
 import logging
@@ -9,9 +10,10 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import pytest
 
-from smope_jax import run_guard
+from smope_jax import config_compare, workdir_lock
 from smope_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,23 +37,23 @@ def _changed(**fields):
 
 
 def test_same_config_has_no_differences():
-  assert run_guard.config_differences(SAVED, _changed()) == []
+  assert config_compare.config_differences(SAVED, _changed()) == []
 
 
 def test_nested_fields_are_named_with_dots_in_config_order():
   current = _changed(lr=0.01, seed=3, model__hidden_size=384)
-  assert run_guard.config_differences(SAVED, current) == [
+  assert config_compare.config_differences(SAVED, current) == [
       ("seed", 0, 3), ("lr", 0.005, 0.01), ("model.hidden_size", 768, 384)]
 
 
 def test_result_neutral_fields_may_differ():
   current = _changed(progress_bar=False, data_dir="gs://bucket/tfds",
                      eval_batch_size=64)
-  assert run_guard.config_differences(SAVED, current) == []
+  assert config_compare.config_differences(SAVED, current) == []
   for name in ("progress_bar", "log_every_steps", "checkpoint_every_steps",
                "keep_checkpoints", "exit_at_step", "data_dir", "cache_data",
                "seeds", "eval_batch_size"):
-    assert name in run_guard.RESULT_NEUTRAL_FIELDS
+    assert name in config_compare.RESULT_NEUTRAL_FIELDS
 
 
 def test_fields_present_in_one_config_only_differ():
@@ -59,23 +61,30 @@ def test_fields_present_in_one_config_only_differ():
   del current["dataset"]
   current["model"]["pool"] = "cls"
   current["method"] = "l2p"
-  assert run_guard.config_differences(SAVED, current) == [
-      ("dataset", "cifar100", run_guard.ABSENT),
-      ("model.pool", run_guard.ABSENT, "cls"),
-      ("method", run_guard.ABSENT, "l2p")]
+  assert config_compare.config_differences(SAVED, current) == [
+      ("dataset", "cifar100", config_compare.ABSENT),
+      ("model.pool", config_compare.ABSENT, "cls"),
+      ("method", config_compare.ABSENT, "l2p")]
   # A neutral field added or removed is no difference either.
-  assert run_guard.config_differences(SAVED, {**SAVED, "cache_data": False}) == []
+  assert config_compare.config_differences(
+      SAVED, {**SAVED, "cache_data": False}) == []
 
 
 def test_tuples_equal_the_lists_a_checkpoint_holds():
-  assert run_guard.config_differences({"sizes": [1, 2]},
-                                      {"sizes": (1, 2)}) == []
+  assert config_compare.config_differences({"sizes": [1, 2]},
+                                           {"sizes": (1, 2)}) == []
+
+
+def test_a_config_dict_compares_with_its_saved_json():
+  current = ml_collections.ConfigDict(_changed(seed=2))
+  assert config_compare.config_differences(SAVED, current) == [
+      ("seed", 0, 2)]
 
 
 def test_message_lists_both_values_and_what_to_do():
-  diffs = run_guard.config_differences(
+  diffs = config_compare.config_differences(
       SAVED, _changed(seed=3, lr=0.01, dataset="imagenet_r"))
-  message = run_guard.describe_differences("/runs/a", diffs)
+  message = config_compare.describe_differences("/runs/a", diffs)
   assert message == (
       "/runs/a holds a run with another config: seed 0 -> 3, lr 0.005 -> "
       "0.01, dataset 'cifar100' -> 'imagenet_r'; resume it with the same "
@@ -86,25 +95,25 @@ def test_message_lists_both_values_and_what_to_do():
 def test_message_lists_eight_fields_then_a_count():
   saved = {f"f{i}": i for i in range(11)}
   current = {f"f{i}": i + 1 for i in range(11)}
-  message = run_guard.describe_differences(
-      "w", run_guard.config_differences(saved, current))
+  message = config_compare.describe_differences(
+      "w", config_compare.config_differences(saved, current))
   assert "f7 7 -> 8 and 3 more;" in message and "f8" not in message
-  missing = run_guard.describe_differences(
-      "w", run_guard.config_differences({"a": 1}, {}))
+  missing = config_compare.describe_differences(
+      "w", config_compare.config_differences({"a": 1}, {}))
   assert "a 1 -> (absent)" in missing
 
 
 def test_require_same_config():
-  run_guard.require_same_config("w", SAVED, _changed(progress_bar=False))
+  config_compare.require_same_config("w", SAVED, _changed(progress_bar=False))
   with pytest.raises(UserError, match=r"seed 0 -> 1"):
-    run_guard.require_same_config("w", SAVED, _changed(seed=1))
+    config_compare.require_same_config("w", SAVED, _changed(seed=1))
 
 
 # -------------------------------------------------------------------- lock
 
 
 def _lock_file(workdir):
-  return os.path.join(workdir, run_guard.LOCK_NAME)
+  return os.path.join(workdir, workdir_lock.LOCK_NAME)
 
 
 def _read_lock(workdir):
@@ -113,7 +122,7 @@ def _read_lock(workdir):
 
 
 def _write_lock(workdir, **fields):
-  """A lock as another run would leave it; fields override the defaults."""
+  """A remote lock as another run would leave it; fields override defaults."""
   now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
   record = {"host": socket.gethostname(), "pid": 1, "started": now,
             "heartbeat": now, "command": "python -m smope_jax.main --other",
@@ -124,92 +133,115 @@ def _write_lock(workdir, **fields):
 
 
 @pytest.fixture
-def sleeper():
-  """A live process that is not this one; ended by its pid afterwards."""
-  proc = subprocess.Popen([sys.executable, "-c",
-                           "import time; time.sleep(60)"])
-  yield proc
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+def remote(monkeypatch):
+  """Takes the path of gs:// workdirs, which have no file locks."""
+  monkeypatch.setattr(workdir_lock, "_is_local", lambda path: False)
 
 
-def _dead_pid() -> int:
-  proc = subprocess.Popen([sys.executable, "-c", "pass"])
-  proc.wait()  # Reaped: no process has this pid now.
-  return proc.pid
+# Takes the lock on argv[1], says so on stdout, then holds it until killed.
+HOLDER = """
+import sys, time
+from smope_jax import workdir_lock
+workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+  """Another process that holds the lock on tmp_path; ended by its pid."""
+  proc = subprocess.Popen(
+      [sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == "held\n"
+    yield proc
+  finally:
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_lock_records_its_holder_and_release_removes_it(tmp_path):
   workdir = tmp_path / "new" / "run"  # Created by the lock.
-  with run_guard.WorkdirLock(workdir) as lock:
+  with workdir_lock.WorkdirLock(workdir) as lock:
     assert lock.held
     record = _read_lock(workdir)
     assert record["host"] == socket.gethostname()
     assert record["pid"] == os.getpid()
-    assert record["command"] and record["token"]
-    assert record["started"] == record["heartbeat"]
+    assert record["command"] and record["started"]
   assert not os.path.exists(_lock_file(workdir))
   assert not lock.held
 
 
-def test_workdir_in_use_by_a_live_process_is_refused(tmp_path, sleeper):
-  theirs = _write_lock(tmp_path, pid=sleeper.pid)
+def test_workdir_held_by_another_process_is_refused(tmp_path, holder):
+  theirs = _read_lock(tmp_path)
   with pytest.raises(UserError) as refused:
-    run_guard.WorkdirLock(tmp_path).acquire()
+    workdir_lock.WorkdirLock(tmp_path).acquire()
   message = str(refused.value)
-  for part in (str(tmp_path), f"process {sleeper.pid}", socket.gethostname(),
-               theirs["started"], "--other", "another --workdir",
-               _lock_file(tmp_path)):
-    assert part in message
+  for part in (str(tmp_path), f"process {holder.pid} on host "
+               f"{socket.gethostname()}", theirs["started"],
+               f"running `-c {str(tmp_path)}", "another --workdir"):
+    assert part in message, part
   assert "\n" not in message
   assert _read_lock(tmp_path) == theirs
 
 
+def test_a_killed_holder_frees_the_lock_at_once(tmp_path, holder):
+  os.kill(holder.pid, signal.SIGKILL)  # As a preempted run ends.
+  holder.wait()
+  assert _read_lock(tmp_path)["pid"] == holder.pid  # Its file is left.
+  with workdir_lock.WorkdirLock(tmp_path):
+    assert _read_lock(tmp_path)["pid"] == os.getpid()
+  assert not os.listdir(tmp_path)
+
+
 def test_second_lock_in_the_same_process_is_refused(tmp_path):
-  with run_guard.WorkdirLock(tmp_path):
+  with workdir_lock.WorkdirLock(tmp_path):
     with pytest.raises(UserError, match=f"process {os.getpid()} "):
-      run_guard.WorkdirLock(tmp_path).acquire()
+      workdir_lock.WorkdirLock(tmp_path).acquire()
     assert _read_lock(tmp_path)["pid"] == os.getpid()
 
 
-def test_lock_of_an_ended_process_is_taken_over_with_a_warning(tmp_path,
-                                                               caplog):
-  dead = _dead_pid()
-  _write_lock(tmp_path, pid=dead)
-  with caplog.at_level(logging.WARNING):
-    with run_guard.WorkdirLock(tmp_path):
-      assert _read_lock(tmp_path)["pid"] == os.getpid()
-  assert any(f"process {dead} " in r.getMessage() and
-             "no longer runs" in r.getMessage() for r in caplog.records)
-  assert not os.listdir(tmp_path)  # Nothing left aside.
-
-
-def test_pid_reused_by_a_later_process_is_taken_over(tmp_path, sleeper):
-  # The identity of the process that wrote the lock: same pid, but started
-  # at another time (as after a reboot or in a restarted container).
-  _write_lock(tmp_path, pid=sleeper.pid, process="old-boot/12345")
-  if run_guard._process_identity(sleeper.pid) == "":
-    pytest.skip("no /proc to tell processes with the same pid apart")
-  with run_guard.WorkdirLock(tmp_path):
+@pytest.mark.parametrize("content", ["", "not json", '{"pid": 1}'])
+def test_a_local_lock_file_nobody_holds_is_reused(tmp_path, content):
+  with open(_lock_file(tmp_path), "w") as f:
+    f.write(content)
+  with workdir_lock.WorkdirLock(tmp_path):
     assert _read_lock(tmp_path)["pid"] == os.getpid()
 
 
 def test_release_removes_only_our_lock(tmp_path, caplog):
-  lock = run_guard.WorkdirLock(tmp_path)
-  lock.acquire()
-  theirs = _write_lock(tmp_path, pid=os.getpid(), token="not ours")
-  with caplog.at_level(logging.WARNING):
-    lock.release()
-  assert _read_lock(tmp_path) == theirs
-  assert any("no longer this run's lock" in r.getMessage()
-             for r in caplog.records)
+  first = workdir_lock.WorkdirLock(tmp_path)
+  first.acquire()
+  os.remove(_lock_file(tmp_path))  # By hand, while the run goes on.
+  with workdir_lock.WorkdirLock(tmp_path):
+    with caplog.at_level(logging.WARNING):
+      first.release()
+    assert _read_lock(tmp_path)["pid"] == os.getpid()
+    assert any("no longer this run's lock" in r.getMessage()
+               for r in caplog.records)
+  assert not os.path.exists(_lock_file(tmp_path))
 
 
-def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path,
-                                                             caplog):
-  lock = run_guard.WorkdirLock(tmp_path, heartbeat_seconds=0.1)
+def test_workdir_that_cannot_be_made_is_a_user_error(tmp_path):
+  (tmp_path / "file").write_text("")  # Root may write anywhere, not here.
+  with pytest.raises(UserError, match="cannot use .*file/run/run.lock"):
+    workdir_lock.WorkdirLock(tmp_path / "file" / "run").acquire()
+
+
+# ------------------------------------------------------ remote (gs://) lock
+
+
+def test_remote_heartbeat_refreshes_the_lock_and_notices_a_takeover(
+    tmp_path, remote, caplog):
+  lock = workdir_lock.WorkdirLock(tmp_path, heartbeat_seconds=0.1,
+                                  settle_seconds=0)
   lock.acquire()
   first = _read_lock(tmp_path)
+  assert first["started"] == first["heartbeat"] and first["token"]
   time.sleep(1.3)  # The heartbeat is written to the second.
   second = _read_lock(tmp_path)
   assert second["heartbeat"] > first["heartbeat"]
@@ -220,47 +252,50 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path,
     time.sleep(0.5)
   assert _read_lock(tmp_path) == theirs  # Not overwritten by our heartbeat.
   assert any("taken over" in r.getMessage() for r in caplog.records)
-  lock.release()
+  with caplog.at_level(logging.WARNING):
+    lock.release()
   assert _read_lock(tmp_path) == theirs
+  assert any("no longer this run's lock" in r.getMessage()
+             for r in caplog.records)
 
 
-def test_lock_from_another_host_is_refused_until_its_heartbeat_is_stale(
-    tmp_path):
+def test_remote_lock_is_refused_until_its_heartbeat_is_stale(
+    tmp_path, remote, caplog):
   theirs = _write_lock(tmp_path, host="tpu-vm-7", pid=os.getpid())
   with pytest.raises(UserError) as refused:
-    run_guard.WorkdirLock(tmp_path).acquire()
+    workdir_lock.WorkdirLock(tmp_path, settle_seconds=0).acquire()
   message = str(refused.value)
   assert f"process {os.getpid()} on host tpu-vm-7" in message
   assert theirs["started"] in message and "10 minutes" in message
+  assert _lock_file(tmp_path) in message and "\n" not in message
   assert _read_lock(tmp_path) == theirs
   # The same lock with a heartbeat 11 minutes old: its run has ended.
-  _write_lock(tmp_path, host="tpu-vm-7",
+  _write_lock(tmp_path, host="tpu-vm-7", pid=4242,
               heartbeat=time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                       time.localtime(time.time() - 660)))
-  with run_guard.WorkdirLock(tmp_path):
-    assert _read_lock(tmp_path)["host"] == socket.gethostname()
+  with caplog.at_level(logging.WARNING):
+    with workdir_lock.WorkdirLock(tmp_path, settle_seconds=0):
+      assert _read_lock(tmp_path)["host"] == socket.gethostname()
+  assert any("process 4242 on tpu-vm-7" in r.getMessage() and
+             "11 minutes ago" in r.getMessage() for r in caplog.records)
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("content", ["", "not json", "[1]",
-                                     '{"host": "h", "pid": 0}'])
-def test_damaged_lock_is_refused_with_what_to_do(tmp_path, content):
+                                     '{"host": "h", "pid": 0}',
+                                     '{"host": "h", "pid": 1, "started": "s",'
+                                     ' "command": "c"}'])
+def test_damaged_remote_lock_is_refused_with_what_to_do(tmp_path, remote,
+                                                        content):
   with open(_lock_file(tmp_path), "w") as f:
     f.write(content)
   with pytest.raises(UserError, match="damaged.*delete it if no run uses"):
-    run_guard.WorkdirLock(tmp_path).acquire()
+    workdir_lock.WorkdirLock(tmp_path, settle_seconds=0).acquire()
 
 
-def test_workdir_that_cannot_be_made_is_a_user_error(tmp_path):
-  (tmp_path / "file").write_text("")  # Root may write anywhere, not here.
-  with pytest.raises(UserError, match="cannot use .*file/run/run.lock"):
-    run_guard.WorkdirLock(tmp_path / "file" / "run").acquire()
-
-
-def test_without_exclusive_create_the_last_writer_holds_the_lock(
-    tmp_path, monkeypatch):
-  """The write-and-read-back path that gs:// workdirs take."""
-  monkeypatch.setattr(run_guard, "_is_local", lambda path: False)
-  with run_guard.WorkdirLock(tmp_path, settle_seconds=0) as lock:
+def test_remote_the_last_writer_holds_the_lock(tmp_path, remote,
+                                               monkeypatch):
+  with workdir_lock.WorkdirLock(tmp_path, settle_seconds=0) as lock:
     assert lock.held and _read_lock(tmp_path)["pid"] == os.getpid()
   assert not os.path.exists(_lock_file(tmp_path))
 
@@ -271,24 +306,26 @@ def test_without_exclusive_create_the_last_writer_holds_the_lock(
     settle.append(seconds)
     _write_lock(tmp_path, host="other-host", token="competitor")
 
-  monkeypatch.setattr(run_guard.time, "sleep", competitor_writes)
+  monkeypatch.setattr(workdir_lock.time, "sleep", competitor_writes)
   with pytest.raises(UserError, match="on host other-host"):
-    run_guard.WorkdirLock(tmp_path, settle_seconds=2.0).acquire()
+    workdir_lock.WorkdirLock(tmp_path, settle_seconds=2.0).acquire()
   assert settle == [2.0]
   assert _read_lock(tmp_path)["token"] == "competitor"
 
 
+# ---------------------------------------------------------- several runs
+
 # Takes the lock on argv[1] once the test says go, reports, then holds it.
 CONTENDER = """
 import os, sys, time
-from smope_jax import run_guard
+from smope_jax import workdir_lock
 from smope_jax.errors import UserError
 workdir, sync, name = sys.argv[1:]
 open(os.path.join(sync, "ready-" + name), "w").close()
 while not os.path.exists(os.path.join(sync, "go")):
   time.sleep(0.01)
 try:
-  run_guard.WorkdirLock(workdir).acquire()
+  workdir_lock.WorkdirLock(workdir).acquire()
 except UserError as e:
   print("refused", e, flush=True)
   sys.exit(0)
@@ -304,7 +341,7 @@ def _wait_for(predicate, seconds=120):
     time.sleep(0.05)
 
 
-def test_two_concurrent_runs_one_refuses_and_a_killed_one_is_taken_over(
+def test_two_concurrent_runs_one_refuses_and_a_killed_one_frees_the_lock(
     tmp_path):
   workdir, sync = tmp_path / "work", tmp_path / "sync"
   sync.mkdir()
@@ -323,11 +360,11 @@ def test_two_concurrent_runs_one_refuses_and_a_killed_one_is_taken_over(
     assert f"process {winner} on host {socket.gethostname()}" in lines[1]
     assert _read_lock(workdir)["pid"] == winner
     # The winner dies without releasing, as a preempted run does: the next
-    # run on this host takes over.
+    # run on this host starts at once.
     os.kill(winner, signal.SIGKILL)
     for proc in procs:
       proc.wait(timeout=60)
-    with run_guard.WorkdirLock(workdir):
+    with workdir_lock.WorkdirLock(workdir):
       assert _read_lock(workdir)["pid"] == os.getpid()
   finally:
     for proc in procs:
@@ -337,26 +374,26 @@ def test_two_concurrent_runs_one_refuses_and_a_killed_one_is_taken_over(
 
 
 # One of two processes joined on 127.0.0.1: process 0 takes the lock on
-# argv[3] and both see it; on argv[4], held by another host, both refuse.
+# argv[3] and both see it; on argv[4], held by the test, both refuse.
 TWO_PROCESSES = """
 import json, os, sys
 from jax.experimental import multihost_utils
-from smope_jax import distributed, run_guard
+from smope_jax import distributed, workdir_lock
 from smope_jax.errors import UserError
 address, index, free, taken = sys.argv[1:]
 distributed.initialize(address, 2, int(index))
 out = {"pid": os.getpid()}
-lock = run_guard.WorkdirLock(free)
+lock = workdir_lock.WorkdirLock(free)
 lock.acquire()
 out["held"] = lock.held
-with open(os.path.join(free, run_guard.LOCK_NAME)) as f:
+with open(os.path.join(free, workdir_lock.LOCK_NAME)) as f:
   out["holder"] = json.load(f)["pid"]
 multihost_utils.sync_global_devices("read")
 lock.release()
 multihost_utils.sync_global_devices("released")
 out["left"] = os.listdir(free)
 try:
-  run_guard.WorkdirLock(taken).acquire()
+  workdir_lock.WorkdirLock(taken).acquire()
   out["taken"] = "acquired"
 except UserError as e:
   out["taken"] = str(e)
@@ -367,25 +404,24 @@ print(json.dumps(out), flush=True)
 @pytest.mark.slow
 def test_only_process_0_locks_and_all_processes_agree(tmp_path):
   free, taken = tmp_path / "free", tmp_path / "taken"
-  taken.mkdir()
-  _write_lock(taken, host="tpu-vm-7")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address,
-                             str(index), str(free), str(taken)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for index in range(2)]
-  outs = []
-  for proc in procs:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.splitlines()[-1]))
+  with workdir_lock.WorkdirLock(taken):
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address,
+                               str(index), str(free), str(taken)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for index in range(2)]
+    outs = []
+    for proc in procs:
+      out, err = proc.communicate(timeout=300)
+      assert proc.returncode == 0, err[-3000:]
+      outs.append(json.loads(out.splitlines()[-1]))
   first, second = outs
   assert [first["held"], second["held"]] == [True, False]
   assert first["holder"] == second["holder"] == first["pid"]
   assert first["left"] == second["left"] == []
   assert first["taken"] == second["taken"]
-  assert "on host tpu-vm-7" in first["taken"]
+  assert f"process {os.getpid()} on host" in first["taken"]
