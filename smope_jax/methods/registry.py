@@ -10,6 +10,8 @@ code is imported only when a run builds it.
 
 import dataclasses
 import importlib
+import os
+import sys
 from typing import Any, Callable, Mapping
 
 from smope_jax import errors
@@ -63,10 +65,28 @@ class MethodSpec:
 _SPECS: dict[str, MethodSpec] = {}
 
 
+def _class_path(target) -> str:
+  """Where a method class is defined: its source file (or module) and name,
+  the same however often its file is loaded."""
+  if isinstance(target, str):
+    return target
+  module = sys.modules.get(target.__module__)
+  source = getattr(module, "__file__", None)
+  where = os.path.abspath(source) if source else target.__module__
+  return f"{where}:{target.__qualname__}"
+
+
 def register(spec: MethodSpec) -> MethodSpec:
-  """Adds a method; registering the same spec again changes nothing."""
-  if _SPECS.get(spec.name, spec) is not spec:
-    raise ValueError(f"a method named {spec.name!r} is already registered.")
+  """Adds a method.
+
+  The same module registering again (a config file read twice) replaces
+  its spec; another method of the same name is refused.
+  """
+  known = _SPECS.get(spec.name)
+  if known and _class_path(known.method_class) != _class_path(
+      spec.method_class):
+    raise ValueError(f"a method named {spec.name!r} is already registered "
+                     f"({_class_path(known.method_class)}).")
   _SPECS[spec.name] = spec
   return spec
 
