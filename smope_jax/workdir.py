@@ -95,7 +95,7 @@ def check_workdir(path: str) -> None:
 
 
 def weights_cache_dir() -> str:
-  """Where presets are cached, as `pretrained` resolves it by default."""
+  """Where presets are cached, as `weights` resolves it by default."""
   return os.path.expanduser(os.environ.get("SMOPE_JAX_CACHE")
                             or "~/.cache/smope_jax")
 
@@ -106,9 +106,9 @@ def check_weights_cache(preset: str) -> None:
   A cached preset is only read, so a read-only shared cache that holds it
   is fine.
   """
-  from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from smope_jax import weights  # pylint: disable=g-import-not-at-top
   directory = weights_cache_dir()
-  if os.path.isfile(os.path.join(directory, pretrained.PRESETS[preset][1])):
+  if os.path.isfile(os.path.join(directory, weights.PRESETS[preset][1])):
     return
   check_writable(directory, f"the weights cache for {preset!r}",
                  "cache directory with SMOPE_JAX_CACHE=DIR")

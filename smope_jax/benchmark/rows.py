@@ -16,7 +16,7 @@ import numpy as np
 
 from smope_jax import configuration, schedules
 from smope_jax import train_step as steps_lib
-from smope_jax.models import factory
+from smope_jax import factory
 
 METHOD_ORDER = configuration.METHODS
 METHOD_NAMES = configuration.METHOD_NAMES
