@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from smope_jax import convert
 from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
 from smope_jax.models import vit
@@ -194,7 +193,7 @@ def torch_dino_checkpoint(unused_tmp_path, unused_flat):
 def write_converted(tmp_path, unused_flat):
   """smope_jax.convert's output directory (its CLI is tested below)."""
   params = weights.load_backbone(fixture("tiny_vit_timm.bin"), template())
-  info = convert.save_backbone(params, str(tmp_path / "out"), source="x",
+  info = weights.save_backbone(params, str(tmp_path / "out"), source="x",
                                model="tiny", image_size=IMAGE)
   assert json.loads((tmp_path / "out" / "info.json").read_text()) == info
   assert sorted(os.listdir(tmp_path / "out")) == ["backbone.npz", "info.json"]
@@ -347,7 +346,7 @@ def test_convert_flag_and_output_errors_come_first(tmp_path, flags, expected):
 def test_convert_on_a_full_disk_leaves_the_old_output(tmp_path):
   out = tmp_path / "out"
   params = weights.load_backbone(fixture("tiny_vit_timm.bin"), template())
-  convert.save_backbone(params, str(out), source="old", model="tiny",
+  weights.save_backbone(params, str(out), source="old", model="tiny",
                         image_size=IMAGE)
   before = {n: (out / n).read_bytes() for n in os.listdir(out)}
   write_timm(tmp_path / "ti.safetensors",
