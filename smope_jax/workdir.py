@@ -95,7 +95,7 @@ def check_workdir(path: str) -> None:
 
 
 def weights_cache_dir() -> str:
-  """Where presets are cached, as `weights` resolves it by default."""
+  """Where presets are cached unless a caller names another directory."""
   return os.path.expanduser(os.environ.get("SMOPE_JAX_CACHE")
                             or "~/.cache/smope_jax")
 

@@ -50,9 +50,9 @@ def _preset_location(name, cache_dir, base_url):
   base_url = base_url or os.environ.get("SMOPE_JAX_WEIGHTS_URL")
   if base_url:
     url = f'{base_url.rstrip("/")}/{filename}'
-  cache_dir = (cache_dir or os.environ.get("SMOPE_JAX_CACHE")
-               or "~/.cache/smope_jax")
-  return url, os.path.join(os.path.expanduser(cache_dir), filename)
+  cache_dir = (os.path.expanduser(cache_dir) if cache_dir
+               else workdir.weights_cache_dir())
+  return url, os.path.join(cache_dir, filename)
 
 
 def load_preset(name, load, cache_dir, base_url):
