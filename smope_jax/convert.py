@@ -12,71 +12,28 @@ before any weights are read.
 """
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
-import uuid
 
 from absl import app
 from absl import flags
-import numpy as np
 
 from smope_jax import cli
-from smope_jax import pretrained
+from smope_jax import weights
 from smope_jax.errors import UserError
+from smope_jax.models.variants import VIT_VARIANTS
 
 # Not `required=True`: that would bind every program importing this module;
 # `main` checks them.
 _INPUT = flags.DEFINE_string(
     "input", None, "A preset name, a checkpoint file or a converted dir.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write.")
-_MODEL = flags.DEFINE_enum("model", "B/16", list(pretrained.VIT_VARIANTS),
+_MODEL = flags.DEFINE_enum("model", "B/16", list(VIT_VARIANTS),
                            "ViT variant the weights are for.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 224, "Input size; the position embedding is resized to it.",
     lower_bound=1, upper_bound=4096)
-
-
-@contextlib.contextmanager
-def _atomic_file(path, mode="wb"):
-  """A file that appears at `path` only once it is completely written.
-
-  It is written to a temporary name next to `path` and renamed; on any
-  failure (a full disk, Ctrl-C) the temporary file is removed and `path`
-  keeps its old content, if any.
-  """
-  tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-  try:
-    with open(tmp, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-def save_backbone(params, directory, *, source, model, image_size):
-  """Writes a backbone in the layout `pretrained.load_backbone` reads back.
-
-  Each file is replaced atomically; the npz goes first, so a failure between
-  the two leaves an info.json whose sha256 no longer matches, which loading
-  reports. Raises OSError if the directory cannot be written: the fix
-  depends on the caller (`--output` here, the workdir for the demo).
-  """
-  npz = os.path.join(directory, pretrained.BACKBONE_FILE)
-  os.makedirs(directory, exist_ok=True)
-  with _atomic_file(npz) as f:
-    np.savez(f, **pretrained.flatten(params))
-  info = dict(source=source, model=model, image_size=image_size,
-              sha256=pretrained.sha256_file(npz))
-  with _atomic_file(os.path.join(directory, pretrained.INFO_FILE), "w") as f:
-    json.dump(info, f, indent=2)
-    f.write("\n")
-  return info
 
 
 def _check_output(directory):
@@ -109,16 +66,16 @@ def _remove_empty(directories):
 
 
 def _convert(source, output, model, image_size):
-  template = pretrained.backbone_template(model, image_size)
-  pretrained.check_source(source)
+  template = weights.backbone_template(model, image_size)
+  weights.check_source(source)
   created = _check_output(output)
   try:
-    params = pretrained.load_backbone(source, template)
-    if source not in pretrained.PRESETS:
+    params = weights.load_backbone(source, template)
+    if source not in weights.PRESETS:
       source = os.path.abspath(source)
     try:
-      return save_backbone(params, output, source=source, model=model,
-                           image_size=image_size)
+      return weights.save_backbone(params, output, source=source,
+                                   model=model, image_size=image_size)
     except OSError as e:
       raise UserError(f"cannot write {output} ({e.strerror or e}); free "
                       "some space or choose another --output") from e

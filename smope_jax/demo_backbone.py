@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from smope_jax import configuration
-from smope_jax import pretrained
+from smope_jax import weights
 from smope_jax.data import glyphs
 from smope_jax.errors import MissingWeightsError
 from smope_jax.errors import UserError
@@ -73,21 +73,21 @@ def _expected_info(config, recipe: Recipe) -> dict:
 
 
 def _template(config) -> dict:
-  return pretrained.backbone_template(configuration.model_dims(config),
-                                      config.image_size)
+  return weights.backbone_template(configuration.model_dims(config),
+                                   config.image_size)
 
 
 def is_valid(directory: str, config, recipe: Recipe = Recipe()) -> bool:
   """True if `directory` holds this recipe's backbone, intact, for `config`."""
   try:
-    with open(os.path.join(directory, pretrained.INFO_FILE)) as f:
+    with open(os.path.join(directory, weights.INFO_FILE)) as f:
       info = json.load(f)
     if not isinstance(info, dict):
       return False
     info.pop("sha256", None)
     if info != _expected_info(config, recipe):
       return False
-    pretrained.load_backbone(directory, _template(config))
+    weights.load_backbone(directory, _template(config))
   except (OSError, ValueError, MissingWeightsError):
     return False
   return True
@@ -189,11 +189,9 @@ def _publish(backbone: dict, staging: str, directory: str, config,
   another process published the same backbone meanwhile (the training is
   deterministic), its directory is kept.
   """
-  # Imported here: `convert` defines its command-line flags on import.
-  from smope_jax import convert  # pylint: disable=g-import-not-at-top
   info = _expected_info(config, recipe)
   try:
-    convert.save_backbone(backbone, staging, source=info["source"],
+    weights.save_backbone(backbone, staging, source=info["source"],
                           model=info["model"], image_size=info["image_size"])
     if is_valid(directory, config, recipe):
       return

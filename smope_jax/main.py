@@ -177,9 +177,9 @@ def check_before_start(config, workdir_path: str) -> None:
   configuration.validate(config)
   workdir.check_workdir(workdir_path)
   if config.pretrained and config.pretrained != "demo":  # The demo makes its own.
-    from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
-    pretrained.check_source(config.pretrained)
-    if config.pretrained in pretrained.PRESETS:
+    from smope_jax import weights  # pylint: disable=g-import-not-at-top
+    weights.check_source(config.pretrained)
+    if config.pretrained in weights.PRESETS:
       workdir.check_weights_cache(config.pretrained)
 
 

@@ -35,8 +35,8 @@ from smope_jax import checkpointing, cli, configuration, distributed
 from smope_jax import train_step, trainer
 from smope_jax import workdir as workdir_lib
 from smope_jax.errors import UserError
+from smope_jax import factory
 from smope_jax.methods import registry
-from smope_jax.models import factory
 
 
 def define_flags() -> None:

@@ -24,8 +24,8 @@ from smope_jax import schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
+from smope_jax import factory
 from smope_jax.methods import registry
-from smope_jax.models import factory
 
 
 # Above this fraction of a phase spent waiting for data, the log says so.

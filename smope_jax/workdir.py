@@ -5,10 +5,12 @@ program at start with one line naming the path and the system's reason,
 instead of a traceback at the first checkpoint or download, hours later.
 """
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import uuid
 
 from smope_jax.errors import UserError
 
@@ -93,7 +95,7 @@ def check_workdir(path: str) -> None:
 
 
 def weights_cache_dir() -> str:
-  """Where presets are cached, as `pretrained` resolves it by default."""
+  """Where presets are cached unless a caller names another directory."""
   return os.path.expanduser(os.environ.get("SMOPE_JAX_CACHE")
                             or "~/.cache/smope_jax")
 
@@ -104,9 +106,9 @@ def check_weights_cache(preset: str) -> None:
   A cached preset is only read, so a read-only shared cache that holds it
   is fine.
   """
-  from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from smope_jax import weights  # pylint: disable=g-import-not-at-top
   directory = weights_cache_dir()
-  if os.path.isfile(os.path.join(directory, pretrained.PRESETS[preset][1])):
+  if os.path.isfile(os.path.join(directory, weights.PRESETS[preset][1])):
     return
   check_writable(directory, f"the weights cache for {preset!r}",
                  "cache directory with SMOPE_JAX_CACHE=DIR")
@@ -124,20 +126,37 @@ def check_output_file(path: str, flag: str) -> None:
                  flag)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+  """A file that appears at `path` only once it is completely written.
+
+  It is written to a new temporary file in the same directory, synced and
+  renamed over `path`; on any failure (a full disk, Ctrl-C) the temporary
+  file is removed and `path` keeps its old content, if any.
+  """
+  tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
 def write_json_file(path: str, record: dict, flag: str) -> None:
   """Writes `record` whole or not at all (a full disk leaves no half file).
 
   Raises:
     UserError: the file cannot be written; names `flag`.
   """
-  tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
       json.dump(record, f, indent=2)
-    os.replace(tmp, path)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise UserError(f"cannot write {flag}={path} ({e.strerror or e}); free "
                     f"space there or choose another {flag}.") from None
 

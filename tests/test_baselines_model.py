@@ -21,7 +21,7 @@ import pytest
 from smope_jax import schedules
 from smope_jax import train_step as ts
 from smope_jax.methods import smope
-from smope_jax.models import factory
+from smope_jax import factory
 from smope_jax.models import vit
 from tests import numpy_vit
 

@@ -17,7 +17,7 @@ import pytest
 
 from smope_jax.benchmark import report
 from smope_jax import train_step as ts
-from smope_jax.models import factory
+from smope_jax import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",

@@ -297,7 +297,7 @@ SUP1K_FILE = "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors"
 
 def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path, tmpfs):
   code = textwrap.dedent("""
-      from smope_jax import errors, pretrained, workdir
+      from smope_jax import errors, weights, workdir
       workdir.check_weights_cache("sup1k")  # Cached: only read.
       try:
         workdir.check_weights_cache("sup21k")

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,10 @@ import pytest
 import configs.demo
 from smope_jax import configuration
 from smope_jax import demo_backbone
-from smope_jax import pretrained
+from smope_jax import weights
 from smope_jax.data import glyphs
 from smope_jax.errors import UserError
-from smope_jax.models import factory
+from smope_jax import factory
 
 # A few steps: enough to check the plumbing, not to learn much. Recipes of
 # one batch size share one compilation.
@@ -40,13 +41,13 @@ def _built(config, tmp_path_factory):
 
 
 def template(config):
-  return pretrained.backbone_template(configuration.model_dims(config),
-                                      config.image_size)
+  return weights.backbone_template(configuration.model_dims(config),
+                                   config.image_size)
 
 
 def npz_sha(directory):
-  return pretrained.sha256_file(
-      os.path.join(directory, pretrained.BACKBONE_FILE))
+  return weights.sha256_file(
+      os.path.join(directory, weights.BACKBONE_FILE))
 
 
 def count_pretraining(monkeypatch):
@@ -138,25 +139,25 @@ def test_random_resized_crop_zooms_in():
 
 
 def test_builds_a_converted_directory_the_demo_model_loads(config, built):
-  assert sorted(os.listdir(built)) == sorted([pretrained.BACKBONE_FILE,
-                                              pretrained.INFO_FILE])
-  with open(os.path.join(built, pretrained.INFO_FILE)) as f:
+  assert sorted(os.listdir(built)) == sorted([weights.BACKBONE_FILE,
+                                              weights.INFO_FILE])
+  with open(os.path.join(built, weights.INFO_FILE)) as f:
     info = json.load(f)
   assert info["sha256"] == npz_sha(built)
   assert "52 letters" in info["source"]
   assert "3 AdamW steps of 32 images" in info["source"]
   assert info["image_size"] == 32
-  with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
+  with np.load(os.path.join(built, weights.BACKBONE_FILE)) as data:
     keys = set(data.files)
   # The backbone exactly: no letter classifier, no prompts.
-  assert keys == set(pretrained.flatten(template(config)))
+  assert keys == set(traverse_util.flatten_dict(template(config), sep="/"))
   # The real loading path of a run: the model's backbone is the file's.
   with_backbone = config.copy_and_resolve_references()
   with_backbone.pretrained = built
   params = factory.init_params(
       with_backbone, *factory.build_model(with_backbone, config.num_tasks),
       factory.load_backbone(with_backbone, "unused-workdir"))
-  with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
+  with np.load(os.path.join(built, weights.BACKBONE_FILE)) as data:
     np.testing.assert_array_equal(params["cls"], data["cls"])
     np.testing.assert_array_equal(
         params["Transformer"]["encoderblock_3"]["MlpBlock_3"]["Dense_1"][
@@ -174,7 +175,7 @@ def test_pretrained_demo_builds_into_the_workdir(config, built, tmp_path,
   demo.pretrained = "demo"
   loaded = factory.load_backbone(demo, str(tmp_path))
   assert npz_sha(str(tmp_path / "demo_backbone")) == npz_sha(built)
-  with np.load(os.path.join(built, pretrained.BACKBONE_FILE)) as data:
+  with np.load(os.path.join(built, weights.BACKBONE_FILE)) as data:
     np.testing.assert_array_equal(loaded["embedding"]["kernel"],
                                   data["embedding/kernel"])
 
@@ -192,17 +193,17 @@ def test_a_second_call_reuses_the_cache(config, tmp_path, monkeypatch):
   calls = count_pretraining(monkeypatch)
   demo_backbone.ensure_demo_backbone(config, directory, TINY)
   sha, mtime = npz_sha(directory), os.path.getmtime(
-      os.path.join(directory, pretrained.BACKBONE_FILE))
+      os.path.join(directory, weights.BACKBONE_FILE))
   assert demo_backbone.ensure_demo_backbone(config, directory,
                                             TINY) == directory
   assert len(calls) == 1
   assert npz_sha(directory) == sha
   assert os.path.getmtime(os.path.join(
-      directory, pretrained.BACKBONE_FILE)) == mtime
+      directory, weights.BACKBONE_FILE)) == mtime
 
 
 def corrupt_weights(directory):
-  path = os.path.join(directory, pretrained.BACKBONE_FILE)
+  path = os.path.join(directory, weights.BACKBONE_FILE)
   with open(path, "r+b") as f:
     f.seek(os.path.getsize(path) // 2)
     byte = f.read(1)
@@ -211,17 +212,17 @@ def corrupt_weights(directory):
 
 
 def truncate_weights(directory):
-  path = os.path.join(directory, pretrained.BACKBONE_FILE)
+  path = os.path.join(directory, weights.BACKBONE_FILE)
   with open(path, "r+b") as f:
     f.truncate(100)
 
 
 def drop_info(directory):
-  os.remove(os.path.join(directory, pretrained.INFO_FILE))
+  os.remove(os.path.join(directory, weights.INFO_FILE))
 
 
 def garble_info(directory):
-  with open(os.path.join(directory, pretrained.INFO_FILE), "w") as f:
+  with open(os.path.join(directory, weights.INFO_FILE), "w") as f:
     f.write("{not json")
 
 
@@ -321,7 +322,7 @@ def test_pretrained_features_tell_letters_apart_better(config, tmp_path):
   short = dataclasses.replace(TINY, steps=200, warmup_steps=20)
   directory = demo_backbone.ensure_demo_backbone(
       config, str(tmp_path / "demo_backbone"), short)
-  trained = pretrained.load_backbone(directory, template(config))
+  trained = weights.load_backbone(directory, template(config))
   # Five distinct letters, fresh distortions; class means from 200 images.
   masters, labels = map(jnp.asarray, glyphs.render_masters("AoTxS"))
   train_images, train_labels = glyphs.sample_batch(
@@ -344,7 +345,7 @@ def test_the_demo_recipe_transfers_to_digits(config, tmp_path):
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   directory = demo_backbone.ensure_demo_backbone(
       config, str(tmp_path / "demo_backbone"))
-  trained = pretrained.load_backbone(directory, template(config))
+  trained = weights.load_backbone(directory, template(config))
   digits = datasets.load_digits()
   images = jax.image.resize(jnp.asarray(digits.images / 16.0, jnp.float32),
                             (len(digits.images), 32, 32), "linear")

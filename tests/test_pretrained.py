@@ -15,13 +15,13 @@ import subprocess
 import sys
 import zipfile
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from smope_jax import convert
-from smope_jax import pretrained
+from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
 from smope_jax.models import vit
 from tests import numpy_vit
@@ -48,14 +48,19 @@ def reference():
     return weights, data["images"], data["pre_logits"]
 
 
+def flatten(tree):
+  """Nested dict -> {'a/b/c': leaf}, the Google checkpoint key names."""
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
 def random_backbone(seed=0, variant=None, image_size=IMAGE):
   """Random weights in the Google layout, with realistic scales."""
   rng = np.random.default_rng(seed)
-  template = pretrained.backbone_template(variant or TINY, image_size)
+  template = weights.backbone_template(variant or TINY, image_size)
   return {k: (rng.normal(size=s.shape) * (0.2 if k.endswith("kernel") else
                                           0.5)).astype(np.float32)
              + (1.0 if k.endswith("scale") else 0.0)
-          for k, s in pretrained.flatten(template).items()}
+          for k, s in flatten(template).items()}
 
 
 def random_head():
@@ -71,7 +76,7 @@ def assert_close(actual, expected, tol=1e-5):
 
 
 def template(image_size=IMAGE):
-  return pretrained.backbone_template(TINY, image_size)
+  return weights.backbone_template(TINY, image_size)
 
 
 def plain_model():
@@ -82,8 +87,8 @@ def plain_model():
 def check_loaded(loaded, flat, images=None):
   """The loaded tree is the template's, with the source's float32 values,
   and with it the Flax model computes what the NumPy ViT does."""
-  got = pretrained.flatten(loaded)
-  assert got.keys() == pretrained.flatten(template()).keys()
+  got = flatten(loaded)
+  assert got.keys() == flatten(template()).keys()
   for key, value in got.items():
     assert value.dtype == np.float32
     np.testing.assert_array_equal(value, flat[key], err_msg=key)
@@ -102,13 +107,36 @@ def test_template_matches_flax_model_and_fixture():
   images = np.zeros((1, IMAGE, IMAGE, 3), np.float32)
   shapes = jax.eval_shape(lambda k: plain_model().init(k, images, mode="plain"),
                           jax.random.key(0))["params"]
-  want = {k: v.shape for k, v in pretrained.flatten(dict(shapes)).items()
+  want = {k: v.shape for k, v in flatten(dict(shapes)).items()
           if not k.startswith("head/")}
-  assert want == {k: v.shape for k, v in pretrained.flatten(template()).items()}
+  assert want == {k: v.shape for k, v in flatten(template()).items()}
   assert want == {k: v.shape for k, v in reference()[0].items()}
-  b16 = pretrained.flatten(pretrained.backbone_template("B/16", 224))
+  b16 = flatten(weights.backbone_template("B/16", 224))
   assert sum(np.prod(v.shape) for v in b16.values()) == 85_798_656
   assert b16["Transformer/posembed_input/pos_embedding"].shape[1] == 197
+
+
+def test_template_is_the_google_vit_layout():
+  """Pins the names, shapes and dtype every source is read into (B/16)."""
+  d, h, m = 768, 12, 3072
+  block = {"LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,),
+           "LayerNorm_2/scale": (d,), "LayerNorm_2/bias": (d,),
+           "MlpBlock_3/Dense_0/kernel": (d, m), "MlpBlock_3/Dense_0/bias": (m,),
+           "MlpBlock_3/Dense_1/kernel": (m, d), "MlpBlock_3/Dense_1/bias": (d,),
+           "MultiHeadDotProductAttention_1/out/kernel": (h, d // h, d),
+           "MultiHeadDotProductAttention_1/out/bias": (d,)}
+  for proj in ("query", "key", "value"):
+    block[f"MultiHeadDotProductAttention_1/{proj}/kernel"] = (d, h, d // h)
+    block[f"MultiHeadDotProductAttention_1/{proj}/bias"] = (h, d // h)
+  want = {"cls": (1, 1, d), "embedding/kernel": (16, 16, 3, d),
+          "embedding/bias": (d,), "Transformer/encoder_norm/scale": (d,),
+          "Transformer/encoder_norm/bias": (d,),
+          "Transformer/posembed_input/pos_embedding": (1, 1 + 14 * 14, d)}
+  want.update({f"Transformer/encoderblock_{i}/{k}": shape
+               for i in range(12) for k, shape in block.items()})
+  got = flatten(weights.backbone_template("B/16", 224))
+  assert {k: v.shape for k, v in got.items()} == want
+  assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
 
 
 def test_numpy_reference_computes_what_torch_computed():
@@ -122,7 +150,7 @@ def test_numpy_reference_computes_what_torch_computed():
 
 def test_timm_mapping_round_trips():
   flat = reference()[0]
-  back = pretrained.timm_to_google(to_timm(flat), num_heads=4)
+  back = weights.timm_to_google(to_timm(flat), num_heads=4)
   assert back.keys() == flat.keys()
   for key in flat:
     np.testing.assert_array_equal(back[key], flat[key], err_msg=key)
@@ -164,8 +192,8 @@ def torch_dino_checkpoint(unused_tmp_path, unused_flat):
 
 def write_converted(tmp_path, unused_flat):
   """smope_jax.convert's output directory (its CLI is tested below)."""
-  params = pretrained.load_backbone(fixture("tiny_vit_timm.bin"), template())
-  info = convert.save_backbone(params, str(tmp_path / "out"), source="x",
+  params = weights.load_backbone(fixture("tiny_vit_timm.bin"), template())
+  info = weights.save_backbone(params, str(tmp_path / "out"), source="x",
                                model="tiny", image_size=IMAGE)
   assert json.loads((tmp_path / "out" / "info.json").read_text()) == info
   assert sorted(os.listdir(tmp_path / "out")) == ["backbone.npz", "info.json"]
@@ -176,14 +204,13 @@ def write_converted(tmp_path, unused_flat):
     write_npz, write_safetensors, torch_timm_bin, torch_ibot,
     torch_dino_checkpoint, write_converted])
 def test_file_layouts_load_the_same_function(tmp_path, source):
-  weights, images, _ = reference()
-  loaded = pretrained.load_backbone(str(source(tmp_path, weights)),
-                                    template())
-  check_loaded(loaded, weights, images)
+  flat, images, _ = reference()
+  loaded = weights.load_backbone(str(source(tmp_path, flat)), template())
+  check_loaded(loaded, flat, images)
 
 
 def test_torch_reader_dtypes_and_views():
-  got = pretrained.read_torch(fixture("dtypes_and_views.pth"))["nested"][0]
+  got = weights.read_torch(fixture("dtypes_and_views.pth"))["nested"][0]
   with np.load(fixture("dtypes_and_views.npz")) as want:
     for key, value in got.items():
       np.testing.assert_array_equal(np.float32(value), want[key], err_msg=key)
@@ -196,7 +223,7 @@ def read_all(path):
   if path.endswith(".npz"):
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
-  return pretrained.read_torch(path)
+  return weights.read_torch(path)
 
 
 def assert_same_tree(a, b, where=""):
@@ -269,19 +296,19 @@ def test_convert_cli(tmp_path):
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=Ti/16",
                        "--image_size=32", f"--output={tmp_path}/out")
   assert result.returncode == 0, result.stderr
-  out, ti = tmp_path / "out", pretrained.backbone_template("Ti/16", 32)
+  out, ti = tmp_path / "out", weights.backbone_template("Ti/16", 32)
   assert sorted(os.listdir(out)) == ["backbone.npz", "info.json"]
   assert json.loads((out / "info.json").read_text()) == dict(
       source=str(tmp_path / "ti.safetensors"), model="Ti/16", image_size=32,
       sha256=hashlib.sha256((out / "backbone.npz").read_bytes()).hexdigest())
-  loaded = pretrained.flatten(pretrained.load_backbone(str(out), ti))
+  loaded = flatten(weights.load_backbone(str(out), ti))
   for key, value in flat.items():
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
   with open(out / "backbone.npz", "r+b") as f:
     f.seek(1000)
     f.write(b"\0" * 8)
   with pytest.raises(MissingWeightsError, match="sha256 in its info.json"):
-    pretrained.load_backbone(str(out), ti)
+    weights.load_backbone(str(out), ti)
   # Weights that do not fit: one line, and no output directory is left.
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=S/16",
                        f"--output={tmp_path}/bad/dir")
@@ -318,8 +345,8 @@ def test_convert_flag_and_output_errors_come_first(tmp_path, flags, expected):
 
 def test_convert_on_a_full_disk_leaves_the_old_output(tmp_path):
   out = tmp_path / "out"
-  params = pretrained.load_backbone(fixture("tiny_vit_timm.bin"), template())
-  convert.save_backbone(params, str(out), source="old", model="tiny",
+  params = weights.load_backbone(fixture("tiny_vit_timm.bin"), template())
+  weights.save_backbone(params, str(out), source="old", model="tiny",
                         image_size=IMAGE)
   before = {n: (out / n).read_bytes() for n in os.listdir(out)}
   write_timm(tmp_path / "ti.safetensors",
@@ -344,32 +371,32 @@ def test_bad_keys_are_named(tmp_path, change, message):
   change(flat)
   np.savez(tmp_path / "vit.npz", **flat)
   with pytest.raises(MissingWeightsError, match=message):
-    pretrained.load_backbone(str(tmp_path / "vit.npz"), template())
+    weights.load_backbone(str(tmp_path / "vit.npz"), template())
 
 
 def test_unknown_timm_key_and_wrong_head_count(tmp_path):
   path = write_timm(tmp_path / "a.safetensors",
                     **{"fc_norm.weight": np.ones(32, np.float32)})
   with pytest.raises(MissingWeightsError, match="unexpected keys: fc_norm"):
-    pretrained.load_backbone(str(path), template())
-  three_heads = pretrained.backbone_template(dict(TINY, num_heads=3), IMAGE)
+    weights.load_backbone(str(path), template())
+  three_heads = weights.backbone_template(dict(TINY, num_heads=3), IMAGE)
   with pytest.raises(MissingWeightsError, match=r"blocks\.0\.attn\.\S+ of "
                      "shape .* does not map to a ViT with 3 heads"):
-    pretrained.load_backbone(str(path), three_heads)
+    weights.load_backbone(str(path), three_heads)
 
 
 def test_missing_source_and_unreadable_files(tmp_path):
   with pytest.raises(MissingWeightsError, match="preset"):
-    pretrained.load_backbone(str(tmp_path / "nope.npz"), template())
+    weights.load_backbone(str(tmp_path / "nope.npz"), template())
   (tmp_path / "w.h5").write_bytes(b"x")
   with pytest.raises(MissingWeightsError, match="unknown weights format"):
-    pretrained.load_backbone(str(tmp_path / "w.h5"), template())
+    weights.load_backbone(str(tmp_path / "w.h5"), template())
   (tmp_path / "emptydir").mkdir()
   for name in ("w.npz", "w.safetensors", "w.pth", "emptydir"):
     if name != "emptydir":
       (tmp_path / name).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(MissingWeightsError, match="cannot read|truncated"):
-      pretrained.load_backbone(str(tmp_path / name), template())
+      weights.load_backbone(str(tmp_path / name), template())
 
 
 def test_position_embedding_resize(tmp_path):
@@ -379,7 +406,7 @@ def test_position_embedding_resize(tmp_path):
   pos[0, 1:] = (ramp[:, None] + 2 * ramp[None, :]).reshape(16, 1)
   np.savez(tmp_path / "vit.npz", **flat)
   for size, side in ((32, 8), (24, 6), (8, 2)):
-    got = pretrained.load_backbone(str(tmp_path / "vit.npz"), template(size))[
+    got = weights.load_backbone(str(tmp_path / "vit.npz"), template(size))[
         "Transformer"]["posembed_input"]["pos_embedding"]
     assert got.shape == (1, 1 + side * side, 32)
     np.testing.assert_array_equal(got[0, 0], pos[0, 0])  # CLS kept.
@@ -394,7 +421,7 @@ def test_position_embedding_resize(tmp_path):
   np.savez(tmp_path / "odd.npz", **dict(flat, **{
       "Transformer/posembed_input/pos_embedding": np.ones((1, 15, 32))}))
   with pytest.raises(MissingWeightsError, match=r"pos_embedding \(1, 15, 32\)"):
-    pretrained.load_backbone(str(tmp_path / "odd.npz"), template())
+    weights.load_backbone(str(tmp_path / "odd.npz"), template())
 
 
 @pytest.fixture
@@ -406,10 +433,10 @@ def server():
 def test_preset_download_cache_and_reuse(tmp_path, server):
   flat = random_backbone()
   body = write_timm(tmp_path / "src.safetensors", flat).read_bytes()
-  name, cache = pretrained.PRESETS["sup21k"][1], tmp_path / "cache"
+  name, cache = weights.PRESETS["sup21k"][1], tmp_path / "cache"
   server.routes[f"/{name}"] = (200, {}, body)
   for _ in range(2):
-    check_loaded(pretrained.load_backbone(
+    check_loaded(weights.load_backbone(
         "sup21k", template(), cache_dir=str(cache), base_url=server.url + "/"),
                  flat)
   assert server.requests == [f"/{name}"]
@@ -421,8 +448,8 @@ def test_preset_download_cache_and_reuse(tmp_path, server):
     f.seek(len(body) // 2)
     f.write(b"\xff" * 4)
   with pytest.raises(MissingWeightsError, match="corrupted") as e:
-    pretrained.load_backbone("sup21k", template(), cache_dir=str(cache),
-                             base_url=server.url)
+    weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                          base_url=server.url)
   assert str(cache / name) in str(e.value) and "was deleted" in str(e.value)
   assert not os.listdir(cache)
 
@@ -430,20 +457,20 @@ def test_preset_download_cache_and_reuse(tmp_path, server):
 def test_preset_env_overrides_and_hf_etag(tmp_path, server, monkeypatch):
   flat = random_backbone()
   body = write_timm(tmp_path / "src.safetensors", flat).read_bytes()
-  name = pretrained.PRESETS["dino1k"][1]
+  name = weights.PRESETS["dino1k"][1]
   # Like huggingface.co: a redirect carrying the LFS sha256, then the bytes.
   etag = {"X-Linked-Etag": f'"{hashlib.sha256(body).hexdigest()}"'}
   server.routes[f"/{name}"] = (302, dict(etag, Location="/cdn/blob"), b"")
   server.routes["/cdn/blob"] = (200, {}, body)
   monkeypatch.setenv("SMOPE_JAX_WEIGHTS_URL", server.url)
   monkeypatch.setenv("SMOPE_JAX_CACHE", str(tmp_path / "env_cache"))
-  check_loaded(pretrained.load_backbone("dino1k", template()), flat)
+  check_loaded(weights.load_backbone("dino1k", template()), flat)
   assert (tmp_path / "env_cache" / name).exists()
   # A download that does not match the announced digest is not cached.
   server.routes[f"/{name}"][1]["X-Linked-Etag"] = '"' + "0" * 64 + '"'
   with pytest.raises(MissingWeightsError, match="announced"):
-    pretrained.load_backbone("dino1k", template(),
-                             cache_dir=str(tmp_path / "other"))
+    weights.load_backbone("dino1k", template(),
+                          cache_dir=str(tmp_path / "other"))
   assert not os.listdir(tmp_path / "other")
 
 
@@ -453,10 +480,10 @@ def test_offline_preset_names_cache_path(tmp_path):
     url = "http://127.0.0.1:%d" % s.getsockname()[1]
   cache = tmp_path / "cache"
   with pytest.raises(MissingWeightsError) as e:
-    pretrained.load_backbone("ibot21k", template(), cache_dir=str(cache),
-                             base_url=url)
+    weights.load_backbone("ibot21k", template(), cache_dir=str(cache),
+                          base_url=url)
   for part in ("'ibot21k'", url + "/", "--config.pretrained=",
-               str(cache / pretrained.PRESETS["ibot21k"][1])):
+               str(cache / weights.PRESETS["ibot21k"][1])):
     assert part in str(e.value)
   assert not os.listdir(cache)
 
@@ -475,7 +502,7 @@ def test_torch_reader_refuses_foreign_globals(tmp_path):
   with zipfile.ZipFile(tmp_path / "evil.pth", "w") as zf:
     zf.writestr("evil/data.pkl", pickle.dumps({"w": _Evil(target)}))
   with pytest.raises(MissingWeightsError, match="refusing to unpickle"):
-    pretrained.load_backbone(str(tmp_path / "evil.pth"), template())
+    weights.load_backbone(str(tmp_path / "evil.pth"), template())
   assert not os.path.exists(target)
   with pytest.raises(MissingWeightsError, match="argparse.Namespace"):
-    pretrained.read_torch(fixture("args_namespace.pth"))
+    weights.read_torch(fixture("args_namespace.pth"))

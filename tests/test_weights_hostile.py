@@ -24,7 +24,7 @@ import pytest
 import safetensors.numpy
 
 from smope_jax import configuration
-from smope_jax import pretrained
+from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
 from tests import numpy_vit
 from tests.fixtures import local_server
@@ -32,6 +32,7 @@ from tests.test_pretrained import IMAGE
 from tests.test_pretrained import REPO
 from tests.test_pretrained import TINY
 from tests.test_pretrained import assert_one_line_error
+from tests.test_pretrained import flatten
 from tests.test_pretrained import random_backbone
 from tests.test_pretrained import template
 
@@ -132,7 +133,7 @@ def test_hand_built_torch_file_loads(tmp_path):
   """The control: the builder's well-formed file holds the weights."""
   flat = random_backbone()
   path = write_torch(tmp_path / "ok.pth", {"model": timm_tensors(flat)})
-  loaded = pretrained.flatten(pretrained.load_backbone(str(path), template()))
+  loaded = flatten(weights.load_backbone(str(path), template()))
   for key, value in flat.items():
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
 
@@ -224,7 +225,7 @@ def test_hostile_torch_files_are_refused_fast_and_small(tmp_path, case):
   start = time.perf_counter()
   try:
     with pytest.raises(MissingWeightsError) as e:
-      pretrained.load_backbone(str(path), template())
+      weights.load_backbone(str(path), template())
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
   finally:
@@ -251,7 +252,7 @@ def test_truncated_legacy_and_junk_torch_files_are_told_apart(tmp_path):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(MissingWeightsError) as e:
-      pretrained.load_backbone(str(path), template())
+      weights.load_backbone(str(path), template())
     assert str(e.value).startswith(f"{path}: {expected}"), e.value
 
 
@@ -380,7 +381,7 @@ def test_malformed_keys_are_named(tmp_path, case):
   tracemalloc.start()
   try:
     with pytest.raises(MissingWeightsError) as e:
-      pretrained.load_backbone(str(path), template())
+      weights.load_backbone(str(path), template())
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()
@@ -403,7 +404,7 @@ def server():
     yield s
 
 
-NAME = pretrained.PRESETS["sup21k"][1]
+NAME = weights.PRESETS["sup21k"][1]
 HTML = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
 DOWNLOAD_CASES = {
     "truncated, no length header": (
@@ -440,16 +441,16 @@ def test_bad_downloads_are_not_cached(tmp_path, server, case):
   cache = tmp_path / "cache"
   start = time.perf_counter()
   with pytest.raises(MissingWeightsError) as e:
-    pretrained.load_backbone("sup21k", template(), cache_dir=str(cache),
-                             base_url=server.url)
+    weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                          base_url=server.url)
   assert time.perf_counter() - start < 10
   assert expected in str(e.value) and "\n" not in str(e.value)
   assert "nothing was cached" in str(e.value)
   assert not os.listdir(cache)
   # The next run downloads again, and a good file is admitted.
   server.routes[f"/{NAME}"] = (200, {}, preset_body())
-  pretrained.load_backbone("sup21k", template(), cache_dir=str(cache),
-                           base_url=server.url)
+  weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                        base_url=server.url)
   assert sorted(os.listdir(cache)) == [NAME, NAME + ".sha256"]
 
 
@@ -460,15 +461,15 @@ def test_cached_file_that_cannot_be_read_is_deleted(tmp_path, server):
   (cache / NAME).write_bytes(b"<html>not weights</html>")
   with pytest.raises(MissingWeightsError, match="cannot read weights from "
                      ".*the cached file was deleted, run again"):
-    pretrained.load_backbone("sup21k", template(), cache_dir=str(cache),
-                             base_url=server.url)
+    weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                          base_url=server.url)
   assert not os.listdir(cache) and server.requests == []
   # NaN weights cannot be used by any model either.
   state = numpy_vit.google_to_timm(random_backbone())
   state["cls_token"] = NAN_CLS
   safetensors.numpy.save_file(state, str(cache / NAME))
   with pytest.raises(MissingWeightsError, match="NaN .* was deleted"):
-    pretrained.load_backbone("sup21k", template(), cache_dir=str(cache))
+    weights.load_backbone("sup21k", template(), cache_dir=str(cache))
   assert not os.listdir(cache)
 
 
@@ -476,12 +477,12 @@ def test_cached_file_for_another_model_is_kept(tmp_path, server):
   """Readable weights of another size are reported, not deleted."""
   server.routes[f"/{NAME}"] = (200, {}, preset_body())
   cache = tmp_path / "cache"
-  pretrained.load_backbone("sup21k", template(), cache_dir=str(cache),
-                           base_url=server.url)
-  other = pretrained.backbone_template(dict(TINY, num_layers=3), IMAGE)
+  weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                        base_url=server.url)
+  other = weights.backbone_template(dict(TINY, num_layers=3), IMAGE)
   with pytest.raises(MissingWeightsError,
                      match="missing keys: Transformer/encoderblock_2/") as e:
-    pretrained.load_backbone("sup21k", other, cache_dir=str(cache))
+    weights.load_backbone("sup21k", other, cache_dir=str(cache))
   assert "deleted" not in str(e.value)
   assert sorted(os.listdir(cache)) == [NAME, NAME + ".sha256"]
 
@@ -490,8 +491,8 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, server):
   (tmp_path / "afile").write_text("x")
   with pytest.raises(MissingWeightsError, match="cannot write to the weights "
                      "cache .*afile/cache .*SMOPE_JAX_CACHE"):
-    pretrained.load_backbone("sup21k", template(),
-                             cache_dir=str(tmp_path / "afile" / "cache"),
+    weights.load_backbone("sup21k", template(),
+                          cache_dir=str(tmp_path / "afile" / "cache"),
                              base_url=server.url)
   assert server.requests == []
 
@@ -506,14 +507,14 @@ def _demo_template():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  return pretrained.backbone_template(configuration.model_dims(config),
-                                      config.image_size)
+  return weights.backbone_template(configuration.model_dims(config),
+                                   config.image_size)
 
 
 def _demo_weights():
   rng = np.random.default_rng(0)
   return {k: rng.normal(size=v.shape).astype(np.float32) * 0.1
-          for k, v in pretrained.flatten(_demo_template()).items()}
+          for k, v in flatten(_demo_template()).items()}
 
 
 def _demo_timm():

@@ -15,7 +15,7 @@ import numpy as np
 
 from smope_jax import schedules
 from smope_jax import train_step as steps_lib
-from smope_jax.models import factory
+from smope_jax import factory
 
 BATCH = 4
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from smope_jax import configuration, schedules
 from smope_jax import train_step as steps_lib
+from smope_jax import factory
 from smope_jax.methods import registry
-from smope_jax.models import factory
 
 
 def describe(row: str) -> str:

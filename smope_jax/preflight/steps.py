@@ -17,7 +17,7 @@ import numpy as np
 
 from smope_jax import configuration, distributed
 from smope_jax import train_step as steps_lib
-from smope_jax.models import factory
+from smope_jax import factory
 
 # Which config field sizes each step's batch.
 BATCH_FIELDS = {"eval": "eval_batch_size"}  # Every other step: batch_size.

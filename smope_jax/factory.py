@@ -1,4 +1,5 @@
-"""A config's model, its prompt method, and their initial parameters."""
+"""A config's model, its prompt method, its backbone weights, and their
+initial parameters: what wires configuration, methods, models and weights."""
 
 import os
 
@@ -7,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from smope_jax import configuration, methods, train_step
+from smope_jax import demo_backbone
+from smope_jax import weights
 from smope_jax.methods import base
 from smope_jax.models.vit import VisionTransformer
 
@@ -50,16 +53,14 @@ def load_backbone(config, workdir: str):
   """
   if not config.pretrained:
     return None
-  from smope_jax import pretrained  # pylint: disable=g-import-not-at-top
   source = config.pretrained
   if source == "demo":
-    from smope_jax import demo_backbone  # pylint: disable=g-import-not-at-top
     source = demo_backbone.ensure_demo_backbone(config,
                                                 demo_backbone_dir(workdir))
-  pretrained.check_source(source)
-  template = pretrained.backbone_template(configuration.model_dims(config),
-                                          config.image_size)
-  return pretrained.load_backbone(source, template)
+  weights.check_source(source)
+  template = weights.backbone_template(configuration.model_dims(config),
+                                       config.image_size)
+  return weights.load_backbone(source, template)
 
 
 def param_shapes(config, model: VisionTransformer, method: base.Method):
