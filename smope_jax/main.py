@@ -180,7 +180,7 @@ def check_before_start(config, workdir_path: str) -> None:
     from smope_jax import weights  # pylint: disable=g-import-not-at-top
     weights.check_source(config.pretrained)
     if config.pretrained in weights.PRESETS:
-      workdir.check_weights_cache(config.pretrained)
+      weights.check_cache(config.pretrained)
 
 
 def _stop(message: str) -> None:

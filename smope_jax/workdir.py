@@ -100,20 +100,6 @@ def weights_cache_dir() -> str:
                             or "~/.cache/smope_jax")
 
 
-def check_weights_cache(preset: str) -> None:
-  """A preset not yet in the cache needs a cache it can be downloaded into.
-
-  A cached preset is only read, so a read-only shared cache that holds it
-  is fine.
-  """
-  from smope_jax import weights  # pylint: disable=g-import-not-at-top
-  directory = weights_cache_dir()
-  if os.path.isfile(os.path.join(directory, weights.PRESETS[preset][1])):
-    return
-  check_writable(directory, f"the weights cache for {preset!r}",
-                 "cache directory with SMOPE_JAX_CACHE=DIR")
-
-
 def check_output_file(path: str, flag: str) -> None:
   """Checks early that the file a flag names can be written.
 

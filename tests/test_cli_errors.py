@@ -298,9 +298,9 @@ SUP1K_FILE = "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors"
 def test_read_only_cache_holding_the_preset_passes_the_check(tmp_path, tmpfs):
   code = textwrap.dedent("""
       from smope_jax import errors, weights, workdir
-      workdir.check_weights_cache("sup1k")  # Cached: only read.
+      weights.check_cache("sup1k")  # Cached: only read.
       try:
-        workdir.check_weights_cache("sup21k")
+        weights.check_cache("sup21k")
       except errors.UserError as e:
         print(e)
   """)

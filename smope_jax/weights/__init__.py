@@ -20,5 +20,6 @@ from smope_jax.weights.formats import timm_to_google
 from smope_jax.weights.loading import backbone_template
 from smope_jax.weights.loading import check_source
 from smope_jax.weights.loading import load_backbone
+from smope_jax.weights.presets import check_cache
 from smope_jax.weights.presets import PRESETS
 from smope_jax.weights.torch_reader import read_torch

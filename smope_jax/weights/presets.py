@@ -44,6 +44,19 @@ PRESETS = {
 _MAX_DOWNLOAD_BYTES = 8 << 30
 
 
+def check_cache(preset: str) -> None:
+  """A preset not yet in the cache needs a cache it can be downloaded into.
+
+  A cached preset is only read, so a read-only shared cache that holds it
+  is fine.
+  """
+  directory = workdir.weights_cache_dir()
+  if os.path.isfile(os.path.join(directory, PRESETS[preset][1])):
+    return
+  workdir.check_writable(directory, f"the weights cache for {preset!r}",
+                         "cache directory with SMOPE_JAX_CACHE=DIR")
+
+
 def _preset_location(name, cache_dir, base_url):
   """(URL, cache path) of a preset; `base_url` names a mirror."""
   url, filename = PRESETS[name]
