@@ -12,9 +12,8 @@ import ast
 import functools
 import importlib.util
 import inspect
+import json
 import os
-import subprocess
-import sys
 
 import chex
 import flax
@@ -33,6 +32,7 @@ from smope_jax.methods import base
 from smope_jax.methods import vqprompt
 from smope_jax.methods import vqprompt_spec
 from smope_jax.models import vit
+from tests import e2e_runner
 from tests.test_baselines import B
 from tests.test_baselines import D
 from tests.test_baselines import DIMS
@@ -585,12 +585,16 @@ def test_seed0_class_order_with_and_without_the_switch():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-  """The demo config with method=vqprompt trains, aligns and evaluates."""
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.main",
-       "--config=configs/demo.py:method=vqprompt",
-       f"--workdir={tmp_path}", "--config.progress_bar=false"],
-      cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert (tmp_path / "metrics.json").exists()
+def test_tiny_digits_run_end_to_end(tmp_path):
+  """Through `main`: every task trains with both VQ terms, aligns, tests."""
+  flags = [f for f in e2e_runner.TINY_DIGITS if not f.startswith("--config=")]
+  assert e2e_runner.run_main(["--config=configs/demo.py:method=vqprompt",
+                              *flags, f"--workdir={tmp_path}"]) == 0
+  with open(tmp_path / "metrics.json") as f:
+    metrics = json.load(f)
+  assert metrics["method"] == "vqprompt"
+  assert len(metrics["acc_matrix"]) == 5
+  train = [e for e in metrics["train_log"] if e["phase"] == "train"]
+  assert train and all(e["vq_commit"] > 0 and e["vq_codebook"] > 0
+                       for e in train)
+  assert {e["phase"] for e in metrics["train_log"]} == {"train"}
