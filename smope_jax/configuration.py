@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.router_weight = 1e-5          # alpha_r.
   c.prototype_weight = 1e-5       # alpha_p.
   c.dense_warmup = True           # Task 0: dense warm-up for half the epochs first.
+  # VQ-Prompt.
+  c.vq_temperature = 1.0          # Softmax temperature of the query-key weights.
+  c.vq_commit_weight = 0.4        # Weight of |p_a - sg(z)|^2 (pulls the weighted prompt to the chosen entry).
+  c.vq_codebook_weight = 0.1      # Weight of |z - sg(p_a)|^2 (pulls the chosen entry to the weighted prompt).
+  c.natural_order_seed0 = False   # Seed 0 keeps the classes in order 0..C-1 (VQ-Prompt's code); others shuffle.
   # Optimisation.
   c.batch_size = 128              # GLOBAL batch; must divide by the device count.
   c.eval_batch_size = 256         # Global evaluation batch.

@@ -104,7 +104,9 @@ class ContinualData:
     self._process_count = process_count
     self.num_classes = source.num_classes
     self.class_names = list(source.class_names)
-    self.class_order = splits.class_order(self.num_classes, config.seed)
+    self.class_order = splits.class_order(
+        self.num_classes, config.seed,
+        natural_seed0=config.natural_order_seed0)
     if config.joint:
       self._tasks = [list(self.class_order)]
     else:
