@@ -15,13 +15,15 @@ from smope_jax.methods import registry
 import toy_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt")
+BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt",
+            "vqprompt")
 
 
 def test_built_in_methods_in_table_order():
   assert registry.names()[:len(BUILT_IN)] == BUILT_IN
   assert [registry.display_name(n) for n in BUILT_IN] == [
-      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt"]
+      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt",
+      "VQ-Prompt"]
   assert registry.display_name("an_old_run") == "an_old_run"
 
 

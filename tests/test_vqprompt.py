@@ -30,6 +30,7 @@ from smope_jax import schedules
 from smope_jax import train_step as ts
 from smope_jax.methods import base
 from smope_jax.methods import vqprompt
+from smope_jax.methods import registry
 from smope_jax.methods import vqprompt_spec
 from smope_jax.models import vit
 from tests import e2e_runner
@@ -408,7 +409,7 @@ def _load(name, arg=None):
 def _vq_config(name):
   """The benchmark config (SMoPE's) under VQ-Prompt's protocol."""
   config = _load(name)
-  return vqprompt_spec.apply_protocol(config, epochs=config.epochs,
+  return configuration.use_method(config, "vqprompt", epochs=config.epochs,
                                       batch_size=128)
 
 
@@ -456,7 +457,7 @@ def test_init_is_uniform_on_zero_one():
 
 def test_train_step_moves_every_pool_row_and_not_the_backbone():
   config = _load("demo")
-  config = vqprompt_spec.apply_protocol(config, epochs=8, batch_size=32)
+  config = configuration.use_method(config, "vqprompt", epochs=8, batch_size=32)
   config.model.update(patch_size=8, hidden_size=16, num_layers=3, num_heads=2,
                       mlp_dim=32)
   config.image_size = 16
@@ -523,7 +524,7 @@ def test_protocol_of_each_benchmark():
               "sup1k", 64, 40, 40)
   assert (cub.pretrained, cub.batch_size, cub.schedule, cub.align_ratio,
           cub.vq_temperature) == ("sup21k", 128, "epoch_cosine", 2, 5.0)
-  demo = vqprompt_spec.apply_protocol(_load("demo"), epochs=8, batch_size=32)
+  demo = configuration.use_method(_load("demo"), "vqprompt", epochs=8, batch_size=32)
   assert (demo.pretrained, demo.epochs, demo.batch_size) == ("demo", 8, 32)
   configuration.validate(demo)
 
@@ -545,7 +546,7 @@ def test_defaults_leave_other_methods_unchanged():
 ])
 def test_config_check_errors(field, value, message):
   config = configuration.base_config()
-  vqprompt_spec.apply_protocol(config, epochs=20, batch_size=128)
+  configuration.use_method(config, "vqprompt", epochs=20, batch_size=128)
   vqprompt_spec.check(config, DIMS)
   config[field] = value
   with pytest.raises(errors.ConfigError, match=message):
@@ -560,9 +561,8 @@ def test_spec_module_imports_no_jax():
   names += [node.module for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom)]
   assert not [n for n in names if n and {"jax", "flax"} & set(n.split("."))]
-  assert (vqprompt_spec.NAME, vqprompt_spec.DISPLAY_NAME) == (
-      "vqprompt", "VQ-Prompt")
-  assert vqprompt.VQPrompt.name == vqprompt_spec.NAME
+  assert registry.display_name("vqprompt") == "VQ-Prompt"
+  assert registry.method_class("vqprompt") is vqprompt.VQPrompt
 
 
 def test_seed0_class_order_with_and_without_the_switch():

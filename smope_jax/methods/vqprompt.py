@@ -107,8 +107,6 @@ def vq_terms(continuous: jax.Array, quantized: jax.Array,
 class VQPrompt(base.Method):
   """The shared pool and its keys; the two VQ terms in training."""
 
-  name = "vqprompt"
-
   def prompts(self):
     c, d = self.config, self.dims
     return VQPrompts(num_layers=self.num_layers, pool_size=c.pool_size,

@@ -1,4 +1,4 @@
-"""VQ-Prompt's name, protocol, config checks and published numbers.
+"""VQ-Prompt as the registry knows it: protocol, checks, published numbers.
 
 Plain Python (no JAX), so that configs and their validation can read it
 before anything heavy is imported. The model is in `vqprompt`.
@@ -7,25 +7,16 @@ before anything heavy is imported. The model is in `vqprompt`.
 import math
 
 from smope_jax import errors
-
-NAME = "vqprompt"
-DISPLAY_NAME = "VQ-Prompt"
+from smope_jax.methods import coda_protocol
+from smope_jax.methods import registry
 
 # The benchmarks of the authors' commands, and the backbone each used.
 BACKBONES = {"cifar100": "sup1k", "imagenet_r": "sup1k",
              "caltech_birds2011": "sup21k"}
 EPOCHS = 20
 
-# (dataset, tasks) -> [(FAA mean, std, source)], as `published.FAA` holds
-# them; source "S" is the SMoPE paper's table.
-PUBLISHED = {
-    ("imagenet_r", 10): [(78.71, 0.22, "S")],
-    ("cifar100", 10): [(88.73, 0.27, "S")],
-    ("caltech_birds2011", 10): [(86.72, 0.94, "S")],
-}
 
-
-def apply_protocol(config, *, epochs: int, batch_size: int):
+def apply_protocol(config, *, epochs: int, batch_size: int) -> None:
   """Sets VQ-Prompt with the protocol of the authors' commands.
 
   Not the CODA-Prompt protocol of the other baselines: VQ-Prompt ran in the
@@ -44,7 +35,7 @@ def apply_protocol(config, *, epochs: int, batch_size: int):
   cub = config.dataset == "caltech_birds2011"
   benchmark = config.dataset in BACKBONES
   config.update(
-      method=NAME, optimizer="adamw", weight_decay=0.0,
+      optimizer="adamw", weight_decay=0.0,
       prompt_lr_multiplier=5.0, schedule_delay=True, lr=0.0025,
       epochs=EPOCHS if benchmark else epochs, classifier_alignment=True,
       align_epochs=10, align_ratio=2 if cub else 4, dense_warmup=False,
@@ -52,27 +43,27 @@ def apply_protocol(config, *, epochs: int, batch_size: int):
       vq_temperature=5.0 if cub else 1.0, natural_order_seed0=True)
   if benchmark and config.pretrained:  # "" (a random backbone) stays.
     config.pretrained = BACKBONES[config.dataset]
-  return config
 
 
 def check(config, dims: dict) -> None:
   """Raises ConfigError for a VQ-Prompt field out of its range."""
   del dims
-  _require(config.pool_size >= 1,
-           f"config.pool_size={config.pool_size} must be positive.")
-  _require(config.prompt_length >= 2 and config.prompt_length % 2 == 0,
-           f"config.prompt_length={config.prompt_length} must be even and at "
-           "least 2: half keys, half values.")
+  coda_protocol.check_prompts(config)
   temperature = float(config.vq_temperature)
-  _require(math.isfinite(temperature) and temperature > 0,
-           f"config.vq_temperature={temperature} must be positive and "
-           "finite.")
+  errors.require(math.isfinite(temperature) and temperature > 0,
+                 f"config.vq_temperature={temperature} must be positive and "
+                 "finite.")
   for name in ("vq_commit_weight", "vq_codebook_weight"):
     value = float(config[name])
-    _require(math.isfinite(value) and value >= 0,
-             f"config.{name}={value} must be finite and not negative.")
+    errors.require(math.isfinite(value) and value >= 0,
+                   f"config.{name}={value} must be finite and not negative.")
 
 
-def _require(condition: bool, message: str) -> None:
-  if not condition:
-    raise errors.ConfigError(message)
+# The published numbers: the SMoPE paper's table (10 tasks).
+SPEC = registry.MethodSpec(
+    name="vqprompt", display_name="VQ-Prompt",
+    method_class="smope_jax.methods.vqprompt:VQPrompt", check=check,
+    apply_protocol=apply_protocol,
+    published={("imagenet_r", 10): ((78.71, 0.22, "S"),),
+               ("cifar100", 10): ((88.73, 0.27, "S"),),
+               ("caltech_birds2011", 10): ((86.72, 0.94, "S"),)})
