@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -115,3 +116,33 @@ def test_a_method_from_a_test_module_runs_through_main_benchmark_compare(
   labels = [row["label"] for row in record["benchmarks"][0]["rows"]]
   assert labels == ["SMoPE", "Toy prompt"]
   assert os.path.isfile(tmp_path / "out" / "comparison.png")
+
+
+def _docs_table_rows():
+  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+    lines = f.read().splitlines()
+  start = lines.index("| `config.method` | method | prompted blocks | "
+                      "learnable prompt parameters (ViT-B/16) |")
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows.append((cells[0].strip("`"), int(cells[3].split()[0].replace(
+        ",", ""))))
+  return rows
+
+
+def test_docs_method_table_is_the_registry_with_true_counts():
+  """docs/methods.md's table: every built-in method in the registry's order,
+  with the prompt parameters its CIFAR-100 config builds (ViT-B/16)."""
+  from configs import cifar100  # pylint: disable=g-import-not-at-top
+  rows = _docs_table_rows()
+  assert [name for name, _ in rows] == list(BUILT_IN)
+  for name, count in rows:
+    config = cifar100.get_config(f"method={name}")
+    config.pretrained = ""
+    model, method = factory.build_model(config, 10)
+    shapes = factory.param_shapes(config, model, method)["prompts"]
+    assert sum(int(np.prod(s.shape)) for s in
+               jax.tree_util.tree_leaves(shapes)) == count, name

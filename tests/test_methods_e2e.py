@@ -15,7 +15,7 @@ import pytest
 import e2e_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = ("l2p", "deep_l2p", "dualprompt", "codaprompt")
+BASELINES = ("l2p", "deep_l2p", "dualprompt", "codaprompt", "vqprompt")
 pytestmark = pytest.mark.slow
 
 
@@ -56,24 +56,28 @@ def test_two_tasks_end_to_end(finished, method):
   phases = {entry["phase"] for entry in metrics["train_log"]}
   assert phases == {"train"}  # No dense warm-up.
   assert all("key" in entry for entry in metrics["train_log"]) == (
-      method != "codaprompt")
+      method not in ("codaprompt", "vqprompt"))
+  assert all("vq_commit" in entry and "vq_codebook" in entry
+             for entry in metrics["train_log"]) == (method == "vqprompt")
   for name in ("config.json", "accuracy_matrix.png"):
     assert os.path.getsize(os.path.join(finished[method], name)) > 0
 
 
-def test_interrupted_baseline_resumes_to_identical_results(finished,
+@pytest.mark.parametrize("method", ("codaprompt", "vqprompt"))
+def test_interrupted_baseline_resumes_to_identical_results(finished, method,
                                                            tmp_path):
-  """CODA-Prompt: its task boundary re-draws components (Gram-Schmidt)."""
-  reference = _metrics(finished["codaprompt"])
+  """CODA-Prompt: its task boundary re-draws components (Gram-Schmidt);
+  VQ-Prompt: the SMoPE protocol's lagged schedule and the alignment."""
+  reference = _metrics(finished[method])
   task2 = [e["global_step"] for e in reference["train_log"] if e["task"] == 1]
   workdir = str(tmp_path)
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "tests", "e2e_runner.py"), "--",
-       *_flags("codaprompt"), f"--workdir={workdir}",
+       *_flags(method), f"--workdir={workdir}",
        f"--config.exit_at_step={task2[len(task2) // 2]}"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 3, result.stderr[-2000:]
-  assert e2e_runner.run_main([*_flags("codaprompt"),
+  assert e2e_runner.run_main([*_flags(method),
                               f"--workdir={workdir}"]) == 0
   resumed = _metrics(workdir)
   assert resumed["acc_matrix"] == reference["acc_matrix"]
