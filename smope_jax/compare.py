@@ -20,6 +20,7 @@ from absl import flags
 
 from smope_jax import cli, config_compare, workdir
 from smope_jax.errors import UserError
+from smope_jax.methods import published
 from smope_jax.methods import registry
 
 _OUT = flags.DEFINE_string("out", None, "Directory for comparison.md, "
@@ -130,7 +131,6 @@ def row_cost(run: Run) -> dict:
 
 def compare(directories: list[str], out: str) -> dict:
   """Builds the comparison and writes its files; returns the JSON record."""
-  from smope_jax import published  # pylint: disable=g-import-not-at-top
   runs = [run for d in directories for run in find_runs(d)]
   tables = group_rows(runs)
   record = {"sources": published.SOURCES, "benchmarks": []}

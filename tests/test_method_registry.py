@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from smope_jax import compare, configuration, factory, published
+from smope_jax import compare, configuration, factory
 from smope_jax import errors
+from smope_jax.methods import published
 from smope_jax.methods import registry
 import toy_method
 
@@ -57,12 +58,13 @@ def test_no_module_outside_the_methods_names_a_method():
   assert not found
 
 
-def test_published_numbers_come_from_the_specs():
+def test_published_numbers_name_registered_methods_and_known_sources():
   assert published.faa("imagenet_r", 10, "smope") == [(79.32, 0.42, "S")]
   assert published.faa("cifar100", 10, "dualprompt")[1] == (83.05, 1.16, "C")
   assert published.faa("cifar100", 10, "toy") == []
-  for name in registry.names():
-    for cells in registry.get(name).published.values():
+  for methods in published.FAA.values():
+    assert set(methods) <= set(registry.names())
+    for cells in methods.values():
       assert all(source in published.SOURCES for _, _, source in cells)
 
 

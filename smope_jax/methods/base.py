@@ -79,6 +79,24 @@ class PromptModule(nn.Module):
     return {}
 
 
+class PoolPrompts(PromptModule):
+  """Per prompted block a pool of prompts (L, M, Lp, D) and their keys
+  (L, M, D), uniform on [0, 1) as the reference draws them (L2P, VQ)."""
+  num_layers: int
+  pool_size: int
+  length: int
+  hidden_size: int
+  num_heads: int
+
+  def setup(self):
+    uniform = nn.initializers.uniform(1.0)
+    self.pool = self.param(
+        "pool", uniform,
+        (self.num_layers, self.pool_size, self.length, self.hidden_size))
+    self.keys = self.param(
+        "keys", uniform, (self.num_layers, self.pool_size, self.hidden_size))
+
+
 class Method:
   """The trainer's view of a prompt method. Subclasses override the hooks."""
 

@@ -16,9 +16,4 @@ SPEC = registry.MethodSpec(
     name="codaprompt", display_name="CODA-Prompt",
     method_class="smope_jax.methods.codaprompt:CodaPrompt", check=check,
     apply_protocol=functools.partial(coda_protocol.apply, pool_size=100,
-                                     prompt_length=8, prompted_layers=5),
-    published={("imagenet_r", 5): ((76.51, 0.38, "V"),),
-               ("imagenet_r", 10): ((75.45, 0.56, "S"), (75.45, 0.56, "V")),
-               ("imagenet_r", 20): ((72.37, 1.19, "V"),),
-               ("cifar100", 10): ((87.02, 0.10, "S"), (86.25, 0.74, "C")),
-               ("caltech_birds2011", 10): ((76.65, 0.70, "S"),)})
+                                     prompt_length=8, prompted_layers=5))

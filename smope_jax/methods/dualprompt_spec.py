@@ -24,9 +24,4 @@ SPEC = registry.MethodSpec(
     name="dualprompt", display_name="DualPrompt",
     method_class="smope_jax.methods.dualprompt:DualPrompt", check=check,
     apply_protocol=functools.partial(coda_protocol.apply, pool_size=0,
-                                     prompt_length=20, prompted_layers=5),
-    published={("imagenet_r", 5): ((73.05, 0.50, "V"),),
-               ("imagenet_r", 10): ((71.32, 0.62, "S"), (71.32, 0.62, "V")),
-               ("imagenet_r", 20): ((67.87, 1.39, "V"),),
-               ("cifar100", 10): ((82.37, 0.29, "S"), (83.05, 1.16, "C")),
-               ("caltech_birds2011", 10): ((77.27, 0.31, "S"),)})
+                                     prompt_length=20, prompted_layers=5))

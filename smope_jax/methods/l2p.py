@@ -17,29 +17,15 @@ that split (1 = the whole batch). `key_loss='per_sample'` pairs each
 sample with its own keys only, as L2P's paper does.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from smope_jax.methods import base
 
 
-class L2PPrompts(base.PromptModule):
-  """Pools (L, M, Lp, D) and keys (L, M, D) of the prompted blocks."""
-  num_layers: int
-  pool_size: int
-  length: int
-  hidden_size: int
-  num_heads: int
+class L2PPrompts(base.PoolPrompts):
+  """The pools, each input's top-K entries by query-key cosine."""
   top_k: int
-
-  def setup(self):
-    uniform = nn.initializers.uniform(1.0)
-    self.pool = self.param(
-        "pool", uniform,
-        (self.num_layers, self.pool_size, self.length, self.hidden_size))
-    self.keys = self.param(
-        "keys", uniform, (self.num_layers, self.pool_size, self.hidden_size))
 
   def prefix(self, layer, block_query, *, query, context, mode):
     del block_query, context, mode

@@ -34,19 +34,10 @@ L2P = registry.MethodSpec(
     name="l2p", display_name="L2P++",
     method_class="smope_jax.methods.l2p:L2P", check=check,
     apply_protocol=functools.partial(coda_protocol.apply, pool_size=30,
-                                     prompt_length=20, prompted_layers=1),
-    published={("imagenet_r", 5): ((70.83, 0.58, "V"),),
-               ("imagenet_r", 10): ((69.29, 0.73, "V"),),
-               ("imagenet_r", 20): ((65.89, 1.30, "V"),),
-               ("cifar100", 10): ((82.50, 1.10, "V"),)})
+                                     prompt_length=20, prompted_layers=1))
 
 DEEP_L2P = registry.MethodSpec(
     name="deep_l2p", display_name="Deep L2P++",
     method_class="smope_jax.methods.l2p:L2P", check=check,
     apply_protocol=functools.partial(coda_protocol.apply, pool_size=30,
-                                     prompt_length=20, prompted_layers=5),
-    published={("imagenet_r", 5): ((73.93, 0.37, "V"),),
-               ("imagenet_r", 10): ((71.66, 0.64, "S"), (71.66, 0.64, "V")),
-               ("imagenet_r", 20): ((68.42, 1.20, "V"),),
-               ("cifar100", 10): ((84.30, 1.03, "S"), (84.30, 1.03, "V")),
-               ("caltech_birds2011", 10): ((78.64, 0.60, "S"),)})
+                                     prompt_length=20, prompted_layers=5))

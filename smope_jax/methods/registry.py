@@ -2,7 +2,7 @@
 
 Each method's spec module (JAX-free, so that configuration checks run before
 JAX starts) registers a `MethodSpec`: its name, display name, protocol
-defaults, config checks, benchmark layout and published numbers. Everything
+defaults, config checks and benchmark layout. Everything
 else (configuration, trainer, benchmark, comparison) reads this registry, so
 adding a method means its module and one `register` call. The method's model
 code is imported only when a run builds it.
@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from smope_jax import errors
 
@@ -48,8 +48,6 @@ class MethodSpec:
       cut to the model's depth on a smaller ViT instead of refused.
     query_pass: it runs the frozen backbone once without prompts for the
       query before the prompted forward (two forwards per image).
-    published: {(dataset, tasks): ((mean, std, source), ...)}, final
-      average accuracies with a source key of `published.SOURCES`.
   """
   name: str
   display_name: str
@@ -58,8 +56,6 @@ class MethodSpec:
   check: Callable[[Any, dict], None] = _no_check
   fixed_layout: bool = True
   query_pass: bool = True
-  published: Mapping[tuple[str, int], tuple] = dataclasses.field(
-      default_factory=dict)
 
 
 _SPECS: dict[str, MethodSpec] = {}

@@ -23,7 +23,6 @@ trained in every task (nothing is reserved, frozen or re-drawn).
   full precision whatever the backbone's dtype.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -51,22 +50,9 @@ def quantize(query: jax.Array, keys: jax.Array, pool: jax.Array,
           "quantized": pool[chosen]}
 
 
-class VQPrompts(base.PromptModule):
-  """Pools (L, M, Lp, D) and keys (L, M, D) of the prompted blocks."""
-  num_layers: int
-  pool_size: int
-  length: int
-  hidden_size: int
-  num_heads: int
+class VQPrompts(base.PoolPrompts):
+  """The pools, each input's entry nearest its softmax-weighted sum."""
   temperature: float
-
-  def setup(self):
-    uniform = nn.initializers.uniform(1.0)
-    self.pool = self.param(
-        "pool", uniform,
-        (self.num_layers, self.pool_size, self.length, self.hidden_size))
-    self.keys = self.param(
-        "keys", uniform, (self.num_layers, self.pool_size, self.hidden_size))
 
   def prefix(self, layer, block_query, *, query, context, mode):
     del block_query, context, mode

@@ -1,4 +1,4 @@
-"""VQ-Prompt as the registry knows it: protocol, checks, published numbers.
+"""VQ-Prompt as the registry knows it: its protocol and config checks.
 
 Plain Python (no JAX), so that configs and their validation can read it
 before anything heavy is imported. The model is in `vqprompt`.
@@ -59,11 +59,7 @@ def check(config, dims: dict) -> None:
                    f"config.{name}={value} must be finite and not negative.")
 
 
-# The published numbers: the SMoPE paper's table (10 tasks).
 SPEC = registry.MethodSpec(
     name="vqprompt", display_name="VQ-Prompt",
     method_class="smope_jax.methods.vqprompt:VQPrompt", check=check,
-    apply_protocol=apply_protocol,
-    published={("imagenet_r", 10): ((78.71, 0.22, "S"),),
-               ("cifar100", 10): ((88.73, 0.27, "S"),),
-               ("caltech_birds2011", 10): ((86.72, 0.94, "S"),)})
+    apply_protocol=apply_protocol)
