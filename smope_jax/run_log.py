@@ -123,16 +123,21 @@ class RunLog:
 
   # ---------------------------------------------------------------- phases
 
-  def phase_started(self, position, what: str, total: int, done: int = 0,
-                    unit: str = "step") -> None:
+  def phase_started(self, position, what: str, total: int,
+                    done: int = 0) -> None:
     """Starts the clock and the bar of a phase of `total` units."""
+    self._open(f"task {position.task + 1} {what}", total, done)
+
+  def _open(self, label: str, total: int, done: int) -> None:
     self.phase_ended()
     self._clock = progress.PhaseClock(total, done)
     self._waited = 0.0
+    # `{postfix}` is ", " and the fields given to `tick`, if any.
     self._bar = tqdm.tqdm(
-        desc=f"task {position.task + 1} {what}", total=total, initial=done,
-        unit=unit, file=self._stream, leave=False, dynamic_ncols=True,
-        disable=not self._drawn)
+        desc=label, total=total, initial=done, file=self._stream,
+        leave=False, dynamic_ncols=True, disable=not self._drawn,
+        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                   "[{elapsed}{postfix}]")
 
   def tick(self, images: int = 0) -> None:
     """One unit of the phase done."""
@@ -168,24 +173,29 @@ class RunLog:
 
   def training_started(self, position, epochs: int,
                        steps_per_epoch: int) -> None:
-    self.phase_started(position, position.phase, steps_per_epoch * epochs,
-                       position.epoch * steps_per_epoch + position.step)
+    self._open(self._phase_label(position, epochs), steps_per_epoch * epochs,
+               position.epoch * steps_per_epoch + position.step)
 
   def train_step(self, position, mode: str, step_metrics, images: int,
                  epochs: int) -> None:
     """One training step done; `position` already counts it."""
-    first = self._clock.first_step_seconds is None
+    clock = self._clock
+    first = clock.first_step_seconds is None
     if first:  # Time the compilation apart from the steady steps.
       jax.block_until_ready(step_metrics)
+    if self._drawn:  # The ETA of the phase and the last interval's rate.
+      self._bar.set_description_str(self._phase_label(position, epochs),
+                                    refresh=False)
+      self._bar.set_postfix_str(
+          f"ETA {_eta(clock.eta())}, {clock.last_rate:.1f} img/s",
+          refresh=False)
     self.tick(images)
     if first and mode not in self._compiled:
       self._compiled.add(mode)
       self.log("first %s step (compilation) took %s", mode,
-               progress.format_seconds(self._clock.first_step_seconds))
+               progress.format_seconds(clock.first_step_seconds))
     cli.progress = (f"task {position.task + 1}, {position.phase} epoch "
                     f"{position.epoch + 1}, step {position.step}")
-    self._bar.set_description_str(self._phase_label(position, epochs),
-                                  refresh=False)
 
   def _phase_label(self, position, epochs: int) -> str:
     return (f"task {position.task + 1}/{self.data.num_tasks} {position.phase} "
@@ -211,8 +221,6 @@ class RunLog:
         " ".join(f"{g} {float(r):.3g}" for g, r in rates.items()),
         images_per_second, _eta(self._clock.eta()),
         _eta(self._run_eta(position)))
-    self._bar.set_postfix_str(f"{images_per_second:.1f} img/s",
-                              refresh=False)
 
   def _run_eta(self, position) -> float | None:
     """Seconds left in the run: its remaining training steps at the current

@@ -365,7 +365,7 @@ class Run:
                    "epochs x %d iterations of %d replayed features",
                    task + 1, seen, config.align_epochs, iterations,
                    config.batch_size * config.align_ratio)
-      self.log.phase_started(position, "alignment", 1, unit="phase")
+      self.log.phase_started(position, "alignment", 1)
       trainable = dict(state["trainable"])
       trainable["head"] = self.steps.align(
           trainable["head"], state["class_means"], state["class_vars"],
@@ -381,7 +381,7 @@ class Run:
     task = position.task
     seen = np.int32(self.data.class_ranges[task][1])
     row = []
-    self.log.phase_started(position, "evaluating", task + 1, unit="task")
+    self.log.phase_started(position, "evaluating", task + 1)
     for j in range(task + 1):
       correct = jnp.int32(0)
       for local in self.data.test_batches(j, self.config.eval_batch_size):
