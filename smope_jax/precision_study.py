@@ -97,6 +97,7 @@ def routing_decisions(workdir: str, precision: dict | None = None
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only.
   config = _load_config(workdir)
   config.update(precision or {})
+  configuration.validate(config)  # `trainer.Run` takes valid configs.
   with tempfile.TemporaryDirectory() as scratch:
     run = trainer.Run(config, scratch)  # Builds model and data, writes there.
     try:
