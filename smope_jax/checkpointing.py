@@ -55,7 +55,7 @@ def check_run_meta(meta: Any, workdir: str, config: dict, num_tasks: int,
                    phases: tuple[str, ...]) -> None:
   """Refuses another run's checkpoint; a malformed one counts as corrupt.
 
-  `meta` is a task loop's (`trainer.Position.to_meta`), `config` the
+  `meta` is a task loop's (`position.Position.to_meta`), `config` the
   current run's as a dict, `phases` every phase name it can hold.
 
   Raises:

@@ -42,36 +42,6 @@ def _hparams(config) -> dict:
   return flat
 
 
-def accuracy_matrix(rows) -> np.ndarray:
-  """Square matrix of the finished tasks; NaN above the diagonal."""
-  matrix = np.full((len(rows), len(rows)), np.nan)
-  for t, row in enumerate(rows):
-    matrix[t, :len(row)] = row
-  return matrix
-
-
-def run_summary(config, data, position, method_report: dict) -> dict:
-  """A run's results so far (metrics.json): the metrics of its accuracy
-  matrix, its records (`trainer.Position`) and its method's report."""
-  rows = position.acc_matrix
-  out = metrics.summarize(accuracy_matrix(rows), test_sizes=[
-      data.test_size(j) for j in range(len(rows))])
-  out.update(
-      method=config.method, dataset=config.dataset, seed=position.seed,
-      tasks_done=len(rows), evaluated_on=evaluated_on(config),
-      joint=bool(config.joint),
-      task_classes=[b - a for a, b in data.class_ranges],
-      task_seconds=list(position.task_seconds),
-      train_images_per_second=list(position.train_images_per_second),
-      train_log=list(position.train_log), **method_report)
-  return out
-
-
-def evaluated_on(config) -> str:
-  """The split each task is evaluated on."""
-  return "validation" if config.validation else "test"
-
-
 def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:
   """Accuracy and forgetting of every seen task after the last one trained.
 
@@ -181,3 +151,33 @@ class Reporter:
 
   def close(self) -> None:
     self.writer.close()
+
+
+def accuracy_matrix(rows) -> np.ndarray:
+  """Square matrix of the finished tasks; NaN above the diagonal."""
+  matrix = np.full((len(rows), len(rows)), np.nan)
+  for t, row in enumerate(rows):
+    matrix[t, :len(row)] = row
+  return matrix
+
+
+def run_summary(config, data, position, method_report: dict) -> dict:
+  """A run's results so far (metrics.json): the metrics of its accuracy
+  matrix, its records (`position.Position`) and its method's report."""
+  rows = position.acc_matrix
+  out = metrics.summarize(accuracy_matrix(rows), test_sizes=[
+      data.test_size(j) for j in range(len(rows))])
+  out.update(
+      method=config.method, dataset=config.dataset, seed=position.seed,
+      tasks_done=len(rows), evaluated_on=evaluated_on(config),
+      joint=bool(config.joint),
+      task_classes=[b - a for a, b in data.class_ranges],
+      task_seconds=list(position.task_seconds),
+      train_images_per_second=list(position.train_images_per_second),
+      train_log=list(position.train_log), **method_report)
+  return out
+
+
+def evaluated_on(config) -> str:
+  """The split each task is evaluated on."""
+  return "validation" if config.validation else "test"

@@ -24,8 +24,8 @@ from smope_jax import reporting, run_log, schedules
 from smope_jax import train_step as steps_lib
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
-from smope_jax.position import Position
 from smope_jax.models import factory
+from smope_jax.position import Position
 
 
 # Exit status of the `exit_at_step` fault injection.
