@@ -34,16 +34,68 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from smope_jax import errors
+from smope_jax import config_compare, errors
 
 _STATE = "state"
 _META = "meta"
 # How long a failed save waits for its other writers to stop.
 WRITER_JOIN_SECONDS = 30.0
+# What every smope_jax before the config was checkpointed stored in `meta`:
+# a checkpoint with these and no config is an older version's, not damaged.
+OLDER_META_KEYS = frozenset(("task", "phase", "epoch", "step", "global_step",
+                             "save_id", "seed", "acc_matrix", "task_seconds",
+                             "train_images_per_second"))
 
 
 class MalformedCheckpoint(ValueError):
   """A checkpoint whose meta cannot be right; treated like an unreadable one."""
+
+
+def check_run_meta(meta: Any, workdir: str, config: dict, num_tasks: int,
+                   phases: tuple[str, ...]) -> None:
+  """Refuses another run's checkpoint; a malformed one counts as corrupt.
+
+  `meta` is a task loop's (`position.Position.to_meta`), `config` the
+  current run's as a dict, `phases` every phase name it can hold.
+
+  Raises:
+    errors.UserError: the checkpoint was written by an older smope_jax or
+      with a config that computes otherwise (only result-neutral fields
+      such as logging intervals may differ).
+    MalformedCheckpoint: its metadata is not this version's or its stored
+      position cannot be right, so it is moved aside and an older one is
+      tried.
+  """
+  if isinstance(meta, dict) and "config" not in meta and (
+      OLDER_META_KEYS <= meta.keys()):
+    raise errors.UserError(f"the checkpoints in {workdir}/checkpoints were "
+                           "written by an older smope_jax; use a new "
+                           "--workdir")
+  if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
+    raise MalformedCheckpoint(
+        f"its metadata is a {type(meta).__name__} without the run's config")
+  config_compare.require_same_config(workdir, meta["config"], config)
+  count = lambda key: isinstance(meta.get(key), int) and (  # noqa: E731
+      not isinstance(meta.get(key), bool)) and meta[key] >= 0
+  problems = [key for key in ("task", "epoch", "step", "global_step",
+                              "save_id", "seed") if not count(key)]
+  problems += [key for key in ("task_seconds", "train_log",
+                               "train_images_per_second")
+               if not isinstance(meta.get(key), list)]
+  if not problems:
+    if meta["task"] > num_tasks:
+      problems.append(f"task {meta['task']}")
+    if meta.get("phase") not in phases:
+      problems.append(f"phase {meta.get('phase')!r}")
+    rows = meta.get("acc_matrix")
+    if not (isinstance(rows, list) and len(rows) == meta["task"] and all(
+        isinstance(row, list) and len(row) == t + 1 and
+        all(isinstance(a, (int, float)) and 0 <= a <= 100 for a in row)
+        for t, row in enumerate(rows))):
+      problems.append("accuracy matrix")
+  if problems:
+    raise MalformedCheckpoint(
+        "its stored position is malformed: " + ", ".join(problems))
 
 
 class Checkpointer:

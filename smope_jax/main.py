@@ -218,7 +218,8 @@ def main(argv):
       # One run per workdir, taken before any log, checkpoint or output.
       with workdir_lock.WorkdirLock(_WORKDIR.value), _log_to_workdir(
           _WORKDIR.value):
-        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                   validated=True)
     except UserError as e:
       logging.flush()
       print(f"error: {e}", file=sys.stderr)

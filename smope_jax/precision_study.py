@@ -99,10 +99,11 @@ def routing_decisions(workdir: str, precision: dict | None = None
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only.
   config = _load_config(workdir)
   config.update(precision or {})
+  configuration.validate(config)  # `trainer.Run` takes valid configs.
   with tempfile.TemporaryDirectory() as scratch:
     run = trainer.Run(config, scratch)  # Builds model and data, writes there.
     try:
-      (template, frozen), _ = run.fresh_state()
+      template, frozen = run.fresh_state()[0], run.frozen
       restored = checkpointing.Checkpointer(
           f"{workdir}/checkpoints").restore_latest(template)
       if restored is None or restored[2]["task"] < run.data.num_tasks:

@@ -1,13 +1,9 @@
-"""Progress of a phase: intervals, throughput, ETAs, and a terminal bar.
+"""Progress of a phase: intervals, throughput and ETAs, and their format.
 
-The bar is drawn only on a terminal; redirected output (nohup, SLURM, CI,
-`launch/tpu_vm.sh logs`) gets the log lines instead. Times exclude the
-first step of a phase when it compiles, so images/s and ETAs describe the
-steady state.
+Times exclude the first step of a phase when it compiles, so images/s and
+ETAs describe the steady state.
 """
 
-import shutil
-import sys
 import time
 
 
@@ -24,38 +20,6 @@ def format_seconds(seconds: float) -> str:
   if minutes:
     return f"{minutes}m{secs:02d}s"
   return f"{secs}s"
-
-
-class Bar:
-  """A one-line bar on stderr that fits the terminal's width."""
-
-  def __init__(self, enabled: bool, stream=None):
-    self.stream = stream or sys.stderr
-    self.enabled = enabled and self.stream is not None and self.stream.isatty()
-    self._shown = False
-
-  def draw(self, label: str, done: int, total: int, fields: str) -> None:
-    """`label [####....] done/total fields`, cut to the terminal width."""
-    if not self.enabled:
-      return
-    width = shutil.get_terminal_size((80, 24)).columns - 1
-    counter = f"{done:>{len(str(total))}}/{total}"
-    head = f"{label} "
-    tail = f" {counter} {fields}"
-    bar_width = max(min(30, width - len(head) - len(tail) - 2), 5)
-    filled = int(bar_width * done / max(total, 1))
-    line = f"{head}[{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
-    self.stream.write("\r" + line[:width].ljust(width))
-    self.stream.flush()
-    self._shown = True
-
-  def clear(self) -> None:
-    """Removes the bar, so that log lines start on a clean line."""
-    if self.enabled and self._shown:
-      width = shutil.get_terminal_size((80, 24)).columns - 1
-      self.stream.write("\r" + " " * width + "\r")
-      self.stream.flush()
-      self._shown = False
 
 
 class PhaseClock:

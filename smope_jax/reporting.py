@@ -2,9 +2,10 @@
 
 Scalars go through CLU's default metric writer: a log line and, on process
 0, TensorBoard events from one call (other processes only log). Process 0
-also writes `config.json`, `metrics.json`, the PNG plots and the seed table,
-and draws the terminal bar. JSON is written strictly: a non-finite number
-is an error, never a `NaN` in a file.
+also writes `config.json`, `metrics.json`, the PNG plots and the seed table.
+JSON is written strictly: a non-finite number is an error, never a `NaN`
+in a file. The log lines, ETAs and bar of a running task loop are
+`run_log`'s.
 """
 
 from absl import logging
@@ -12,7 +13,7 @@ from clu import metric_writers
 import numpy as np
 import tensorflow as tf
 
-from smope_jax import configuration, metrics, plots, progress, workdir
+from smope_jax import configuration, metrics, plots, workdir
 
 
 # Config, metrics and seed table: strict JSON, whole or not at all.
@@ -67,12 +68,11 @@ def format_matrix(summary: dict) -> str:
 
 
 class Reporter:
-  """Scalars, metrics, plots and the terminal bar of one run."""
+  """Scalars, metrics and plots of one run."""
 
-  def __init__(self, workdir: str, primary: bool, progress_bar: bool):
+  def __init__(self, workdir: str, primary: bool):
     self.workdir = workdir
     self.primary = primary
-    self.bar = progress.Bar(primary and progress_bar)
     self.writer = metric_writers.create_default_writer(
         workdir if primary else None, just_logging=not primary,
         asynchronous=False)
@@ -85,18 +85,12 @@ class Reporter:
 
   def scalars(self, step: int, values: dict) -> None:
     """One log line and TensorBoard scalars."""
-    self.bar.clear()
     self.writer.write_scalars(step, {k: float(v) for k, v in values.items()})
     self.writer.flush()
 
-  def log(self, message: str, *args) -> None:
-    """An INFO line that does not collide with the terminal bar."""
-    self.bar.clear()
-    logging.info(message, *args)
-
   def task_report(self, summary: dict, title: str) -> None:
     """metrics.json, the plots, and the per-task table in the log."""
-    self.log("%s", format_task_table(summary["acc_matrix"][
+    logging.info("%s", format_task_table(summary["acc_matrix"][
         :summary["tasks_done"]], summary["evaluated_on"]))
     self.write_results(summary, title)
 
@@ -130,7 +124,7 @@ class Reporter:
           title=f"{title}: expert use after task {summary['tasks_done']}")
 
   def final_report(self, summary: dict) -> None:
-    self.log("%s", format_matrix(summary))
+    logging.info("%s", format_matrix(summary))
 
   def seed_report(self, summaries: list[dict], seeds: list[int]) -> None:
     if not self.primary:
@@ -144,5 +138,34 @@ class Reporter:
     print(text)
 
   def close(self) -> None:
-    self.bar.clear()
     self.writer.close()
+
+
+def accuracy_matrix(rows) -> np.ndarray:
+  """Square matrix of the finished tasks; NaN above the diagonal."""
+  matrix = np.full((len(rows), len(rows)), np.nan)
+  for t, row in enumerate(rows):
+    matrix[t, :len(row)] = row
+  return matrix
+
+
+def run_summary(config, data, position, method_report: dict) -> dict:
+  """A run's results so far (metrics.json): the metrics of its accuracy
+  matrix, its records (`position.Position`) and its method's report."""
+  rows = position.acc_matrix
+  out = metrics.summarize(accuracy_matrix(rows), test_sizes=[
+      data.test_size(j) for j in range(len(rows))])
+  out.update(
+      method=config.method, dataset=config.dataset, seed=position.seed,
+      tasks_done=len(rows), evaluated_on=evaluated_on(config),
+      joint=bool(config.joint),
+      task_classes=[b - a for a, b in data.class_ranges],
+      task_seconds=list(position.task_seconds),
+      train_images_per_second=list(position.train_images_per_second),
+      train_log=list(position.train_log), **method_report)
+  return out
+
+
+def evaluated_on(config) -> str:
+  """The split each task is evaluated on."""
+  return "validation" if config.validation else "test"

@@ -247,3 +247,42 @@ def test_full_tmpfs_is_one_error_and_gives_the_space_back(
     _assert_quiet_full_disk_error(error, capfd, caplog, mnt / 'checkpoints')
     assert ckpt.restore_latest(state)[0] == step - 1
     ckpt.close()
+
+
+_PHASES = ('start', 'train', 'eval')
+# A task loop's metadata after task 1 of 2, as `Run` writes it.
+_RUN_META = {'config': {'lr': 0.1}, 'task': 1, 'phase': 'train', 'epoch': 0,
+             'step': 3, 'global_step': 9, 'save_id': 4, 'seed': 0,
+             'acc_matrix': [[80.0]], 'task_seconds': [2.5], 'train_log': [],
+             'train_images_per_second': [100.0]}
+
+
+def _check(meta):
+  checkpointing.check_run_meta(meta, 'wd', {'lr': 0.1}, 2, _PHASES)
+
+
+def test_a_run_meta_at_a_possible_position_passes():
+  _check(_RUN_META)
+  _check(dict(_RUN_META, task=2, acc_matrix=[[80.0], [70.0, 60.0]]))
+
+
+@pytest.mark.parametrize('change, problem', [
+    ({'task': 3, 'acc_matrix': [[1.0], [1.0, 1.0], [1.0, 1.0, 1.0]]},
+     'task 3'),
+    ({'phase': 'topk'}, "phase 'topk'"),
+    ({'acc_matrix': [[80.0, 1.0]]}, 'accuracy matrix'),
+    ({'acc_matrix': [[101.0]]}, 'accuracy matrix'),
+    ({'step': -1}, 'step'), ({'seed': True}, 'seed'),
+    ({'train_log': None}, 'train_log')])
+def test_a_run_meta_at_an_impossible_position_is_malformed(change, problem):
+  with pytest.raises(checkpointing.MalformedCheckpoint,
+                     match=f'malformed: {problem}'):
+    _check(dict(_RUN_META, **change))
+
+
+def test_a_run_meta_of_another_config_or_version_is_refused():
+  with pytest.raises(errors.UserError, match='wd'):
+    _check(dict(_RUN_META, config={'lr': 0.2}))
+  older = {k: v for k, v in _RUN_META.items() if k != 'config'}
+  with pytest.raises(errors.UserError, match='written by an older smope_jax'):
+    _check(older)
