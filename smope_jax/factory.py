@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smope_jax import precision
 from smope_jax import configuration, methods, train_step
 from smope_jax import demo_backbone
 from smope_jax import weights
@@ -24,15 +25,15 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
   components per task).
   """
   config = config.copy_and_resolve_references()
-  config.update(configuration.resolve_precision(config, jax.default_backend()))
+  config.update(precision.resolve_precision(config, jax.default_backend()))
   dims = configuration.model_dims(config)
   method = methods.build(config, num_tasks, dims)
-  precision = configuration.model_precision(config)
+  computes = precision.model_precision(config)
   model = VisionTransformer(
       num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
       fused_attention=config.fused_attention, prompts=method.prompts(),
-      bfloat16_products=precision["bfloat16_products"],
-      float32_routing=precision["float32_routing"], **dims)
+      bfloat16_products=computes["bfloat16_products"],
+      float32_routing=computes["float32_routing"], **dims)
   return model, method
 
 

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from smope_jax import precision
 from smope_jax import checkpointing, cli, configuration, distributed
 from smope_jax import train_step, trainer
 from smope_jax import workdir as workdir_lib
@@ -88,17 +89,17 @@ def _load_config(workdir: str) -> ml_collections.ConfigDict:
 PRECISION_FIELDS = ("dtype", "matmul_precision", "routing_precision")
 
 
-def routing_decisions(workdir: str, precision: dict | None = None
+def routing_decisions(workdir: str, fields: dict | None = None
                       ) -> tuple[np.ndarray, list[float]]:
   """The final checkpoint's experts (L, N, H, K) on all test images.
 
   Also returns the accuracy (%) on each task's test images, predicting
-  over all classes, as the run's last evaluation. `precision` overrides
+  over all classes, as the run's last evaluation. `fields` overrides
   the run's PRECISION_FIELDS for this forward.
   """
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only.
   config = _load_config(workdir)
-  config.update(precision or {})
+  config.update(fields or {})
   configuration.validate(config)  # `trainer.Run` takes valid configs.
   with tempfile.TemporaryDirectory() as scratch:
     run = trainer.Run(config, scratch)  # Builds model and data, writes there.
@@ -115,7 +116,7 @@ def routing_decisions(workdir: str, precision: dict | None = None
       seen = run.data.class_ranges[last][1]
       chosen, accuracy = [], []
       with jax.default_matmul_precision(
-          configuration.model_precision(run.config)["context"]):
+          precision.model_precision(run.config)["context"]):
         for j in range(run.data.num_tasks):
           correct = 0
           for local in run.data.test_batches(j, config.eval_batch_size):
@@ -142,15 +143,15 @@ def study(reference: str, runs: list[str]) -> list[dict]:
   for workdir in [reference, *runs]:
     metrics = workdir_lib.read_json_file(f"{workdir}/metrics.json")
     config = _load_config(workdir)
-    precision = {k: config[k] for k in PRECISION_FIELDS}
+    fields = {k: config[k] for k in PRECISION_FIELDS}
     chosen, accuracy = routing_decisions(workdir)
     if reference_choice is None:
       reference_choice = chosen
     same_weights, same_weights_accuracy = (
-        routing_decisions(reference, precision) if rows else
+        routing_decisions(reference, fields) if rows else
         (chosen, accuracy))
     rows.append({
-        "run": workdir, **precision,
+        "run": workdir, **fields,
         **{k: metrics[k] for k in ("faa", "caa", "ffm")},
         **final_losses(metrics),
         "routing_agreement": agreement(chosen, reference_choice),

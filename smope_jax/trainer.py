@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from smope_jax import precision
 from smope_jax import alignment, checkpointing, configuration, distributed
 from smope_jax import reporting, run_log, schedules
 from smope_jax import train_step as steps_lib
@@ -100,7 +101,7 @@ class Run:
                                    jax.process_count())
     # "auto" precision fields become this platform's; checkpoints hold those.
     config = self.config = config.copy_and_resolve_references()
-    config.update(configuration.resolve_precision(config,
+    config.update(precision.resolve_precision(config,
                                                   jax.default_backend()))
     self.mesh = distributed.make_mesh()
     self.replicated = distributed.replicated(self.mesh)
@@ -209,7 +210,7 @@ class Run:
         self.config, self.model, self.method)), self.mesh)
     try:
       with jax.default_matmul_precision(
-          configuration.model_precision(self.config)["context"]):
+          precision.model_precision(self.config)["context"]):
         while position.task < self.data.num_tasks:
           state, position = self.phases[position.phase](state, position)
       self.checkpointer.wait_until_finished()

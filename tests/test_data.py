@@ -19,7 +19,6 @@ from smope_jax import errors
 from smope_jax.data import benchmarks
 from smope_jax.data import imagenet_r
 from smope_jax.data import preprocess
-from smope_jax.data import sources
 
 SIZE = 16  # Small images keep the pipeline tests fast.
 

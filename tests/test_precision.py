@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from smope_jax import precision
 from smope_jax import configuration, precision_study, trainer
 from smope_jax.errors import ConfigError
 from smope_jax.methods import smope
@@ -160,28 +161,28 @@ def test_resolve_precision_per_platform():
   for field in ("dtype", "matmul_precision", "routing_precision"):
     config[field] = "auto"
   for platform in ("cpu", "gpu", "tpu"):
-    got = configuration.resolve_precision(config, platform)
-    assert got == configuration.PRECISION_DEFAULTS[platform]
+    got = precision.resolve_precision(config, platform)
+    assert got == precision.PRECISION_DEFAULTS[platform]
     assert "auto" not in got.values()
-  assert (configuration.resolve_precision(config, "cuda") ==
-          configuration.PRECISION_DEFAULTS["gpu"])
+  assert (precision.resolve_precision(config, "cuda") ==
+          precision.PRECISION_DEFAULTS["gpu"])
   config.matmul_precision = "bfloat16"  # A concrete value is kept.
-  assert configuration.resolve_precision(
+  assert precision.resolve_precision(
       config, "tpu")["matmul_precision"] == "bfloat16"
   with pytest.raises(ConfigError, match="platform 'ipu'"):
-    configuration.resolve_precision(config, "ipu")
+    precision.resolve_precision(config, "ipu")
 
 
 def test_model_precision_leaves_the_float32_model_alone():
   config = configuration.base_config()
-  assert configuration.model_precision(config) == {
+  assert precision.model_precision(config) == {
       "bfloat16_products": False, "float32_routing": False,
       "score_products": "", "context": "highest"}
   config.dtype = "bfloat16"
-  assert configuration.model_precision(config)["float32_routing"]
+  assert precision.model_precision(config)["float32_routing"]
   config.update(dtype="float32", matmul_precision="bfloat16",
                 routing_precision="backbone")
-  assert configuration.model_precision(config) == {
+  assert precision.model_precision(config) == {
       "bfloat16_products": True, "float32_routing": False,
       "score_products": "bfloat16", "context": "highest"}
   config.matmul_precision = "fp8"

@@ -8,7 +8,7 @@ import statistics
 import jax
 from absl import logging
 
-from smope_jax import configuration
+from smope_jax import precision
 from smope_jax.benchmark import measure
 from smope_jax.benchmark import rows as rows_lib
 from smope_jax.methods import registry
@@ -61,14 +61,13 @@ def modelled(m: measure.Measurement, config) -> dict:
   chip = roofline.chip_of(jax.local_devices()[0].device_kind)
   if chip is None:
     return {}
-  precision = dict(dtype=config.dtype,
-                   matmul_precision=config.matmul_precision)
-  bound = roofline.bound(chip, m.flops, m.traffic_bytes, **precision)
+  fields = dict(dtype=config.dtype, matmul_precision=config.matmul_precision)
+  bound = roofline.bound(chip, m.flops, m.traffic_bytes, **fields)
   seconds = statistics.median(m.seconds)
   return {"chip": chip.name, "modelled_seconds": bound.seconds,
           "modelled_limited_by": bound.limited_by,
           "measured_vs_modelled": seconds / bound.seconds,
-          "mfu": roofline.utilization(m.flops, seconds, chip, **precision)}
+          "mfu": roofline.utilization(m.flops, seconds, chip, **fields)}
 
 
 def row_result(m: measure.Measurement, batch: int, probe_flops: float,
@@ -110,13 +109,13 @@ def run(config, batch: int, *, repeats: int, warmup: int,
   registered one); returns the JSON record."""
   # "auto" precision fields become this platform's, as in training.
   config = config.copy_and_resolve_references()
-  config.update(configuration.resolve_precision(config,
+  config.update(precision.resolve_precision(config,
                                                 jax.default_backend()))
   setup = rows_lib.Setup(config, batch, methods)
   probe = measure.MatmulProbe(matmul_size)
   measured = {}
   with jax.default_matmul_precision(
-      configuration.model_precision(config)["context"]):
+      precision.model_precision(config)["context"]):
     for name, row in setup.rows().items():
       logging.info("measuring %s (batch %d) ...", name, batch)
       measured[name] = measure.measure(

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smope_jax import configuration, experts, losses
+from smope_jax import precision
+from smope_jax import experts, losses
 from smope_jax.methods import base
 from smope_jax.models import attention
 from smope_jax.models import prompt_attention as routing
@@ -82,7 +83,7 @@ class SMoPE(base.Method):
         num_experts=c.num_experts,
         head_dim=d["hidden_size"] // d["num_heads"], top_k=c.top_k,
         epsilon=c.epsilon, inference_penalty=c.inference_penalty,
-        score_products=configuration.model_precision(c)["score_products"])
+        score_products=precision.model_precision(c)["score_products"])
 
   def init_state(self, trainable):
     dims = trainable["prompts"]["keys"].shape[:3]

@@ -16,6 +16,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from smope_jax import precision
 from smope_jax import cli, configuration, workdir
 from smope_jax.errors import UserError
 from smope_jax.preflight import chips, devices
@@ -59,7 +60,7 @@ def main(argv):
     config = config.copy_and_resolve_references()
     config.pretrained = ""  # Shapes only: no weights are read.
     # "auto" precision fields become the target platform's, as its run's.
-    config.update(configuration.resolve_precision(config, target.platform))
+    config.update(precision.resolve_precision(config, target.platform))
     result = check.Preflight(config, target, _MEMORY_FRACTION.value).run()
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     lines = report.header(result, name) + report.memory_table(result)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from absl import logging
 
+from smope_jax import precision
 from smope_jax import configuration, distributed, train_step
 from smope_jax.errors import UserError
 from smope_jax.preflight import chips, devices, roofline
@@ -98,10 +99,10 @@ class Preflight:
   def _compile(self, name, fn, args, config):
     """One step, compiled again with the options a GPU compile may need."""
     options = dict(self.used_options.get(name, {}))
-    precision = configuration.model_precision(config)["context"]
+    context = precision.model_precision(config)["context"]
     while True:
       result = preflight_steps.compile_step(
-          name, fn, args, precision=precision,
+          name, fn, args, precision=context,
           compiler_options=options or None)
       retry = {}
       if result.error and train_step.TRITON_GEMM_FAILURE in result.error:

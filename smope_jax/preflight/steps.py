@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smope_jax import configuration, distributed
+from smope_jax import precision
+from smope_jax import distributed
 from smope_jax import train_step as steps_lib
 from smope_jax import factory
 
@@ -220,7 +221,7 @@ def host_flops(config, per_device: dict[str, int]) -> dict[str, float]:
   run = RunSteps(local, mesh)
   flops = {}
   with jax.default_matmul_precision(
-      configuration.model_precision(config)["context"]):
+      precision.model_precision(config)["context"]):
     for name, (fn, args) in run.calls().items():
       cost = _first(fn.lower(*args).cost_analysis())
       flops[name] = float(cost.get("flops", 0.0)) if cost else None
