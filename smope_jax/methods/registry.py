@@ -1,11 +1,12 @@
 """The one place the program learns of a prompt method.
 
 Each method's spec module (JAX-free, so that configuration checks run before
-JAX starts) registers a `MethodSpec`: its name, display name, protocol
-defaults, config checks and benchmark layout. Everything
-else (configuration, trainer, benchmark, comparison) reads this registry, so
-adding a method means its module and one `register` call. The method's model
-code is imported only when a run builds it.
+JAX starts) declares a `MethodSpec`: its name, display name, protocol
+defaults, config checks and benchmark layout. `methods/__init__` registers
+the built-in ones in the tables' order. Everything else (configuration,
+trainer, benchmark, comparison, preflight) reads this registry, so adding a
+method means its module and one `register` call. The method's model code is
+imported only when a run builds it.
 """
 
 import dataclasses
