@@ -14,6 +14,7 @@ from smope_jax import errors
 from smope_jax import precision
 from smope_jax.data import benchmarks
 from smope_jax.errors import ConfigError
+from smope_jax.methods import hideprompt_spec
 from smope_jax.methods import registry
 from smope_jax.models.variants import VIT_VARIANTS
 
@@ -88,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq_commit_weight = 0.4        # Weight of |p_a - sg(z)|^2 (pulls the weighted prompt to the chosen entry).
   c.vq_codebook_weight = 0.1      # Weight of |z - sg(p_a)|^2 (pulls the chosen entry to the weighted prompt).
   c.natural_order_seed0 = False   # Seed 0 keeps the classes in order 0..C-1 (VQ-Prompt's code); others shuffle.
+  c.hide = hideprompt_spec.fields()  # HiDe-Prompt's own settings.
   # Optimisation.
   c.batch_size = 128              # GLOBAL batch; must divide by the device count.
   c.eval_batch_size = 256         # Global evaluation batch.

@@ -122,8 +122,8 @@ def routing_decisions(workdir: str, fields: dict | None = None
           for local in run.data.test_batches(j, config.eval_batch_size):
             batch = distributed.global_batch(local, run.batch_sharding)
             out = distributed.to_host(infer(
-                state["trainable"], frozen, state["method_state"],
-                batch["image"], np.int32(last)))
+                state["trainable"], frozen, state["method_state"], batch,
+                np.int32(last)))
             real = np.asarray(local["mask"]) > 0
             chosen.append(np.asarray(out["selected"])[:, real])
             predicted = np.asarray(train_step.predict_seen(

@@ -81,7 +81,8 @@ def train_step(trainable, opt_state, frozen, batch, inputs: TaskInputs, *,
     model, method, tx, mode: static, bound by `make_steps`.
   """
   class_range = inputs.class_range
-  context = method.context(inputs.method_state, inputs.task)
+  context = method.context(inputs.method_state, inputs.task,
+                           mask=batch["mask"])
 
   def loss_fn(params):
     out = model.apply({"params": merge_params(params, frozen)},
@@ -118,19 +119,20 @@ def predict_seen(logits: jax.Array, end_class, first_class=0) -> jax.Array:
   return jnp.argmax(jnp.where(allowed[None], logits, -jnp.inf), axis=-1)
 
 
-def infer(trainable, frozen, method_state, images, task, model, method,
+def infer(trainable, frozen, method_state, batch, task, model, method,
           evaluating: bool = False):
-  """Forward with the method's inference rules (its evaluation's rules
-  when `evaluating`)."""
-  context = method.context(method_state, task, evaluating=evaluating)
-  return model.apply({"params": merge_params(trainable, frozen)}, images,
-                     context, mode="eval")
+  """Forward of a batch with the method's inference rules (its
+  evaluation's rules when `evaluating`)."""
+  context = method.context(method_state, task, evaluating=evaluating,
+                           mask=batch["mask"])
+  return model.apply({"params": merge_params(trainable, frozen)},
+                     batch["image"], context, mode="eval")
 
 
 def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
               model, method):
   """Number of correctly classified real images in the batch."""
-  out = infer(trainable, frozen, method_state, batch["image"], task, model,
+  out = infer(trainable, frozen, method_state, batch, task, model,
               method, evaluating=True)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
@@ -139,7 +141,7 @@ def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
 def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
                      method):
   """Inference-mode pass whose outputs update the method's state."""
-  out = infer(trainable, frozen, method_state, batch["image"], task, model,
+  out = infer(trainable, frozen, method_state, batch, task, model,
               method)
   return method.bookkeep(method_state, out, batch["mask"])
 
@@ -147,28 +149,23 @@ def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
 def feature_step(trainable, frozen, method_state, batch, task, *, model,
                  method):
   """Pre-logits with test-time routing, for the class statistics."""
-  return infer(trainable, frozen, method_state, batch["image"], task, model,
+  return infer(trainable, frozen, method_state, batch, task, model,
                method)["pre_logits"]
 
 
-# Phases of a task, in order (`task_phases` picks a run's); the trainer
-# saves the name of the next one to run.
-PHASES = ("start", "warmup", "train", "bookkeeping", "stats", "align", "eval")
+# Every phase a task may have, in order (`task_phases` picks a run's); the
+# trainer saves the name of the next one to run. HiDe-Prompt's own: its
+# task-identity classifier's training, statistics and alignment, and the
+# merge of its task prompt.
+PHASES = ("start", "tii_train", "tii_stats", "tii_align", "warmup", "train",
+          "merge", "bookkeeping", "stats", "align", "eval")
 # The train-step mode of each training phase.
 TRAINING_MODES = {"warmup": "dense", "train": "train"}
 
 
 def task_phases(method, classifier_alignment: bool, task: int) -> list[str]:
   """The phases of one task for a method and protocol, in order."""
-  phases = ["start"]
-  if task == 0 and method.dense_warmup:
-    phases.append("warmup")
-  phases.append("train")
-  if method.bookkeeping:
-    phases.append("bookkeeping")
-  if classifier_alignment:
-    phases += ["stats", "align"]
-  return phases + ["eval"]
+  return method.phases(task, classifier_alignment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +236,8 @@ def make_steps(config, model, method, replicated) -> Steps:
   checkpoints can hold them); the batch arrives sharded over its 'data'
   axis, so XLA inserts the gradient all-reduce of data parallelism.
   """
-  tx = schedules.adam(config.weight_decay,
-                      decoupled=config.optimizer == "adamw")
+  tx = method.optimizer() or schedules.adam(
+      config.weight_decay, decoupled=config.optimizer == "adamw")
   align_tx = schedules.adam(config.align_weight_decay)
 
   def jitted(fn, **kwargs):

@@ -132,7 +132,8 @@ class Run:
                    "train": self.train_phase,
                    "bookkeeping": self.count_experts,
                    "stats": self.class_statistics, "align": self.align,
-                   "eval": self.evaluate}
+                   "eval": self.evaluate,
+                   **self.method.phase_handlers(self)}
 
   # ----------------------------------------------------------------- state
 

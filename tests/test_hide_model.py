@@ -21,7 +21,8 @@ import optax
 import pytest
 
 from smope_jax import schedules
-from smope_jax.methods import hideprompt as hp
+from smope_jax.hide import losses as hl
+from smope_jax.hide import prompts as hp
 from smope_jax.models import vit
 from tests.test_baselines import B
 from tests.test_baselines import C
@@ -341,7 +342,7 @@ def test_tii_masked_ce_gradient_and_one_clipped_step_against_numpy():
 
   def loss(p):
     logits = module.apply({"params": p}, jnp.asarray(f, jnp.float32))
-    return hp.current_task_ce(logits, jnp.asarray(labels),
+    return hl.current_task_ce(logits, jnp.asarray(labels),
                               jnp.asarray(mask), 2, 4, group_size=None)
 
   value, grads = jax.value_and_grad(loss)(params)
@@ -363,7 +364,7 @@ def test_tii_masked_ce_gradient_and_one_clipped_step_against_numpy():
       (optax.identity(), lambda g: scale * g),
       (schedules.adam(0.0, decoupled=False),
        lambda g: scale * g / (np.abs(scale * g) + 1e-8))):
-    tx = hp.clipped(direction)
+    tx = optax.chain(hl.clip_global_norm(), direction)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(
         params, jax.tree_util.tree_map(lambda u: -rate * u, updates))
@@ -374,7 +375,7 @@ def test_tii_masked_ce_gradient_and_one_clipped_step_against_numpy():
 
 
 def test_clip_global_norm_by_hand():
-  tx = hp.clip_global_norm(1.0)
+  tx = hl.clip_global_norm(1.0)
   big = {"a": jnp.asarray([3.0, 4.0])}
   out, _ = tx.update(big, tx.init(big))
   _assert_close(out["a"], np.array([3.0, 4.0]) / (5.0 + 1e-6), 1e-7)
@@ -391,16 +392,16 @@ def test_group_mean_and_ce_over_8_groups_of_24():
   mask[168:] = 0.0  # Group 7 has none and is left out.
   want = np.mean([values[g:g + 24][mask[g:g + 24] > 0].mean()
                   for g in range(0, 168, 24)])
-  got = hp.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask))
+  got = hl.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask))
   chex.assert_shape(got, ())
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  got = hp.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask),
+  got = hl.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask),
                       None)
   np.testing.assert_allclose(got, values[mask > 0].mean(), rtol=1e-6)
   # The CE of stage 2: per group over the current task's classes.
   logits = rng.normal(size=(192, C))
   labels = rng.integers(4, 6, size=192)
-  got = hp.current_task_ce(jnp.asarray(logits, jnp.float32),
+  got = hl.current_task_ce(jnp.asarray(logits, jnp.float32),
                            jnp.asarray(labels), jnp.asarray(mask), 4, 6)
   current = logits[:, 4:6]
   per_sample = (np.log(np.exp(current).sum(-1)) -
@@ -417,7 +418,7 @@ def test_group_mean_and_ce_over_8_groups_of_24():
 def test_contrastive_by_hand():
   # Q = [(1, 0)] (plus an absent centroid), F = [(0, 1)]: S = I / 0.8, each
   # row's CE is log(e^1.25 + 1) - 1.25.
-  got = hp.contrastive_loss(jnp.asarray([[0.0, 1.0]]), jnp.ones(1),
+  got = hl.contrastive_loss(jnp.asarray([[0.0, 1.0]]), jnp.ones(1),
                             jnp.asarray([[1.0, 0.0], [5.0, 5.0]]),
                             jnp.asarray([True, False]), group_size=None)
   np.testing.assert_allclose(got, np.log(np.exp(1.25) + 1) - 1.25,
@@ -439,8 +440,8 @@ def test_contrastive_over_8_groups_of_24_and_as_one_group():
   mask[168:] = 0.0  # Group 7 has none.
   args = (jnp.asarray(features, jnp.float32), jnp.asarray(mask),
           jnp.asarray(centroids, jnp.float32), jnp.asarray(valid))
-  grouped = hp.contrastive_loss(*args)
-  whole = hp.contrastive_loss(*args, group_size=None)
+  grouped = hl.contrastive_loss(*args)
+  whole = hl.contrastive_loss(*args, group_size=None)
   chex.assert_shape((grouped, whole), ())
   chex.assert_type((grouped, whole), jnp.float32)
   want_grouped, _ = np_contrastive_groups(features, mask, centroids, valid,
@@ -459,7 +460,7 @@ def test_contrastive_gradient_against_the_analytic_one(with_centroids):
     valid = np.zeros_like(valid)
   mask = np.ones(48)
   mask[24 + 9:] = 0.0
-  grad = jax.grad(hp.contrastive_loss)(
+  grad = jax.grad(hl.contrastive_loss)(
       jnp.asarray(features, jnp.float32), jnp.asarray(mask),
       jnp.asarray(centroids, jnp.float32), jnp.asarray(valid))
   chex.assert_shape(grad, (48, 4))
@@ -467,7 +468,7 @@ def test_contrastive_gradient_against_the_analytic_one(with_centroids):
   _assert_close(grad, want, 1e-5)
   np.testing.assert_array_equal(grad[24 + 9:], 0.0)  # Padding rows.
   # The centroids get no gradient.
-  centroid_grad = jax.grad(hp.contrastive_loss, argnums=2)(
+  centroid_grad = jax.grad(hl.contrastive_loss, argnums=2)(
       jnp.asarray(features, jnp.float32), jnp.asarray(mask),
       jnp.asarray(centroids, jnp.float32), jnp.asarray(valid))
   np.testing.assert_array_equal(centroid_grad, 0.0)

@@ -106,7 +106,8 @@ class ContinualData:
     self.class_names = list(source.class_names)
     self.class_order = splits.class_order(
         self.num_classes, config.seed,
-        natural_seed0=config.natural_order_seed0)
+        natural_seed0=config.natural_order_seed0,
+        natural=config.hide.natural_order)
     if config.joint:
       self._tasks = [list(self.class_order)]
     else:
@@ -210,8 +211,8 @@ class ContinualData:
     return ds.with_options(_options(self._threads)).as_numpy_iterator()
 
   def train_batches(self, task: int, epoch: int | str, global_batch: int, *,
-                    start_step: int = 0,
-                    drop_remainder: bool = True) -> Iterator[Batch]:
+                    start_step: int = 0, drop_remainder: bool = True,
+                    test_transform: bool = False) -> Iterator[Batch]:
     """One epoch of the task's training images, shuffled and augmented.
 
     Args:
@@ -223,6 +224,8 @@ class ContinualData:
       drop_remainder: leave out the last partial batch, as the reference's
         training loader does (training and expert counting); otherwise it is
         padded to the full batch with mask 0 (class statistics).
+      test_transform: read the images as the test set is read, without
+        augmentation (HiDe-Prompt's statistics).
 
     Returns:
       An iterator over the remaining local batches of the epoch.
@@ -246,7 +249,11 @@ class ContinualData:
       p_seed = tf.random.experimental.stateless_fold_in(base, p)
       return preprocess.train_image(image, p_seed, size)
 
-    return self._batches(store, pos, index, valid, augment, b)
+    def plain(image, _):
+      return preprocess.test_image(image, size, self._config.test_resize)
+
+    return self._batches(store, pos, index, valid,
+                         plain if test_transform else augment, b)
 
   def test_batches(self, task: int, global_batch: int) -> Iterator[Batch]:
     """The task's test images in a fixed order, each counted exactly once.

@@ -13,24 +13,27 @@ from smope_jax import errors
 
 
 def class_order(num_classes: int, seed: int, *,
-                natural_seed0: bool = False) -> list[int]:
+                natural_seed0: bool = False,
+                natural: bool = False) -> list[int]:
   """The order in which classes arrive, exactly as the reference draws it.
 
   The reference calls `random.seed(seed)` and shuffles `list(range(C))`; a
   private `random.Random(seed)` gives the same sequence without touching the
   global generator. VQ-Prompt's code shuffles only for seeds above 0, so
-  its seed 0 keeps the natural order (`natural_seed0`).
+  its seed 0 keeps the natural order (`natural_seed0`); HiDe-Prompt's
+  code never shuffles (`natural`).
 
   Args:
     num_classes: number of classes C of the benchmark.
     seed: the run's seed (0..4 in the paper).
     natural_seed0: seed 0 gives range(num_classes) unshuffled.
+    natural: every seed gives range(num_classes) unshuffled.
 
   Returns:
     A permutation of range(num_classes): class `order[i]` gets label `i`.
   """
   order = list(range(num_classes))
-  if seed or not natural_seed0:
+  if not natural and (seed or not natural_seed0):
     random.Random(seed).shuffle(order)
   return order
 

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import optax
 
+from smope_jax.hide import losses
+
 KINDS = ("epoch_step", "epoch_cosine_min", "constant")
 DECAY_EPOCHS = 30
 DECAY_RATE = 0.1
@@ -104,10 +106,9 @@ def adam(*, named_weight_decay: bool = False) -> optax.GradientTransformation:
   an L2 decay term is added to it (PyTorch Adam, not AdamW), then Adam's
   moments (betas 0.9, 0.999, eps 1e-8) give the direction; the rate is
   applied later. The runs had no decay; `named_weight_decay` applies the
-  5e-4 their configs name. PyTorch clips by 1 / (norm + 1e-6), optax by
-  1 / norm: a relative difference below 1e-6.
+  5e-4 their configs name. The clip is PyTorch's (by 1 / (norm + 1e-6)).
   """
   decay = NAMED_WEIGHT_DECAY if named_weight_decay else 0.0
-  return optax.chain(optax.clip_by_global_norm(CLIP_NORM),
+  return optax.chain(losses.clip_global_norm(CLIP_NORM),
                      optax.add_decayed_weights(decay),
                      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8))

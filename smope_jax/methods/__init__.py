@@ -9,13 +9,15 @@ tables' order; a method of your own needs only its modules and one
 
 from smope_jax.methods import codaprompt_spec
 from smope_jax.methods import dualprompt_spec
+from smope_jax.methods import hideprompt_spec
 from smope_jax.methods import l2p_spec
 from smope_jax.methods import registry
 from smope_jax.methods import smope_spec
 from smope_jax.methods import vqprompt_spec
 
 for _spec in (smope_spec.SPEC, l2p_spec.L2P, l2p_spec.DEEP_L2P,
-              dualprompt_spec.SPEC, codaprompt_spec.SPEC, vqprompt_spec.SPEC):
+              dualprompt_spec.SPEC, codaprompt_spec.SPEC, vqprompt_spec.SPEC,
+              hideprompt_spec.SPEC):
   registry.register(_spec)
 
 

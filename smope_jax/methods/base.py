@@ -129,14 +129,44 @@ class Method:
     """A context for building the parameters (task 0, nothing learned)."""
     return {"task": jnp.int32(0)}
 
-  def context(self, state: dict, task, *, evaluating: bool = False):
+  def context(self, state: dict, task, *, evaluating: bool = False,
+              mask=None):
     """The prompt module's per-step inputs, built inside the jitted step.
 
     `evaluating` marks the test-set evaluation, whose rules a method may
-    set apart from its other inference passes.
+    set apart from its other inference passes; `mask` (B,) marks the
+    batch's real samples (None where the caller has no batch).
     """
-    del state, evaluating
+    del state, evaluating, mask
     return {"task": task}
+
+  def phases(self, task: int, classifier_alignment: bool) -> list[str]:
+    """The phases of task `task`, in order (names of `train_step.PHASES`).
+
+    Every task starts with "start" and ends with "eval"; a method with
+    phases of its own handles them in `phase_handlers`.
+    """
+    phases = ["start"]
+    if task == 0 and self.dense_warmup:
+      phases.append("warmup")
+    phases.append("train")
+    if self.bookkeeping:
+      phases.append("bookkeeping")
+    if classifier_alignment:
+      phases += ["stats", "align"]
+    return phases + ["eval"]
+
+  def phase_handlers(self, run) -> dict:
+    """{phase: handler(state, position) -> (state, position)} for the
+    phases this method runs its own way; the trainer's `Run` handles the
+    rest."""
+    del run
+    return {}
+
+  def optimizer(self):
+    """The update direction of the training phases (an optax transform
+    whose rate is applied per step), or None for the config's Adam(W)."""
+    return None
 
   def loss_terms(self, out: dict, trainable: dict, state: dict, task,
                  mask: jax.Array, mode: str) -> dict:

@@ -1,451 +1,128 @@
-"""HiDe-Prompt's model side: task prompts, their routing, TII and losses.
+"""HiDe-Prompt (hierarchical decomposition of prompt-based continual
+learning) as its authors' code runs it: the trainer's view of the method.
 
-As the authors' code runs it. NOT REGISTERED YET: there is no `Method`
-subclass and no trainer wiring; the trainer hooks it needs (method-declared
-phases, per-subgroup rates, the statistics routing, multi-centroid
-statistics) come in a later step. What is here are pure functions and the
-prompt module they serve:
-
-- One prefix prompt per task in blocks 0-4: `e_prompt` (L, 2, T, Lp, H, d)
-  with index 0/1 of the second axis the key/value halves, Lp tokens EACH,
-  the head split the parameter's own (H, d) axes, uniform on [-1, 1).
-- Routing (which slot a sample uses): training uses slot t of the current
-  task, blended towards the mean of the earlier slots; the statistics pass
-  slot t as it is; evaluation the slot of the task that the task-identity
-  inference (TII) classifier predicts for the sample.
-- The reference reshapes instead of transposing when it lays the selected
-  prompts out per sample, so within a device batch a sample's key and
-  value prefixes come from other samples' selections and either half; this
-  port reproduces that by default (`pairing_sources`).
-- At a task boundary slot t starts as a copy of slot t-1; after training it
-  is merged towards the mean of the earlier slots.
-- The TII classifier (an MLP with a residual LayerNorm and a head over all
-  classes) runs on the prompt-free pass's final-LN CLS (the query).
-- Losses: cross-entropy over the current task's classes and a contrastive
-  term of the prompted features against old classes' centroids, both per
-  device batch of the reference and averaged over them.
+Per task t, in one run: the task-identity (TII) classifier trains on the
+frozen features (`tii_train`), its class clusters are stored
+(`tii_stats`) and, from task 1 on, it is re-aligned on Gaussian replay of
+them (`tii_align`); then prompt slot t starts as a copy of slot t - 1
+(`start`), trains with the true task id and a contrastive term against old
+classes' centroids (`train`), is merged towards the earlier slots
+(`merge`), the prompted features' clusters are stored (`stats`), the head
+is re-aligned on them (`align`, from task 1 on) and every seen task is
+evaluated through the TII classifier's task (`eval`). The reference runs
+the two stages as two programs; stage 1's task-t work does not depend on
+stage 2, so interleaving them computes the same thing. The phases are
+`hide.phases`; the prompt module `hide.prompts`; the losses `hide.losses`.
 """
 
-from typing import Optional
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from smope_jax import losses
+from smope_jax.hide import losses as hide_losses
+from smope_jax.hide import phases as hide_phases
+from smope_jax.hide import prompts as hide_prompts
+from smope_jax.hide import schedules as hide_schedules
+from smope_jax.hide import statistics
 from smope_jax.methods import base
-from smope_jax.models import attention
-from smope_jax.models import vit
-
-HIGHEST = jax.lax.Precision.HIGHEST
-ROUTINGS = ("train", "stats", "eval")
-# The reference's per-process batch: quirk windows and loss groups.
-DEVICE_BATCH = 24
-SLOT_AXIS = -4  # e_prompt (..., T, Lp, H, d): the task slots' axis.
-_FLOOR = -1e30  # A logit that takes no part in a softmax.
 
 
-# ---------------------------------------------------------------------------
-# Slots: routing, momentum blend, copy and merge.
+class HiDePrompt(base.Method):
+  """One prefix prompt per task, chosen at test time by the TII classifier.
 
-
-def _slot(e_prompt: jax.Array, task) -> jax.Array:
-  """Slot `task` (traced or not) of (..., T, Lp, H, d): (..., Lp, H, d)."""
-  return jax.lax.dynamic_index_in_dim(e_prompt, task,
-                                      axis=e_prompt.ndim + SLOT_AXIS,
-                                      keepdims=False)
-
-
-def mean_of_earlier_slots(e_prompt: jax.Array, task) -> jax.Array:
-  """Mean of slots 0..task-1 (zeros for task 0), without gradient.
-
-  A masked mean, so `task` may be traced.
+  The method state holds both sets of class clusters, (C, K, D) means and
+  variances with a (C, K) presence mask (`tii_*`: the frozen features;
+  the others: the prompted ones, also the contrastive term's negatives),
+  and the task-identity accuracy of each evaluation, (T, T), -1 where not
+  evaluated.
   """
-  slots = e_prompt.shape[SLOT_AXIS]
-  earlier = (jnp.arange(slots) < task).astype(e_prompt.dtype)
-  earlier = earlier.reshape((slots, 1, 1, 1))
-  total = jnp.sum(e_prompt * earlier, axis=SLOT_AXIS)
-  mean = total / jnp.maximum(task, 1).astype(e_prompt.dtype)
-  return jax.lax.stop_gradient(mean)
 
-
-def momentum_blend(e_prompt: jax.Array, task, momentum: float) -> jax.Array:
-  """Slot `task` as training uses it: (1 - m) E_t + m sg(mean_{j<t} E_j).
-
-  Task 0 has no earlier slot and uses E_0 as it is. The earlier slots enter
-  without gradient, so the gradient reaches slot t only, scaled by 1 - m.
-  """
-  current = _slot(e_prompt, task)
-  blended = ((1.0 - momentum) * current +
-             momentum * mean_of_earlier_slots(e_prompt, task))
-  return jnp.where(task > 0, blended, current)
-
-
-def copy_previous_slot(e_prompt: jax.Array, task) -> jax.Array:
-  """At the start of task t > 0 slot t becomes a copy of slot t - 1.
-
-  Both halves, every block; the other slots and task 0 are left as they
-  are.
-  """
-  previous = _slot(e_prompt, jnp.maximum(task - 1, 0))
-  new = jnp.where(task > 0, previous, _slot(e_prompt, task))
-  return jax.lax.dynamic_update_index_in_dim(
-      e_prompt, new, task, axis=e_prompt.ndim + SLOT_AXIS)
-
-
-def merge_momentum(e_prompt: jax.Array, task, momentum: float) -> jax.Array:
-  """After training task t > 0, slot t keeps the blend that training used.
-
-  E_t <- (1 - m) E_t + m mean_{j<t} E_j, so that the statistics pass and
-  evaluation (which do not blend) see the prompt training saw. Task 0 is
-  left as it is.
-  """
-  merged = jax.lax.stop_gradient(momentum_blend(e_prompt, task, momentum))
-  return jax.lax.dynamic_update_index_in_dim(
-      e_prompt, merged, task, axis=e_prompt.ndim + SLOT_AXIS)
-
-
-def route(e_layer: jax.Array, routing: str, task, momentum: float,
-          batch: int, predicted_task: Optional[jax.Array] = None):
-  """Each sample's own (key, value) prompt pair before the pairing quirk.
-
-  Args:
-    e_layer: one block's prompts (2, T, Lp, H, d).
-    routing: `train` (slot t with the momentum blend), `stats` (slot t as
-      it is) or `eval` (each sample's predicted task's slot, no blend).
-    task: the current task t (traced or not).
-    momentum: the blend's m.
-    batch: B.
-    predicted_task: (B,) int task per sample, for `eval`.
-
-  Returns:
-    (B, 2, Lp, H, d) prompts and the (B,) int32 slot of each sample.
-  """
-  if routing == "eval":
-    slots = predicted_task.astype(jnp.int32)
-    chosen = jnp.swapaxes(jnp.take(e_layer, slots, axis=1), 0, 1)
-    return chosen, slots
-  if routing == "train":
-    chosen = momentum_blend(e_layer, task, momentum)
-  elif routing == "stats":
-    chosen = _slot(e_layer, task)
-  else:
-    raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-  slots = jnp.full((batch,), task, jnp.int32)
-  return jnp.broadcast_to(chosen, (batch,) + chosen.shape), slots
-
-
-# ---------------------------------------------------------------------------
-# The key/value pairing and its quirk.
-
-
-def window_positions(mask: jax.Array, window: int):
-  """Per position: its window's start, its index in the window and the
-  window's real-sample count. Windows are consecutive runs of `window`
-  positions (the last may be shorter); real samples lead each window."""
-  batch = mask.shape[0]
-  position = jnp.arange(batch)
-  windows = -(-batch // window)
-  padded = jnp.zeros((windows * window,), jnp.int32).at[:batch].set(
-      (mask > 0).astype(jnp.int32))
-  counts = padded.reshape(windows, window).sum(-1)
-  start = (position // window) * window
-  return start, position - start, counts[position // window]
-
-
-def pairing_sources(mask: jax.Array, window: int = DEVICE_BATCH,
-                    intended: bool = False):
-  """Where each position's key and value prefixes come from.
-
-  The reference selects a (2, n) grid of prompts (half d of sample j) for a
-  device batch of n samples and reshapes it to (n, 2) instead of swapping
-  the axes. Read row-major, position b then takes flat entries 2b (key)
-  and 2b + 1 (value) of the grid: key = half (2b) // n of sample (2b) % n,
-  value = half (2b + 1) // n of sample (2b + 1) % n. With one slot for
-  all samples (training, statistics) the first half of the batch uses the
-  key half as key and value, the second half the value half; at
-  evaluation a sample's prefixes are other samples' prompts. n is the real
-  count of the window (the reference's last batch of an epoch is short);
-  padding positions, and every position under `intended`, take their own
-  key half as key and value half as value.
-
-  Args:
-    mask: (B,) 1 for real samples.
-    window: the device batch of the reference.
-    intended: each sample's own halves (what the method means).
-
-  Returns:
-    ((key_half, key_sample), (value_half, value_sample)), each (B,) int32.
-  """
-  start, index, count = window_positions(mask, window)
-  own = start + index
-  if intended:
-    zeros = jnp.zeros_like(own)
-    return (zeros, own), (zeros + 1, own)
-  real = index < count
-  count = jnp.maximum(count, 1)
-  flat_key, flat_value = 2 * index, 2 * index + 1
-  key = (jnp.where(real, flat_key // count, 0),
-         jnp.where(real, start + flat_key % count, own))
-  value = (jnp.where(real, flat_value // count, 1),
-           jnp.where(real, start + flat_value % count, own))
-  return key, value
-
-
-def pair_key_value(prompts: jax.Array, sources):
-  """(B, 2, Lp, H, d) per-sample prompts -> keys, values (B, Lp, H, d)."""
-  (key_half, key_sample), (value_half, value_sample) = sources
-  return prompts[key_sample, key_half], prompts[value_sample, value_half]
-
-
-def head_major_prefix(keys: jax.Array, values: jax.Array,
-                      aux=None) -> attention.Prefix:
-  """(B, Lp, H, d) keys and values -> the kernel's (B, H, Lp, d) prefix."""
-  return attention.Prefix(values=jnp.swapaxes(values, 1, 2),
-                          keys=jnp.swapaxes(keys, 1, 2), aux=aux)
-
-
-# ---------------------------------------------------------------------------
-# Task-identity inference and prediction.
-
-
-def torch_trunc_normal(stddev: float = 0.02):
-  """Normal(0, stddev) cut at +-2 in absolute value, as timm draws it.
-
-  For stddev 0.02 the cut lies at 100 standard deviations, so in effect
-  untruncated (Flax's truncated normal cuts at 2 standard deviations).
-  """
-  def init(key, shape, dtype=jnp.float32):
-    bound = 2.0 / stddev
-    return stddev * jax.random.truncated_normal(key, -bound, bound, shape,
-                                                dtype)
-  return init
-
-
-class TIIClassifier(nn.Module):
-  """The stage-1 classifier on frozen features f: MLP, residual, LN, head.
-
-  g = LayerNorm(W2 GELU(W1 f + b1) + b2 + f) with W1: D -> 2D, W2: 2D -> D
-  and a plain LayerNorm (eps 1e-5, not the backbone's 1e-6); logits =
-  W_head g + b_head over all classes. Weights trunc-normal(0.02), biases 0.
-  """
-  num_classes: int
-  hidden_ratio: int = 2
-
-  @nn.compact
-  def __call__(self, features: jax.Array) -> jax.Array:
-    width = features.shape[-1]
-    dense = lambda n, name: nn.Dense(  # noqa: E731
-        n, kernel_init=torch_trunc_normal(), bias_init=nn.initializers.zeros,
-        precision=HIGHEST, name=name)
-    hidden = vit.gelu_exact(dense(self.hidden_ratio * width,
-                                  "Dense_0")(features))
-    mapped = dense(width, "Dense_1")(hidden) + features
-    normed = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False,
-                          name="LayerNorm")(mapped)
-    return dense(self.num_classes, "head")(normed)
-
-
-def predicted_task(tii_logits: jax.Array, class_to_task: jax.Array,
-                   seen_classes) -> jax.Array:
-  """Each sample's task: the task of its top TII class among [0, seen).
-
-  The reference masks the TII logits to the classes of the tasks learned
-  so far (the first `seen_classes` classes in its label order) and maps
-  the argmax class to its task.
-  """
-  seen = losses.class_range_mask(tii_logits.shape[-1], 0, seen_classes)
-  best = jnp.argmax(jnp.where(seen[None], tii_logits, -jnp.inf), axis=-1)
-  return class_to_task[best].astype(jnp.int32)
-
-
-def predict(logits: jax.Array, seen_classes,
-            all_classes: bool = True) -> jax.Array:
-  """The final prediction: argmax over ALL classes, as the reference does.
-
-  The head rows of classes not learned yet keep their initial values and
-  still compete; `all_classes=False` takes the argmax over the first
-  `seen_classes` classes instead.
-  """
-  if all_classes:
-    return jnp.argmax(logits, axis=-1)
-  seen = losses.class_range_mask(logits.shape[-1], 0, seen_classes)
-  return jnp.argmax(jnp.where(seen[None], logits, -jnp.inf), axis=-1)
-
-
-# ---------------------------------------------------------------------------
-# Losses and the clipped optimizer.
-
-
-def group_mean(values: jax.Array, mask: jax.Array,
-               group_size: Optional[int] = DEVICE_BATCH) -> jax.Array:
-  """Mean over groups of each group's mean over its real samples.
-
-  The reference's processes each average their own batch and the gradient
-  is averaged over processes. Groups are consecutive runs of `group_size`
-  (the batch must be a multiple); groups without real samples are left
-  out; `group_size=None` treats the batch as one group.
-  """
-  if group_size is None:
-    return losses.masked_mean(values, mask)
-  mask = mask.astype(values.dtype).reshape(-1, group_size)
-  values = jnp.where(mask > 0, values.reshape(-1, group_size), 0.0)
-  count = mask.sum(-1)
-  per_group = (values * mask).sum(-1) / jnp.maximum(count, 1.0)
-  used = (count > 0).astype(values.dtype)
-  return jnp.sum(per_group * used) / jnp.maximum(used.sum(), 1.0)
-
-
-def current_task_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                    first_class, end_class,
-                    group_size: Optional[int] = DEVICE_BATCH) -> jax.Array:
-  """CE over the current task's classes [first, end), others at -inf.
-
-  Both stages train this way (the TII classifier and the prompted head),
-  each device batch's mean averaged over the batches.
-  """
-  current = losses.class_range_mask(logits.shape[-1], first_class, end_class)
-  masked = jnp.where(current[None], logits, -jnp.inf)
-  return group_mean(losses.cross_entropy(masked, labels), mask, group_size)
-
-
-def contrastive_loss(features: jax.Array, mask: jax.Array,
-                     centroids: jax.Array, valid: jax.Array,
-                     temperature: float = 0.8,
-                     group_size: Optional[int] = DEVICE_BATCH) -> jax.Array:
-  """Pushes the prompted features away from old classes' centroids.
-
-  Per group of samples F (n real) with the K valid centroids Q: M = [Q; F],
-  S = M M^T / temperature (no normalisation), and the loss is the mean
-  over ALL K + n rows of CE(S[i], target i). The centroid rows count and
-  send gradient to F through their softmax denominators. Without
-  centroids (task 0) it is the same term over F alone. Groups (the
-  reference's device batches) are averaged, groups without real samples
-  left out; `group_size=None` takes the batch as one group.
-
-  The constant Q-Q block is computed once, and each row's log-sum-exp is
-  assembled from its blocks, so no (K + n)^2 matrix per group is formed.
-
-  Args:
-    features: (B, D) prompted final-LN CLS features.
-    mask: (B,) 1 for real samples (leading each group).
-    centroids: (K, D) stored centroid means (no gradient).
-    valid: (K,) which centroids exist (old classes; zero-variance included).
-    temperature: the similarity's divisor.
-    group_size: samples per group; divides B.
-  """
-  batch, width = features.shape
-  group_size = batch if group_size is None else group_size
-  features = features.astype(jnp.float32).reshape(-1, group_size, width)
-  real = (mask > 0).reshape(-1, group_size)
-  centroids = jax.lax.stop_gradient(centroids.astype(jnp.float32))
-  valid = valid.astype(bool)
-  dot = lambda spec, a, b: jnp.einsum(  # noqa: E731
-      spec, a, b, precision=HIGHEST) / temperature
-  old_old = dot("kd,jd->kj", centroids, centroids)  # (K, K)
-  new_old = dot("gnd,kd->gnk", features, centroids)  # (G, n, K)
-  new_new = dot("gnd,gmd->gnm", features, features)  # (G, n, n)
-  old_diag = jnp.diagonal(old_old)
-  new_diag = jnp.diagonal(new_new, axis1=1, axis2=2)
-  # Absent columns get a finite floor, not -inf: rows with no column left
-  # (dropped below) then keep finite values and zero gradients.
-  old_old = jnp.where(valid[None], old_old, _FLOOR)
-  new_old = jnp.where(valid[None, None], new_old, _FLOOR)
-  new_new = jnp.where(real[:, None, :], new_new, _FLOOR)
-  old_new = jnp.where(real[:, None, :], jnp.swapaxes(new_old, 1, 2), _FLOOR)
-  # Each row's log-sum-exp over [Q ; F_g] from its two blocks.
-  old_lse = jnp.logaddexp(jax.nn.logsumexp(old_old, axis=-1)[None],
-                          jax.nn.logsumexp(old_new, axis=-1))  # (G, K)
-  new_lse = jnp.logaddexp(jax.nn.logsumexp(new_old, axis=-1),
-                          jax.nn.logsumexp(new_new, axis=-1))  # (G, n)
-  old_ce = old_lse - old_diag[None]
-  new_ce = new_lse - new_diag
-  old_ce = jnp.where(valid[None], old_ce, 0.0).sum(-1)
-  new_ce = jnp.where(real, new_ce, 0.0).sum(-1)
-  n = real.sum(-1).astype(jnp.float32)
-  rows = valid.sum().astype(jnp.float32) + n
-  per_group = (old_ce + new_ce) / jnp.maximum(rows, 1.0)
-  used = (n > 0).astype(jnp.float32)
-  return jnp.sum(per_group * used) / jnp.maximum(used.sum(), 1.0)
-
-
-def clip_global_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
-  """PyTorch's `clip_grad_norm_`: g * min(1, max_norm / (|g| + 1e-6))."""
-  def update(updates, state, params=None):
-    del params
-    norm = optax.global_norm(updates)
-    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-    return jax.tree_util.tree_map(lambda g: g * scale, updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                      update)
-
-
-def clipped(direction: optax.GradientTransformation,
-            max_norm: float = 1.0) -> optax.GradientTransformation:
-  """The gradient clipped by its global norm over all trainable parameters,
-  then the optimizer's direction (both stages clip at 1.0 before Adam)."""
-  return optax.chain(clip_global_norm(max_norm), direction)
-
-
-# ---------------------------------------------------------------------------
-# The prompt module.
-
-
-class HiDePrompts(base.PromptModule):
-  """Task prompts in blocks 0..L-1 and the TII classifier on the query.
-
-  Context: `task` (t); optional `routing` (one of ROUTINGS; by default
-  `train` in training mode and `eval` otherwise); `class_to_task` (C,) and
-  `seen_classes` for evaluation routing; optional `mask` (B,) whose real
-  counts set the pairing windows (all real without it).
-  """
-  num_layers: int
-  num_tasks: int
-  length: int
-  hidden_size: int
-  num_heads: int
-  num_classes: int
-  momentum: float
-  window: int = DEVICE_BATCH
-  intended_pairing: bool = False
-
-  needs_query = True
-
-  def setup(self):
-    self.e_prompt = self.param(
-        "e_prompt", vit.symmetric_uniform(1.0),
-        (self.num_layers, 2, self.num_tasks, self.length, self.num_heads,
-         self.hidden_size // self.num_heads))
-    self.tii = TIIClassifier(self.num_classes)
-
-  def classify(self, query: jax.Array) -> jax.Array:
-    """TII logits (B, C) of the prompt-free features."""
-    return self.tii(query)
-
-  def _routing(self, context, mode):
-    return context.get("routing", "train" if mode == "train" else "eval")
-
-  def prefix(self, layer, block_query, *, query, context, mode):
-    del block_query
-    if layer >= self.num_layers:
-      return None
-    batch = query.shape[0]
-    routing = self._routing(context, mode)
-    predicted = None
-    if routing == "eval":
-      predicted = predicted_task(self.classify(query),
-                                 context["class_to_task"],
-                                 context["seen_classes"])
-    prompts, slots = route(self.e_prompt[layer], routing, context["task"],
-                           self.momentum, batch, predicted)
-    mask = context.get("mask", jnp.ones((batch,), jnp.float32))
-    sources = pairing_sources(mask, self.window, self.intended_pairing)
-    keys, values = pair_key_value(prompts, sources)
-    return head_major_prefix(keys, values, aux={"slot": slots})
-
-  def outputs(self, aux, *, query, context, mode):
-    """Each sample's slot (B,) and the TII logits (B, C) of the query."""
-    del context, mode
-    return {"prompt_slot": aux[min(aux)]["slot"],
-            "tii_logits": self.classify(query)}
+  def __init__(self, config, num_tasks: int, dims: dict):
+    super().__init__(config, num_tasks, dims)
+    self.num_classes = config.num_classes
+    self.task_size = config.num_classes // num_tasks
+    self.group_size = (None if config.hide.one_group else
+                       hide_losses.DEVICE_BATCH)
+
+  def prompts(self) -> hide_prompts.HiDePrompts:
+    return hide_prompts.HiDePrompts(
+        num_layers=self.num_layers, num_tasks=self.num_tasks,
+        length=self.config.prompt_length,
+        hidden_size=self.dims["hidden_size"],
+        num_heads=self.dims["num_heads"], num_classes=self.num_classes,
+        momentum=self.config.hide.momentum,
+        intended_pairing=self.config.hide.intended_pairing)
+
+  def optimizer(self):
+    """Adam after PyTorch's clip of the global norm to 1, as both stages."""
+    return hide_schedules.adam()
+
+  def phases(self, task: int, classifier_alignment: bool) -> list[str]:
+    """Stage 1's phases, then stage 2's; the alignments from task 1 on."""
+    align = classifier_alignment and task > 0
+    return (["start", "tii_train", "tii_stats"] + ["tii_align"] * align +
+            ["train", "merge", "stats"] + ["align"] * align + ["eval"])
+
+  def phase_handlers(self, run) -> dict:
+    return hide_phases.Phases(run).handlers()
+
+  def init_state(self, trainable: dict) -> dict:
+    del trainable
+    empty = statistics.empty(self.num_classes, self.dims["hidden_size"])
+    state = {}
+    for prefix in ("tii_", ""):
+      state.update({f"{prefix}means": jnp.asarray(empty.means),
+                    f"{prefix}vars": jnp.asarray(empty.variances),
+                    f"{prefix}present": jnp.asarray(empty.present)})
+    state["tii_accuracy"] = -jnp.ones((self.num_tasks, self.num_tasks),
+                                      jnp.float32)
+    return state
+
+  def start_task(self, trainable: dict, state: dict, task, key):
+    """Slot t starts as a copy of slot t - 1; before task 0 the head is
+    drawn again as the reference draws it (trunc-normal(0.02), zero
+    bias)."""
+    head = trainable["head"]
+    drawn = {"kernel": hide_prompts.torch_trunc_normal(0.02)(
+        key, head["kernel"].shape), "bias": jnp.zeros_like(head["bias"])}
+    head = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(task == 0, new, old), drawn, head)
+    prompt_params = dict(trainable["prompts"])
+    prompt_params["e_prompt"] = hide_prompts.copy_previous_slot(
+        prompt_params["e_prompt"], task)
+    return {**trainable, "prompts": prompt_params, "head": head}, state
+
+  def init_context(self):
+    return self.context({}, jnp.int32(0))
+
+  def context(self, state, task, *, evaluating=False, mask=None):
+    """The task, the class-to-task map of equal tasks in label order, the
+    classes seen by task `task` (the TII classifier's bound) and the
+    batch mask (the key/value pairing's windows)."""
+    del state, evaluating
+    context = {"task": task,
+               "class_to_task": jnp.arange(self.num_classes) //
+                                self.task_size,
+               "seen_classes": (task + 1) * self.task_size}
+    if mask is not None:
+      context["mask"] = mask
+    return context
+
+  def loss_terms(self, out, trainable, state, task, mask, mode):
+    """reg x the contrastive term against the stored clusters of the
+    classes of earlier tasks (prompted training only)."""
+    del trainable
+    if mode != "train":
+      return {}
+    old = jnp.arange(self.num_classes) < task * self.task_size
+    valid = (state["present"] & old[:, None]).reshape(-1)
+    centroids = state["means"].reshape(-1, state["means"].shape[-1])
+    value = hide_losses.contrastive_loss(
+        out["pre_logits"], mask, centroids, valid,
+        group_size=self.group_size)
+    return {"contrastive": (value, self.config.hide.reg)}
+
+  def report(self, state: dict) -> dict:
+    """The task-identity accuracy (%) of each evaluation, per seen task."""
+    rows = [[float(x) for x in row[:t + 1]]
+            for t, row in enumerate(state["tii_accuracy"]) if row[0] >= 0]
+    return {"task_identity_accuracy": rows}

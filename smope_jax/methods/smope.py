@@ -107,10 +107,10 @@ class SMoPE(base.Method):
              self.config.num_experts)
     return {**experts.init_expert_state(*shape), "exclude_unused": True}
 
-  def context(self, state, task, *, evaluating=False):
+  def context(self, state, task, *, evaluating=False, mask=None):
     """Never-used experts are excluded, except in an evaluation that keeps
     the published numbers' routing (`config.exclude_unused_at_eval`)."""
-    del task
+    del task, mask
     return {"counts": state["counts"], "frequent": state["frequent"],
             "exclude_unused": (not evaluating or
                                self.config.exclude_unused_at_eval)}

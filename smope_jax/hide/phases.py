@@ -1,0 +1,250 @@
+"""HiDe-Prompt's phases in the trainer's task loop (`trainer.Run`).
+
+Each handler takes the run state and its `Position` and returns the next
+ones, and checkpoints after its phase, so that a killed run resumes at the
+phase (or, in training, the step) where it stopped. The two training
+phases keep the last partial batch of an epoch (the reference's loader
+does), padded and with its real samples dealt out over the windows of 24.
+Statistics read every training image of the task with the test transform
+and cluster each class on the host (`hide.statistics`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smope_jax import distributed
+from smope_jax import run_log
+from smope_jax import trainer
+from smope_jax import train_step as steps_lib
+from smope_jax.hide import alignment
+from smope_jax.hide import losses as hide_losses
+from smope_jax.hide import schedules
+from smope_jax.hide import statistics
+from smope_jax.hide import steps as hide_steps
+
+WINDOW = hide_losses.DEVICE_BATCH
+# Random streams of the two statistics sets and the two alignments.
+TII_STREAM, PROMPT_STREAM = 0, 1
+
+
+class Phases:
+  """The handlers of HiDe-Prompt's phases for one `trainer.Run`."""
+
+  def __init__(self, run):
+    self.run = run
+    self.config = run.config
+    self.steps = hide_steps.make_steps(run.config, run.model, run.method,
+                                       run.replicated)
+
+  def handlers(self) -> dict:
+    return {"tii_train": self.tii_train, "tii_stats": self.tii_stats,
+            "tii_align": self.tii_align, "train": self.prompt_train,
+            "merge": self.merge, "stats": self.prompt_stats,
+            "align": self.head_align, "eval": self.evaluate}
+
+  # -------------------------------------------------------------- training
+
+  def tii_train(self, state, position):
+    """Stage 1: the TII classifier on the frozen features, Adam at the
+    stage-1 schedule; the prompts and the head stay."""
+    h = self.config.hide
+    schedule = schedules.EpochSchedule(h.tii_schedule, h.tii_lr,
+                                       h.tii_epochs)
+    return self._train(
+        state, position, h.tii_epochs, self.steps.tii_train, "tii",
+        lambda e: {"e_prompt": 0.0, "tii": schedule(e), "head": 0.0})
+
+  def prompt_train(self, state, position):
+    """Stage 2: the task's prompt and the head with the true task id."""
+    config = self.config
+    base = schedules.prompt_phase_rates(config.lr,
+                                        config.hide.larger_prompt_lr)
+    prompt, head = (schedules.EpochSchedule(config.hide.schedule, base[g],
+                                            config.epochs)
+                    for g in ("prompt", "head"))
+    return self._train(
+        state, position, config.epochs, self.steps.prompt_train, "train",
+        lambda e: {"e_prompt": prompt(e), "tii": 0.0, "head": head(e)})
+
+  def _train(self, state, position, epochs, step_fn, mode, rates_of):
+    run, config, task = self.run, self.config, position.task
+    if position.epoch == 0 and position.step == 0:  # A new optimizer.
+      state["opt_state"] = run.steps.init_optimizer(state["trainable"])
+    steps_per_epoch = -(-run.data.train_size(task) // config.batch_size)
+    run.log.training_started(position, epochs, steps_per_epoch)
+    while position.epoch < epochs:
+      rates = {g: np.float32(r) for g, r in rates_of(position.epoch).items()}
+      totals, logged = None, 0
+      for local in run.log.timed(run.data.train_batches(
+          task, position.epoch, config.batch_size, start_step=position.step,
+          drop_remainder=False)):
+        batch = distributed.global_batch(hide_steps.spread_windows(
+            local, WINDOW), run.batch_sharding)
+        inputs = steps_lib.TaskInputs(
+            class_range=run.class_range(task), task=np.int32(task),
+            rates=rates, method_state=state["method_state"])
+        state["trainable"], state["opt_state"], metrics = step_fn(
+            state["trainable"], state["opt_state"], run.frozen, batch, inputs)
+        totals = metrics if totals is None else jax.tree_util.tree_map(
+            jnp.add, totals, metrics)
+        logged += 1
+        position = dataclasses.replace(position, step=position.step + 1,
+                                       global_step=position.global_step + 1)
+        run.log.train_step(position, mode, metrics,
+                           local["image"].shape[0] * jax.process_count(),
+                           epochs)
+        if position.global_step == config.exit_at_step:
+          trainer.exit_abruptly(config.exit_at_step)
+        if (position.step % config.log_every_steps == 0 or
+            position.step == steps_per_epoch):
+          values = run_log.interval_means(totals, logged)
+          run.ensure_finite(state, position, loss=values["loss"])
+          position = position.logged(values)
+          run.log.interval(position, values, rates, epochs)
+          totals, logged = None, 0
+        if position.global_step % config.checkpoint_every_steps == 0:
+          position = run.save(state, position)
+      position = dataclasses.replace(position, epoch=position.epoch + 1,
+                                     step=0)
+    images_per_second = run.log.training_ended(position)
+    if mode == "train":
+      position = dataclasses.replace(position, train_images_per_second=(
+          *position.train_images_per_second, images_per_second))
+    return self._done(state, position)
+
+  def _done(self, state, position):
+    state, position = self.run.next_phase(state, position)
+    return state, self.run.save(state, position)
+
+  # ------------------------------------------------------------ statistics
+
+  def tii_stats(self, state, position):
+    """Clusters of the frozen features of the task's classes."""
+    return self._statistics(state, position, "tii_", TII_STREAM,
+                            self.steps.plain_features)
+
+  def prompt_stats(self, state, position):
+    """Clusters of the prompted features (the task's prompt as merged)."""
+    return self._statistics(state, position, "", PROMPT_STREAM,
+                            self.steps.prompt_features)
+
+  def _statistics(self, state, position, prefix, stream, features_fn):
+    run, task = self.run, position.task
+    batch_size = self.config.batch_size
+    feats, labels = [], []
+    run.log.phase_started(position, f"{prefix}statistics",
+                          -(-run.data.train_size(task) // batch_size))
+    for local in run.data.train_batches(task, "stats", batch_size,
+                                        drop_remainder=False,
+                                        test_transform=True):
+      batch = distributed.global_batch(
+          hide_steps.spread_windows(local, WINDOW), run.batch_sharding)
+      out = features_fn(state["trainable"], run.frozen, state["method_state"],
+                        batch, np.int32(task))
+      keep = distributed.gather_to_host(batch["mask"]) > 0
+      feats.append(distributed.gather_to_host(out)[keep])
+      labels.append(distributed.gather_to_host(batch["label"])[keep])
+      run.log.tick()
+    classes = np.arange(*run.data.class_ranges[task])
+    new = statistics.centroid_statistics(
+        np.concatenate(feats), np.concatenate(labels), classes,
+        seed=int(self.config.seed), stream=stream)
+    host = distributed.to_host(state["method_state"])
+    names = [f"{prefix}{n}" for n in ("means", "vars", "present")]
+    stored = statistics.scatter(statistics.CentroidStatistics(
+        *(host[n] for n in names)), classes, new)
+    state["method_state"] = distributed.put_replicated(
+        {**host, **dict(zip(names, stored))}, run.mesh)
+    run.log.phase_ended("task %d: %s%d clusters of %d classes in %s",
+                        task + 1, prefix, int(new.present.sum()),
+                        len(classes))
+    return self._done(state, position)
+
+  # ------------------------------------------------------------- alignment
+
+  def tii_align(self, state, position):
+    """The TII classifier re-trained on replayed frozen features."""
+    h = self.config.hide
+    return self._align(state, position, "tii_", self.steps.tii_align_epoch,
+                       schedules.cosine_annealing(h.tii_ca_lr, h.crct_epochs),
+                       ("prompts", "tii"), TII_STREAM)
+
+  def head_align(self, state, position):
+    """The head re-trained on replayed prompted features."""
+    h = self.config.hide
+    return self._align(state, position, "", self.steps.head_align_epoch,
+                       schedules.cosine_annealing(h.ca_lr, h.crct_epochs),
+                       ("head",), PROMPT_STREAM)
+
+  def _align(self, state, position, prefix, epoch_fn, rates, path, stream):
+    run, task = self.run, position.task
+    first, seen = run.data.class_ranges[task]
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(self.config.seed), task), stream)
+    run.log.phase_started(position, f"{prefix}alignment", 1)
+    trainable = state["trainable"]
+    params = trainable
+    for name in path:
+      params = params[name]
+    ms = state["method_state"]
+    params = alignment.align(
+        params, ms[f"{prefix}means"], ms[f"{prefix}vars"],
+        ms[f"{prefix}present"], key, seen, first, rates, epoch_fn=epoch_fn)
+    if path == ("head",):
+      state["trainable"] = {**trainable, "head": params}
+    else:
+      state["trainable"] = {**trainable, "prompts": {
+          **trainable["prompts"], "tii": params}}
+    run.ensure_finite(state, position, rate="lr")
+    run.log.phase_ended("task %d: %salignment took %s", task + 1, prefix)
+    return self._done(state, position)
+
+  # ----------------------------------------------------- merge, evaluation
+
+  def merge(self, state, position):
+    """Slot t keeps the momentum blend its training used."""
+    trainable = state["trainable"]
+    state["trainable"] = {**trainable, "prompts": {
+        **trainable["prompts"], "e_prompt": self.steps.merge(
+            trainable["prompts"]["e_prompt"], np.int32(position.task))}}
+    return self._done(state, position)
+
+  def evaluate(self, state, position):
+    """Accuracy and task-identity accuracy on every seen task."""
+    run, task = self.run, position.task
+    ranges = run.data.class_ranges
+    row, identity = [], []
+    run.log.phase_started(position, "evaluating", task + 1)
+    for j in range(task + 1):
+      tii_seen = ranges[j if self.config.hide.evaluated_task_mask else
+                        task][1]
+      correct = found = jnp.int32(0)
+      for local in run.data.test_batches(j, self.config.eval_batch_size):
+        batch = distributed.global_batch(local, run.batch_sharding)
+        c, f = self.steps.eval(state["trainable"], run.frozen,
+                               state["method_state"], batch, np.int32(task),
+                               np.int32(tii_seen))
+        correct, found = correct + c, found + f
+      size = run.data.test_size(j)
+      row.append(100.0 * int(distributed.to_host(correct)) / size)
+      identity.append(100.0 * int(distributed.to_host(found)) / size)
+      run.log.tick()
+    run.log.phase_ended("task %d: evaluated %d tasks in %s", task + 1,
+                        task + 1)
+    run.log.log("task %d: task-identity accuracy per task %s", task + 1,
+                " ".join(f"{a:.1f}" for a in identity))
+    host = distributed.to_host(state["method_state"])
+    accuracy = np.array(host["tii_accuracy"])
+    accuracy[task, :task + 1] = identity
+    state["method_state"] = distributed.put_replicated(
+        {**host, "tii_accuracy": accuracy}, run.mesh)
+    state, position = run.next_phase(state, dataclasses.replace(
+        position, acc_matrix=(*position.acc_matrix, tuple(row)),
+        task_seconds=(*position.task_seconds, run.log.task_seconds())))
+    summary = run.summary(state, position)
+    position = run.save(state, position, force=True)
+    run.log.task_done(position, summary)
+    return state, position
