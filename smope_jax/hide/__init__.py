@@ -1,8 +1,5 @@
-"""HiDe-Prompt's trainer side: work in progress, not yet wired.
-
-Pure building blocks for the trainer phases of HiDe-Prompt (multi-centroid
-class statistics, Gaussian-replay alignment of the task-identity classifier
-and of the head, the one-epoch-lagged schedules and the clipped Adam). No
-trainer phase, config or method calls them yet; see
-docs/hideprompt_trainer_port.md for what remains.
+"""HiDe-Prompt's pieces: its prompt module and losses, its phases in the
+trainer and their steps, and the building blocks they use (multi-centroid
+class statistics, Gaussian-replay alignment, the one-epoch-lagged schedules
+and the clipped Adam). `methods.hideprompt` is the method itself.
 """

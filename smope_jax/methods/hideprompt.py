@@ -123,6 +123,6 @@ class HiDePrompt(base.Method):
 
   def report(self, state: dict) -> dict:
     """The task-identity accuracy (%) of each evaluation, per seen task."""
-    rows = [[float(x) for x in row[:t + 1]]
+    rows = [[round(float(x), 4) for x in row[:t + 1]]
             for t, row in enumerate(state["tii_accuracy"]) if row[0] >= 0]
     return {"task_identity_accuracy": rows}

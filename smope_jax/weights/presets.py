@@ -40,6 +40,9 @@ PRESETS = {
     "ibot1k": (f"{_IBOT}/vitb_16/checkpoint_teacher.pth",
                "ibot_vitb16_teacher.pth"),
     "dino1k": _timm_hub("vit_base_patch16_224.dino"),
+    # The original ViT paper's ImageNet-21k checkpoint, without a head
+    # (HiDe-Prompt's backbone; `sup21k` is a later, different network).
+    "orig_in21k": _timm_hub("vit_base_patch16_224.orig_in21k"),
 }
 _MAX_DOWNLOAD_BYTES = 8 << 30
 
