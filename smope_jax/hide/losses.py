@@ -23,19 +23,29 @@ _FLOOR = -1e30  # A logit that takes no part in a softmax.
 
 
 
+def pad_to_groups(x: jax.Array, group_size: int) -> jax.Array:
+  """x with zero rows appended up to a multiple of `group_size` rows (a
+  batch that is not one ends with a shorter group)."""
+  extra = -x.shape[0] % group_size
+  return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+
 def group_mean(values: jax.Array, mask: jax.Array,
                group_size: Optional[int] = DEVICE_BATCH) -> jax.Array:
   """Mean over groups of each group's mean over its real samples.
 
   The reference's processes each average their own batch and the gradient
   is averaged over processes. Groups are consecutive runs of `group_size`
-  (the batch must be a multiple); groups without real samples are left
-  out; `group_size=None` treats the batch as one group.
+  (the last one shorter if the batch is not a multiple); groups without
+  real samples are left out; `group_size=None` treats the batch as one
+  group.
   """
   if group_size is None:
     return losses.masked_mean(values, mask)
-  mask = mask.astype(values.dtype).reshape(-1, group_size)
-  values = jnp.where(mask > 0, values.reshape(-1, group_size), 0.0)
+  mask = pad_to_groups(mask.astype(values.dtype), group_size)
+  mask = mask.reshape(-1, group_size)
+  values = pad_to_groups(values, group_size).reshape(-1, group_size)
+  values = jnp.where(mask > 0, values, 0.0)
   count = mask.sum(-1)
   per_group = (values * mask).sum(-1) / jnp.maximum(count, 1.0)
   used = (count > 0).astype(values.dtype)
@@ -78,12 +88,13 @@ def contrastive_loss(features: jax.Array, mask: jax.Array,
     centroids: (K, D) stored centroid means (no gradient).
     valid: (K,) which centroids exist (old classes; zero-variance included).
     temperature: the similarity's divisor.
-    group_size: samples per group; divides B.
+    group_size: samples per group (the last group may be shorter).
   """
   batch, width = features.shape
   group_size = batch if group_size is None else group_size
-  features = features.astype(jnp.float32).reshape(-1, group_size, width)
-  real = (mask > 0).reshape(-1, group_size)
+  features = pad_to_groups(features.astype(jnp.float32), group_size)
+  features = features.reshape(-1, group_size, width)
+  real = pad_to_groups(mask > 0, group_size).reshape(-1, group_size)
   centroids = jax.lax.stop_gradient(centroids.astype(jnp.float32))
   valid = valid.astype(bool)
   dot = lambda spec, a, b: jnp.einsum(  # noqa: E731

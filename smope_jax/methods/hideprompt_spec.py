@@ -26,25 +26,37 @@ def scaled(lr: float) -> float:
 def fields() -> ml_collections.ConfigDict:
   """The `config.hide` group (read only when config.method='hideprompt')."""
   h = ml_collections.ConfigDict()
-  # Stage 1: the task-identity (TII) classifier on frozen features.
-  h.tii_epochs = 20               # Epochs per task.
-  h.tii_lr = scaled(5e-4)         # Adam's rate (already scaled by 24/256).
-  h.tii_schedule = "constant"     # One of SCHEDULES, per epoch, one epoch late.
-  h.tii_ca_lr = scaled(0.005)     # Its Gaussian-replay SGD rate (scaled).
-  # Stage 2: task prompts (config.lr: their Adam rate, config.epochs).
-  h.schedule = "epoch_step"       # One of SCHEDULES (x0.1 every 30 epochs).
-  h.larger_prompt_lr = True       # The head at lr / 10 (False: at lr).
-  h.reg = 0.1                     # Weight of the contrastive term.
-  h.momentum = 0.01               # Blend of a task's prompt to the earlier ones.
-  h.ca_lr = 0.005                 # The head's Gaussian-replay SGD rate (unscaled).
-  h.crct_epochs = 30              # Epochs of both replays (cosine per epoch).
-  # Switches between the reference's code and what it means.
-  h.intended_pairing = False      # Each sample's own key/value prompt (the code pairs across a window of 24).
-  h.one_group = False             # Losses over the whole batch (the code: 8 groups of 24, averaged).
-  h.all_classes = True            # Evaluation: argmax over all classes (False: over the seen ones).
-  h.evaluated_task_mask = False   # TII masked to the evaluated task's classes (the first release's leak).
-  h.first_release_samples = False  # Replay samples per centroid 120 (TII) / 24 (head), the first release's.
-  h.natural_order = False         # Classes in order 0..C-1 for every seed (HiDe-Prompt's code).
+  # Stage 1: the task-identity (TII) classifier on frozen features; Adam
+  # at tii_lr (scaled by 24 / 256 already) on one of SCHEDULES, then SGD
+  # on Gaussian replay at tii_ca_lr (scaled).
+  h.tii_epochs = 20
+  h.tii_lr = scaled(5e-4)
+  h.tii_schedule = "constant"
+  h.tii_ca_lr = scaled(0.005)
+  # Stage 2: task prompts (config.lr, config.epochs) on one of SCHEDULES,
+  # the head at lr / 10 with larger_prompt_lr; reg weighs the contrastive
+  # term; momentum blends a task's prompt towards the earlier ones; the
+  # head's replay runs at ca_lr (unscaled). Both replays: crct_epochs.
+  h.schedule = "epoch_step"
+  h.larger_prompt_lr = True
+  h.reg = 0.1
+  h.momentum = 0.01
+  h.ca_lr = 0.005
+  h.crct_epochs = 30
+  # Switches between the reference's code (False) and what it means, or
+  # its first release: each sample's own key/value prompt (the code pairs
+  # across a window of 24); losses over the whole batch (the code: groups
+  # of 24, averaged); the evaluation's argmax over all classes (the code)
+  # or the seen ones; TII masked to the evaluated task's classes (the
+  # first release's leak); replay samples per cluster 120 (TII) and 24
+  # (head) as in the first release; classes in order 0..C-1 for every seed
+  # (the code; the protocol sets it).
+  h.intended_pairing = False
+  h.one_group = False
+  h.all_classes = True
+  h.evaluated_task_mask = False
+  h.first_release_samples = False
+  h.natural_order = False
   return h
 
 
@@ -63,6 +75,8 @@ PROTOCOL = {
 
 
 def _multiple_of_window(batch: int) -> int:
+  """The reference's groups and windows of 24 fill batches of multiples of
+  24; other batches end with a shorter group (allowed, not the protocol)."""
   return max(DEVICE_BATCH, batch - batch % DEVICE_BATCH)
 
 
@@ -122,11 +136,6 @@ def check(config, dims: dict) -> None:
   errors.require(config.prompt_length >= 1,
                  f"config.prompt_length={config.prompt_length} must be "
                  "positive.")
-  for name in ("batch_size", "eval_batch_size"):
-    errors.require(config[name] % DEVICE_BATCH == 0,
-                   f"config.{name}={config[name]} must be a multiple of "
-                   f"{DEVICE_BATCH} for HiDe-Prompt (its windows of "
-                   f"{DEVICE_BATCH}); try {_multiple_of_window(config[name])}.")
   errors.require(
       not config.first_task_classes and not config.joint and
       (not config.num_classes or config.num_classes % config.num_tasks == 0),
