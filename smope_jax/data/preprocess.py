@@ -10,8 +10,6 @@ import math
 
 import tensorflow as tf
 
-from smope_jax import configuration
-
 
 def graph_only(fn):
   """Marks a tf.data function as plain graph code, skipping AutoGraph.
@@ -149,5 +147,5 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     image = center_crop(resize_shorter_side(image, round(size * 256 / 224)),
                         size)
   else:
-    raise ValueError(f"Unknown test resize {mode!r}; use {configuration.TEST_RESIZES}.")
+    raise ValueError(f"unknown test resize {mode!r} (config.test_resize).")
   return tf.ensure_shape(image, [size, size, 3])
