@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import e2e_runner
 from configs import demo
 from smope_jax import configuration, distributed, trainer
+from smope_jax.data import pipeline
+from smope_jax.data import preprocess
 from smope_jax.errors import ConfigError
 from smope_jax.hide import losses as hide_losses
 from smope_jax.hide import steps as hide_steps
@@ -46,6 +49,7 @@ def test_registered_with_the_protocol_of_its_scripts():
   assert (cifar.prompt_length, cifar.num_prompted_layers) == (5, 5)
   assert (cifar.hide.reg, cifar.hide.schedule) == (0.1, "epoch_step")
   assert cifar.hide.natural_order and cifar.pretrained == "orig_in21k"
+  assert cifar.hide.transforms
   imr = _benchmark("imagenet_r", 200)
   assert (imr.epochs, imr.prompt_length, imr.hide.reg,
           imr.hide.schedule) == (150, 20, 0.5, "epoch_cosine_min")
@@ -54,6 +58,8 @@ def test_registered_with_the_protocol_of_its_scripts():
   assert cub.hide.tii_lr == pytest.approx(9.375e-4)
   # Other methods keep their settings: the group is read by HiDe only.
   assert not configuration.base_config().hide.natural_order
+  assert not configuration.base_config().hide.transforms
+  assert not demo.get_config("method=hideprompt").hide.transforms
 
 
 def test_batches_off_the_windows_end_with_a_shorter_group():
@@ -295,3 +301,55 @@ def test_killed_run_resumes_to_identical_results(finished, phase, tmp_path):
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
                              [e["loss"] for e in reference["train_log"]],
                              rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# HiDe-Prompt's transforms.
+
+
+def _constant(value, shape=(40, 30, 3)):
+  return tf.constant(np.full(shape, value, np.uint8))
+
+
+def test_hide_test_transform_normalises_cifar_only():
+  out = preprocess.hide_test_image(_constant(128), 24, cifar=True).numpy()
+  want = (128 / 255 - np.array(preprocess.CIFAR_MEAN)) / np.array(
+      preprocess.CIFAR_STD)
+  assert out.shape == (24, 24, 3)
+  np.testing.assert_allclose(out, np.broadcast_to(want, out.shape),
+                             atol=1e-5)
+  plain = preprocess.hide_test_image(_constant(128), 24, cifar=False).numpy()
+  np.testing.assert_allclose(plain, 128 / 255, atol=1e-5)
+
+
+def test_hide_train_transform_jitters_brightness_on_cifar():
+  seed = tf.constant([3, 4], tf.int64)
+  out = preprocess.hide_train_image(_constant(100), seed, 24,
+                                    cifar=True).numpy()
+  pixels = out * np.array(preprocess.CIFAR_STD) + np.array(
+      preprocess.CIFAR_MEAN)
+  np.testing.assert_allclose(pixels, np.broadcast_to(pixels[:1, :1],
+                                                    pixels.shape), atol=1e-5)
+  factor = pixels[0, 0, 0] * 255 / 100
+  assert abs(factor - 1) <= preprocess.BRIGHTNESS + 0.01
+  np.testing.assert_allclose(pixels * 255, np.round(pixels * 255),
+                             atol=1e-3)  # Re-quantised to uint8 levels.
+  plain = preprocess.hide_train_image(_constant(100), seed, 24,
+                                      cifar=False).numpy()
+  np.testing.assert_allclose(plain, 100 / 255, atol=1e-5)
+
+
+def test_the_pipeline_reads_with_the_hide_transforms_when_asked():
+  config = demo.get_config("method=hideprompt")
+  config.image_size = 16
+  ours = pipeline.build_continual_data(config.copy_and_resolve_references())
+  config.hide.transforms = True
+  theirs = pipeline.build_continual_data(config)
+  batch = lambda data: next(data.test_batches(0, 48))["image"]  # noqa: E731
+  assert not np.allclose(batch(ours), batch(theirs))
+  stats = next(theirs.train_batches(0, "stats", 48, drop_remainder=False,
+                                    test_transform=True))["image"]
+  again = next(theirs.train_batches(0, "stats", 48, drop_remainder=False,
+                                    test_transform=True))["image"]
+  np.testing.assert_array_equal(stats, again)
+  assert stats.min() >= 0 and stats.max() <= 1  # Digits: not normalised.

@@ -104,6 +104,8 @@ class ContinualData:
     self._process_count = process_count
     self.num_classes = source.num_classes
     self.class_names = list(source.class_names)
+    # HiDe-Prompt's transforms normalise CIFAR-100 with its own statistics.
+    self._cifar = config.dataset == "cifar100"
     self.class_order = splits.class_order(
         self.num_classes, config.seed,
         natural_seed0=config.natural_order_seed0,
@@ -247,13 +249,18 @@ class ContinualData:
 
     def augment(image, p):
       p_seed = tf.random.experimental.stateless_fold_in(base, p)
+      if self._config.hide.transforms:
+        return preprocess.hide_train_image(image, p_seed, size, self._cifar)
       return preprocess.train_image(image, p_seed, size)
 
-    def plain(image, _):
-      return preprocess.test_image(image, size, self._config.test_resize)
-
     return self._batches(store, pos, index, valid,
-                         plain if test_transform else augment, b)
+                         self._test_image if test_transform else augment, b)
+
+  def _test_image(self, image, _):
+    size = self._config.image_size
+    if self._config.hide.transforms:
+      return preprocess.hide_test_image(image, size, self._cifar)
+    return preprocess.test_image(image, size, self._config.test_resize)
 
   def test_batches(self, task: int, global_batch: int) -> Iterator[Batch]:
     """The task's test images in a fixed order, each counted exactly once.
@@ -266,10 +273,7 @@ class ContinualData:
     pos, valid = self._positions(store.size, global_batch, b, 0,
                                  drop_remainder=False)
     index = np.where(valid, pos, 0)
-    size, mode = self._config.image_size, self._config.test_resize
-    return self._batches(
-        store, pos, index, valid,
-        lambda image, _: preprocess.test_image(image, size, mode), b)
+    return self._batches(store, pos, index, valid, self._test_image, b)
 
 
 def _keep_tf_on_cpu():

@@ -26,9 +26,10 @@ def to_unit_float(image: tf.Tensor) -> tf.Tensor:
   return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
-  # Antialiased bilinear matches PIL's bilinear filter used by torchvision.
-  image = tf.image.resize(image, [height, width], "bilinear", antialias=True)
+def _resize(image: tf.Tensor, height, width,
+            method: str = "bilinear") -> tf.Tensor:
+  # Antialiased bilinear (bicubic) matches PIL's filter used by torchvision.
+  image = tf.image.resize(image, [height, width], method, antialias=True)
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
@@ -39,6 +40,7 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
+    method: str = "bilinear",
 ) -> tf.Tensor:
   """torchvision's RandomResizedCrop with stateless randomness.
 
@@ -53,6 +55,7 @@ def random_resized_crop(
     scale: range of the crop area as a fraction of the image area.
     ratio: range of the crop aspect ratio (width / height).
     attempts: number of candidates.
+    method: the resize's interpolation.
 
   Returns:
     float32 (size, size, 3).
@@ -85,7 +88,7 @@ def random_resized_crop(
 
   begin = tf.cast(tf.stack([top, left, 0.0]), tf.int32)
   extent = tf.cast(tf.stack([crop_h, crop_w, 3.0]), tf.int32)
-  return _resize(tf.slice(image, begin, extent), size, size)
+  return _resize(tf.slice(image, begin, extent), size, size, method)
 
 
 def train_image(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
@@ -98,7 +101,8 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return tf.ensure_shape(image, [size, size, 3])
 
 
-def resize_shorter_side(image: tf.Tensor, short: int) -> tf.Tensor:
+def resize_shorter_side(image: tf.Tensor, short: int,
+                        method: str = "bilinear") -> tf.Tensor:
   """torchvision's `Resize(short)`: the shorter side becomes `short`.
 
   The aspect ratio is kept: the longer side becomes int(short * long /
@@ -111,7 +115,8 @@ def resize_shorter_side(image: tf.Tensor, short: int) -> tf.Tensor:
   long_side = tf.floor(short * longer / shorter)
   new_h = tf.where(w <= h, long_side, short)
   new_w = tf.where(w <= h, short, long_side)
-  return _resize(image, tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32))
+  return _resize(image, tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32),
+                 method)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -148,4 +153,48 @@ def test_image(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
                         size)
   else:
     raise ValueError(f"unknown test resize {mode!r} (config.test_resize).")
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+# HiDe-Prompt's transforms (its authors' code): CIFAR-100 is normalised
+# with its own mean and std and gets ColorJitter(brightness=63/255) and a
+# bicubic crop; the other benchmarks crop from 5 % of the area up, bilinear,
+# unnormalised; every test image (and every statistics pass) is resized
+# bicubic so that its shorter side is 256 / 224 of the size, then centre
+# cropped.
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+BRIGHTNESS = 63 / 255
+
+
+def _cifar_normalize(image: tf.Tensor) -> tf.Tensor:
+  return (image - tf.constant(CIFAR_MEAN)) / tf.constant(CIFAR_STD)
+
+
+def hide_train_image(image: tf.Tensor, seed: tf.Tensor, size: int,
+                     cifar: bool) -> tf.Tensor:
+  """HiDe-Prompt's training augmentation (see above)."""
+  crop_seed, flip_seed, jitter_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  image = random_resized_crop(
+      to_unit_float(image), crop_seed, size,
+      scale=(0.08, 1.0) if cifar else (0.05, 1.0),
+      method="bicubic" if cifar else "bilinear")
+  flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  if cifar:  # PIL's brightness on the uint8 image, then the normalisation.
+    factor = tf.random.stateless_uniform([], jitter_seed, 1 - BRIGHTNESS,
+                                         1 + BRIGHTNESS)
+    image = tf.round(tf.clip_by_value(image * factor, 0.0, 1.0) * 255) / 255
+    image = _cifar_normalize(image)
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+def hide_test_image(image: tf.Tensor, size: int, cifar: bool) -> tf.Tensor:
+  """HiDe-Prompt's test transform (see above)."""
+  image = resize_shorter_side(to_unit_float(image), round(size * 256 / 224),
+                              method="bicubic")
+  image = center_crop(image, size)
+  if cifar:
+    image = _cifar_normalize(image)
   return tf.ensure_shape(image, [size, size, 3])

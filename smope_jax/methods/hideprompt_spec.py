@@ -50,13 +50,16 @@ def fields() -> ml_collections.ConfigDict:
   # or the seen ones; TII masked to the evaluated task's classes (the
   # first release's leak); replay samples per cluster 120 (TII) and 24
   # (head) as in the first release; classes in order 0..C-1 for every seed
-  # (the code; the protocol sets it).
+  # (the code; the protocol sets it); HiDe-Prompt's own transforms
+  # (`data.preprocess.hide_train_image`; its protocol sets them on the
+  # benchmarks).
   h.intended_pairing = False
   h.one_group = False
   h.all_classes = True
   h.evaluated_task_mask = False
   h.first_release_samples = False
   h.natural_order = False
+  h.transforms = False
   return h
 
 
@@ -85,12 +88,12 @@ def apply_protocol(config, *, epochs: int, batch_size: int) -> None:
 
   Global batch 192 (8 processes of 24), rates scaled by 24 / 256 as its
   code does (stage 2: prompts 0.03 -> 2.8125e-3), one prompt of Lp key and
-  Lp value tokens per task in blocks 0-4, classes in their natural order,
-  the original ViT paper's ImageNet-21k backbone (`orig_in21k`), and per
-  benchmark the epochs, schedules, Lp and contrastive weight of
-  `PROTOCOL`. Elsewhere (the demo) both stages train for `epochs` at the
-  config's rate, the batches become multiples of 24, and the backbone
-  stays the config's.
+  Lp value tokens per task in blocks 0-4, classes in their natural order;
+  on the benchmarks its own transforms, the original ViT paper's
+  ImageNet-21k backbone (`orig_in21k`), and the epochs, schedules, Lp and
+  contrastive weight of `PROTOCOL`. Elsewhere (the demo) both stages train
+  for `epochs` at the config's rate, the batches become multiples of 24,
+  and the transforms and backbone stay the project's and the config's.
   """
   del batch_size
   protocol = PROTOCOL.get(config.dataset)
@@ -103,6 +106,7 @@ def apply_protocol(config, *, epochs: int, batch_size: int) -> None:
                   eval_batch_size=_multiple_of_window(config.eval_batch_size))
     config.hide.update(tii_epochs=epochs, tii_lr=config.lr)
     return
+  config.hide.transforms = True
   config.update(lr=scaled(0.03), epochs=protocol["epochs"],
                 batch_size=GLOBAL_BATCH,
                 eval_batch_size=GLOBAL_BATCH,
