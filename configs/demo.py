@@ -50,14 +50,16 @@ def get_config(arg=None):
   config.align_lr = 0.05
   config.checkpoint_every_steps = 25
   config.log_every_steps = 5
-  if args.tiny:
-    config.update(pretrained="", image_size=16, num_prompted_layers=1,
-                  num_experts=4, top_k=2, eval_batch_size=128, epochs=1,
-                  freeze_steps=1, align_epochs=1, progress_bar=False,
-                  # The reference's router margin, not the demo's wider one:
-                  # runs on different device layouts then route identically.
-                  epsilon=0.4)
+  config = configuration.use_method(config, args.method, epochs=8,
+                                    batch_size=32)
+  if args.tiny:  # Whatever the method's protocol, a run of seconds.
+    config.update(pretrained="", image_size=16, epochs=1, freeze_steps=1,
+                  align_epochs=1, eval_batch_size=128, progress_bar=False)
     config.model.update(patch_size=8, hidden_size=16, num_layers=2,
                         num_heads=2, mlp_dim=32)
-  return configuration.use_method(config, args.method, epochs=config.epochs,
-                                  batch_size=config.batch_size)
+    if args.method == "smope":  # A baseline keeps its protocol's prompts.
+      # The reference's router margin, not the demo's wider one: runs on
+      # different device layouts then route identically.
+      config.update(num_prompted_layers=1, num_experts=4, top_k=2,
+                    epsilon=0.4)
+  return config

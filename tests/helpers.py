@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = "configs/demo.py:tiny=true"
 # The end-to-end protocol on mocked CIFAR-100: 2 tasks of 50 classes, 2
 # epochs each, a checkpoint every 3 steps.
 TWO_TASKS = {"dataset": "cifar100", "num_classes": 100, "num_tasks": 2,
@@ -24,8 +23,8 @@ TWO_TASKS = {"dataset": "cifar100", "num_classes": 100, "num_tasks": 2,
 MOCK_EXAMPLES = 48
 
 
-def _tiny_spec(arg: str) -> str:
-  return f"{TINY},{arg}" if arg else TINY
+def _tiny_arg(arg: str) -> str:
+  return f"tiny=true,{arg}" if arg else "tiny=true"
 
 
 def tiny_config(arg: str = "", **overrides):
@@ -33,15 +32,15 @@ def tiny_config(arg: str = "", **overrides):
 
   Overrides take dotted names, e.g. `**{"model.num_layers": 3}`.
   """
-  from smope_jax import cli  # pylint: disable=g-import-not-at-top
-  config = cli.load_config_file(os.path.join(REPO, _tiny_spec(arg)))
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config(_tiny_arg(arg))
   config.update_from_flattened_dict(overrides)
   return config
 
 
 def tiny_flags(arg: str = "", **overrides) -> list[str]:
   """The same config as `tiny_config`, as command-line flags."""
-  return [f"--config={_tiny_spec(arg)}",
+  return [f"--config=configs/demo.py:{_tiny_arg(arg)}",
           *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
