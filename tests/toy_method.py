@@ -62,5 +62,6 @@ SPEC = registry.register(registry.MethodSpec(
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, "tests/toy_method.py", method="smope")
-  # The tests' tiny run, in two tasks.
-  return helpers.tiny_config(f"method={args.method}", num_tasks=2)
+  # The tests' tiny run in two tasks, prompts in the first block only.
+  return helpers.tiny_config(f"method={args.method}", num_tasks=2,
+                             num_prompted_layers=1)
