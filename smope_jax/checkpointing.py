@@ -194,7 +194,7 @@ class Checkpointer:
           step, self._directory, error)
       bad_steps.append(step)
     raise errors.UserError(
-        f"No readable checkpoint in {self._directory} (steps {steps} all"
+        f"no readable checkpoint in {self._directory} (steps {steps} all"
         f" failed; the last error was: {error}). To start fresh, pass a new"
         " --workdir or delete that directory."
     )
@@ -411,7 +411,7 @@ def _check_compatible(step, directory, saved_leaves, target) -> None:
                   if wanted[k] != saved[k]]:
     problems.append(f"other shapes for {names(reshaped)}")
   raise errors.UserError(
-      f"Checkpoint step {step} in {directory} does not fit the current model"
+      f"checkpoint step {step} in {directory} does not fit the current model"
       f' and config ({"; ".join(problems)}). Resume with the config that wrote'
       " it, or start fresh with a new --workdir."
   )

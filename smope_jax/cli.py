@@ -181,7 +181,9 @@ def _bad_value(error: flags.Error, configs: dict) -> str:
     if kind in configuration.KINDS:
       return (f"--{name}.{dotted}={value}: {name}.{dotted} takes "
               f"{configuration.KINDS[kind]}.")
-  return _last_line(str(_cause(error) or error))
+  line = _last_line(str(_cause(error) or error))
+  # absl's own messages start with a capital ("Unknown command line flag").
+  return line[:1].lower() + line[1:] if re.match("[A-Z][a-z]", line) else line
 
 
 def refuse_arguments(argv: list[str]) -> None:

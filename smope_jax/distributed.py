@@ -48,7 +48,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
   if address or count:
     if not (address and count and pid is not None):
       raise UserError(
-          "A multi-process run needs all of --coordinator_address=HOST:PORT, "
+          "a multi-process run needs all of --coordinator_address=HOST:PORT, "
           "--num_processes=N and --process_id=I (or SMOPE_COORDINATOR_ADDRESS,"
           " SMOPE_NUM_PROCESSES, SMOPE_PROCESS_ID).")
     jax.distributed.initialize(coordinator_address=address,

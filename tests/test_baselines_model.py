@@ -23,14 +23,13 @@ from smope_jax import train_step as ts
 from smope_jax.methods import smope
 from smope_jax import factory
 from smope_jax.models import vit
+from tests import helpers
 from tests import numpy_vit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name, arg=None):
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "configs", f"{name}.py"))
+      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -86,7 +85,8 @@ def test_vit_b16_learnable_parameters_of_each_baseline(name, arg):
 # ---------------------------------------------------------------------------
 # SMoPE through the shared kernel equals its forward before the redesign.
 
-FIXTURE = os.path.join(REPO, "tests", "fixtures", "smope_forward_v1.npz")
+FIXTURE = os.path.join(helpers.REPO, "tests", "fixtures",
+                       "smope_forward_v1.npz")
 
 
 def test_smope_forward_equals_the_stored_pre_redesign_outputs():
@@ -135,13 +135,10 @@ CLASS_RANGE = (2, 4)  # Task 1 of 5 two-class tasks.
 
 
 def _tiny_config(method, ortho_weight):
-  """The demo config's method on a 3-block ViT of width 16, 16 px images."""
-  config = _load("demo", f"method={method}")
-  config.model.update(patch_size=8, hidden_size=16, num_layers=3, num_heads=2,
-                      mlp_dim=32)
+  """The tiny run's method on a 3-block ViT."""
+  config = helpers.tiny_config(f"method={method}", ortho_weight=ortho_weight,
+                               **{"model.num_layers": 3})
   config.num_prompted_layers = min(config.num_prompted_layers, 3)
-  config.image_size = 16
-  config.ortho_weight = ortho_weight
   return config
 
 

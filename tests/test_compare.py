@@ -2,16 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from smope_jax import compare, config_compare
 from configs import cifar100, demo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _write_run(directory, config, faa, seed, tasks_done=2, tasks=2):
@@ -81,15 +78,10 @@ def test_published_numbers_beside_ours(tmp_path):
 def test_refuses_to_mix_protocols_in_one_row(tmp_path):
   _write_run(tmp_path / "a", _tiny(), 80.0, 0)
   _write_run(tmp_path / "b", _tiny(lr=0.01), 81.0, 1)
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.compare", str(tmp_path / "a"),
-       str(tmp_path / "b"), f"--out={tmp_path / 'out'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": ROOT})
-  assert result.returncode == 2
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and "differ in lr (0.005 vs 0.01)" in lines[0]
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("compare", str(tmp_path / "a"),
+                              str(tmp_path / "b"), f"--out={tmp_path / 'out'}",
+                              timeout=120)
+  helpers.assert_one_line_error(result, "differ in lr (0.005 vs 0.01)")
 
 
 def test_not_a_run_directory(tmp_path):

@@ -3,8 +3,9 @@
 The start-up tests check what `distributed.initialize` hands to JAX on a
 simulated Cloud TPU VM and under SLURM, and the devices each of 2 real
 processes on 127.0.0.1 keeps. The slow tests run the tiny two-task protocol
-of `e2e_runner` on 8 virtual devices and on 2 processes, each in a
-subprocess since the device count is fixed when JAX starts.
+(`helpers.TWO_TASKS`) through `e2e_runner` on 8 virtual devices and on 2
+processes, each in a subprocess since the device count is fixed when JAX
+starts.
 """
 
 import json
@@ -20,25 +21,25 @@ from jax._src import distributed as jax_distributed
 from jax._src.clusters import cloud_tpu_cluster
 from jax._src.clusters import cluster as cluster_env
 
-import e2e_runner
 from smope_jax import distributed
 from smope_jax.errors import UserError
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(REPO, "tests", "e2e_runner.py")
+RUNNER = os.path.join(helpers.REPO, "tests", "e2e_runner.py")
 
 
 def _start(workdir, devices, *extra, process=None):
   """Starts the tiny protocol with `devices` CPU devices in this process."""
-  env = dict(os.environ, PYTHONPATH=REPO,
+  env = dict(os.environ, PYTHONPATH=helpers.REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  flags = [*e2e_runner.TINY_FLAGS, f"--workdir={workdir}", *extra]
+  flags = [*helpers.tiny_flags(**helpers.TWO_TASKS), f"--workdir={workdir}",
+           *extra]
   if process is not None:
     address, count, index = process
     flags += [f"--coordinator_address={address}",
               f"--num_processes={count}", f"--process_id={index}"]
-  return subprocess.Popen([sys.executable, RUNNER, "--", *flags], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, RUNNER, "--", *flags],
+                          cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -253,13 +254,14 @@ def test_two_slurm_tasks_keep_their_devices():
   for task in range(2):
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(CLUSTER_VARIABLES)}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+    env.update(PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                SLURM_JOB_ID="77", SLURM_STEP_NODELIST="localhost",
                SLURM_NTASKS="2", SLURM_PROCID=str(task),
                SLURM_LOCALID=str(task), SLURM_NODEID="0")
     procs.append(subprocess.Popen(
-        [sys.executable, "-c", SLURM_TASK, address, str(task)], cwd=REPO,
+        [sys.executable, "-c", SLURM_TASK, address, str(task)],
+        cwd=helpers.REPO,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   for proc in procs:
     out, err = proc.communicate(timeout=300)

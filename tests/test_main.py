@@ -4,18 +4,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-import e2e_runner
 from smope_jax import main as main_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# In-process runs log INFO records only with absl's verbosity flag set.
-LOG_INFO = ("--verbosity=0",)
+from tests import helpers
 
 
 def _metrics(workdir) -> dict:
@@ -23,18 +17,15 @@ def _metrics(workdir) -> dict:
     return json.load(f)
 
 
-def _main_subprocess(*flags, timeout=300):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run(
-      [sys.executable, "-m", "smope_jax.main", *flags], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=timeout, check=False)
+def _two_tasks(workdir) -> int:
+  """The two-task protocol in `workdir`, in-process; its exit status."""
+  return helpers.run_main(helpers.tiny_config(**helpers.TWO_TASKS), workdir)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 0
+  assert _two_tasks(workdir) == 0
   return workdir
 
 
@@ -72,8 +63,7 @@ def test_finished_run_reports_and_writes_its_deleted_results_again(
   for name in ("metrics.json", "accuracy_matrix.png"):
     os.remove(os.path.join(uninterrupted, name))
   with caplog.at_level(logging.INFO):
-    status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, *LOG_INFO,
-                                  f"--workdir={uninterrupted}"])
+    status = _two_tasks(uninterrupted)
   assert status == 0
   assert "finished already" in caplog.text
   assert _metrics(uninterrupted) == before
@@ -88,8 +78,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_a_whole_log(
   full_disk_at_save(3)
   capfd.readouterr()
   with caplog.at_level(logging.INFO):
-    status = e2e_runner.run_main(
-        [*e2e_runner.TINY_FLAGS, *LOG_INFO, f"--workdir={workdir}"])
+    status = _two_tasks(workdir)
   printed = capfd.readouterr().err
   assert status == 2
   assert "Traceback" not in printed and "Logging error" not in printed
@@ -120,11 +109,9 @@ def test_a_run_stopped_by_a_full_disk_resumes_to_the_same_results(
     uninterrupted, tmp_path, monkeypatch, full_disk_at_save):
   workdir = str(tmp_path)
   full_disk_at_save(3)
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 2
+  assert _two_tasks(workdir) == 2
   monkeypatch.undo()  # Space again.
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 0
+  assert _two_tasks(workdir) == 0
   resumed, reference = _metrics(workdir), _metrics(uninterrupted)
   for key in ("acc_matrix", "expert_counts", "faa", "caa", "ffm"):
     assert resumed[key] == reference[key], key
@@ -165,11 +152,9 @@ def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
 
 
 def test_bad_config_value_is_one_clear_error(tmp_path):
-  result = _main_subprocess("--config=configs/demo.py", "--config.top_k=99",
-                            f"--workdir={tmp_path}")
-  assert result.returncode == 2
-  assert "config.top_k=99" in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/demo.py",
+                              "--config.top_k=99", f"--workdir={tmp_path}")
+  helpers.assert_one_line_error(result, "config.top_k=99")
 
 
 @pytest.mark.parametrize("flag,expected", [
@@ -180,27 +165,21 @@ def test_bad_config_value_is_one_clear_error(tmp_path):
 def test_bad_config_flag_is_one_clear_error(tmp_path, flag, expected):
   flags = [flag] if flag.startswith("--config=") else [
       "--config=configs/demo.py", flag]
-  result = _main_subprocess(*flags, f"--workdir={tmp_path}")
-  assert result.returncode == 2
-  assert expected in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", *flags, f"--workdir={tmp_path}")
+  helpers.assert_one_line_error(result, expected)
 
 
 def test_missing_data_is_one_clear_error(tmp_path):
-  result = _main_subprocess("--config=configs/cifar100.py",
-                            "--config.pretrained=",
-                            f"--config.data_dir={tmp_path / 'empty'}",
-                            f"--workdir={tmp_path / 'run'}")
-  assert result.returncode == 2
-  assert "cifar100" in result.stderr and "--config.data_dir" in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/cifar100.py",
+                              "--config.pretrained=",
+                              f"--config.data_dir={tmp_path / 'empty'}",
+                              f"--workdir={tmp_path / 'run'}")
+  helpers.assert_one_line_error(result, "cifar100", "--config.data_dir")
 
 
 def test_missing_weights_is_one_clear_error(tmp_path):
   missing = tmp_path / "nowhere" / "vit.npz"
-  result = _main_subprocess("--config=configs/demo.py",
-                            f"--config.pretrained={missing}",
-                            f"--workdir={tmp_path / 'run'}")
-  assert result.returncode == 2
-  assert str(missing) in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/demo.py",
+                              f"--config.pretrained={missing}",
+                              f"--workdir={tmp_path / 'run'}")
+  helpers.assert_one_line_error(result, str(missing))

@@ -3,8 +3,6 @@ from outside the package."""
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,9 +12,8 @@ from smope_jax import compare, configuration, factory
 from smope_jax import errors
 from smope_jax.methods import published
 from smope_jax.methods import registry
+from tests import helpers
 import toy_method
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt",
             "vqprompt")
 
@@ -47,7 +44,7 @@ def test_another_method_of_a_taken_name_is_refused():
 def test_no_module_outside_the_methods_names_a_method():
   quoted = re.compile("[\"'](" + "|".join(registry.names()) + ")[\"']")
   found = []
-  for root, _, files in os.walk(os.path.join(REPO, "smope_jax")):
+  for root, _, files in os.walk(os.path.join(helpers.REPO, "smope_jax")):
     if os.path.basename(root) == "methods":
       continue
     for name in files:
@@ -69,7 +66,7 @@ def test_published_numbers_name_registered_methods_and_known_sources():
 
 
 def test_docs_describe_every_built_in_method():
-  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+  with open(os.path.join(helpers.REPO, "docs", "methods.md")) as f:
     text = f.read()
   for name in BUILT_IN:
     assert registry.display_name(name) in text, name
@@ -92,10 +89,8 @@ def test_a_method_from_a_test_module_builds_and_runs():
       "Toy prompt")
 
 
-def _run(*args):
-  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO),
-                          capture_output=True, text=True, timeout=900)
+def _run(module, *args):
+  result = helpers.run_module(module, *args, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -103,11 +98,11 @@ def _run(*args):
 @pytest.mark.slow
 def test_a_method_from_a_test_module_runs_through_main_benchmark_compare(
     tmp_path):
-  _run("smope_jax.main", "--config=tests/toy_method.py:method=toy",
+  _run("main", "--config=tests/toy_method.py:method=toy",
        f"--workdir={tmp_path}/runs/toy")
-  _run("smope_jax.main", "--config=tests/toy_method.py",
+  _run("main", "--config=tests/toy_method.py",
        f"--workdir={tmp_path}/runs/smope")
-  bench = _run("smope_jax.benchmark", "--config=tests/toy_method.py",
+  bench = _run("benchmark", "--config=tests/toy_method.py",
                "--methods=toy", "--batch=4", "--repeats=1", "--warmup=0",
                "--matmul_size=64").stdout
   assert "| toy_inference |" in bench and "| toy_train |" in bench
@@ -121,7 +116,7 @@ def test_a_method_from_a_test_module_runs_through_main_benchmark_compare(
 
 
 def _docs_table_rows():
-  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+  with open(os.path.join(helpers.REPO, "docs", "methods.md")) as f:
     lines = f.read().splitlines()
   start = lines.index("| `config.method` | method | prompted blocks | "
                       "learnable prompt parameters (ViT-B/16) |")

@@ -14,17 +14,18 @@ import tomllib
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import smope_jax
+from tests import helpers
 
 
 def _requirements(name):
-  with open(os.path.join(REPO, name)) as f:
+  with open(os.path.join(helpers.REPO, name)) as f:
     return [line.strip() for line in f
             if line.strip() and not line.startswith(("#", "-r"))]
 
 
 def _pyproject():
-  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+  with open(os.path.join(helpers.REPO, "pyproject.toml"), "rb") as f:
     return tomllib.load(f)["project"]
 
 
@@ -46,8 +47,12 @@ def test_pyproject_and_requirements_agree():
   assert not any("torch" in r for r in _requirements("requirements-test.txt"))
 
 
+def test_package_version_is_the_project_version():
+  assert smope_jax.__version__ == _pyproject()["version"]
+
+
 def _readme_python_api() -> str:
-  with open(os.path.join(REPO, "README.md")) as f:
+  with open(os.path.join(helpers.REPO, "README.md")) as f:
     text = f.read()
   section = text[text.index("## Python API"):]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
@@ -57,7 +62,7 @@ def _readme_python_api() -> str:
 def test_install_scripts_and_api_from_another_directory(tmp_path):
   prefix = tmp_path / "prefix"
   subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
-                  "--no-deps", f"--prefix={prefix}", REPO], check=True,
+                  "--no-deps", f"--prefix={prefix}", helpers.REPO], check=True,
                  cwd=tmp_path, timeout=600)
   python, bin_dir = sys.executable, prefix / "bin"
   site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"

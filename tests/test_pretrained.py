@@ -24,11 +24,11 @@ import safetensors.numpy
 from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
 from smope_jax.models import vit
+from tests import helpers
 from tests import numpy_vit
 from tests.fixtures import local_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures")
+FIXTURES = os.path.join(helpers.REPO, "tests", "fixtures")
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, patch_size=4)
 IMAGE, CLASSES = 16, 5
 
@@ -269,25 +269,13 @@ _LIMITED = ("import resource, runpy, signal, sys; "
 
 
 def run_convert(*args, env=None, file_size_limit=None):
-  command = ["-m", "smope_jax.convert"]
-  if file_size_limit:
-    command = ["-c", _LIMITED, str(file_size_limit)]
+  if not file_size_limit:
+    return helpers.run_module("convert", *args, env=env, timeout=120)
   return subprocess.run(
-      [sys.executable, *command, *args], capture_output=True, text=True,
-      timeout=120, check=False, cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
-
-
-def assert_one_line_error(result, *parts):
-  """Exit status 2 and a single `error:` line naming `parts`."""
-  assert result.returncode == 2, result.stderr
-  assert "Traceback" not in result.stderr
-  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), (
-      result.stderr)
-  for part in parts:
-    assert part in errors[0], (part, errors[0])
-  return errors[0]
+      [sys.executable, "-c", _LIMITED, str(file_size_limit), *args],
+      capture_output=True, text=True, timeout=120, check=False,
+      cwd=helpers.REPO,
+      env=dict(os.environ, PYTHONPATH=helpers.REPO, **(env or {})))
 
 
 def test_convert_cli(tmp_path):
@@ -312,7 +300,7 @@ def test_convert_cli(tmp_path):
   # Weights that do not fit: one line, and no output directory is left.
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=S/16",
                        f"--output={tmp_path}/bad/dir")
-  assert_one_line_error(result, "wrongly shaped")
+  helpers.assert_one_line_error(result, "wrongly shaped")
   assert not (tmp_path / "bad").exists()
 
 
@@ -339,7 +327,7 @@ def test_convert_flag_and_output_errors_come_first(tmp_path, flags, expected):
         env=dict(SMOPE_JAX_WEIGHTS_URL=server.url,
                  SMOPE_JAX_CACHE=str(tmp_path / "cache")))
     assert server.requests == []
-  assert_one_line_error(result, expected)
+  helpers.assert_one_line_error(result, expected)
   assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
@@ -354,7 +342,7 @@ def test_convert_on_a_full_disk_leaves_the_old_output(tmp_path):
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=Ti/16",
                        "--image_size=32", f"--output={out}",
                        file_size_limit=1 << 16)
-  assert_one_line_error(result, f"cannot write {out}", "--output")
+  helpers.assert_one_line_error(result, f"cannot write {out}", "--output")
   assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 

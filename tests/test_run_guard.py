@@ -15,8 +15,7 @@ import pytest
 
 from smope_jax import config_compare, workdir_lock
 from smope_jax.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 # ------------------------------------------------------------------ config
 
@@ -152,8 +151,8 @@ time.sleep(120)
 def holder(tmp_path):
   """Another process that holds the lock on tmp_path; ended by its pid."""
   proc = subprocess.Popen(
-      [sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+      [sys.executable, "-c", HOLDER, str(tmp_path)], cwd=helpers.REPO,
+      env=dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu"),
       stdout=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == "held\n"
@@ -345,9 +344,9 @@ def test_two_concurrent_runs_one_refuses_and_a_killed_one_frees_the_lock(
     tmp_path):
   workdir, sync = tmp_path / "work", tmp_path / "sync"
   sync.mkdir()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(workdir),
-                             str(sync), name], cwd=REPO, env=env,
+                             str(sync), name], cwd=helpers.REPO, env=env,
                             stdout=subprocess.PIPE, text=True)
            for name in ("a", "b")]
   try:
@@ -407,10 +406,11 @@ def test_only_process_0_locks_and_all_processes_agree(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu")
   with workdir_lock.WorkdirLock(taken):
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address,
-                               str(index), str(free), str(taken)], cwd=REPO,
+                               str(index), str(free), str(taken)],
+                              cwd=helpers.REPO,
                               env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for index in range(2)]

@@ -13,20 +13,12 @@ import tensorflow as tf
 from smope_jax import checkpointing, distributed, experts, run_log, trainer
 from smope_jax.data import sources
 from smope_jax.errors import UserError
-from configs import demo
+from tests import helpers
 
 
 def tiny_config(**overrides):
-  config = demo.get_config()
-  config.pretrained = ""
-  config.image_size = 16
-  config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                      num_heads=2, mlp_dim=32)
-  config.update(num_prompted_layers=1, num_experts=4, top_k=2, epochs=2,
-                batch_size=64, eval_batch_size=128, freeze_steps=1,
-                align_epochs=1, progress_bar=False)
-  config.update(overrides)
-  return config
+  """The tiny run with 2 epochs of batch 64 per task, unless overridden."""
+  return helpers.tiny_config(**{"epochs": 2, "batch_size": 64, **overrides})
 
 
 def _counts(tree):

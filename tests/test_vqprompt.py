@@ -33,7 +33,7 @@ from smope_jax.methods import vqprompt
 from smope_jax.methods import registry
 from smope_jax.methods import vqprompt_spec
 from smope_jax.models import vit
-from tests import e2e_runner
+from tests import helpers
 from tests.test_baselines import B
 from tests.test_baselines import D
 from tests.test_baselines import DIMS
@@ -50,7 +50,6 @@ from tests.test_baselines import np_normalize
 from tests.test_baselines import np_prompted_forward
 from tests.test_baselines import np_query
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS, POOL, LENGTH, TAU = 2, 5, 4, 0.7
 COMMIT, CODEBOOK = 0.4, 0.1
 
@@ -400,7 +399,7 @@ def test_bfloat16_backbone_keeps_routing_in_float32():
 
 def _load(name, arg=None):
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "configs", f"{name}.py"))
+      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -456,11 +455,7 @@ def test_init_is_uniform_on_zero_one():
 
 
 def test_train_step_moves_every_pool_row_and_not_the_backbone():
-  config = _load("demo")
-  config = configuration.use_method(config, "vqprompt", epochs=8, batch_size=32)
-  config.model.update(patch_size=8, hidden_size=16, num_layers=3, num_heads=2,
-                      mlp_dim=32)
-  config.image_size = 16
+  config = helpers.tiny_config("method=vqprompt", **{"model.num_layers": 3})
   model, method = _build(config, 5)
   rng = np.random.default_rng(1)
   batch = {"image": jnp.asarray(rng.uniform(size=(8, 16, 16, 3)),
@@ -587,9 +582,8 @@ def test_seed0_class_order_with_and_without_the_switch():
 @pytest.mark.slow
 def test_tiny_digits_run_end_to_end(tmp_path):
   """Through `main`: every task trains with both VQ terms, aligns, tests."""
-  flags = [f for f in e2e_runner.TINY_DIGITS if not f.startswith("--config=")]
-  assert e2e_runner.run_main(["--config=configs/demo.py:method=vqprompt",
-                              *flags, f"--workdir={tmp_path}"]) == 0
+  config = helpers.tiny_config("method=vqprompt")
+  assert helpers.run_main(config, tmp_path) == 0
   with open(tmp_path / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["method"] == "vqprompt"

@@ -13,8 +13,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -26,12 +24,11 @@ import safetensors.numpy
 from smope_jax import configuration
 from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
+from tests import helpers
 from tests import numpy_vit
 from tests.fixtures import local_server
 from tests.test_pretrained import IMAGE
-from tests.test_pretrained import REPO
 from tests.test_pretrained import TINY
-from tests.test_pretrained import assert_one_line_error
 from tests.test_pretrained import flatten
 from tests.test_pretrained import random_backbone
 from tests.test_pretrained import template
@@ -503,7 +500,7 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, server):
 def _demo_template():
   """The backbone template of configs/demo.py, which the CLI runs use."""
   spec = importlib.util.spec_from_file_location(
-      "demo_config", os.path.join(REPO, "configs", "demo.py"))
+      "demo_config", os.path.join(helpers.REPO, "configs", "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -610,14 +607,11 @@ def _run_main(case, directory, server):
   setup, _ = case
   directory.mkdir()
   source, env = setup(directory, server)
-  env = dict(os.environ, PYTHONPATH=REPO, SMOPE_JAX_CACHE=str(
-      directory / "cache"), **env)
   start = time.perf_counter()
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.main", "--config=configs/demo.py",
-       f"--config.pretrained={source}", f"--workdir={directory / 'run'}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+  result = helpers.run_module(
+      "main", "--config=configs/demo.py", f"--config.pretrained={source}",
+      f"--workdir={directory / 'run'}",
+      env={"SMOPE_JAX_CACHE": str(directory / "cache"), **env})
   return result, time.perf_counter() - start, directory / "cache"
 
 
@@ -643,7 +637,7 @@ def slow_cli_results(tmp_path_factory):
 
 def _check_cli(results, cases, case):
   result, seconds, cache = results[case]
-  line = assert_one_line_error(result, *cases[case][1])
+  line = helpers.assert_one_line_error(result, *cases[case][1])
   assert not cache.exists() or not os.listdir(cache), line
   assert seconds < 120, seconds
 

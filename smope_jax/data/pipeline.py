@@ -170,7 +170,7 @@ class ContinualData:
   def _local_batch(self, global_batch: int) -> int:
     if global_batch <= 0 or global_batch % self._process_count:
       raise errors.ConfigError(
-          f"The global batch size {global_batch} must be a positive multiple "
+          f"the global batch size {global_batch} must be a positive multiple "
           f"of the number of processes ({self._process_count}).")
     return global_batch // self._process_count
 

@@ -188,7 +188,7 @@ class TfdsSource(Source):
                                       read_config=read_config)
     except AssertionError as e:  # How TFDS reports an unprepared dataset.
       raise errors.MissingDataError(
-          f"Dataset {self.name!r} is not prepared under data_dir "
+          f"dataset {self.name!r} is not prepared under data_dir "
           f"{self._builder.data_dir_root} (looked for "
           f"{self._builder.data_dir}); this program never downloads. On a "
           f"machine with network access run `pip install -r "
