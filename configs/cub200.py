@@ -17,7 +17,8 @@ def get_config(arg=None):
   config.num_classes = 200
   config.test_resize = "resize_crop"
   config.pretrained = "sup21k"
-  config.schedule = "epoch_cosine"  # The reference's per-epoch cosine, no freeze.
+  # The reference's per-epoch cosine, no freeze.
+  config.schedule = "epoch_cosine"
   config.freeze_steps = 0
   config.prototype_weight = 5e-5
   return configuration.use_method(config, args.method, epochs=20)

@@ -28,8 +28,8 @@ def get_config(arg=None):
   config.dataset = "digits"
   config.num_classes = 10
   config.num_tasks = 5
-  config.image_size = 32           # The 8x8 digits, upsampled.
-  config.pretrained = "demo"       # Pre-trained on letters, cached in the workdir.
+  config.image_size = 32  # The 8x8 digits, upsampled.
+  config.pretrained = "demo"  # Pre-trained on letters, cached in the workdir.
   config.model.variant = "custom"  # A tiny ViT: 16 patches + CLS.
   config.model.patch_size = 8
   config.model.hidden_size = 64
@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.num_prompted_layers = 2
   config.num_experts = 8
   config.top_k = 2
-  config.epsilon = 1.0             # Spreads the routing over the 8 experts.
+  config.epsilon = 1.0  # Spreads the routing over the 8 experts.
   config.router_weight = 1e-3
   config.prototype_weight = 1e-3
   config.batch_size = 32
@@ -55,11 +55,10 @@ def get_config(arg=None):
   if args.tiny:  # Whatever the method's protocol, a run of seconds.
     config.update(pretrained="", image_size=16, epochs=1, freeze_steps=1,
                   align_epochs=1, eval_batch_size=128, progress_bar=False)
-    config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                        num_heads=2, mlp_dim=32)
+    config.model.update(patch_size=8, hidden_size=16, num_layers=2, num_heads=2,
+                        mlp_dim=32)
     if args.method == "smope":  # A baseline keeps its protocol's prompts.
       # The reference's router margin, not the demo's wider one: runs on
       # different device layouts then route identically.
-      config.update(num_prompted_layers=1, num_experts=4, top_k=2,
-                    epsilon=0.4)
+      config.update(num_prompted_layers=1, num_experts=4, top_k=2, epsilon=0.4)
   return config

@@ -71,8 +71,8 @@ class _WorkdirLog(std_logging.Handler):
   def __init__(self, path: str):
     super().__init__()
     self.path = path
-    self.setFormatter(std_logging.Formatter(
-        "%(asctime)s %(levelname)s %(message)s"))
+    self.setFormatter(
+        std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     self.addFilter(_QuietLibraries())
     self._remote = "://" in path
     self._lines = []  # Local: records not written yet; remote: the log.
@@ -130,8 +130,9 @@ def _log_to_workdir(workdir: str):
   try:
     yield
   except UserError as e:
-    handler.handle(std_logging.LogRecord(
-        __name__, std_logging.ERROR, __file__, 0, "%s", (e,), None))
+    handler.handle(
+        std_logging.LogRecord(__name__, std_logging.ERROR, __file__, 0, "%s",
+                              (e,), None))
     raise
   finally:
     root.removeHandler(handler)
@@ -176,7 +177,8 @@ def check_before_start(config, workdir_path: str) -> None:
   """
   configuration.validate(config)
   workdir.check_workdir(workdir_path)
-  if config.pretrained and config.pretrained != "demo":  # The demo makes its own.
+  # The demo makes its own backbone.
+  if config.pretrained and config.pretrained != "demo":
     from smope_jax import weights  # pylint: disable=g-import-not-at-top
     weights.check_source(config.pretrained)
     if config.pretrained in weights.PRESETS:
@@ -192,6 +194,7 @@ def _stop(message: str) -> None:
   from which every run resumes. Log files are flushed first; another
   interrupt meanwhile ends the process there.
   """
+
   def exit_now(*_):
     os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
@@ -246,8 +249,9 @@ def main(argv):
     cli.refuse_arguments(argv)
   except UserError as e:
     sys.exit(_report(e))
-  sys.exit(run_from_config(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
-                           _NUM_PROCESSES.value, _PROCESS_ID.value))
+  sys.exit(
+      run_from_config(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
+                      _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 
 def run():

@@ -15,10 +15,18 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The end-to-end protocol on mocked CIFAR-100: 2 tasks of 50 classes, 2
 # epochs each, a checkpoint every 3 steps.
-TWO_TASKS = {"dataset": "cifar100", "num_classes": 100, "num_tasks": 2,
-             "batch_size": 8, "eval_batch_size": 16, "epochs": 2,
-             "freeze_steps": 2, "align_epochs": 2,
-             "checkpoint_every_steps": 3, "log_every_steps": 1}
+TWO_TASKS = {
+    "dataset": "cifar100",
+    "num_classes": 100,
+    "num_tasks": 2,
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "epochs": 2,
+    "freeze_steps": 2,
+    "align_epochs": 2,
+    "checkpoint_every_steps": 3,
+    "log_every_steps": 1
+}
 # Examples per split that mocked TFDS datasets yield.
 MOCK_EXAMPLES = 48
 
@@ -40,8 +48,10 @@ def tiny_config(arg: str = "", **overrides):
 
 def tiny_flags(arg: str = "", **overrides) -> list[str]:
   """The same config as `tiny_config`, as command-line flags."""
-  return [f"--config=configs/demo.py:{_tiny_arg(arg)}",
-          *(f"--config.{k}={v}" for k, v in overrides.items())]
+  return [
+      f"--config=configs/demo.py:{_tiny_arg(arg)}",
+      *(f"--config.{k}={v}" for k, v in overrides.items())
+  ]
 
 
 @contextlib.contextmanager
@@ -73,10 +83,10 @@ def run_module(module: str, *args: str, env: dict | None = None,
 
   `env` adds variables to this process's environment.
   """
-  return subprocess.run(
-      [sys.executable, "-m", f"smope_jax.{module}", *args], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO, **(env or {})),
-      capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run([sys.executable, "-m", f"smope_jax.{module}", *args],
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO,
+                                           **(env or {})), capture_output=True,
+                        text=True, timeout=timeout, check=False)
 
 
 def assert_one_line_error(result, *parts: str, alone: bool = False) -> str:
@@ -93,8 +103,8 @@ def assert_one_line_error(result, *parts: str, alone: bool = False) -> str:
   assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
   assert not alone or lines == errors, stderr[-3000:]
   line = errors[0]
-  assert line.startswith("error: ") and not re.match(
-      r"error: [A-Z][a-z]", line), line
+  assert line.startswith("error: ") and not re.match(r"error: [A-Z][a-z]",
+                                                     line), line
   for part in parts:
     assert part in line, (part, line)
   return line

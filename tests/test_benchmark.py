@@ -32,10 +32,10 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
   out = tmp_path_factory.mktemp("benchmark") / "demo.json"
-  proc = helpers.run_module(
-      "benchmark", "--config=configs/demo.py", f"--config.batch_size={BATCH}",
-      "--repeats=1", "--warmup=0", "--matmul_size=256", "--methods=l2p",
-      f"--out={out}", timeout=170)
+  proc = helpers.run_module("benchmark", "--config=configs/demo.py",
+                            f"--config.batch_size={BATCH}", "--repeats=1",
+                            "--warmup=0", "--matmul_size=256", "--methods=l2p",
+                            f"--out={out}", timeout=170)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| smope_train |" in proc.stdout
   with open(out) as f:
@@ -43,8 +43,8 @@ def record(tmp_path_factory):
 
 
 def _positive(value):
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value > 0)
+  return isinstance(
+      value, (int, float)) and not isinstance(value, bool) and (value > 0)
 
 
 def test_top_level_schema(record):
@@ -69,10 +69,10 @@ def test_model_rows_hold_positive_numbers(record, name):
   for key in POSITIVE_ROW_KEYS:
     assert _positive(row[key]), (name, key, row[key])
   assert len(row["seconds"]) == len(row["cpu_seconds"]) == 1
-  assert row["images_per_second"] == pytest.approx(
-      BATCH / row["seconds_median"])
-  assert row["gflops_per_step"] == pytest.approx(
-      BATCH * row["gflops_per_image"])
+  assert row["images_per_second"] == pytest.approx(BATCH /
+                                                   row["seconds_median"])
+  assert row["gflops_per_step"] == pytest.approx(BATCH *
+                                                 row["gflops_per_image"])
   assert row["fraction_of_matmul"] == pytest.approx(
       row["gflop_per_second"] / row["matmul_gflop_per_second"])
 
@@ -103,8 +103,7 @@ def test_cost_relations(record):
   # L2P needs a query pass: about two forwards; SMoPE one.
   assert flops["l2p_inference"] > 1.5 * flops["plain_vit"]
   assert flops["smope_inference"] < 0.6 * flops["l2p_inference"]
-  assert flops["plain_vit"] <= flops["smope_inference"] < flops[
-      "dense_prompts"]
+  assert flops["plain_vit"] <= flops["smope_inference"] < flops["dense_prompts"]
   assert flops["smope_train"] > flops["smope_inference"]
   assert flops["smope_train"] < flops["l2p_train"]
   ratios = record["ratios"]
@@ -132,10 +131,8 @@ def test_imagenet_r_learnable_count_is_the_papers():
   spec.loader.exec_module(module)
   config = module.get_config("tasks=10")
   model, _ = factory.build_model(config, config.num_tasks)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0),
-                         jnp.zeros((1, 224, 224, 3)), None,
-                         mode="dense"))["params"]
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(
+      0), jnp.zeros((1, 224, 224, 3)), None, mode="dense"))["params"]
   counts = ts.parameter_counts(shapes)
   assert counts["learnable"] == 384_200
   assert counts["prompts"] == 230_400

@@ -59,19 +59,17 @@ BROKEN_CONFIGS = {
                         "fails to load: ModuleNotFoundError: No module named "
                         "'no_such_module_anywhere' (line 1)"),
     "syntax_error": ("def get_config(:\n"
-                     "  return None\n",
-                     ", line 1: "),
+                     "  return None\n", ", line 1: "),
     "no_get_config": ("config = {'lr': 0.1}\n", "defines no get_config()"),
-    "not_a_configdict": ("def get_config():\n"
-                         "  return {'lr': 0.1}\n",
-                         "the config is a dict, not an "
-                         "ml_collections.ConfigDict"),
+    "not_a_configdict":
+        ("def get_config():\n"
+         "  return {'lr': 0.1}\n", "the config is a dict, not an "
+         "ml_collections.ConfigDict"),
     "lacks_fields": ("import ml_collections\n"
                      "def get_config():\n"
                      "  config = ml_collections.ConfigDict()\n"
                      "  config.lr = 0.1\n"
-                     "  return config\n",
-                     "the config lacks config."),
+                     "  return config\n", "the config lacks config."),
     "unknown_field": ("from smope_jax import configuration\n"
                       "def get_config():\n"
                       "  config = configuration.base_config()\n"
@@ -100,12 +98,14 @@ def test_broken_config_file_is_one_line_naming_it(tmp_path, name):
 
 def test_missing_config_file_is_one_line(tmp_path):
   missing = tmp_path / "nowhere.py"
-  _main_fails_early(tmp_path, f"--config={missing}",
-                    expected=f"cannot read the config file {missing} (No "
-                    "such file or directory)")
+  _main_fails_early(
+      tmp_path, f"--config={missing}",
+      expected=f"cannot read the config file {missing} (No "
+      "such file or directory)")
 
 
 # -------------------------------------------------------------- overrides
+
 
 @pytest.mark.parametrize("flag,expected", [
     ("--config.learning_rate=0.1",
@@ -128,11 +128,12 @@ def test_bad_override_is_one_line(tmp_path, flag, expected):
 
 # ------------------------------------------------------------- validation
 
+
 @pytest.mark.parametrize("flags,expected", [
-    (["--config.model.num_heads=0"],
-     "config.model.num_heads=0 must be between 1 and 16384."),
-    (["--config.image_size=4096", "--config.model.patch_size=8"],
-     "makes 262144 patches of size 8, more than 65536"),
+    (["--config.model.num_heads=0"
+     ], "config.model.num_heads=0 must be between 1 and 16384."),
+    (["--config.image_size=4096", "--config.model.patch_size=8"
+     ], "makes 262144 patches of size 8, more than 65536"),
     (["--config.top_k=99"], "config.top_k=99"),
     (["--config.lr=nan"], "config.lr=nan must be positive and finite."),
     (["--config.seeds=1,1"], "config.seeds='1,1' repeats seed 1"),
@@ -151,8 +152,11 @@ def test_config_errors_stop_before_jax_and_tensorflow_are_imported(tmp_path):
   result, _ = _run("main", DEMO, "--config.lr=nan", f"--workdir={tmp_path}",
                    env={"PYTHONPROFILEIMPORTTIME": "1"})
   assert result.returncode == 2
-  imported = {line.rsplit("|", 1)[-1].strip()
-              for line in result.stderr.splitlines() if "|" in line}
+  imported = {
+      line.rsplit("|", 1)[-1].strip()
+      for line in result.stderr.splitlines()
+      if "|" in line
+  }
   assert "smope_jax.configuration" in imported
   assert not imported & {"jax", "jaxlib", "tensorflow", "flax"}, imported
 
@@ -163,21 +167,22 @@ def test_configuration_module_imports_neither_jax_nor_tensorflow():
           "configuration.validate(configuration.base_config())\n"
           "print(sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
   result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO,
-                          env=ENV,
-                          capture_output=True, text=True, timeout=60,
+                          env=ENV, capture_output=True, text=True, timeout=60,
                           check=True)
   assert result.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- workdir
 
+
 def test_workdir_under_a_file_is_one_line(tmp_path):
   (tmp_path / "a_file").write_text("")
   workdir = tmp_path / "a_file" / "run"
   result, seconds = _run("main", DEMO, f"--workdir={workdir}")
-  _assert_one_line(result, f"cannot write to the workdir {workdir} (Not a "
-                   "directory); fix its permissions or choose another "
-                   "--workdir.")
+  _assert_one_line(
+      result, f"cannot write to the workdir {workdir} (Not a "
+      "directory); fix its permissions or choose another "
+      "--workdir.")
   assert seconds < EARLY_SECONDS
 
 
@@ -185,8 +190,9 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
   workdir = tmp_path / "a_file"
   workdir.write_text("keep me")
   result, _ = _run("main", DEMO, f"--workdir={workdir}")
-  _assert_one_line(result, f"the workdir {workdir} is a file, not a "
-                   "directory; choose another --workdir.")
+  _assert_one_line(
+      result, f"the workdir {workdir} is a file, not a "
+      "directory; choose another --workdir.")
   assert workdir.read_text() == "keep me"
 
 
@@ -200,16 +206,18 @@ def test_read_only_workdir_is_one_line(tmp_path):
     result, _ = _run("main", DEMO, f"--workdir={workdir}")
   finally:
     workdir.chmod(0o700)
-  _assert_one_line(result, f"cannot write to the workdir {workdir} "
-                   "(Permission denied)")
+  _assert_one_line(
+      result, f"cannot write to the workdir {workdir} "
+      "(Permission denied)")
 
 
 def test_read_only_file_system_workdir_is_one_line(tmp_path, tmpfs):
   with tmpfs(tmp_path / "mnt", "ro,size=64k") as mnt:
     result, _ = _run("main", DEMO, f"--workdir={mnt}")
-    _assert_one_line(result, f"cannot write to the workdir {mnt} (Read-only "
-                     "file system); fix its permissions or choose another "
-                     "--workdir.")
+    _assert_one_line(
+        result, f"cannot write to the workdir {mnt} (Read-only "
+        "file system); fix its permissions or choose another "
+        "--workdir.")
 
 
 def test_full_workdir_is_one_line_and_leaves_no_probe(tmp_path, tmpfs):
@@ -220,9 +228,10 @@ def test_full_workdir_is_one_line_and_leaves_no_probe(tmp_path, tmpfs):
           f.write(b"\0" * 4096)
     for workdir in (mnt, mnt / "run"):
       result, _ = _run("main", DEMO, f"--workdir={workdir}")
-      _assert_one_line(result, f"cannot write to the workdir {workdir} (No "
-                       "space left on device); free space there or choose "
-                       "another --workdir.")
+      _assert_one_line(
+          result, f"cannot write to the workdir {workdir} (No "
+          "space left on device); free space there or choose "
+          "another --workdir.")
     left = [name for _, _, files in os.walk(mnt) for name in files]
     assert left == ["filler"]
 
@@ -233,9 +242,10 @@ def test_unwritable_weights_cache_is_one_line(tmp_path):
   result, _ = _run("main", DEMO, "--config.pretrained=sup1k",
                    f"--workdir={tmp_path / 'run'}",
                    env={"SMOPE_JAX_CACHE": str(cache)})
-  _assert_one_line(result, f"cannot write to the weights cache for 'sup1k' "
-                   f"{cache} (Not a directory); fix its permissions or choose "
-                   "another cache directory with SMOPE_JAX_CACHE=DIR.")
+  _assert_one_line(
+      result, f"cannot write to the weights cache for 'sup1k' "
+      f"{cache} (Not a directory); fix its permissions or choose "
+      "another cache directory with SMOPE_JAX_CACHE=DIR.")
 
 
 SUP1K_FILE = "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors"
@@ -270,17 +280,25 @@ def test_remote_workdir_goes_through_tensorflow_file_systems():
 
 # ------------------------------------------------------------- interrupts
 
-@pytest.mark.parametrize("signum", [
-    signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGINT", "SIGTERM"])
+
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGINT,
+     pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
   workdir = tmp_path / "run"
   with open(tmp_path / "stderr.txt", "w+") as log:
     process = subprocess.Popen(
-        [sys.executable, "-m", "smope_jax.main", DEMO,
-         "--config.pretrained=", "--config.progress_bar=false",
-         f"--workdir={workdir}"],
-        cwd=helpers.REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+        [
+            sys.executable, "-m", "smope_jax.main", DEMO,
+            "--config.pretrained=", "--config.progress_bar=false",
+            f"--workdir={workdir}"
+        ],
+        cwd=helpers.REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
         # A shell starts background jobs with SIGINT ignored; Ctrl-C in a
         # terminal reaches a foreground run, as restoring it here does.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -302,9 +320,9 @@ def test_interrupted_run_ends_with_one_line_and_status_130(tmp_path, signum):
   assert process.returncode == 130, stderr[-3000:]
   lines = stderr.splitlines()
   # The position, once training has started: "interrupted at task 1, ...".
-  assert re.fullmatch(r"interrupted( at task \d+, [\w ,]+)?; re-run the same "
-                      r"command to resume from the last checkpoint",
-                      lines[-1]), lines[-1]
+  assert re.fullmatch(
+      r"interrupted( at task \d+, [\w ,]+)?; re-run the same "
+      r"command to resume from the last checkpoint", lines[-1]), lines[-1]
   assert sum("interrupted" in line for line in lines) == 1
   assert "Traceback" not in stderr and "Fatal Python error" not in stderr
 
@@ -320,6 +338,7 @@ def test_interrupt_message_names_the_position_when_known(monkeypatch):
 
 
 # -------------------------------------------------------------- benchmark
+
 
 @pytest.mark.parametrize("flags,expected", [
     (["--methods=l2p,foo"], "--methods: unknown foo; choose from smope,l2p,"),
@@ -343,8 +362,9 @@ def test_benchmark_unwritable_out_is_one_line_before_measuring(tmp_path):
   (tmp_path / "a_file").write_text("")
   out = tmp_path / "a_file" / "bench.json"
   result, seconds = _run("benchmark", DEMO, f"--out={out}")
-  _assert_one_line(result, f"the directory of --out {out.parent} is a file, "
-                   "not a directory; choose another --out.")
+  _assert_one_line(
+      result, f"the directory of --out {out.parent} is a file, "
+      "not a directory; choose another --out.")
   assert seconds < EARLY_SECONDS
   result, _ = _run("benchmark", DEMO, f"--out={tmp_path}")
   _assert_one_line(result, f"--out={tmp_path} is a directory; name a file.")

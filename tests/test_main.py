@@ -46,13 +46,13 @@ def test_full_protocol_writes_all_outputs(uninterrupted):
   phases = {entry["phase"] for entry in metrics["train_log"]}
   assert phases == {"warmup", "train"}
   assert any("prototype" in e for e in metrics["train_log"] if e["task"] == 1)
-  assert all("router" not in e for e in metrics["train_log"]
-             if e["phase"] == "warmup")
+  assert all(
+      "router" not in e for e in metrics["train_log"] if e["phase"] == "warmup")
   for name in ("config.json", "accuracy_matrix.png", "expert_frequencies.png",
                "log.txt"):
     assert os.path.getsize(os.path.join(uninterrupted, name)) > 0, name
-  assert any(n.startswith("events.out.tfevents")
-             for n in os.listdir(uninterrupted))
+  assert any(
+      n.startswith("events.out.tfevents") for n in os.listdir(uninterrupted))
   with open(os.path.join(uninterrupted, "config.json")) as f:
     assert json.load(f)["num_tasks"] == 2
 
@@ -86,15 +86,15 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_a_whole_log(
   assert len(lines) == 1, printed[-3000:]
   assert lines[0].startswith(f"error: cannot save a checkpoint in {workdir}/"
                              "checkpoints: no space left")
-  assert not [n for n in os.listdir(f"{workdir}/checkpoints")
-              if "tmp" in n]
+  assert not [n for n in os.listdir(f"{workdir}/checkpoints") if "tmp" in n]
   # log.txt holds every record the run logged from its start (before it,
   # the start-up has no workdir yet), then the error line.
-  ours = [r for r in caplog.records if "smope_jax" in r.pathname or
-          r.levelno >= logging.WARNING]
+  ours = [
+      r for r in caplog.records
+      if "smope_jax" in r.pathname or r.levelno >= logging.WARNING
+  ]
   with open(os.path.join(workdir, "log.txt")) as f:
-    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "",
-                    f.read())
+    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", f.read())
   # (Libraries' first-use warnings may come before it.)
   assert next(l for l in logged.splitlines() if l.startswith("INFO")) == (
       "INFO cifar100, 2 tasks, SMoPE, seed 0: starting")
@@ -139,8 +139,8 @@ def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
         log.warning(line)
       written = (mnt / "log.txt").read_text().splitlines(keepends=True)
       assert written and all(l.endswith("\n") for l in written)
-      assert [l.split(" WARNING ")[1] for l in written] == [
-          l + "\n" for l in lines[:len(written)]]
+      assert [l.split(" WARNING ")[1] for l in written
+             ] == [l + "\n" for l in lines[:len(written)]]
       assert len(written) < 5  # Some records waited for space.
       os.remove(mnt / "filler")
       log.warning(lines[5])
@@ -164,7 +164,8 @@ def test_bad_config_value_is_one_clear_error(tmp_path):
 ])
 def test_bad_config_flag_is_one_clear_error(tmp_path, flag, expected):
   flags = [flag] if flag.startswith("--config=") else [
-      "--config=configs/demo.py", flag]
+      "--config=configs/demo.py", flag
+  ]
   result = helpers.run_module("main", *flags, f"--workdir={tmp_path}")
   helpers.assert_one_line_error(result, expected)
 

@@ -14,15 +14,15 @@ from smope_jax.methods import published
 from smope_jax.methods import registry
 from tests import helpers
 import toy_method
-BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt",
-            "vqprompt")
+
+BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt", "vqprompt")
 
 
 def test_built_in_methods_in_table_order():
   assert registry.names()[:len(BUILT_IN)] == BUILT_IN
   assert [registry.display_name(n) for n in BUILT_IN] == [
-      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt",
-      "VQ-Prompt"]
+      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt", "VQ-Prompt"
+  ]
   assert registry.display_name("an_old_run") == "an_old_run"
 
 
@@ -36,8 +36,9 @@ def test_unknown_method_is_one_config_error():
 
 def test_another_method_of_a_taken_name_is_refused():
   with pytest.raises(ValueError, match="'smope' is already registered"):
-    registry.register(registry.MethodSpec(
-        name="smope", display_name="Mine", method_class=toy_method.ToyMethod))
+    registry.register(
+        registry.MethodSpec(name="smope", display_name="Mine",
+                            method_class=toy_method.ToyMethod))
   assert registry.register(toy_method.SPEC) is toy_method.SPEC  # Again: kept.
 
 
@@ -85,8 +86,10 @@ def test_a_method_from_a_test_module_builds_and_runs():
                     mode="eval")
   assert out["logits"].shape == (2, config.num_classes)
   assert np.isfinite(np.asarray(out["logits"])).all()
-  assert compare.method_label({"method": "toy", "joint": False}) == (
-      "Toy prompt")
+  assert compare.method_label({
+      "method": "toy",
+      "joint": False
+  }) == ("Toy prompt")
 
 
 def _run(module, *args):
@@ -102,14 +105,14 @@ def test_a_method_from_a_test_module_runs_through_main_benchmark_compare(
        f"--workdir={tmp_path}/runs/toy")
   _run("main", "--config=tests/toy_method.py",
        f"--workdir={tmp_path}/runs/smope")
-  bench = _run("benchmark", "--config=tests/toy_method.py",
-               "--methods=toy", "--batch=4", "--repeats=1", "--warmup=0",
+  bench = _run("benchmark", "--config=tests/toy_method.py", "--methods=toy",
+               "--batch=4", "--repeats=1", "--warmup=0",
                "--matmul_size=64").stdout
   assert "| toy_inference |" in bench and "| toy_train |" in bench
   assert "| Toy prompt |" in bench
-  record = compare.compare([str(tmp_path / "runs" / "toy"),
-                            str(tmp_path / "runs" / "smope")],
-                           str(tmp_path / "out"))
+  record = compare.compare(
+      [str(tmp_path / "runs" / "toy"),
+       str(tmp_path / "runs" / "smope")], str(tmp_path / "out"))
   labels = [row["label"] for row in record["benchmarks"][0]["rows"]]
   assert labels == ["SMoPE", "Toy prompt"]
   assert os.path.isfile(tmp_path / "out" / "comparison.png")
@@ -125,8 +128,8 @@ def _docs_table_rows():
     if not line.startswith("|"):
       break
     cells = [c.strip() for c in line.strip("|").split("|")]
-    rows.append((cells[0].strip("`"), int(cells[3].split()[0].replace(
-        ",", ""))))
+    rows.append((cells[0].strip("`"), int(cells[3].split()[0].replace(",",
+                                                                      ""))))
   return rows
 
 
@@ -141,5 +144,6 @@ def test_docs_method_table_is_the_registry_with_true_counts():
     config.pretrained = ""
     model, method = factory.build_model(config, 10)
     shapes = factory.param_shapes(config, model, method)["prompts"]
-    assert sum(int(np.prod(s.shape)) for s in
-               jax.tree_util.tree_leaves(shapes)) == count, name
+    assert sum(
+        int(np.prod(s.shape))
+        for s in jax.tree_util.tree_leaves(shapes)) == count, name

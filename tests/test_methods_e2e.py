@@ -54,20 +54,19 @@ def test_two_tasks_end_to_end(finished, method):
 
 
 @pytest.mark.parametrize("method", ("codaprompt", "vqprompt"))
-def test_interrupted_baseline_resumes_to_identical_results(finished, method,
-                                                           tmp_path):
+def test_interrupted_baseline_resumes_to_identical_results(
+    finished, method, tmp_path):
   """CODA-Prompt: its task boundary re-draws components (Gram-Schmidt);
   VQ-Prompt: the SMoPE protocol's lagged schedule and the alignment."""
   reference = _metrics(finished[method])
   task2 = [e["global_step"] for e in reference["train_log"] if e["task"] == 1]
   workdir = str(tmp_path)
-  result = subprocess.run(
-      [sys.executable, os.path.join(helpers.REPO, "tests", "e2e_runner.py"),
-       "--", *helpers.tiny_flags(f"method={method}", **THREE_BLOCKS),
-       f"--workdir={workdir}",
-       f"--config.exit_at_step={task2[len(task2) // 2]}"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
-      check=False)
+  result = subprocess.run([
+      sys.executable,
+      os.path.join(helpers.REPO, "tests", "e2e_runner.py"), "--",
+      *helpers.tiny_flags(f"method={method}", **THREE_BLOCKS),
+      f"--workdir={workdir}", f"--config.exit_at_step={task2[len(task2) // 2]}"
+  ], cwd=helpers.REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 3, result.stderr[-2000:]
   config = helpers.tiny_config(f"method={method}", **THREE_BLOCKS)
   assert helpers.run_main(config, workdir) == 0

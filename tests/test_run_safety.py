@@ -28,8 +28,8 @@ def _all_finite_on_disk(workdir):
     for name in names:
       if name.endswith(".json"):
         with open(os.path.join(root, name)) as f:
-          json.loads(f.read(), parse_constant=lambda c: pytest.fail(
-              f"{name} holds {c}"))
+          json.loads(f.read(),
+                     parse_constant=lambda c: pytest.fail(f"{name} holds {c}"))
   directory = os.path.join(workdir, "checkpoints")
   steps = [d for d in os.listdir(directory) if d.isdigit()]
   for step in steps:
@@ -69,8 +69,7 @@ def test_diverging_run_stops_and_keeps_its_last_good_state(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resume_refuses_another_config_and_accepts_neutral_changes(
-    tmp_path):
+def test_a_resume_refuses_another_config_and_accepts_neutral_changes(tmp_path):
   workdir = tmp_path / "run"
   stopped = _main(workdir, "--config.exit_at_step=5",
                   "--config.checkpoint_every_steps=2")
@@ -91,10 +90,11 @@ def test_a_resume_refuses_another_config_and_accepts_neutral_changes(
 def test_one_run_per_workdir(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=helpers.REPO)
-  first = subprocess.Popen(
-      [sys.executable, "-m", "smope_jax.main", *helpers.tiny_flags(),
-       "--config.epochs=30", f"--workdir={workdir}"], cwd=helpers.REPO,
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = subprocess.Popen([
+      sys.executable, "-m", "smope_jax.main", *helpers.tiny_flags(),
+      "--config.epochs=30", f"--workdir={workdir}"
+  ], cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     while not (workdir / "run.lock").exists():
@@ -121,13 +121,12 @@ def test_log_tells_the_story_when_output_goes_to_a_file(tmp_path):
     log_file = f.read()
   for text in (result.stderr, log_file):
     assert "\r" not in text  # No progress bar off a terminal.
-    for needle in (
-        "seed 0: starting", "class order (seed 0) starts",
-        "task 1: 4 classes", "task 2: 2 classes", "training images",
-        "learnable parameters", "devices: 1 cpu",
-        "first dense step (compilation) took",
-        "after task 1: test accuracy of each seen task",
-        "accuracy matrix (%)", "FAA", "4 tasks done"):
+    for needle in ("seed 0: starting", "class order (seed 0) starts",
+                   "task 1: 4 classes", "task 2: 2 classes", "training images",
+                   "learnable parameters", "devices: 1 cpu",
+                   "first dense step (compilation) took",
+                   "after task 1: test accuracy of each seen task",
+                   "accuracy matrix (%)", "FAA", "4 tasks done"):
       assert needle in text, needle
     intervals = [l for l in text.splitlines() if "| loss " in l]
     assert intervals

@@ -55,9 +55,10 @@ def apply_protocol(config, *, epochs, batch_size):
   config.update(prompt_length=4, dense_warmup=False)
 
 
-SPEC = registry.register(registry.MethodSpec(
-    name="toy", display_name="Toy prompt", method_class=ToyMethod,
-    apply_protocol=apply_protocol, query_pass=False))
+SPEC = registry.register(
+    registry.MethodSpec(name="toy", display_name="Toy prompt",
+                        method_class=ToyMethod, apply_protocol=apply_protocol,
+                        query_pass=False))
 
 
 def get_config(arg=None):

@@ -60,17 +60,18 @@ def random_resized_crop(
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   seeds = tf.random.experimental.stateless_split(seed, 4)
-  area = h * w * tf.random.stateless_uniform(
-      [attempts], seeds[0], scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1])))
+  area = h * w * tf.random.stateless_uniform([attempts], seeds[0], scale[0],
+                                             scale[1])
+  aspect = tf.exp(
+      tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                  math.log(ratio[1])))
   crop_w = tf.round(tf.sqrt(area * aspect))
   crop_h = tf.round(tf.sqrt(area / aspect))
   fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
-  top = tf.floor(tf.random.stateless_uniform([attempts], seeds[2])
-                 * (h - crop_h + 1))
-  left = tf.floor(tf.random.stateless_uniform([attempts], seeds[3])
-                  * (w - crop_w + 1))
+  top = tf.floor(
+      tf.random.stateless_uniform([attempts], seeds[2]) * (h - crop_h + 1))
+  left = tf.floor(
+      tf.random.stateless_uniform([attempts], seeds[3]) * (w - crop_w + 1))
   first = tf.argmax(tf.cast(fits, tf.int32))
 
   # Fallback: centred crop with the aspect ratio clamped into `ratio`.

@@ -75,8 +75,7 @@ def task_classes(order: Sequence[int], num_tasks: int,
 
 
 def holdout_split(num_examples: int, seed: int,
-                  train_fraction: float = 0.8) -> tuple[np.ndarray,
-                                                         np.ndarray]:
+                  train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
   """The reference's validation split of a training set.
 
   One permutation of all examples drawn with NumPy's legacy generator
@@ -125,4 +124,3 @@ def per_class_split(
   if test:
     is_test[np.concatenate(test)] = True
   return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-

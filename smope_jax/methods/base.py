@@ -93,8 +93,8 @@ class PoolPrompts(PromptModule):
     self.pool = self.param(
         "pool", uniform,
         (self.num_layers, self.pool_size, self.length, self.hidden_size))
-    self.keys = self.param(
-        "keys", uniform, (self.num_layers, self.pool_size, self.hidden_size))
+    self.keys = self.param("keys", uniform,
+                           (self.num_layers, self.pool_size, self.hidden_size))
 
 
 class Method:
