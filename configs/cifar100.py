@@ -12,21 +12,6 @@ from smope_jax import configuration
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, "configs/cifar100.py", method="smope")
-  config = configuration.base_config()
-  config.dataset = "cifar100"
-  config.num_classes = 100
-  config.num_tasks = 10
-  config.test_resize = "resize"
-  config.pretrained = "sup1k"
-  config.batch_size = 128
-  config.lr = 0.005
-  config.epochs = 20
-  config.schedule = "cosine"
-  config.freeze_steps = 80
+  config = configuration.base_config()  # Its defaults are CIFAR-100's.
   config.iters_per_epoch = 40  # The reference's iter_step; the loader takes 39.
-  config.router_weight = 1e-5
-  config.prototype_weight = 1e-5
-  config.epsilon = 0.4
-  config.align_epochs = 50
-  config.align_ratio = 1
   return configuration.use_method(config, args.method, epochs=20)

@@ -30,8 +30,9 @@ def class_statistics(features: np.ndarray, labels: np.ndarray,
   features = np.asarray(features, np.float64)
   empty = [int(c) for c in classes if not np.any(labels == c)]
   if empty:
-    logging.warning("classes %s have no training images; their replay "
-                    "statistics are zero", empty)
+    logging.warning(
+        "classes %s have no training images; their replay "
+        "statistics are zero", empty)
   means, variances = [], []
   for c in classes:
     rows = features[labels == c]
@@ -57,8 +58,8 @@ def epoch_order(key, num_seen, per_class: int, num_classes: int):
   return ids[jnp.argsort(priority)]
 
 
-def align_head(head, means, variances, key, num_seen, iterations, rates, *,
-               tx, per_class: int, num_epochs: int):
+def align_head(head, means, variances, key, num_seen, iterations, rates, *, tx,
+               per_class: int, num_epochs: int):
   """Trains the head on replayed features; returns the new head.
 
   Jitted with its static arguments bound by `train_step.make_steps`.

@@ -42,9 +42,9 @@ _META = "meta"
 WRITER_JOIN_SECONDS = 30.0
 # What every smope_jax before the config was checkpointed stored in `meta`:
 # a checkpoint with these and no config is an older version's, not damaged.
-OLDER_META_KEYS = frozenset(("task", "phase", "epoch", "step", "global_step",
-                             "save_id", "seed", "acc_matrix", "task_seconds",
-                             "train_images_per_second"))
+OLDER_META_KEYS = frozenset(
+    ("task", "phase", "epoch", "step", "global_step", "save_id", "seed",
+     "acc_matrix", "task_seconds", "train_images_per_second"))
 
 
 class MalformedCheckpoint(ValueError):
@@ -66,8 +66,8 @@ def check_run_meta(meta: Any, workdir: str, config: dict, num_tasks: int,
       position cannot be right, so it is moved aside and an older one is
       tried.
   """
-  if isinstance(meta, dict) and "config" not in meta and (
-      OLDER_META_KEYS <= meta.keys()):
+  if isinstance(meta, dict) and "config" not in meta and (OLDER_META_KEYS
+                                                          <= meta.keys()):
     raise errors.UserError(f"the checkpoints in {workdir}/checkpoints were "
                            "written by an older smope_jax; use a new "
                            "--workdir")
@@ -77,11 +77,14 @@ def check_run_meta(meta: Any, workdir: str, config: dict, num_tasks: int,
   config_compare.require_same_config(workdir, meta["config"], config)
   count = lambda key: isinstance(meta.get(key), int) and (  # noqa: E731
       not isinstance(meta.get(key), bool)) and meta[key] >= 0
-  problems = [key for key in ("task", "epoch", "step", "global_step",
-                              "save_id", "seed") if not count(key)]
-  problems += [key for key in ("task_seconds", "train_log",
-                               "train_images_per_second")
-               if not isinstance(meta.get(key), list)]
+  problems = [
+      key for key in ("task", "epoch", "step", "global_step", "save_id", "seed")
+      if not count(key)
+  ]
+  problems += [
+      key for key in ("task_seconds", "train_log", "train_images_per_second")
+      if not isinstance(meta.get(key), list)
+  ]
   if not problems:
     if meta["task"] > num_tasks:
       problems.append(f"task {meta['task']}")
@@ -89,13 +92,14 @@ def check_run_meta(meta: Any, workdir: str, config: dict, num_tasks: int,
       problems.append(f"phase {meta.get('phase')!r}")
     rows = meta.get("acc_matrix")
     if not (isinstance(rows, list) and len(rows) == meta["task"] and all(
-        isinstance(row, list) and len(row) == t + 1 and
-        all(isinstance(a, (int, float)) and 0 <= a <= 100 for a in row)
+        isinstance(row, list) and len(row) == t + 1 and all(
+            isinstance(a, (int, float)) and 0 <= a <= 100
+            for a in row)
         for t, row in enumerate(rows))):
       problems.append("accuracy matrix")
   if problems:
-    raise MalformedCheckpoint(
-        "its stored position is malformed: " + ", ".join(problems))
+    raise MalformedCheckpoint("its stored position is malformed: " +
+                              ", ".join(problems))
 
 
 class Checkpointer:
@@ -117,17 +121,15 @@ class Checkpointer:
         create=True,
         enable_async_checkpointing=False,
     )
-    self._manager = ocp.CheckpointManager(
-        self._directory, options=options, handler_registry=registry
-    )
+    self._manager = ocp.CheckpointManager(self._directory, options=options,
+                                          handler_registry=registry)
 
   @property
   def directory(self) -> epath.Path:
     return self._directory
 
-  def save(
-      self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False
-  ) -> bool:
+  def save(self, step: int, state: Any, meta: dict[str, Any], *,
+           force: bool = False) -> bool:
     """Writes `state` and `meta` as `step`; True if a save happened.
 
     Returns False (nothing written) if `step` is not newer
@@ -194,10 +196,9 @@ class Checkpointer:
           step, self._directory, error)
       bad_steps.append(step)
     raise errors.UserError(
-        f"No readable checkpoint in {self._directory} (steps {steps} all"
+        f"no readable checkpoint in {self._directory} (steps {steps} all"
         f" failed; the last error was: {error}). To start fresh, pass a new"
-        " --workdir or delete that directory."
-    )
+        " --workdir or delete that directory.")
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -217,8 +218,9 @@ class Checkpointer:
     try:
       saved = self._manager.item_metadata(step)[_STATE]
       saved_leaves = ocp.tree.to_flat_dict(saved.tree)
-      meta = self._manager.restore(step, args=ocp.args.Composite(
-          **{_META: ocp.args.JsonRestore()}))[_META]
+      meta = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
       if check_meta is not None:
         check_meta(meta)
     except errors.UserError:
@@ -258,8 +260,8 @@ class Checkpointer:
         except OSError as e:
           logging.warning(
               "Could not move unreadable checkpoint %s aside (%s); saves at"
-              " steps up to %d will be skipped until it is removed.",
-              source, e, step)
+              " steps up to %d will be skipped until it is removed.", source, e,
+              step)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("smope_jax_checkpoint_move_aside")
     self._manager.reload()
@@ -396,8 +398,10 @@ def _check_compatible(step, directory, saved_leaves, target) -> None:
   Orbax would otherwise restore a differently shaped numpy leaf silently, or
   fail with an error indistinguishable from a damaged file.
   """
-  wanted = {k: tuple(getattr(v, "shape", ()))
-            for k, v in ocp.tree.to_flat_dict(target).items()}
+  wanted = {
+      k: tuple(getattr(v, "shape", ()))
+      for k, v in ocp.tree.to_flat_dict(target).items()
+  }
   saved = {k: tuple(v.shape) for k, v in saved_leaves.items()}
   if wanted == saved:
     return
@@ -407,14 +411,14 @@ def _check_compatible(step, directory, saved_leaves, target) -> None:
     problems.append(f"missing {names(missing)}")
   if extra := saved.keys() - wanted.keys():
     problems.append(f"unexpected {names(extra)}")
-  if reshaped := [k for k in wanted.keys() & saved.keys()
-                  if wanted[k] != saved[k]]:
+  if reshaped := [
+      k for k in wanted.keys() & saved.keys() if wanted[k] != saved[k]
+  ]:
     problems.append(f"other shapes for {names(reshaped)}")
   raise errors.UserError(
-      f"Checkpoint step {step} in {directory} does not fit the current model"
+      f"checkpoint step {step} in {directory} does not fit the current model"
       f' and config ({"; ".join(problems)}). Resume with the config that wrote'
-      " it, or start fresh with a new --workdir."
-  )
+      " it, or start fresh with a new --workdir.")
 
 
 def _all_processes_succeeded(ok: bool) -> bool:

@@ -60,8 +60,11 @@ def _last_line(text: str) -> str:
 
 def _raised(error: Exception, path: str) -> str:
   """'RuntimeError: boom (line 3)': an exception and its line in `path`."""
-  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  lines = [
+      frame.lineno
+      for frame in traceback.extract_tb(error.__traceback__)
+      if os.path.abspath(frame.filename) == os.path.abspath(path)
+  ]
   where = f" (line {lines[-1]})" if lines else ""
   return _one_line(f"{type(error).__name__}: {error}") + where
 
@@ -128,8 +131,11 @@ def _flag_value(argv: list[str], name: str):
 def _overrides(argv: list[str], name: str) -> list[str]:
   """Dotted fields overridden by --name.a.b=..., as config_flags finds them."""
   pattern = re.compile(rf"-{{1,2}}(no)?{re.escape(name)}\.")
-  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv[1:]
-          if pattern.match(arg)]
+  return [
+      arg.split("=", 1)[0].split(".", 1)[1]
+      for arg in argv[1:]
+      if pattern.match(arg)
+  ]
 
 
 def _field(config, dotted: str):
@@ -150,15 +156,17 @@ def _check_overrides(argv: list[str], name: str, config) -> None:
       _field(config, dotted)
     except KeyError:
       guess = configuration.suggest_field(dotted, fields)
-      hint = (f"did you mean {name}.{guess}?" if guess else
-              "see the config file for the fields it has.")
+      hint = (f"did you mean {name}.{guess}?"
+              if guess else "see the config file for the fields it has.")
       raise ConfigError(f"--{name}.{dotted}: the config has no field "
                         f"{dotted!r}; {hint}") from None
 
 
 def _config_flag_names() -> list[str]:
-  return [name for name in flags.FLAGS
-          if config_flags_lib.is_config_flag(flags.FLAGS[name])]
+  return [
+      name for name in flags.FLAGS
+      if config_flags_lib.is_config_flag(flags.FLAGS[name])
+  ]
 
 
 def _preload_configs(argv: list[str]) -> dict:
@@ -181,7 +189,9 @@ def _bad_value(error: flags.Error, configs: dict) -> str:
     if kind in configuration.KINDS:
       return (f"--{name}.{dotted}={value}: {name}.{dotted} takes "
               f"{configuration.KINDS[kind]}.")
-  return _last_line(str(_cause(error) or error))
+  line = _last_line(str(_cause(error) or error))
+  # absl's own messages start with a capital ("Unknown command line flag").
+  return line[:1].lower() + line[1:] if re.match("[A-Z][a-z]", line) else line
 
 
 def refuse_arguments(argv: list[str]) -> None:
@@ -191,8 +201,9 @@ def refuse_arguments(argv: list[str]) -> None:
                     "every setting as a flag, e.g. --config.lr=0.01.")
 
 
-HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull",
-              "--helpxml"}
+HELP_FLAGS = {
+    "--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"
+}
 
 
 def _installed_configs(argv: list[str]) -> list[str]:

@@ -28,9 +28,8 @@ _OUT = flags.DEFINE_string("out", None, "Directory for comparison.md, "
 
 METRICS = ("faa", "caa", "ffm")
 # Fields that identify a benchmark: runs differing here go to other tables.
-BENCHMARK_FIELDS = ("dataset", "num_tasks", "first_task_classes",
-                    "validation", "imagenet_r_split", "image_size",
-                    "test_resize")
+BENCHMARK_FIELDS = ("dataset", "num_tasks", "first_task_classes", "validation",
+                    "imagenet_r_split", "image_size", "test_resize")
 # Fields that may differ within a row: those that cannot change results,
 # and `seed`, since a row is the mean over the runs of several seeds.
 ROW_NEUTRAL_FIELDS = (*config_compare.RESULT_NEUTRAL_FIELDS, "seed")
@@ -50,13 +49,14 @@ class Run:
 def find_runs(directory: str) -> list[Run]:
   """The run in a workdir, or the seed runs of a multi-seed workdir."""
   if os.path.isfile(os.path.join(directory, "metrics.json")):
-    return [Run(directory,
-                workdir.read_json_file(os.path.join(directory, "config.json")),
-                workdir.read_json_file(os.path.join(directory,
-                                                    "metrics.json")))]
-  seeds = sorted(d for d in (os.listdir(directory)
-                             if os.path.isdir(directory) else [])
-                 if d.startswith("seed_"))
+    return [
+        Run(directory,
+            workdir.read_json_file(os.path.join(directory, "config.json")),
+            workdir.read_json_file(os.path.join(directory, "metrics.json")))
+    ]
+  seeds = sorted(
+      d for d in (os.listdir(directory) if os.path.isdir(directory) else [])
+      if d.startswith("seed_"))
   runs = [run for d in seeds for run in find_runs(os.path.join(directory, d))]
   if not runs:
     raise UserError(f"{directory} holds no run with an evaluated task "
@@ -70,8 +70,8 @@ def benchmark_key(run: Run) -> tuple:
 
 def benchmark_label(run: Run) -> str:
   c = run.config
-  tasks = len(run.metrics["task_classes"]) if not c.get("joint") else c[
-      "num_tasks"]
+  tasks = len(
+      run.metrics["task_classes"]) if not c.get("joint") else c["num_tasks"]
   label = f"{c['dataset']}, {tasks} tasks"
   if c.get("first_task_classes"):
     label += f" (first task {c['first_task_classes']} classes)"
@@ -95,8 +95,9 @@ def group_rows(runs: list[Run]) -> dict:
   for rows in tables.values():
     for (method, _), members in rows.items():
       for other in members[1:]:
-        diffs = config_compare.config_differences(
-            members[0].config, other.config, ignored=ROW_NEUTRAL_FIELDS)
+        diffs = config_compare.config_differences(members[0].config,
+                                                  other.config,
+                                                  ignored=ROW_NEUTRAL_FIELDS)
         if diffs:
           name, ours, theirs = diffs[0]
           raise UserError(
@@ -115,8 +116,11 @@ def summarize_row(members: list[Run]) -> dict:
       "runs": [m.directory for m in members],
       "finished": all(m.finished for m in members),
       "tasks_done": min(m.metrics["tasks_done"] for m in members),
-      **{name: {k: table[name][k] for k in ("mean", "std", "sample_std")}
-         for name in METRICS},
+      **{
+          name: {
+              k: table[name][k] for k in ("mean", "std", "sample_std")
+          } for name in METRICS
+      },
   }
 
 
@@ -137,17 +141,26 @@ def compare(directories: list[str], out: str) -> dict:
   for rows in tables.values():
     any_run = next(iter(rows.values()))[0]
     tasks = len(any_run.metrics["task_classes"])
-    entry = {"benchmark": benchmark_label(any_run),
-             "dataset": any_run.config["dataset"], "rows": []}
+    entry = {
+        "benchmark": benchmark_label(any_run),
+        "dataset": any_run.config["dataset"],
+        "rows": []
+    }
     for (method, joint), members in sorted(
         rows.items(), key=lambda item: (item[0][1], _order(item[0][0]))):
-      row = {"method": method, "joint": joint, **summarize_row(members),
-             **row_cost(members[0])}
+      row = {
+          "method": method,
+          "joint": joint,
+          **summarize_row(members),
+          **row_cost(members[0])
+      }
       row["label"] = method_label(row)
-      row["published_faa"] = [] if joint else [
-          {"mean": m, "std": s, "source": src}
-          for m, s, src in published.faa(any_run.config["dataset"], tasks,
-                                         method)]
+      row["published_faa"] = [] if joint else [{
+          "mean": m,
+          "std": s,
+          "source": src
+      } for m, s, src in published.faa(any_run.config["dataset"], tasks, method)
+                                              ]
       entry["rows"].append(row)
     record["benchmarks"].append(entry)
   os.makedirs(out, exist_ok=True)
@@ -176,18 +189,21 @@ def _stat(values: dict) -> str:
 
 
 def format_markdown(record: dict) -> str:
-  lines = ["# Comparison", "",
-           "Ours: mean +- std over seeds (population std, ddof 0, as the "
-           "paper). Published: FAA as reported, with its source. GFLOPs per "
-           "image from XLA's cost analysis (a multiply-add counts 2).", ""]
+  lines = [
+      "# Comparison", "",
+      "Ours: mean +- std over seeds (population std, ddof 0, as the "
+      "paper). Published: FAA as reported, with its source. GFLOPs per "
+      "image from XLA's cost analysis (a multiply-add counts 2).", ""
+  ]
   for entry in record["benchmarks"]:
-    lines += [f"## {entry['benchmark']}", "",
-              "| method | seeds | tasks | FAA | CAA | FFM | published FAA | "
-              "learnable params | train GFLOPs/img | inference GFLOPs/img |",
-              "|---|---|---|---|---|---|---|---:|---:|---:|"]
+    lines += [
+        f"## {entry['benchmark']}", "",
+        "| method | seeds | tasks | FAA | CAA | FFM | published FAA | "
+        "learnable params | train GFLOPs/img | inference GFLOPs/img |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|"
+    ]
     for row in entry["rows"]:
-      tasks = str(row["tasks_done"]) + ("" if row["finished"]
-                                        else " (partial)")
+      tasks = str(row["tasks_done"]) + ("" if row["finished"] else " (partial)")
       cited = "; ".join(f"{p['mean']:.2f} +- {p['std']:.2f} [{p['source']}]"
                         for p in row["published_faa"]) or "-"
       lines.append(
@@ -197,16 +213,19 @@ def format_markdown(record: dict) -> str:
           f"{row['train_gflops_per_image']:.4g} | "
           f"{row['inference_gflops_per_image']:.4g} |")
     lines.append("")
-  lines += ["Sources: " + "; ".join(f"[{k}] {v}" for k, v in
-                                    record["sources"].items()), ""]
+  lines += [
+      "Sources: " +
+      "; ".join(f"[{k}] {v}" for k, v in record["sources"].items()), ""
+  ]
   return "\n".join(lines)
 
 
 def main(argv):
   directories = argv[1:]
   if not directories:
-    print("error: give at least one run directory: python -m "
-          "smope_jax.compare RUN_DIR [RUN_DIR ...] --out=DIR", file=sys.stderr)
+    print(
+        "error: give at least one run directory: python -m "
+        "smope_jax.compare RUN_DIR [RUN_DIR ...] --out=DIR", file=sys.stderr)
     sys.exit(2)
   try:
     out = _OUT.value

@@ -12,21 +12,21 @@ from smope_jax.errors import UserError
 # Config fields that cannot change what a run computes: a checkpoint may be
 # resumed, and runs may share a row of the comparison, when only these differ.
 RESULT_NEUTRAL_FIELDS = (
-    "progress_bar",            # Only what the terminal shows.
-    "log_every_steps",         # How often losses are averaged and logged.
+    "progress_bar",  # Only what the terminal shows.
+    "log_every_steps",  # How often losses are averaged and logged.
     "checkpoint_every_steps",  # Saving reads the state and never changes it.
-    "keep_checkpoints",        # How many old checkpoints stay on disk.
-    "exit_at_step",            # Fault injection: where a run stops, not
-                               # what it computes.
-    "data_dir",                # Where the prepared data is read from, not
-                               # which data.
-    "cache_data",              # The same decoded images, kept in memory or
-                               # decoded anew.
-    "seeds",                   # Each seed's run gets its own workdir and
-                               # `seed`.
-    "eval_batch_size",         # Evaluation counts correct predictions
-                               # exactly and feeds nothing back into
-                               # training.
+    "keep_checkpoints",  # How many old checkpoints stay on disk.
+    "exit_at_step",  # Fault injection: where a run stops, not
+    # what it computes.
+    "data_dir",  # Where the prepared data is read from, not
+    # which data.
+    "cache_data",  # The same decoded images, kept in memory or
+    # decoded anew.
+    "seeds",  # Each seed's run gets its own workdir and
+    # `seed`.
+    "eval_batch_size",  # Evaluation counts correct predictions
+    # exactly and feeds nothing back into
+    # training.
 )
 
 
@@ -46,8 +46,9 @@ def _comparable(value):
   return list(value) if isinstance(value, tuple) else value
 
 
-def config_differences(saved, current, ignored=RESULT_NEUTRAL_FIELDS
-                       ) -> list[tuple[str, object, object]]:
+def config_differences(
+    saved, current,
+    ignored=RESULT_NEUTRAL_FIELDS) -> list[tuple[str, object, object]]:
   """(dotted field, saved value, current value) of every field that differs.
 
   Both configs are nested Mappings (`config.to_dict()`, a saved JSON config)

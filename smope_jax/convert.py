@@ -74,8 +74,8 @@ def _convert(source, output, model, image_size):
     if source not in weights.PRESETS:
       source = os.path.abspath(source)
     try:
-      return weights.save_backbone(params, output, source=source,
-                                   model=model, image_size=image_size)
+      return weights.save_backbone(params, output, source=source, model=model,
+                                   image_size=image_size)
     except OSError as e:
       raise UserError(f"cannot write {output} ({e.strerror or e}); free "
                       "some space or choose another --output") from e

@@ -66,10 +66,14 @@ def describe(recipe: Recipe) -> str:
 
 def _expected_info(config, recipe: Recipe) -> dict:
   dims = configuration.model_dims(config)
-  return {"source": describe(recipe),
-          "model": "custom " + " ".join(f"{k}={v}" for k, v in
-                                        sorted(dims.items())),
-          "image_size": int(config.image_size)}
+  return {
+      "source":
+          describe(recipe),
+      "model":
+          "custom " + " ".join(f"{k}={v}" for k, v in sorted(dims.items())),
+      "image_size":
+          int(config.image_size)
+  }
 
 
 def _template(config) -> dict:
@@ -101,8 +105,9 @@ def letter_model(config) -> VisionTransformer:
 
 def _learning_rates(recipe: Recipe) -> np.ndarray:
   """Linear warm-up to the peak, then a cosine to zero, one rate a step."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, recipe.peak_lr, recipe.warmup_steps, recipe.steps)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.peak_lr,
+                                                recipe.warmup_steps,
+                                                recipe.steps)
   return np.asarray(jax.vmap(schedule)(jnp.arange(recipe.steps)), np.float32)
 
 
@@ -110,16 +115,16 @@ def _learning_rates(recipe: Recipe) -> np.ndarray:
 # process (tests) share one compilation per batch shape.
 @functools.partial(jax.jit, static_argnames=("model", "size"))
 def _init_params(key, *, model, size):
-  return model.init(key, jnp.zeros((1, size, size, 3)), mode="plain")[
-      "params"]
+  return model.init(key, jnp.zeros((1, size, size, 3)), mode="plain")["params"]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "size", "batch_size", "augmented_fraction", "weight_decay"))
-def _train_step(params, opt_state, key, rate, masters, labels, *, model,
-                size, batch_size, augmented_fraction, weight_decay):
-  images, targets = glyphs.sample_batch(key, masters, labels, batch_size,
-                                        size, augmented_fraction)
+@functools.partial(
+    jax.jit, static_argnames=("model", "size", "batch_size",
+                              "augmented_fraction", "weight_decay"))
+def _train_step(params, opt_state, key, rate, masters, labels, *, model, size,
+                batch_size, augmented_fraction, weight_decay):
+  images, targets = glyphs.sample_batch(key, masters, labels, batch_size, size,
+                                        augmented_fraction)
 
   def loss_fn(p):
     logits = model.apply({"params": p}, images, mode="plain")["logits"]
@@ -159,12 +164,13 @@ def pretrain(config, recipe: Recipe = Recipe()) -> tuple[dict, float]:
         labels, model=model, size=size, batch_size=recipe.batch_size,
         augmented_fraction=recipe.augmented_fraction,
         weight_decay=recipe.weight_decay)
-  accuracy = float(_letter_accuracy(params, eval_key, masters, labels,
-                                    model=model, count=recipe.eval_images,
-                                    size=size))
+  accuracy = float(
+      _letter_accuracy(params, eval_key, masters, labels, model=model,
+                       count=recipe.eval_images, size=size))
   logging.info("demo backbone: final letter loss %.3f", float(loss))
-  backbone = {k: jax.tree_util.tree_map(np.asarray, params[k])
-              for k in _template(config)}
+  backbone = {
+      k: jax.tree_util.tree_map(np.asarray, params[k]) for k in _template(config)
+  }
   return backbone, accuracy
 
 
@@ -225,15 +231,16 @@ def ensure_demo_backbone(config, directory: str,
     return directory
   staging = _staging_directory(directory)
   try:
-    logging.info("demo backbone: pre-training the ViT into %s: %s",
-                 directory, describe(recipe))
+    logging.info("demo backbone: pre-training the ViT into %s: %s", directory,
+                 describe(recipe))
     start = time.perf_counter()
     backbone, accuracy = pretrain(config, recipe)
     _publish(backbone, staging, directory, config, recipe)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  logging.info("demo backbone: done in %.1f s; letter accuracy %.1f %% on %d "
-               "fresh images (chance %.1f %%)", time.perf_counter() - start,
-               100 * accuracy, recipe.eval_images,
-               100 / len(glyphs.LETTERS))
+  logging.info(
+      "demo backbone: done in %.1f s; letter accuracy %.1f %% on %d "
+      "fresh images (chance %.1f %%)",
+      time.perf_counter() - start, 100 * accuracy, recipe.eval_images,
+      100 / len(glyphs.LETTERS))
   return directory

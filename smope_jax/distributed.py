@@ -48,11 +48,11 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
   if address or count:
     if not (address and count and pid is not None):
       raise UserError(
-          "A multi-process run needs all of --coordinator_address=HOST:PORT, "
+          "a multi-process run needs all of --coordinator_address=HOST:PORT, "
           "--num_processes=N and --process_id=I (or SMOPE_COORDINATOR_ADDRESS,"
           " SMOPE_NUM_PROCESSES, SMOPE_PROCESS_ID).")
-    jax.distributed.initialize(coordinator_address=address,
-                               num_processes=count, process_id=pid,
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=pid,
                                cluster_detection_method="deactivate")
   elif _detection_requested() or _cluster_detected():
     _join_detected_cluster()
@@ -107,8 +107,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
   """Assembles the global batch from each process's local numpy shard."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, v)
+      for k, v in local.items()
+  }
 
 
 def put_replicated(tree, mesh: Mesh):
@@ -122,8 +124,8 @@ def put_replicated(tree, mesh: Mesh):
 def to_host(tree):
   """Fetches replicated global arrays to numpy on every process."""
   return jax.tree_util.tree_map(
-      lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-      else np.asarray(x), tree)
+      lambda x: np.asarray(x.addressable_data(0))
+      if isinstance(x, jax.Array) else np.asarray(x), tree)
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 def init_expert_state(num_layers: int, num_heads: int,
                       num_experts: int) -> dict:
   shape = (num_layers, num_heads, num_experts)
-  return {"counts": jnp.zeros(shape, jnp.int32),
-          "frequent": jnp.zeros(shape, bool)}
+  return {
+      "counts": jnp.zeros(shape, jnp.int32),
+      "frequent": jnp.zeros(shape, bool)
+  }
 
 
 def batch_activation_counts(scores: jax.Array, top_k: int,

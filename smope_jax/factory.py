@@ -15,8 +15,8 @@ from smope_jax.methods import base
 from smope_jax.models.vit import VisionTransformer
 
 
-def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
-                                                 base.Method]:
+def build_model(config,
+                num_tasks: int) -> tuple[VisionTransformer, base.Method]:
   """The configured ViT with `config.method`'s prompts (no parameters yet).
 
   Precision fields left "auto" take this platform's defaults.
@@ -29,11 +29,12 @@ def build_model(config, num_tasks: int) -> tuple[VisionTransformer,
   dims = configuration.model_dims(config)
   method = methods.build(config, num_tasks, dims)
   computes = precision.model_precision(config)
-  model = VisionTransformer(
-      num_classes=config.num_classes, dtype=jnp.dtype(config.dtype),
-      fused_attention=config.fused_attention, prompts=method.prompts(),
-      bfloat16_products=computes["bfloat16_products"],
-      float32_routing=computes["float32_routing"], **dims)
+  model = VisionTransformer(num_classes=config.num_classes,
+                            dtype=jnp.dtype(config.dtype),
+                            fused_attention=config.fused_attention,
+                            prompts=method.prompts(),
+                            bfloat16_products=computes["bfloat16_products"],
+                            float32_routing=computes["float32_routing"], **dims)
   return model, method
 
 
@@ -68,9 +69,9 @@ def param_shapes(config, model: VisionTransformer, method: base.Method):
   """The parameter tree's shapes and dtypes, without computing it."""
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3),
                                 jnp.float32)
-  return jax.eval_shape(lambda x: model.init(
-      jax.random.PRNGKey(0), x, method.init_context(), mode="train"),
-                        images)["params"]
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, method.init_context(), mode
+                           ="train"), images)["params"]
 
 
 def init_params(config, model: VisionTransformer, method: base.Method,
@@ -81,8 +82,8 @@ def init_params(config, model: VisionTransformer, method: base.Method,
   arrays.
   """
   images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = jax.jit(lambda k: model.init(
-      k, images, method.init_context(), mode="train"))(
+  params = jax.jit(
+      lambda k: model.init(k, images, method.init_context(), mode="train"))(
           jax.random.PRNGKey(config.seed))["params"]
   params = jax.tree_util.tree_map(np.asarray, params)
   if backbone is not None:

@@ -66,8 +66,8 @@ def router_loss(scores: jax.Array, selected: jax.Array, epsilon: float,
   return masked_mean(per_sample, mask)
 
 
-def prototype_loss(keys: jax.Array, old_keys: jax.Array,
-                   frequent: jax.Array, top_k: int) -> jax.Array:
+def prototype_loss(keys: jax.Array, old_keys: jax.Array, frequent: jax.Array,
+                   top_k: int) -> jax.Array:
   """Keeps frequently used experts' old neighbourhoods among current keys.
 
   For each (layer, head) and each frequently used expert u: targets are the

@@ -71,8 +71,8 @@ class _WorkdirLog(std_logging.Handler):
   def __init__(self, path: str):
     super().__init__()
     self.path = path
-    self.setFormatter(std_logging.Formatter(
-        "%(asctime)s %(levelname)s %(message)s"))
+    self.setFormatter(
+        std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     self.addFilter(_QuietLibraries())
     self._remote = "://" in path
     self._lines = []  # Local: records not written yet; remote: the log.
@@ -130,8 +130,9 @@ def _log_to_workdir(workdir: str):
   try:
     yield
   except UserError as e:
-    handler.handle(std_logging.LogRecord(
-        __name__, std_logging.ERROR, __file__, 0, "%s", (e,), None))
+    handler.handle(
+        std_logging.LogRecord(__name__, std_logging.ERROR, __file__, 0, "%s",
+                              (e,), None))
     raise
   finally:
     root.removeHandler(handler)
@@ -176,7 +177,8 @@ def check_before_start(config, workdir_path: str) -> None:
   """
   configuration.validate(config)
   workdir.check_workdir(workdir_path)
-  if config.pretrained and config.pretrained != "demo":  # The demo makes its own.
+  # The demo makes its own backbone.
+  if config.pretrained and config.pretrained != "demo":
     from smope_jax import weights  # pylint: disable=g-import-not-at-top
     weights.check_source(config.pretrained)
     if config.pretrained in weights.PRESETS:
@@ -192,6 +194,7 @@ def _stop(message: str) -> None:
   from which every run resumes. Log files are flushed first; another
   interrupt meanwhile ends the process there.
   """
+
   def exit_now(*_):
     os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
@@ -203,29 +206,52 @@ def _stop(message: str) -> None:
   os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
 
-def main(argv):
+def _report(error: UserError) -> int:
+  """Prints a user error as its one `error:` line; returns exit status 2."""
+  logging.flush()
+  print(f"error: {error}", file=sys.stderr)
+  return 2
+
+
+def run_from_config(config, workdir_path: str, coordinator_address: str = "",
+                    num_processes: int = 0, process_id: int = -1) -> int:
+  """Runs `config` in `workdir_path` as the command line does.
+
+  Tests call it in-process. A UserError ends it with its one `error:` line
+  on stderr and status 2; an interrupt ends the process (status 130).
+
+  Returns:
+    The exit status: 0, or 2 after a user error.
+  """
   with _sigterm_interrupts():
     try:
-      cli.refuse_arguments(argv)
-      check_before_start(_CONFIG.value, _WORKDIR.value)
+      check_before_start(config, workdir_path)
       # Imported only now, so that the checks above come before JAX starts.
       from smope_jax import distributed  # pylint: disable=g-import-not-at-top
       from smope_jax import trainer  # pylint: disable=g-import-not-at-top
       from smope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
       logging.get_absl_handler().addFilter(_QuietLibraries())
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                             _PROCESS_ID.value)
+      distributed.initialize(coordinator_address, num_processes, process_id)
       # One run per workdir, taken before any log, checkpoint or output.
-      with workdir_lock.WorkdirLock(_WORKDIR.value), _log_to_workdir(
-          _WORKDIR.value):
-        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                   validated=True)
+      with workdir_lock.WorkdirLock(workdir_path), _log_to_workdir(
+          workdir_path):
+        trainer.train_and_evaluate(config, workdir_path, validated=True)
     except UserError as e:
-      logging.flush()
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      return _report(e)
     except KeyboardInterrupt as e:
       _stop(interrupt_message(e))
+  return 0
+
+
+def main(argv):
+  """The command line: its flags, then `run_from_config`."""
+  try:
+    cli.refuse_arguments(argv)
+  except UserError as e:
+    sys.exit(_report(e))
+  sys.exit(
+      run_from_config(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
+                      _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 
 def run():

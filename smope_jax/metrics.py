@@ -154,16 +154,21 @@ def summarize_seeds(summaries: Sequence[dict]) -> dict:
       continue
     values = np.array([s[name] for s in summaries], dtype=np.float64)
     sample = values.std(ddof=1) if len(values) > 1 else 0.0
-    result[name] = {"mean": float(values.mean()), "std": float(values.std()),
-                    "sample_std": float(sample),
-                    "values": [float(v) for v in values]}
+    result[name] = {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "sample_std": float(sample),
+        "values": [float(v) for v in values]
+    }
   return result
 
 
 def format_seed_table(seed_summary: dict, digits: int = 2) -> str:
   """Markdown table: metric, mean +- std (ddof 0), sample std, per-seed."""
-  lines = ["| metric | mean +- std (ddof 0, as the paper) | sample std "
-           "(ddof 1) | per-seed values |", "|---|---|---|---|"]
+  lines = [
+      "| metric | mean +- std (ddof 0, as the paper) | sample std "
+      "(ddof 1) | per-seed values |", "|---|---|---|---|"
+  ]
   for name, label in METRIC_NAMES.items():
     if name not in seed_summary:
       continue

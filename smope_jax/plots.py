@@ -57,8 +57,8 @@ def plot_accuracy_matrix(acc: Any, path: epath.PathLike,
   return _write_png(fig, path)
 
 
-def plot_expert_frequencies(counts: Any, path: epath.PathLike, *,
-                            top_k: int, frequent: Any = None,
+def plot_expert_frequencies(counts: Any, path: epath.PathLike, *, top_k: int,
+                            frequent: Any = None,
                             title: str | None = None) -> epath.Path:
   """How often each expert was chosen, per prompted layer and head.
 
@@ -88,9 +88,9 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike, *,
   nrows = math.ceil(num_layers / ncols)
   panel_w = max(3.0, 0.22 * num_experts + 1.0)
   panel_h = max(2.0, 0.22 * num_heads + 1.0)
-  fig = mpl_figure.Figure(figsize=(ncols * panel_w + 1.2,
-                                   nrows * panel_h + 0.6),
-                          layout="constrained")
+  fig = mpl_figure.Figure(
+      figsize=(ncols * panel_w + 1.2, nrows * panel_h + 0.6),
+      layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False)
   image = None
   for layer, ax in enumerate(axes.flat):
@@ -107,11 +107,14 @@ def plot_expert_frequencies(counts: Any, path: epath.PathLike, *,
     ax.set_ylabel("head")
     ax.set_xticks(range(0, num_experts, max(num_experts // 8, 1)))
     ax.set_yticks(range(num_heads))
-  fig.colorbar(image, ax=axes,
-               label=f"fraction of samples with the expert in their top-{top_k}")
+  fig.colorbar(
+      image, ax=axes,
+      label=f"fraction of samples with the expert in their top-{top_k}")
   if title:
-    fig.suptitle(title + ("   (x: marked frequently used)"
-                          if frequent is not None else ""), fontsize=10)
+    fig.suptitle(
+        title +
+        ("   (x: marked frequently used)" if frequent is not None else ""),
+        fontsize=10)
   return _write_png(fig, path)
 
 
@@ -143,8 +146,10 @@ def plot_comparison(record: dict, path: epath.PathLike) -> epath.Path:
     ax.margins(x=0.25, y=0.15)
     handles, _ = ax.get_legend_handles_labels()
     if any(row["published_faa"] for row in entry["rows"]):
-      handles += [mpl_lines.Line2D([], [], marker="o", linestyle="none",
-                                   markerfacecolor="none", color="gray",
-                                   label="published FAA")]
+      handles += [
+          mpl_lines.Line2D([], [], marker="o", linestyle="none",
+                           markerfacecolor="none", color="gray",
+                           label="published FAA")
+      ]
     ax.legend(handles=handles, loc="best", fontsize=8)
   return _write_png(fig, path)

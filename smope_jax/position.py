@@ -46,6 +46,10 @@ class Position:
 
   def logged(self, values: dict) -> "Position":
     """With one more training interval's mean metrics."""
-    entry = {"global_step": self.global_step, "task": self.task,
-             "phase": self.phase, **values}
+    entry = {
+        "global_step": self.global_step,
+        "task": self.task,
+        "phase": self.phase,
+        **values
+    }
     return dataclasses.replace(self, train_log=(*self.train_log, entry))

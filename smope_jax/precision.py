@@ -14,15 +14,29 @@ ROUTING_PRECISIONS = ("float32", "backbone", "auto")
 # What an "auto" dtype, matmul_precision or routing_precision becomes on each
 # platform; docs/precision.md gives the measurements behind the choice.
 PRECISION_DEFAULTS = {
-    "cpu": {"dtype": "float32", "matmul_precision": "highest",
-            "routing_precision": "float32"},
-    "gpu": {"dtype": "float32", "matmul_precision": "highest",
-            "routing_precision": "float32"},
-    "tpu": {"dtype": "float32", "matmul_precision": "highest",
-            "routing_precision": "float32"},
+    "cpu": {
+        "dtype": "float32",
+        "matmul_precision": "highest",
+        "routing_precision": "float32"
+    },
+    "gpu": {
+        "dtype": "float32",
+        "matmul_precision": "highest",
+        "routing_precision": "float32"
+    },
+    "tpu": {
+        "dtype": "float32",
+        "matmul_precision": "highest",
+        "routing_precision": "float32"
+    },
 }
-_PLATFORM_NAMES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu",
-                   "tpu": "tpu"}
+_PLATFORM_NAMES = {
+    "cpu": "cpu",
+    "gpu": "gpu",
+    "cuda": "gpu",
+    "rocm": "gpu",
+    "tpu": "tpu"
+}
 
 
 def resolve_precision(config, platform: str) -> dict:
@@ -40,12 +54,14 @@ def resolve_precision(config, platform: str) -> dict:
     ConfigError: an unknown platform.
   """
   name = _PLATFORM_NAMES.get(str(platform).lower())
-  errors.require(name is not None,
-           f"platform {platform!r} is unknown; use one of "
-           f"{tuple(PRECISION_DEFAULTS)}.")
+  errors.require(
+      name is not None, f"platform {platform!r} is unknown; use one of "
+      f"{tuple(PRECISION_DEFAULTS)}.")
   defaults = PRECISION_DEFAULTS[name]
-  return {field: defaults[field] if config[field] == "auto" else
-          config[field] for field in defaults}
+  return {
+      field: defaults[field] if config[field] == "auto" else config[field]
+      for field in defaults
+  }
 
 
 def model_precision(config) -> dict:
@@ -63,10 +79,11 @@ def model_precision(config) -> dict:
   bf16_products = config.matmul_precision == "bfloat16"
   float32_routing = config.routing_precision == "float32" and (
       config.dtype != "float32" or config.matmul_precision != "highest")
-  score_products = ("float32" if float32_routing else
-                    "bfloat16" if bf16_products else "")
-  return {"bfloat16_products": bf16_products,
-          "float32_routing": float32_routing,
-          "score_products": score_products,
-          "context": ("highest" if bf16_products else
-                      config.matmul_precision)}
+  score_products = ("float32"
+                    if float32_routing else "bfloat16" if bf16_products else "")
+  return {
+      "bfloat16_products": bf16_products,
+      "float32_routing": float32_routing,
+      "score_products": score_products,
+      "context": ("highest" if bf16_products else config.matmul_precision)
+  }

@@ -56,8 +56,10 @@ def final_losses(metrics: dict) -> dict:
   if not log:
     raise UserError("the run's train_log has no top-K training interval.")
   last = [row for row in log if row["task"] == log[-1]["task"]]
-  return {name: float(np.mean([row.get(name, np.nan) for row in last]))
-          for name in ("router", "prototype")}
+  return {
+      name: float(np.mean([row.get(name, np.nan) for row in last]))
+      for name in ("router", "prototype")
+  }
 
 
 def agreement(selected: np.ndarray, reference: np.ndarray) -> float:
@@ -75,7 +77,8 @@ def agreement(selected: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _load_config(workdir: str) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(workdir_lib.read_json_file(f"{workdir}/config.json"))
+  config = ml_collections.ConfigDict(
+      workdir_lib.read_json_file(f"{workdir}/config.json"))
   if config.method != registry.REFERENCE:
     raise UserError(f"{workdir} is a {registry.display_name(config.method)} "
                     f"run; the study reads "
@@ -89,8 +92,8 @@ def _load_config(workdir: str) -> ml_collections.ConfigDict:
 PRECISION_FIELDS = ("dtype", "matmul_precision", "routing_precision")
 
 
-def routing_decisions(workdir: str, fields: dict | None = None
-                      ) -> tuple[np.ndarray, list[float]]:
+def routing_decisions(
+    workdir: str, fields: dict | None = None) -> tuple[np.ndarray, list[float]]:
   """The final checkpoint's experts (L, N, H, K) on all test images.
 
   Also returns the accuracy (%) on each task's test images, predicting
@@ -110,9 +113,9 @@ def routing_decisions(workdir: str, fields: dict | None = None
       if restored is None or restored[2]["task"] < run.data.num_tasks:
         raise UserError(f"{workdir} holds no finished run.")
       state, last = restored[1], run.data.num_tasks - 1
-      infer = jax.jit(functools.partial(
-          train_step.infer, model=run.model, method=run.method,
-          evaluating=True))
+      infer = jax.jit(
+          functools.partial(train_step.infer, model=run.model,
+                            method=run.method, evaluating=True))
       seen = run.data.class_ranges[last][1]
       chosen, accuracy = [], []
       with jax.default_matmul_precision(
@@ -121,13 +124,13 @@ def routing_decisions(workdir: str, fields: dict | None = None
           correct = 0
           for local in run.data.test_batches(j, config.eval_batch_size):
             batch = distributed.global_batch(local, run.batch_sharding)
-            out = distributed.to_host(infer(
-                state["trainable"], frozen, state["method_state"], batch,
-                np.int32(last)))
+            out = distributed.to_host(
+                infer(state["trainable"], frozen, state["method_state"], batch,
+                      np.int32(last)))
             real = np.asarray(local["mask"]) > 0
             chosen.append(np.asarray(out["selected"])[:, real])
-            predicted = np.asarray(train_step.predict_seen(
-                out["logits"], seen))[real]
+            predicted = np.asarray(train_step.predict_seen(out["logits"],
+                                                           seen))[real]
             labels = np.asarray(local["label"])[real]
             correct += int(np.sum(predicted == labels))
           accuracy.append(100.0 * correct / run.data.test_size(j))
@@ -147,28 +150,38 @@ def study(reference: str, runs: list[str]) -> list[dict]:
     chosen, accuracy = routing_decisions(workdir)
     if reference_choice is None:
       reference_choice = chosen
-    same_weights, same_weights_accuracy = (
-        routing_decisions(reference, fields) if rows else
-        (chosen, accuracy))
+    same_weights, same_weights_accuracy = (routing_decisions(reference, fields)
+                                           if rows else (chosen, accuracy))
     rows.append({
-        "run": workdir, **fields,
-        **{k: metrics[k] for k in ("faa", "caa", "ffm")},
-        **final_losses(metrics),
-        "routing_agreement": agreement(chosen, reference_choice),
-        "decisions": int(chosen[..., 0].size),
-        "last_row": metrics["acc_matrix"][-1],
-        "last_row_recomputed": accuracy,
-        "reference_weights_agreement": agreement(same_weights,
-                                                 reference_choice),
-        "reference_weights_last_row": same_weights_accuracy})
+        "run":
+            workdir,
+        **fields,
+        **{
+            k: metrics[k] for k in ("faa", "caa", "ffm")
+        },
+        **final_losses(metrics), "routing_agreement":
+            agreement(chosen, reference_choice),
+        "decisions":
+            int(chosen[..., 0].size),
+        "last_row":
+            metrics["acc_matrix"][-1],
+        "last_row_recomputed":
+            accuracy,
+        "reference_weights_agreement":
+            agreement(same_weights, reference_choice),
+        "reference_weights_last_row":
+            same_weights_accuracy
+    })
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
   """Markdown; "ref. weights" columns evaluate the reference's weights."""
-  lines = ["| run | dtype | matmul | routing | FAA | CAA | FFM | router "
-           "| prototype | same experts | ref. weights: same experts | "
-           "ref. weights: FAA |", "|" + " --- |" * 12]
+  lines = [
+      "| run | dtype | matmul | routing | FAA | CAA | FFM | router "
+      "| prototype | same experts | ref. weights: same experts | "
+      "ref. weights: FAA |", "|" + " --- |" * 12
+  ]
   for r in rows:
     lines.append(
         f"| {r['run']} | {r['dtype']} | {r['matmul_precision']} | "
@@ -182,9 +195,10 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
   if len(argv) < 3:
-    print("error: give the reference run and at least one other: python -m "
-          "smope_jax.precision_study REFERENCE_RUN RUN [RUN ...]",
-          file=sys.stderr)
+    print(
+        "error: give the reference run and at least one other: python -m "
+        "smope_jax.precision_study REFERENCE_RUN RUN [RUN ...]",
+        file=sys.stderr)
     sys.exit(2)
   try:
     rows = study(argv[1], argv[2:])
@@ -193,9 +207,10 @@ def main(argv):
     sys.exit(2)
   for row in rows:
     if not np.allclose(row["last_row"], row["last_row_recomputed"]):
-      print(f"warning: {row['run']}: the recomputed last row "
-            f"{row['last_row_recomputed']} differs from metrics.json's "
-            f"{row['last_row']}", file=sys.stderr)
+      print(
+          f"warning: {row['run']}: the recomputed last row "
+          f"{row['last_row_recomputed']} differs from metrics.json's "
+          f"{row['last_row']}", file=sys.stderr)
   print(format_table(rows))
   if flags.FLAGS.out:
     workdir_lib.write_json_file(flags.FLAGS.out, rows, "--out")

@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from smope_jax import configuration, metrics, plots, workdir
 
-
 # Config, metrics and seed table: strict JSON, whole or not at all.
 write_json = workdir.write_run_json
 
@@ -25,9 +24,11 @@ def _hparams(config) -> dict:
 
   Lists and None are left out: hparams hold only numbers and strings.
   """
-  return {name: value
-          for name, value in configuration.dotted_fields(config).items()
-          if isinstance(value, (bool, int, float, str))}
+  return {
+      name: value
+      for name, value in configuration.dotted_fields(config).items()
+      if isinstance(value, (bool, int, float, str))
+  }
 
 
 def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:
@@ -39,8 +40,10 @@ def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:
   rows = [row for row in acc_matrix if row is not None]
   t = len(rows)
   last = rows[-1]
-  lines = [f"after task {t}: {evaluated_on} accuracy of each seen task",
-           "  task   accuracy   forgetting"]
+  lines = [
+      f"after task {t}: {evaluated_on} accuracy of each seen task",
+      "  task   accuracy   forgetting"
+  ]
   for j, acc in enumerate(last):
     if j < t - 1:
       best = max(rows[i][j] for i in range(j, t - 1))
@@ -55,12 +58,11 @@ def format_task_table(acc_matrix: list[list[float]], evaluated_on: str) -> str:
 def format_matrix(summary: dict) -> str:
   """The accuracy matrix A[t][j] (tasks numbered from 1) and FAA/CAA/FFM."""
   matrix = summary["acc_matrix"]
-  header = "  after \\ task " + "".join(f"{j + 1:>7d}" for j in
-                                        range(len(matrix)))
+  header = "  after \\ task " + "".join(
+      f"{j + 1:>7d}" for j in range(len(matrix)))
   lines = ["accuracy matrix (%): row t = after training task t", header]
   for t, row in enumerate(matrix):
-    cells = "".join(f"{v:7.2f}" if v is not None else f"{'':>7}"
-                    for v in row)
+    cells = "".join(f"{v:7.2f}" if v is not None else f"{'':>7}" for v in row)
     lines.append(f"  {t + 1:>12d} {cells}")
   lines.append(f"FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  "
                f"FFM {summary['ffm']:.2f}")
@@ -90,8 +92,10 @@ class Reporter:
 
   def task_report(self, summary: dict, title: str) -> None:
     """metrics.json, the plots, and the per-task table in the log."""
-    logging.info("%s", format_task_table(summary["acc_matrix"][
-        :summary["tasks_done"]], summary["evaluated_on"]))
+    logging.info(
+        "%s",
+        format_task_table(summary["acc_matrix"][:summary["tasks_done"]],
+                          summary["evaluated_on"]))
     self.write_results(summary, title)
 
   def missing_results(self, summary: dict) -> list[str]:
@@ -101,8 +105,10 @@ class Reporter:
     names = ["metrics.json", "accuracy_matrix.png"]
     if "expert_counts" in summary:
       names.append("expert_frequencies.png")
-    return [name for name in names
-            if not tf.io.gfile.exists(f"{self.workdir}/{name}")]
+    return [
+        name for name in names
+        if not tf.io.gfile.exists(f"{self.workdir}/{name}")
+    ]
 
   def write_results(self, summary: dict, title: str) -> None:
     """metrics.json and the plots of `summary` (process 0 only)."""
@@ -112,14 +118,14 @@ class Reporter:
     scores = (f"FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  "
               f"FFM {summary['ffm']:.2f}")
     plots.plot_accuracy_matrix(
-        np.array([[np.nan if v is None else v for v in row]
+        np.array([[np.nan if v is None else v
+                   for v in row]
                   for row in summary["acc_matrix"]], np.float64),
         f"{self.workdir}/accuracy_matrix.png", title=f"{title}\n{scores}")
     if "expert_counts" in summary:
       plots.plot_expert_frequencies(
           np.asarray(summary["expert_counts"]),
-          f"{self.workdir}/expert_frequencies.png",
-          top_k=summary["top_k"],
+          f"{self.workdir}/expert_frequencies.png", top_k=summary["top_k"],
           frequent=np.asarray(summary["expert_frequent"]),
           title=f"{title}: expert use after task {summary['tasks_done']}")
 
@@ -130,8 +136,7 @@ class Reporter:
     if not self.primary:
       return
     table = metrics.summarize_seeds(summaries)
-    write_json(f"{self.workdir}/seeds_summary.json",
-               {"seeds": seeds, **table})
+    write_json(f"{self.workdir}/seeds_summary.json", {"seeds": seeds, **table})
     text = metrics.format_seed_table(table)
     with tf.io.gfile.GFile(f"{self.workdir}/seeds_summary.md", "w") as f:
       f.write(text + "\n")
@@ -153,16 +158,16 @@ def run_summary(config, data, position, method_report: dict) -> dict:
   """A run's results so far (metrics.json): the metrics of its accuracy
   matrix, its records (`position.Position`) and its method's report."""
   rows = position.acc_matrix
-  out = metrics.summarize(accuracy_matrix(rows), test_sizes=[
-      data.test_size(j) for j in range(len(rows))])
-  out.update(
-      method=config.method, dataset=config.dataset, seed=position.seed,
-      tasks_done=len(rows), evaluated_on=evaluated_on(config),
-      joint=bool(config.joint),
-      task_classes=[b - a for a, b in data.class_ranges],
-      task_seconds=list(position.task_seconds),
-      train_images_per_second=list(position.train_images_per_second),
-      train_log=list(position.train_log), **method_report)
+  out = metrics.summarize(
+      accuracy_matrix(rows),
+      test_sizes=[data.test_size(j) for j in range(len(rows))])
+  out.update(method=config.method, dataset=config.dataset, seed=position.seed,
+             tasks_done=len(rows), evaluated_on=evaluated_on(config),
+             joint=bool(config.joint),
+             task_classes=[b - a for a, b in data.class_ranges
+                          ], task_seconds=list(position.task_seconds),
+             train_images_per_second=list(position.train_images_per_second),
+             train_log=list(position.train_log), **method_report)
   return out
 
 

@@ -26,10 +26,13 @@ def interval_means(totals, steps: int) -> dict:
   """The mean step metrics of an interval from their summed device values;
   "acc" is the share of its samples classified right, in percent."""
   host = distributed.to_host(totals)
-  values = {name: float(value) / steps for name, value in host.items()
-            if name not in ("correct", "count")}
-  values["acc"] = 100.0 * float(host["correct"]) / max(
-      float(host["count"]), 1.0)
+  values = {
+      name: float(value) / steps
+      for name, value in host.items()
+      if name not in ("correct", "count")
+  }
+  values["acc"] = 100.0 * float(host["correct"]) / max(float(host["count"]),
+                                                       1.0)
   return values
 
 
@@ -79,17 +82,17 @@ class RunLog:
     """What the run is about to do, or that it is finished already."""
     log, data, config = self.log, self.data, self.config
     if position.task >= data.num_tasks:
-      log("%s: finished already (%d tasks); reporting its results",
-          self.title, position.task)
+      log("%s: finished already (%d tasks); reporting its results", self.title,
+          position.task)
       return
     if position.global_step or position.task:
       log("%s: resuming task %d, phase %s, epoch %d, step %d", self.title,
-          position.task + 1, position.phase, position.epoch + 1,
-          position.step)
+          position.task + 1, position.phase, position.epoch + 1, position.step)
     else:
       log("%s: starting", self.title)
     if config.joint:
-      log("joint training of all %d classes as one task: the upper bound of "
+      log(
+          "joint training of all %d classes as one task: the upper bound of "
           "continual learning", data.num_classes)
     if config.validation:
       log("validation run: 20 % of the training data is held out and "
@@ -99,7 +102,8 @@ class RunLog:
         ", ".join(map(str, order[:10])), ", ..." if len(order) > 10 else "")
     batch = config.batch_size
     for t in range(data.num_tasks):
-      log("task %d: %d classes, %d training images (%d steps of %d per "
+      log(
+          "task %d: %d classes, %d training images (%d steps of %d per "
           "epoch), %d %s images", t + 1, len(data.task_classes(t)),
           data.train_size(t), data.steps_per_epoch(t, batch), batch,
           data.test_size(t), reporting.evaluated_on(config))
@@ -108,9 +112,11 @@ class RunLog:
         f"{counts['prompts']:,}", f"{counts['head']:,}",
         f"{counts['frozen']:,}")
     log("devices: %d %s (%d per process, %d processes), mesh %s",
-        jax.device_count(), jax.devices()[0].platform,
-        jax.local_device_count(), jax.process_count(), dict(mesh.shape))
-    log("precision on %s: dtype %s, matmul_precision %s, routing_precision "
+        jax.device_count(),
+        jax.devices()[0].platform, jax.local_device_count(),
+        jax.process_count(), dict(mesh.shape))
+    log(
+        "precision on %s: dtype %s, matmul_precision %s, routing_precision "
         "%s", jax.default_backend(), config.dtype, config.matmul_precision,
         config.routing_precision)
 
@@ -135,10 +141,10 @@ class RunLog:
     self._waited = 0.0
     # `{postfix}` is ", " and the fields given to `tick`, if any.
     self._bar = tqdm.tqdm(
-        desc=label, total=total, initial=done, file=self._stream,
-        leave=False, dynamic_ncols=True, disable=not self._drawn,
+        desc=label, total=total, initial=done, file=self._stream, leave=False,
+        dynamic_ncols=True, disable=not self._drawn,
         bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                   "[{elapsed}{postfix}]")
+        "[{elapsed}{postfix}]")
 
   def tick(self, images: int = 0) -> None:
     """One unit of the phase done."""
@@ -202,8 +208,7 @@ class RunLog:
     return (f"task {position.task + 1}/{self.data.num_tasks} {position.phase} "
             f"epoch {min(position.epoch + 1, epochs)}/{epochs}")
 
-  def interval(self, position, values: dict, rates: dict,
-               epochs: int) -> None:
+  def interval(self, position, values: dict, rates: dict, epochs: int) -> None:
     """The mean step metrics since the last interval, with ETAs."""
     images_per_second = self._clock.interval()
     scalars = {f"train/{k}": v for k, v in values.items()}
@@ -211,12 +216,12 @@ class RunLog:
     scalars["train/images_per_second"] = images_per_second
     with self._above_bar():
       self.reporter.scalars(position.global_step, scalars)
-    losses = " ".join(f"{k} {v:.4g}" for k, v in values.items()
-                      if k not in ("loss", "acc"))
+    losses = " ".join(
+        f"{k} {v:.4g}" for k, v in values.items() if k not in ("loss", "acc"))
     self.log(
         "%s step %d/%d | loss %.4f (%s) | acc %.1f%% | lr %s | %.1f img/s | "
-        "ETA phase %s, run %s", self._phase_label(position, epochs),
-        position.step,
+        "ETA phase %s, run %s", self._phase_label(position,
+                                                  epochs), position.step,
         self.data.steps_per_epoch(position.task, self.config.batch_size),
         values["loss"], losses, values["acc"],
         " ".join(f"{g} {float(r):.3g}" for g, r in rates.items()),
@@ -256,8 +261,9 @@ class RunLog:
 
   def task_done(self, position, summary: dict) -> None:
     """The evaluation's scalars, metrics.json, the plots and the table."""
-    self.reporter.scalars(position.global_step, {
-        f"eval/{k}": summary[k] for k in ("faa", "caa", "ffm")})
+    self.reporter.scalars(
+        position.global_step,
+        {f"eval/{k}": summary[k] for k in ("faa", "caa", "ffm")})
     self.reporter.task_report(summary, self.title)
 
   def run_done(self, summary: dict, workdir: str) -> None:

@@ -113,6 +113,49 @@ def adam(weight_decay: float = 0.0, *,
 
 def apply_rates(direction: dict, rates: dict) -> dict:
   """Scales each top-level group of an update direction by -its rate."""
-  return {group: jax.tree_util.tree_map(lambda u, r=rates[group]: -r * u,
-                                        subtree)
-          for group, subtree in direction.items()}
+  return {
+      group: jax.tree_util.tree_map(lambda u, r=rates[group]: -r * u, subtree)
+      for group, subtree in direction.items()
+  }
+
+
+def phase_schedules(config, epochs: int,
+                    loader_steps: int) -> dict[str, Schedule]:
+  """The learning rate of each trainable group over one training phase.
+
+  Prompts run at `prompt_lr_multiplier` times the base rate, the head at
+  it. The per-step cosine is laid out for `iters_per_epoch * epochs` steps
+  (the loader's steps per epoch when `iters_per_epoch` is 0), whatever the
+  phase really takes.
+  """
+  common = dict(kind=config.schedule,
+                total_steps=(config.iters_per_epoch or loader_steps) * epochs,
+                freeze_steps=config.freeze_steps, steps_per_epoch=loader_steps,
+                num_epochs=epochs, delayed=config.schedule_delay)
+  return {
+      "prompts":
+          Schedule(base_lr=config.lr * config.prompt_lr_multiplier, **common),
+      "head":
+          Schedule(base_lr=config.lr, **common)
+  }
+
+
+def phase_epochs(config, phase: str) -> int:
+  """Epochs of a training phase: the warm-up runs half of them."""
+  if phase == "warmup":  # Half the epochs, as the reference's int(E / 2).
+    return max(int(config.epochs * 0.5), 1)
+  return config.epochs
+
+
+def align_rates(config, iterations: int) -> np.ndarray:
+  """The alignment's per-iteration rates, padded to a length of any task's.
+
+  One length for every task keeps one compiled alignment step.
+  """
+  schedule = Schedule("cosine", base_lr=config.align_lr,
+                      start_lr=config.align_lr / 10,
+                      final_lr=config.align_final_lr,
+                      total_steps=iterations * config.align_epochs)
+  rates = np.zeros(config.align_epochs * config.num_classes, np.float32)
+  rates[:schedule.total_steps] = schedule.rates(schedule.total_steps)
+  return rates

@@ -18,7 +18,6 @@ from absl import logging
 
 from smope_jax import alignment, losses, schedules
 
-
 # The parameters that learn; everything else is the frozen backbone.
 TRAINABLE_GROUPS = ("prompts", "head")
 
@@ -39,11 +38,15 @@ def parameter_counts(params: dict) -> dict:
 
   Works on arrays and on shapes (`jax.ShapeDtypeStruct`).
   """
-  size = lambda tree: int(sum(  # noqa: E731
-      x.size for x in jax.tree_util.tree_leaves(tree)))
+  size = lambda tree: int(
+      sum(  # noqa: E731
+          x.size for x in jax.tree_util.tree_leaves(tree)))
   trainable, frozen = split_params(params)
-  counts = {"prompts": size(trainable.get("prompts", {})),
-            "head": size(trainable.get("head", {})), "frozen": size(frozen)}
+  counts = {
+      "prompts": size(trainable.get("prompts", {})),
+      "head": size(trainable.get("head", {})),
+      "frozen": size(frozen)
+  }
   counts["learnable"] = counts["prompts"] + counts["head"]
   return counts
 
@@ -81,31 +84,33 @@ def train_step(trainable, opt_state, frozen, batch, inputs: TaskInputs, *,
     model, method, tx, mode: static, bound by `make_steps`.
   """
   class_range = inputs.class_range
-  context = method.context(inputs.method_state, inputs.task,
-                           mask=batch["mask"])
+  context = method.context(inputs.method_state, inputs.task, mask=batch["mask"])
 
   def loss_fn(params):
-    out = model.apply({"params": merge_params(params, frozen)},
-                      batch["image"], context, mode=mode)
-    ce = losses.task_cross_entropy(out["logits"], batch["label"],
-                                   batch["mask"], class_range[0],
-                                   class_range[1])
+    out = model.apply({"params": merge_params(params, frozen)}, batch["image"],
+                      context, mode=mode)
+    ce = losses.task_cross_entropy(out["logits"], batch["label"], batch["mask"],
+                                   class_range[0], class_range[1])
     extra = method.loss_terms(out, params, inputs.method_state, inputs.task,
                               batch["mask"], mode)
     total = ce + sum(weight * value for value, weight in extra.values())
     terms = {"ce": ce, **{name: value for name, (value, _) in extra.items()}}
     return total, (terms, out["logits"])
 
-  (total, (terms, logits)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(trainable)
+  (total, (terms, logits)), grads = jax.value_and_grad(loss_fn,
+                                                       has_aux=True)(trainable)
   direction, opt_state = tx.update(grads, opt_state, trainable)
   trainable = optax.apply_updates(
       trainable, schedules.apply_rates(direction, inputs.rates))
   predictions = predict_seen(logits, class_range[1], class_range[0])
-  metrics = {"loss": total, **terms,
-             "correct": jnp.sum((predictions == batch["label"]) *
-                                batch["mask"]),
-             "count": jnp.sum(batch["mask"])}
+  metrics = {
+      "loss":
+          total,
+      **terms, "correct":
+          jnp.sum((predictions == batch["label"]) * batch["mask"]),
+      "count":
+          jnp.sum(batch["mask"])
+  }
   return trainable, opt_state, metrics
 
 
@@ -129,11 +134,11 @@ def infer(trainable, frozen, method_state, batch, task, model, method,
                      batch["image"], context, mode="eval")
 
 
-def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
-              model, method):
+def eval_step(trainable, frozen, method_state, batch, num_seen, task, *, model,
+              method):
   """Number of correctly classified real images in the batch."""
-  out = infer(trainable, frozen, method_state, batch, task, model,
-              method, evaluating=True)
+  out = infer(trainable, frozen, method_state, batch, task, model, method,
+              evaluating=True)
   correct = predict_seen(out["logits"], num_seen) == batch["label"]
   return jnp.sum(correct * batch["mask"]).astype(jnp.int32)
 
@@ -141,8 +146,7 @@ def eval_step(trainable, frozen, method_state, batch, num_seen, task, *,
 def bookkeeping_step(trainable, frozen, method_state, batch, task, *, model,
                      method):
   """Inference-mode pass whose outputs update the method's state."""
-  out = infer(trainable, frozen, method_state, batch, task, model,
-              method)
+  out = infer(trainable, frozen, method_state, batch, task, model, method)
   return method.bookkeep(method_state, out, batch["mask"])
 
 
@@ -241,29 +245,28 @@ def make_steps(config, model, method, replicated) -> Steps:
   align_tx = schedules.adam(config.align_weight_decay)
 
   def jitted(fn, **kwargs):
-    return CompileFallback(lambda options: jax.jit(
-        fn, compiler_options=options, **kwargs))
+    return CompileFallback(
+        lambda options: jax.jit(fn, compiler_options=options, **kwargs))
 
   @functools.lru_cache(maxsize=None)
   def train_for(mode: str):
-    return jitted(functools.partial(train_step, model=model, method=method,
-                                    tx=tx, mode=mode),
-                  out_shardings=(replicated, replicated, replicated),
-                  donate_argnums=(0, 1))
+    return jitted(
+        functools.partial(train_step, model=model, method=method, tx=tx,
+                          mode=mode),
+        out_shardings=(replicated, replicated, replicated),
+        donate_argnums=(0, 1))
 
   bound = dict(model=model, method=method)
-  align = functools.partial(
-      alignment.align_head, tx=align_tx,
-      per_class=config.batch_size * config.align_ratio,
-      num_epochs=config.align_epochs)
+  align = functools.partial(alignment.align_head, tx=align_tx,
+                            per_class=config.batch_size * config.align_ratio,
+                            num_epochs=config.align_epochs)
   return Steps(
-      train_for=train_for,
-      eval=jitted(functools.partial(eval_step, **bound),
-                  out_shardings=replicated),
+      train_for=train_for, eval=jitted(functools.partial(eval_step, **bound),
+                                       out_shardings=replicated),
       bookkeeping=jitted(functools.partial(bookkeeping_step, **bound),
                          out_shardings=replicated, donate_argnums=(2,)),
       features=jitted(functools.partial(feature_step, **bound)),
       start=jitted(method.start_task, out_shardings=replicated),
       align=jitted(align, out_shardings=replicated),
-      init_optimizer=jitted(tx.init, out_shardings=replicated),
-      tx=tx, align_tx=align_tx)
+      init_optimizer=jitted(tx.init,
+                            out_shardings=replicated), tx=tx, align_tx=align_tx)

@@ -28,7 +28,6 @@ from smope_jax.errors import UserError
 from smope_jax import factory
 from smope_jax.position import Position
 
-
 # Exit status of the `exit_at_step` fault injection.
 EXIT_INJECTED_FAULT = 3
 
@@ -47,43 +46,11 @@ def exit_abruptly(step: int) -> None:
   os._exit(EXIT_INJECTED_FAULT)  # pylint: disable=protected-access
 
 
-def phase_schedules(config, epochs: int,
-                    loader_steps: int) -> dict[str, schedules.Schedule]:
-  """The learning rate of each trainable group over one training phase.
-
-  Prompts run at `prompt_lr_multiplier` times the base rate, the head at
-  it. The per-step cosine is laid out for `iters_per_epoch * epochs` steps
-  (the loader's steps per epoch when `iters_per_epoch` is 0), whatever the
-  phase really takes.
-  """
-  common = dict(kind=config.schedule,
-                total_steps=(config.iters_per_epoch or loader_steps) * epochs,
-                freeze_steps=config.freeze_steps, steps_per_epoch=loader_steps,
-                num_epochs=epochs, delayed=config.schedule_delay)
-  return {
-      "prompts": schedules.Schedule(
-          base_lr=config.lr * config.prompt_lr_multiplier, **common),
-      "head": schedules.Schedule(base_lr=config.lr, **common)}
-
-
-def phase_epochs(config, phase: str) -> int:
-  if phase == "warmup":  # Half the epochs, as the reference's int(E / 2).
-    return max(int(config.epochs * 0.5), 1)
-  return config.epochs
-
-
-def align_rates(config, iterations: int) -> np.ndarray:
-  """The alignment's per-iteration rates, padded to a length of any task's.
-
-  One length for every task keeps one compiled alignment step.
-  """
-  schedule = schedules.Schedule(
-      "cosine", base_lr=config.align_lr, start_lr=config.align_lr / 10,
-      final_lr=config.align_final_lr,
-      total_steps=iterations * config.align_epochs)
-  rates = np.zeros(config.align_epochs * config.num_classes, np.float32)
-  rates[:schedule.total_steps] = schedule.rates(schedule.total_steps)
-  return rates
+def all_finite(tree) -> jax.Array:
+  """Whether every value of every leaf is finite."""
+  return jnp.all(
+      jnp.stack(
+          [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 @dataclasses.dataclass
@@ -101,16 +68,15 @@ class Run:
                                    jax.process_count())
     # "auto" precision fields become this platform's; checkpoints hold those.
     config = self.config = config.copy_and_resolve_references()
-    config.update(precision.resolve_precision(config,
-                                                  jax.default_backend()))
+    config.update(precision.resolve_precision(config, jax.default_backend()))
     self.mesh = distributed.make_mesh()
     self.replicated = distributed.replicated(self.mesh)
     self.batch_sharding = distributed.batch_sharded(self.mesh)
     # Weights before data: a bad file fails in seconds, not after loading.
     backbone = factory.load_backbone(config, self.workdir)
-    self.data = pipeline.build_continual_data(
-        config, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    self.data = pipeline.build_continual_data(config,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
     if not config.num_classes:
       config = self.config = config.copy_and_resolve_references()
       config.num_classes = self.data.num_classes
@@ -118,35 +84,29 @@ class Run:
     self.steps = steps_lib.make_steps(config, self.model, self.method,
                                       self.replicated)
     # Host arrays: each fresh state places its own copy on the devices.
-    self.initial, frozen = steps_lib.split_params(factory.init_params(
-        config, self.model, self.method, backbone))
+    self.initial, frozen = steps_lib.split_params(
+        factory.init_params(config, self.model, self.method, backbone))
     self.frozen = distributed.put_replicated(frozen, self.mesh)
     self.reporter = reporting.Reporter(self.workdir, distributed.is_primary())
     self.log = run_log.RunLog(config, self.data, self.reporter)
     self.checkpointer = checkpointing.Checkpointer(
         f"{self.workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
-    self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([
-        jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])),
-                              out_shardings=self.replicated)
-    self.phases = {"start": self.start_task, "warmup": self.train_phase,
-                   "train": self.train_phase,
-                   "bookkeeping": self.count_experts,
-                   "stats": self.class_statistics, "align": self.align,
-                   "eval": self.evaluate,
-                   **self.method.phase_handlers(self)}
+    self.all_finite = jax.jit(all_finite, out_shardings=self.replicated)
+    self.phases = dict(start=self.start_task, warmup=self.train_phase,
+                       train=self.train_phase, bookkeeping=self.count_experts,
+                       stats=self.class_statistics, align=self.align,
+                       eval=self.evaluate, **self.method.phase_handlers(self))
 
   # ----------------------------------------------------------------- state
 
   def fresh_state(self) -> tuple[dict, Position]:
     """The run state and position before its first task."""
     hidden = self.model.hidden_size
-    state = {
-        "trainable": self.initial,
-        "opt_state": self.steps.tx.init(self.initial),
-        "method_state": self.method.init_state(self.initial),
-        "class_means": np.zeros((self.config.num_classes, hidden), np.float32),
-        "class_vars": np.zeros((self.config.num_classes, hidden), np.float32),
-    }
+    statistics = np.zeros((self.config.num_classes, hidden), np.float32)
+    state = dict(trainable=self.initial,
+                 opt_state=self.steps.tx.init(self.initial),
+                 method_state=self.method.init_state(self.initial),
+                 class_means=statistics, class_vars=statistics.copy())
     return (distributed.put_replicated(state, self.mesh),
             Position(seed=int(self.config.seed)))
 
@@ -171,8 +131,7 @@ class Run:
     self.ensure_finite(state, position)
     position = dataclasses.replace(position, save_id=position.save_id + 1)
     self.checkpointer.save(position.save_id, state,
-                           position.to_meta(self.config.to_dict()),
-                           force=force)
+                           position.to_meta(self.config.to_dict()), force=force)
     return position
 
   def ensure_finite(self, state, position: Position, loss=None, rate="lr"):
@@ -190,8 +149,8 @@ class Run:
       finite = bool(distributed.to_host(self.all_finite(state["trainable"])))
       what = "a learnable parameter is not finite"
     if not finite:
-      saved = ("no checkpoint was written yet" if
-               self.checkpointer.latest_step() is None else
+      saved = ("no checkpoint was written yet"
+               if self.checkpointer.latest_step() is None else
                f"the last checkpoint in {self.workdir}/checkpoints is the "
                "last good state")
       where = f"task {position.task + 1}, phase {position.phase}"
@@ -207,8 +166,11 @@ class Run:
 
   def run(self) -> dict:
     state, position = self.resume()
-    self.log.start(position, steps_lib.parameter_counts(factory.param_shapes(
-        self.config, self.model, self.method)), self.mesh)
+    self.log.start(
+        position,
+        steps_lib.parameter_counts(
+            factory.param_shapes(self.config, self.model, self.method)),
+        self.mesh)
     try:
       with jax.default_matmul_precision(
           precision.model_precision(self.config)["context"]):
@@ -225,15 +187,16 @@ class Run:
 
   def next_phase(self, state, position: Position):
     """Moves to the next phase; a training phase gets a new optimizer."""
-    phases = steps_lib.task_phases(
-        self.method, self.config.classifier_alignment, position.task)
+    phases = steps_lib.task_phases(self.method,
+                                   self.config.classifier_alignment,
+                                   position.task)
     following = phases.index(position.phase) + 1
     task = position.task + (following == len(phases))
     phase = "start" if following == len(phases) else phases[following]
     if phase in steps_lib.TRAINING_MODES:
       state["opt_state"] = self.steps.init_optimizer(state["trainable"])
-    return state, dataclasses.replace(position, task=task, phase=phase,
-                                      epoch=0, step=0)
+    return state, dataclasses.replace(position, task=task, phase=phase, epoch=0,
+                                      step=0)
 
   def start_task(self, state, position: Position):
     """The method's task boundary (SMoPE's snapshot and marks, CODA's
@@ -258,20 +221,21 @@ class Run:
     """The epochs of the dense warm-up or of the top-K training."""
     config, task, phase = self.config, position.task, position.phase
     mode = steps_lib.TRAINING_MODES[phase]
-    epochs = phase_epochs(config, phase)
+    epochs = schedules.phase_epochs(config, phase)
     steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
-    rates = phase_schedules(config, epochs, steps_per_epoch)
+    rates = schedules.phase_schedules(config, epochs, steps_per_epoch)
     self.log.training_started(position, epochs, steps_per_epoch)
     while position.epoch < epochs:
       totals, logged = None, 0
-      for local in self.log.timed(self.data.train_batches(
-          task, position.epoch, config.batch_size, start_step=position.step)):
+      for local in self.log.timed(
+          self.data.train_batches(task, position.epoch, config.batch_size,
+                                  start_step=position.step)):
         batch = distributed.global_batch(local, self.batch_sharding)
         phase_step = position.epoch * steps_per_epoch + position.step
         step_rates = {g: np.float32(s(phase_step)) for g, s in rates.items()}
-        inputs = steps_lib.TaskInputs(
-            class_range=self.class_range(task), task=np.int32(task),
-            rates=step_rates, method_state=state["method_state"])
+        inputs = steps_lib.TaskInputs(class_range=self.class_range(task),
+                                      task=np.int32(task), rates=step_rates,
+                                      method_state=state["method_state"])
         state["trainable"], state["opt_state"], step_metrics = self.steps.train(
             mode, state["trainable"], state["opt_state"], self.frozen, batch,
             inputs)
@@ -295,12 +259,12 @@ class Run:
           totals, logged = None, 0
         if position.global_step % config.checkpoint_every_steps == 0:
           position = self.save(state, position)
-      position = dataclasses.replace(position, epoch=position.epoch + 1,
-                                     step=0)
+      position = dataclasses.replace(position, epoch=position.epoch + 1, step=0)
     images_per_second = self.log.training_ended(position)
     if mode == "train":
-      position = dataclasses.replace(position, train_images_per_second=(
-          *position.train_images_per_second, images_per_second))
+      position = dataclasses.replace(
+          position, train_images_per_second=(*position.train_images_per_second,
+                                             images_per_second))
     state, position = self.next_phase(state, position)
     return state, self.save(state, position)
 
@@ -311,14 +275,14 @@ class Run:
     dropped); each batch's routing sees the counts of the batches before."""
     task, batch_size = position.task, self.config.batch_size
     total = self.data.steps_per_epoch(task, batch_size)
-    self.log.phase_started(position, "counting experts", total,
-                           position.step)
+    self.log.phase_started(position, "counting experts", total, position.step)
     for local in self.data.train_batches(task, "count", batch_size,
                                          start_step=position.step):
       batch = distributed.global_batch(local, self.batch_sharding)
-      state["method_state"] = self.steps.bookkeeping(
-          state["trainable"], self.frozen, state["method_state"], batch,
-          np.int32(task))
+      state["method_state"] = self.steps.bookkeeping(state["trainable"],
+                                                     self.frozen,
+                                                     state["method_state"],
+                                                     batch, np.int32(task))
       position = dataclasses.replace(position, step=position.step + 1)
       self.log.tick(batch_size)
     self.log.phase_ended("task %d: counted expert use over %d batches in %s",
@@ -345,8 +309,9 @@ class Run:
       labels.append(distributed.gather_to_host(batch["label"])[keep])
       self.log.tick()
     classes = np.arange(*self.data.class_ranges[task])
-    means, variances = alignment.class_statistics(
-        np.concatenate(feats), np.concatenate(labels), classes)
+    means, variances = alignment.class_statistics(np.concatenate(feats),
+                                                  np.concatenate(labels),
+                                                  classes)
     host_means = distributed.to_host(state["class_means"]).copy()
     host_vars = distributed.to_host(state["class_vars"]).copy()
     host_means[classes], host_vars[classes] = means, variances
@@ -363,16 +328,17 @@ class Run:
       first, seen = self.data.class_ranges[task]
       iterations = first  # Classes of the earlier tasks.
       key = jax.random.fold_in(jax.random.PRNGKey(config.seed), task)
-      self.log.log("task %d: aligning the classifier on %d classes: %d "
-                   "epochs x %d iterations of %d replayed features",
-                   task + 1, seen, config.align_epochs, iterations,
-                   config.batch_size * config.align_ratio)
+      self.log.log(
+          "task %d: aligning the classifier on %d classes: %d "
+          "epochs x %d iterations of %d replayed features", task + 1, seen,
+          config.align_epochs, iterations,
+          config.batch_size * config.align_ratio)
       self.log.phase_started(position, "alignment", 1)
       trainable = dict(state["trainable"])
       trainable["head"] = self.steps.align(
-          trainable["head"], state["class_means"], state["class_vars"],
-          key, np.int32(seen), np.int32(iterations),
-          align_rates(config, iterations))
+          trainable["head"], state["class_means"], state["class_vars"], key,
+          np.int32(seen), np.int32(iterations),
+          schedules.align_rates(config, iterations))
       state["trainable"] = trainable
       self.ensure_finite(state, position, rate="align_lr")
       self.log.phase_ended("task %d: alignment took %s", task + 1)
@@ -388,17 +354,19 @@ class Run:
       correct = jnp.int32(0)
       for local in self.data.test_batches(j, self.config.eval_batch_size):
         batch = distributed.global_batch(local, self.batch_sharding)
-        correct = correct + self.steps.eval(
-            state["trainable"], self.frozen, state["method_state"], batch,
-            seen, np.int32(task))
+        correct = correct + self.steps.eval(state["trainable"], self.frozen,
+                                            state["method_state"], batch, seen,
+                                            np.int32(task))
       correct = int(distributed.to_host(correct))
       row.append(100.0 * correct / self.data.test_size(j))
       self.log.tick()
     self.log.phase_ended("task %d: evaluated %d tasks in %s", task + 1,
                          task + 1)
-    state, position = self.next_phase(state, dataclasses.replace(
-        position, acc_matrix=(*position.acc_matrix, tuple(row)),
-        task_seconds=(*position.task_seconds, self.log.task_seconds())))
+    state, position = self.next_phase(
+        state,
+        dataclasses.replace(
+            position, acc_matrix=(*position.acc_matrix, tuple(row)),
+            task_seconds=(*position.task_seconds, self.log.task_seconds())))
     summary = self.summary(state, position)
     position = self.save(state, position, force=True)
     self.log.task_done(position, summary)

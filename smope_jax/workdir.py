@@ -96,8 +96,8 @@ def check_workdir(path: str) -> None:
 
 def weights_cache_dir() -> str:
   """Where presets are cached unless a caller names another directory."""
-  return os.path.expanduser(os.environ.get("SMOPE_JAX_CACHE")
-                            or "~/.cache/smope_jax")
+  return os.path.expanduser(
+      os.environ.get("SMOPE_JAX_CACHE") or "~/.cache/smope_jax")
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -108,8 +108,7 @@ def check_output_file(path: str, flag: str) -> None:
   """
   if os.path.isdir(path):
     raise UserError(f"{flag}={path} is a directory; name a file.")
-  check_writable(os.path.dirname(path) or ".", f"the directory of {flag}",
-                 flag)
+  check_writable(os.path.dirname(path) or ".", f"the directory of {flag}", flag)
 
 
 @contextlib.contextmanager

@@ -82,21 +82,26 @@ class Holder:
                heartbeat=now if remote else "")
 
   def to_json(self) -> str:
-    return json.dumps({k: v for k, v in dataclasses.asdict(self).items()
-                       if v != ""})
+    return json.dumps({
+        k: v for k, v in dataclasses.asdict(self).items() if v != ""
+    })
 
   @classmethod
   def from_json(cls, text: str) -> Holder:
     """Raises ValueError for anything this module did not write."""
     record = json.loads(text)
     try:
-      holder = cls(**{f.name: record[f.name]
-                      for f in dataclasses.fields(cls) if f.name in record})
+      holder = cls(
+          **{
+              f.name: record[f.name]
+              for f in dataclasses.fields(cls)
+              if f.name in record
+          })
     except TypeError as e:  # Not an object, or a field missing.
       raise ValueError(str(e)) from None
-    if not (all(isinstance(getattr(holder, f), str)
-                for f in ("host", "started", "command", "token",
-                          "heartbeat")) and
+    if not (all(
+        isinstance(getattr(holder, f), str)
+        for f in ("host", "started", "command", "token", "heartbeat")) and
             isinstance(holder.pid, int) and 0 < holder.pid < 2**31):
       raise ValueError("fields of the wrong kind")
     return holder
@@ -223,8 +228,9 @@ class WorkdirLock:
           logging.warning("%s is no longer this run's lock; left in place.",
                           self.path)
       except (UserError, *_storage_errors()) as e:
-        logging.warning("Could not remove %s (%s); delete it by hand before "
-                        "the next run in %s.", self.path, e, self.workdir)
+        logging.warning(
+            "Could not remove %s (%s); delete it by hand before "
+            "the next run in %s.", self.path, e, self.workdir)
 
   def _in_use_message(self, holder: Holder | None) -> str:
     if holder is None:
@@ -298,10 +304,10 @@ class WorkdirLock:
       age = _age_seconds(holder.heartbeat)
       if age < self._stale_seconds:
         raise UserError(self._in_use_message(holder))
-      logging.warning("Taking over %s from process %d on %s, started %s: its "
-                      "last heartbeat was %.0f minutes ago, so it has ended.",
-                      self.path, holder.pid, holder.host, holder.started,
-                      age / 60)
+      logging.warning(
+          "Taking over %s from process %d on %s, started %s: its "
+          "last heartbeat was %.0f minutes ago, so it has ended.", self.path,
+          holder.pid, holder.host, holder.started, age / 60)
     ours = Holder.of_this_process(remote=True)
     epath.Path(self.path).write_text(ours.to_json())
     time.sleep(self._settle_seconds)
@@ -317,16 +323,15 @@ class WorkdirLock:
     while not self._stop.wait(self._heartbeat_seconds):
       try:
         if self._read() != self._holder:
-          logging.error("%s was taken over by another run while this run "
-                        "held it; the two may now write the same workdir.",
-                        self.path)
+          logging.error(
+              "%s was taken over by another run while this run "
+              "held it; the two may now write the same workdir.", self.path)
           return
         holder = dataclasses.replace(self._holder, heartbeat=_now())
         epath.Path(self.path).write_text(holder.to_json())
         self._holder = holder
       except (UserError, *_storage_errors()) as e:
-        logging.warning("Could not refresh %s (%s); will retry.", self.path,
-                        e)
+        logging.warning("Could not refresh %s (%s); will retry.", self.path, e)
 
 
 def _shared_by_process_0(error: str | None) -> str | None:
@@ -341,5 +346,4 @@ def _shared_by_process_0(error: str | None) -> str | None:
   data = np.asarray(multihost_utils.broadcast_one_to_all(data))
   if not data[0]:
     return None
-  return bytes(data[1:].astype(np.uint8)).rstrip(b"\0").decode(
-      errors="replace")
+  return bytes(data[1:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")

@@ -40,12 +40,13 @@ def tmpfs():
 
   Skips the test where mounting is refused (no root, a container).
   """
+
   @contextlib.contextmanager
   def mount(path, options):
     path.mkdir(exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                             str(path)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+         str(path)], capture_output=True, text=True, check=False)
     if result.returncode:
       pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
@@ -73,8 +74,8 @@ def full_disk_at_save(monkeypatch):
     saves = [0]
 
     def write_meta(self, data, *args, **kwargs):
-      if (self.name, self.parent.name) != (
-          "metadata", "meta.orbax-checkpoint-tmp"):
+      if (self.name, self.parent.name) != ("metadata",
+                                           "meta.orbax-checkpoint-tmp"):
         return write_text(self, data, *args, **kwargs)
       saves[0] += 1
       if saves[0] < n:

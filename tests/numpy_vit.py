@@ -34,8 +34,8 @@ def _patches(images, kernel, bias):
 
 
 def _attention(x, p):
-  q, k, v = (np.einsum('bnd,dhe->bhne', x, p[n]['kernel'])
-             + p[n]['bias'][None, :, None] for n in ('query', 'key', 'value'))
+  q, k, v = (np.einsum('bnd,dhe->bhne', x, p[n]['kernel']) +
+             p[n]['bias'][None, :, None] for n in ('query', 'key', 'value'))
   logits = q @ k.transpose(0, 1, 3, 2) * q.shape[-1]**-0.5
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
@@ -91,13 +91,14 @@ def google_to_timm(flat):
   along the output, each with heads as contiguous blocks of d outputs; its
   patch embedding is a (D, 3, p, p) NCHW convolution kernel.
   """
-  out = {'cls_token': flat['cls'],
-         'pos_embed': flat['Transformer/posembed_input/pos_embedding'],
-         'patch_embed.proj.weight': flat['embedding/kernel'].transpose(
-             3, 2, 0, 1),
-         'patch_embed.proj.bias': flat['embedding/bias'],
-         'norm.weight': flat['Transformer/encoder_norm/scale'],
-         'norm.bias': flat['Transformer/encoder_norm/bias']}
+  out = {
+      'cls_token': flat['cls'],
+      'pos_embed': flat['Transformer/posembed_input/pos_embedding'],
+      'patch_embed.proj.weight': flat['embedding/kernel'].transpose(3, 2, 0, 1),
+      'patch_embed.proj.bias': flat['embedding/bias'],
+      'norm.weight': flat['Transformer/encoder_norm/scale'],
+      'norm.bias': flat['Transformer/encoder_norm/bias']
+  }
   i = 0
   while f'Transformer/encoderblock_{i}/LayerNorm_0/scale' in flat:
     g = lambda name: flat[f'Transformer/encoderblock_{i}/{name}']  # noqa: E731

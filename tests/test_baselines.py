@@ -32,7 +32,6 @@ DIMS = dict(patch_size=PATCH, hidden_size=D, num_layers=LAYERS, num_heads=H,
             mlp_dim=MLP)
 TINY = dict(num_classes=C, **DIMS)
 
-
 # ---------------------------------------------------------------------------
 # NumPy references.
 
@@ -50,9 +49,9 @@ def np_top_k(scores, k):
 
 def np_prefix_attention(q, k, v, pk, pv):
   """(B, H, N, d) queries over [prefix ; tokens] in one softmax, float64."""
-  scale = q.shape[-1] ** -0.5
-  logits = np.concatenate([q @ np.swapaxes(pk, -1, -2),
-                           q @ np.swapaxes(k, -1, -2)], -1) * scale
+  scale = q.shape[-1]**-0.5
+  logits = np.concatenate(
+      [q @ np.swapaxes(pk, -1, -2), q @ np.swapaxes(k, -1, -2)], -1) * scale
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   return weights @ np.concatenate([pv, v], -2)
@@ -146,8 +145,9 @@ def _params(model, context, seed=0):
       lambda: model.init(jax.random.key(0), _images(), context, mode="train"))
   rng = np.random.default_rng(seed)
   flat = flax.traverse_util.flatten_dict(shapes["params"])
-  return flax.traverse_util.unflatten_dict(
-      {path: _fill(path, leaf, rng) for path, leaf in sorted(flat.items())})
+  return flax.traverse_util.unflatten_dict({
+      path: _fill(path, leaf, rng) for path, leaf in sorted(flat.items())
+  })
 
 
 def _with(params, path, value):
@@ -168,8 +168,9 @@ def _grads(model, params, context, *losses_of_outputs):
       {"params": p}, _images(), context, mode="train")
 
   def grads(p):
-    return (forward(p),) + tuple(jax.grad(lambda p, f=f: f(forward(p)))(p)
-                                 for f in losses_of_outputs)
+    return (forward(p),) + tuple(
+        jax.grad(lambda p, f=f: f(forward(p)))(p) for f in losses_of_outputs)
+
   return jax.jit(grads)(params)
 
 
@@ -215,12 +216,12 @@ def test_key_value_prefix_lays_selected_prompts_end_to_end():
              10.0 * np.arange(4)[None, :, None] + np.arange(4)[None, None, :])
   prefix = base.key_value_prefix(jnp.asarray(prompts[None]), num_heads=2)
   chex.assert_shape((prefix.keys, prefix.values), (1, 2, 4, 2))
-  np.testing.assert_array_equal(
-      prefix.keys[0, 0], [[0, 1], [10, 11], [100, 101], [110, 111]])
-  np.testing.assert_array_equal(
-      prefix.keys[0, 1], [[2, 3], [12, 13], [102, 103], [112, 113]])
-  np.testing.assert_array_equal(
-      prefix.values[0, 1], [[22, 23], [32, 33], [122, 123], [132, 133]])
+  np.testing.assert_array_equal(prefix.keys[0, 0],
+                                [[0, 1], [10, 11], [100, 101], [110, 111]])
+  np.testing.assert_array_equal(prefix.keys[0, 1],
+                                [[2, 3], [12, 13], [102, 103], [112, 113]])
+  np.testing.assert_array_equal(prefix.values[0, 1],
+                                [[22, 23], [32, 33], [122, 123], [132, 133]])
 
 
 def test_kernel_with_prefix_keys_is_one_softmax_over_prefix_and_tokens():
@@ -233,11 +234,12 @@ def test_kernel_with_prefix_keys_is_one_softmax_over_prefix_and_tokens():
   as32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   for with_bias in (False, True):
     want = np.zeros((batch, tokens, heads, dim))
-    scale = dim ** -0.5
+    scale = dim**-0.5
     for b in range(batch):
       for h in range(heads):
-        logits = np.concatenate([q[b, :, h] @ pk[b, h].T * scale,
-                                 q[b, :, h] @ k[b, :, h].T * scale], -1)
+        logits = np.concatenate([
+            q[b, :, h] @ pk[b, h].T * scale, q[b, :, h] @ k[b, :, h].T * scale
+        ], -1)
         if with_bias:
           logits[:, :slots] += bias[b, h]
         weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -256,8 +258,8 @@ def test_kernel_with_prefix_keys_is_one_softmax_over_prefix_and_tokens():
 def test_kernel_without_prefix_is_plain_attention():
   rng = np.random.default_rng(2)
   q, k, v = (rng.normal(size=(2, 5, 2, 4)) for _ in range(3))
-  got = attention.prefix_attention(*(jnp.asarray(x, jnp.float32)
-                                     for x in (q, k, v)))
+  got = attention.prefix_attention(
+      *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
   t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
   want = np_prefix_attention(t(q), t(k), t(v), t(q)[:, :, :0], t(v)[:, :, :0])
   _assert_close(got, t(want), 1e-5)
@@ -296,16 +298,18 @@ HAND_POOL = (100.0 * np.arange(5)[:, None, None] +
 
 def test_l2p_cosine_top_k_and_prefix_by_hand():
   module = _l2p_hand_module()
-  params = {"pool": jnp.asarray(HAND_POOL[None], jnp.float32),
-            "keys": jnp.asarray(HAND_KEYS[None], jnp.float32)}
+  params = {
+      "pool": jnp.asarray(HAND_POOL[None], jnp.float32),
+      "keys": jnp.asarray(HAND_KEYS[None], jnp.float32)
+  }
   prefix = module.apply({"params": params}, 0, None,
                         query=jnp.asarray(HAND_QUERY, jnp.float32),
                         context=None, mode="train", method="prefix")
   chex.assert_shape(prefix.aux["similarity"], (2, 5))
   chex.assert_shape(prefix.aux["chosen"], (2, 2))
   chex.assert_type(prefix.aux["chosen"], jnp.int32)
-  np.testing.assert_allclose(prefix.aux["similarity"], HAND_COSINE,
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(prefix.aux["similarity"], HAND_COSINE, rtol=1e-6,
+                             atol=1e-7)
   # Sample 0: 0.99 (entry 3) then 0.8 (entry 1). Sample 1: entry 4, then a
   # four-way tie at 0 that goes to the lowest index, entry 0.
   np.testing.assert_array_equal(prefix.aux["chosen"], [[3, 1], [4, 0]])
@@ -317,19 +321,20 @@ def test_l2p_cosine_top_k_and_prefix_by_hand():
       prefix.keys[0, 1], [[302, 303], [312, 313], [102, 103], [112, 113]])
   np.testing.assert_array_equal(
       prefix.values[0, 0], [[320, 321], [330, 331], [120, 121], [130, 131]])
-  np.testing.assert_array_equal(
-      prefix.values[1, 1], [[422, 423], [432, 433], [22, 23], [32, 33]])
+  np.testing.assert_array_equal(prefix.values[1, 1],
+                                [[422, 423], [432, 433], [22, 23], [32, 33]])
 
 
 def test_l2p_top_k_ties_go_to_the_lower_index():
   module = _l2p_hand_module(top_k=3)
   keys = np.ones((5, 4))
   keys[2] = 2.0  # Same direction: every cosine is equal.
-  params = {"pool": jnp.asarray(HAND_POOL[None], jnp.float32),
-            "keys": jnp.asarray(keys[None], jnp.float32)}
-  prefix = module.apply({"params": params}, 0, None,
-                        query=jnp.ones((2, 4)), context=None, mode="eval",
-                        method="prefix")
+  params = {
+      "pool": jnp.asarray(HAND_POOL[None], jnp.float32),
+      "keys": jnp.asarray(keys[None], jnp.float32)
+  }
+  prefix = module.apply({"params": params}, 0, None, query=jnp.ones((2, 4)),
+                        context=None, mode="eval", method="prefix")
   np.testing.assert_array_equal(prefix.aux["chosen"], [[0, 1, 2]] * 2)
 
 
@@ -358,8 +363,9 @@ def test_l2p_forward_matches_numpy_in_train_and_eval():
   assert not np.array_equal(chosen[0], chosen[1])
   want_pre, want_logits = np_prompted_forward(params, images, prefixes)
 
-  outputs = {mode: _apply(model, params, None, mode)
-             for mode in ("train", "eval")}
+  outputs = {
+      mode: _apply(model, params, None, mode) for mode in ("train", "eval")
+  }
   for out in outputs.values():
     chex.assert_shape(out["key_similarity"], (2, B, 6))
     chex.assert_shape(out["key_chosen"], (2, B, 3))
@@ -378,8 +384,8 @@ def np_key_loss(cos, idx, mask, group, cross_sample):
   layers, batch, k = idx.shape
   for l in range(layers):
     for b in range(batch):
-      partners = (range(b - b % group, b - b % group + group) if cross_sample
-                  else [b])
+      partners = (range(b - b % group, b - b % group +
+                        group) if cross_sample else [b])
       for other in partners:
         for j in range(k):
           total += (1.0 - cos[l, b, idx[l, other, j]]) * mask[b] * mask[other]
@@ -399,8 +405,9 @@ def test_l2p_key_loss_against_a_double_loop():
       want = np_key_loss(cos, idx, mask, group, cross_sample)
       np.testing.assert_allclose(got, want, rtol=1e-5)
     # The cross-sample quirk is not the per-sample loss.
-    assert abs(np_key_loss(cos, idx, mask, group, True) -
-               np_key_loss(cos, idx, mask, group, False)) > 1e-3
+    assert abs(
+        np_key_loss(cos, idx, mask, group, True) -
+        np_key_loss(cos, idx, mask, group, False)) > 1e-3
 
 
 def _method_config(**fields):
@@ -458,9 +465,8 @@ def test_l2p_key_loss_reaches_only_the_keys_and_ce_every_pool_entry():
 
 def _dual_model():
   """G-prompts in blocks 0, 1; E-prompts (3 tasks) in blocks 2, 3."""
-  prompts = dualprompt.DualPromptPrompts(
-      num_layers=4, pool_size=3, length=4, g_length=4, hidden_size=D,
-      num_heads=H)
+  prompts = dualprompt.DualPromptPrompts(num_layers=4, pool_size=3, length=4,
+                                         g_length=4, hidden_size=D, num_heads=H)
   return vit.VisionTransformer(**TINY, prompts=prompts)
 
 
@@ -469,28 +475,28 @@ def _dual_method():
 
 
 def test_dualprompt_g_prompts_are_the_same_for_every_input():
-  module = dualprompt.DualPromptPrompts(
-      num_layers=4, pool_size=3, length=4, g_length=4, hidden_size=D,
-      num_heads=H)
+  module = dualprompt.DualPromptPrompts(num_layers=4, pool_size=3, length=4,
+                                        g_length=4, hidden_size=D, num_heads=H)
   g = np.random.default_rng(4).uniform(size=(2, 4, D)).astype(np.float32)
-  params = {"g_prompts": jnp.asarray(g, jnp.float32),
-            "e_prompts": jnp.zeros((2, 3, 4, D)), "e_keys": jnp.ones((2, 3, D))}
-  query = jnp.asarray(np.random.default_rng(5).normal(size=(3, D)),
-                      jnp.float32)
+  params = {
+      "g_prompts": jnp.asarray(g, jnp.float32),
+      "e_prompts": jnp.zeros((2, 3, 4, D)),
+      "e_keys": jnp.ones((2, 3, D))
+  }
+  query = jnp.asarray(np.random.default_rng(5).normal(size=(3, D)), jnp.float32)
   for layer in (0, 1):
     for mode in ("train", "eval"):
       prefix = module.apply({"params": params}, layer, None, query=query,
                             context={"task": jnp.int32(1)}, mode=mode,
                             method="prefix")
       chex.assert_shape((prefix.keys, prefix.values), (3, H, 2, HD))
-      want_keys, want_values = np_key_value(np.broadcast_to(g[layer],
-                                                            (3, 4, D)))
+      want_keys, want_values = np_key_value(np.broadcast_to(
+          g[layer], (3, 4, D)))
       _assert_close(prefix.keys, np_heads(want_keys), 0)
       _assert_close(prefix.values, np_heads(want_values), 0)
   # Blocks past the G- and E-blocks carry no prompt.
   assert module.apply({"params": params}, 4, None, query=query,
-                      context={"task": 0}, mode="eval",
-                      method="prefix") is None
+                      context={"task": 0}, mode="eval", method="prefix") is None
 
 
 def test_dualprompt_training_uses_the_task_prompt_for_every_sample():
@@ -500,11 +506,13 @@ def test_dualprompt_training_uses_the_task_prompt_for_every_sample():
   g = np.asarray(params["prompts"]["g_prompts"], np.float64)
   e = np.asarray(params["prompts"]["e_prompts"], np.float64)
   task = 1
-  prefixes = {l: np_key_value(np.broadcast_to(g[l], (B,) + g[l].shape))
-              for l in (0, 1)}
-  prefixes.update({l: np_key_value(np.broadcast_to(e[l - 2, task],
-                                                   (B,) + e.shape[2:]))
-                   for l in (2, 3)})
+  prefixes = {
+      l: np_key_value(np.broadcast_to(g[l], (B,) + g[l].shape)) for l in (0, 1)
+  }
+  prefixes.update({
+      l: np_key_value(np.broadcast_to(e[l - 2, task], (B,) + e.shape[2:]))
+      for l in (2, 3)
+  })
   want_pre, want_logits = np_prompted_forward(params, images, prefixes)
   out = _apply(model, params, {"task": jnp.int32(task)}, "train")
   chex.assert_shape(out["key_chosen"], (2, B))
@@ -523,8 +531,9 @@ def test_dualprompt_test_time_picks_top_1_over_all_keys_even_future_ones():
   params = _with(params, "prompts/e_keys", keys)
   g = np.asarray(params["prompts"]["g_prompts"], np.float64)
   e = np.asarray(params["prompts"]["e_prompts"], np.float64)
-  prefixes = {l: np_key_value(np.broadcast_to(g[l], (B,) + g[l].shape))
-              for l in (0, 1)}
+  prefixes = {
+      l: np_key_value(np.broadcast_to(g[l], (B,) + g[l].shape)) for l in (0, 1)
+  }
   chosen = []
   for l in (2, 3):
     cos = np_normalize(query) @ np_normalize(keys[l - 2]).T
@@ -548,8 +557,9 @@ def test_dualprompt_key_loss_and_frozen_rows():
   context = {"task": jnp.int32(task)}
   query = np_query(params, _images())
   keys = np.asarray(params["prompts"]["e_keys"], np.float64)
-  want = sum(np.sum(1.0 - np_normalize(query) @ np_normalize(keys[e, task]))
-             for e in range(2))
+  want = sum(
+      np.sum(1.0 - np_normalize(query) @ np_normalize(keys[e, task]))
+      for e in range(2))
   key_loss = lambda o: method.loss_terms(  # noqa: E731
       o, params, {}, jnp.int32(task), jnp.ones(B), "train")["key"][0]
   total = lambda o: _ce(o) + key_loss(o)  # noqa: E731
@@ -579,26 +589,29 @@ M, PT, LP = 6, 2, 4  # Components, components per task, prompt length.
 
 
 def _coda_module(num_layers=1, width=D):
-  return codaprompt.CodaPrompts(num_layers=num_layers, pool_size=M,
-                                length=LP, hidden_size=width, num_heads=H,
-                                per_task=PT)
+  return codaprompt.CodaPrompts(num_layers=num_layers, pool_size=M, length=LP,
+                                hidden_size=width, num_heads=H, per_task=PT)
 
 
 def _coda_params(seed=6, num_layers=1, width=D):
   """Every row random (also rows of later tasks, which must not count)."""
   rng = np.random.default_rng(seed)
-  shapes = {"components": (num_layers, M, LP, width),
-            "keys": (num_layers, M, width),
-            "attention": (num_layers, M, width)}
-  return {name: jnp.asarray(rng.uniform(size=shape), jnp.float32)
-          for name, shape in shapes.items()}
+  shapes = {
+      "components": (num_layers, M, LP, width),
+      "keys": (num_layers, M, width),
+      "attention": (num_layers, M, width)
+  }
+  return {
+      name: jnp.asarray(rng.uniform(size=shape), jnp.float32)
+      for name, shape in shapes.items()
+  }
 
 
 def np_coda(query, keys, attn, components, rows):
   """alpha (B, rows) and the prompt (B, Lp, D) from the first `rows` rows."""
   k, a, p = keys[:rows], attn[:rows], components[:rows]
-  alpha = np.einsum("bmd,md->bm",
-                    np_normalize(query[:, None, :] * a[None]), np_normalize(k))
+  alpha = np.einsum("bmd,md->bm", np_normalize(query[:, None, :] * a[None]),
+                    np_normalize(k))
   return alpha, np.einsum("bm,mld->bld", alpha, p)
 
 
@@ -613,8 +626,9 @@ def test_coda_weights_and_prompt_against_numpy():
 def _check_coda_prefix(module, params, query, task):
   rows = (task + 1) * PT
   want_alpha, want_prompt = np_coda(
-      query, *(np.asarray(params[n][0], np.float64)
-               for n in ("keys", "attention", "components")), rows)
+      query,
+      *(np.asarray(params[n][0], np.float64)
+        for n in ("keys", "attention", "components")), rows)
   # A cosine, not a softmax: values of both signs.
   assert want_alpha.min() < 0 < want_alpha.max()
   prefixes = {}
@@ -632,25 +646,25 @@ def _check_coda_prefix(module, params, query, task):
     _assert_close(prefix.keys, np_heads(want_keys), 1e-5)
     _assert_close(prefix.values, np_heads(want_values), 1e-5)
     prefixes[mode] = prefix
-  chex.assert_trees_all_close(prefixes["train"].values,
-                              prefixes["eval"].values, rtol=0, atol=0)
+  chex.assert_trees_all_close(prefixes["train"].values, prefixes["eval"].values,
+                              rtol=0, atol=0)
 
 
 def test_coda_training_grads_reach_only_the_task_rows():
   module = _coda_module()
   params = _coda_params()
-  query = jnp.asarray(np.random.default_rng(8).normal(size=(3, D)),
-                      jnp.float32)
+  query = jnp.asarray(np.random.default_rng(8).normal(size=(3, D)), jnp.float32)
   weights = jax.random.normal(jax.random.key(0), (2, 3, H, LP // 2, HD))
 
   @functools.partial(jax.jit, static_argnames="mode")
   def grads(p, task, mode):
+
     def loss(p):
       prefix = module.apply({"params": p}, 0, None, query=query,
-                            context={"task": task}, mode=mode,
-                            method="prefix")
+                            context={"task": task}, mode=mode, method="prefix")
       return (jnp.sum(prefix.keys * weights[0]) +
               jnp.sum(prefix.values * weights[1]))
+
     return jax.grad(loss)(p)
 
   index = np.arange(M)
@@ -663,8 +677,8 @@ def test_coda_training_grads_reach_only_the_task_rows():
     # At test time (no gradient in practice) earlier rows are not detached.
     got = grads(params, jnp.int32(task), "eval")
     chex.assert_tree_all_finite(got)
-    np.testing.assert_array_equal(_nonzero_rows(got["components"][0]),
-                                  index < (task + 1) * PT)
+    np.testing.assert_array_equal(_nonzero_rows(got["components"][0]), index
+                                  < (task + 1) * PT)
 
 
 def test_coda_forward_through_the_model_matches_numpy():
@@ -674,13 +688,18 @@ def test_coda_forward_through_the_model_matches_numpy():
   params = _params(model, {"task": 0})
   images = _images()
   query = np_query(params, images)
-  p = {n: np.asarray(params["prompts"][n], np.float64)
-       for n in ("keys", "attention", "components")}
+  p = {
+      n: np.asarray(params["prompts"][n], np.float64)
+      for n in ("keys", "attention", "components")
+  }
   for task in (0, 2):
     prefixes = {
-        l: np_key_value(np_coda(query, p["keys"][l], p["attention"][l],
-                                p["components"][l], (task + 1) * PT)[1])
-        for l in range(3)}
+        l:
+            np_key_value(
+                np_coda(query, p["keys"][l], p["attention"][l],
+                        p["components"][l], (task + 1) * PT)[1])
+        for l in range(3)
+    }
     want_pre, want_logits = np_prompted_forward(params, images, prefixes)
     for mode in ("train", "eval"):
       out = _apply(model, params, {"task": jnp.int32(task)}, mode)
@@ -705,9 +724,10 @@ def np_gram_schmidt(rows, start, stop, draws):
 
 def _draws(key, count, width):
   """The implementation's normal draw of row k: fold k into the key."""
-  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, k),
-                                                (width,)), np.float64)
-                   for k in range(count)])
+  return np.stack([
+      np.asarray(jax.random.normal(jax.random.fold_in(key, k), (width,)),
+                 np.float64) for k in range(count)
+  ])
 
 
 def test_gram_schmidt_keeps_learned_rows_zeroes_later_ones_orthogonalises():
@@ -715,14 +735,13 @@ def test_gram_schmidt_keeps_learned_rows_zeroes_later_ones_orthogonalises():
   learned = np.zeros((6, 5))
   learned[0, 0], learned[1, 3] = 3.0, 0.5
   learned[2:] = 7.0  # Rows at and after `start` are overwritten.
-  got = np.asarray(codaprompt.gram_schmidt(
-      jnp.asarray(learned, jnp.float32), 2, 4, jax.random.key(1)),
-      np.float64)
+  got = np.asarray(
+      codaprompt.gram_schmidt(jnp.asarray(learned, jnp.float32), 2, 4,
+                              jax.random.key(1)), np.float64)
   chex.assert_shape(got, (6, 5))
   np.testing.assert_array_equal(got[:2], learned[:2])  # Not renormalised.
   np.testing.assert_array_equal(got[4:], 0.0)
-  np.testing.assert_allclose(np.linalg.norm(got[2:4], axis=-1), 1.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(got[2:4], axis=-1), 1.0, rtol=1e-6)
   gram = got[:4] @ got[:4].T
   off_diagonal = gram - np.diag(np.diag(gram))
   np.testing.assert_allclose(off_diagonal, 0.0, atol=1e-6)
@@ -741,23 +760,26 @@ def test_gram_schmidt_follows_the_classical_formula_on_unorthogonal_rows():
   # left out of the projections; rows 3..4 are new.
   learned = np.random.default_rng(9).uniform(size=(6, width))
   learned[2] = 1e-5
-  got = np.asarray(codaprompt.gram_schmidt(
-      jnp.asarray(learned, jnp.float32), 3, 5, key), np.float64)
-  want = np_gram_schmidt(learned.astype(np.float32).astype(np.float64), 3, 5,
-                         _draws(key, 6, width))
+  got = np.asarray(
+      codaprompt.gram_schmidt(jnp.asarray(learned, jnp.float32), 3, 5, key),
+      np.float64)
+  want = np_gram_schmidt(
+      learned.astype(np.float32).astype(np.float64), 3, 5,
+      _draws(key, 6, width))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Not an orthonormal basis: the new rows are not orthogonal to row 0.
   assert abs(got[3] @ got[0]) > 1e-3
 
 
 def test_coda_init_is_task_0_gram_schmidt_and_start_task_redraws_from_1():
-  method = codaprompt.CodaPrompt(_method_config(pool_size=M), M // PT,
-                                 {**DIMS, "hidden_size": 4})
+  method = codaprompt.CodaPrompt(_method_config(pool_size=M), M // PT, {
+      **DIMS, "hidden_size": 4
+  })
   assert method.per_task == PT
   module = method.prompts()
-  params = jax.jit(lambda key: module.init(
-      key, 0, None, query=jnp.ones((1, 4)), context={"task": jnp.int32(0)},
-      mode="train", method="prefix"))(jax.random.key(3))["params"]
+  params = jax.jit(lambda key: module.init(key, 0, None, query=jnp.ones(
+      (1, 4)), context={"task": jnp.int32(0)}, mode="train", method="prefix"))(
+          jax.random.key(3))["params"]
   chex.assert_shape(params["components"], (2, M, LP, 4))
   chex.assert_shape((params["keys"], params["attention"]), (2, M, 4))
   flat = lambda x: np.asarray(x, np.float64).reshape(2, M, -1)  # noqa: E731
@@ -786,19 +808,21 @@ def test_coda_init_is_task_0_gram_schmidt_and_start_task_redraws_from_1():
       used = after[layer, :2 * PT]
       gram = used @ used.T
       np.testing.assert_allclose(np.diag(gram)[PT:], 1.0, rtol=1e-5)
-      np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0,
-                                 atol=1e-5, err_msg=name)
+      np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-5,
+                                 err_msg=name)
     assert not np.allclose(after[0, PT:2 * PT], after[1, PT:2 * PT])
 
 
 def np_ortho(x, rows):
   flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)[:rows]
-  return np.mean((flat @ flat.T - np.eye(rows)) ** 2)
+  return np.mean((flat @ flat.T - np.eye(rows))**2)
 
 
 def test_coda_ortho_penalty_over_the_used_rows():
   method = codaprompt.CodaPrompt(_method_config(pool_size=M, ortho_weight=0.3),
-                                 M // PT, {**DIMS, "hidden_size": 4})
+                                 M // PT, {
+                                     **DIMS, "hidden_size": 4
+                                 })
   trainable = {"prompts": _coda_params(seed=10, num_layers=2, width=4)}
   for task in (0, 1):
     _check_ortho_penalty(method, trainable, task)
@@ -808,15 +832,17 @@ def test_coda_ortho_penalty_over_the_used_rows():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _ortho_value_and_grad(method, trainable, task):
-  return jax.value_and_grad(lambda t: method.loss_terms(
-      {}, t, {}, task, jnp.ones(B), "train")["ortho"][0])(trainable)
+  return jax.value_and_grad(lambda t: method.loss_terms({}, t, {
+  }, task, jnp.ones(B), "train")["ortho"][0])(trainable)
 
 
 def _check_ortho_penalty(method, trainable, task):
   prompts = trainable["prompts"]
   rows = (task + 1) * PT
-  want = sum(np_ortho(prompts[n][l], rows)
-             for n in ("keys", "attention", "components") for l in range(2))
+  want = sum(
+      np_ortho(prompts[n][l], rows)
+      for n in ("keys", "attention", "components")
+      for l in range(2))
   assert method.loss_terms({}, trainable, {}, task, jnp.ones(B),
                            "train")["ortho"][1] == 0.3
   value, grads = _ortho_value_and_grad(method, trainable, jnp.int32(task))
@@ -824,6 +850,6 @@ def _check_ortho_penalty(method, trainable, task):
   want_rows = (np.arange(M) >= task * PT) & (np.arange(M) < rows)
   for name in ("keys", "attention", "components"):
     for l in range(2):
-      np.testing.assert_array_equal(
-          _nonzero_rows(grads["prompts"][name][l]), want_rows)
+      np.testing.assert_array_equal(_nonzero_rows(grads["prompts"][name][l]),
+                                    want_rows)
   assert method.loss_terms({}, trainable, {}, task, jnp.ones(B), "eval") == {}

@@ -23,14 +23,13 @@ from smope_jax import train_step as ts
 from smope_jax.methods import smope
 from smope_jax import factory
 from smope_jax.models import vit
+from tests import helpers
 from tests import numpy_vit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name, arg=None):
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "configs", f"{name}.py"))
+      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -40,8 +39,8 @@ def _shapes(config):
   """Parameter shapes of the config's model, without initialising."""
   model, method = factory.build_model(config, config.num_tasks)
   images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  return jax.eval_shape(lambda: model.init(
-      jax.random.key(0), images, method.init_context(), mode="train"))["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.key(
+      0), images, method.init_context(), mode="train"))["params"]
 
 
 def _size(tree):
@@ -50,22 +49,34 @@ def _size(tree):
 
 # (config, argument) -> prompt shapes, prompt parameters, classes.
 COUNTS = {
-    ("cifar100", "method=l2p"): (
-        {"pool": (1, 30, 20, 768), "keys": (1, 30, 768)}, 483_840, 100),
-    ("cifar100", "method=deep_l2p"): (
-        {"pool": (5, 30, 20, 768), "keys": (5, 30, 768)}, 2_419_200, 100),
-    ("cifar100", "method=dualprompt"): (
-        {"g_prompts": (2, 6, 768), "e_prompts": (3, 10, 20, 768),
-         "e_keys": (3, 10, 768)}, 493_056, 100),
-    ("imagenet_r", "tasks=5,method=dualprompt"): (
-        {"g_prompts": (2, 6, 768), "e_prompts": (3, 5, 20, 768),
-         "e_keys": (3, 5, 768)}, 251_136, 200),
-    ("imagenet_r", "tasks=20,method=dualprompt"): (
-        {"g_prompts": (2, 6, 768), "e_prompts": (3, 20, 20, 768),
-         "e_keys": (3, 20, 768)}, 976_896, 200),
-    ("cifar100", "method=codaprompt"): (
-        {"components": (5, 100, 8, 768), "keys": (5, 100, 768),
-         "attention": (5, 100, 768)}, 3_840_000, 100),
+    ("cifar100", "method=l2p"): ({
+        "pool": (1, 30, 20, 768),
+        "keys": (1, 30, 768)
+    }, 483_840, 100),
+    ("cifar100", "method=deep_l2p"): ({
+        "pool": (5, 30, 20, 768),
+        "keys": (5, 30, 768)
+    }, 2_419_200, 100),
+    ("cifar100", "method=dualprompt"): ({
+        "g_prompts": (2, 6, 768),
+        "e_prompts": (3, 10, 20, 768),
+        "e_keys": (3, 10, 768)
+    }, 493_056, 100),
+    ("imagenet_r", "tasks=5,method=dualprompt"): ({
+        "g_prompts": (2, 6, 768),
+        "e_prompts": (3, 5, 20, 768),
+        "e_keys": (3, 5, 768)
+    }, 251_136, 200),
+    ("imagenet_r", "tasks=20,method=dualprompt"): ({
+        "g_prompts": (2, 6, 768),
+        "e_prompts": (3, 20, 20, 768),
+        "e_keys": (3, 20, 768)
+    }, 976_896, 200),
+    ("cifar100", "method=codaprompt"): ({
+        "components": (5, 100, 8, 768),
+        "keys": (5, 100, 768),
+        "attention": (5, 100, 768)
+    }, 3_840_000, 100),
 }
 
 
@@ -86,14 +97,17 @@ def test_vit_b16_learnable_parameters_of_each_baseline(name, arg):
 # ---------------------------------------------------------------------------
 # SMoPE through the shared kernel equals its forward before the redesign.
 
-FIXTURE = os.path.join(REPO, "tests", "fixtures", "smope_forward_v1.npz")
+FIXTURE = os.path.join(helpers.REPO, "tests", "fixtures",
+                       "smope_forward_v1.npz")
 
 
 def test_smope_forward_equals_the_stored_pre_redesign_outputs():
   stored = np.load(FIXTURE)
-  params = flax.traverse_util.unflatten_dict(
-      {tuple(k[len("param:"):].split("/")): jnp.asarray(stored[k])
-       for k in stored.files if k.startswith("param:")})
+  params = flax.traverse_util.unflatten_dict({
+      tuple(k[len("param:"):].split("/")): jnp.asarray(stored[k])
+      for k in stored.files
+      if k.startswith("param:")
+  })
   prompts = smope.SMoPEPrompts(num_layers=2, num_heads=2, num_experts=6,
                                head_dim=8, top_k=3, epsilon=0.4,
                                inference_penalty=2.0)
@@ -102,10 +116,11 @@ def test_smope_forward_equals_the_stored_pre_redesign_outputs():
                                 prompts=prompts)
   images = jnp.asarray(stored["images"])
   chex.assert_shape(images, (4, 8, 8, 3))
-  context = {"counts": jnp.asarray(stored["counts"]),
-             "frequent": jnp.asarray(stored["frequent"])}
-  runs = {mode: (mode, context) for mode in ("plain", "dense", "train",
-                                              "eval")}
+  context = {
+      "counts": jnp.asarray(stored["counts"]),
+      "frequent": jnp.asarray(stored["frequent"])
+  }
+  runs = {mode: (mode, context) for mode in ("plain", "dense", "train", "eval")}
   runs["eval_published"] = ("eval", {**context, "exclude_unused": False})
   # The fixture's routing must exercise the exclusion, or the two evaluation
   # runs would not tell the routings apart.
@@ -113,8 +128,8 @@ def test_smope_forward_equals_the_stored_pre_redesign_outputs():
                             stored["eval_published:selected"])
   for run, (mode, ctx) in runs.items():
     out = model.apply({"params": params}, images, ctx, mode=mode)
-    names = sorted(k.split(":")[1] for k in stored.files
-                   if k.startswith(run + ":"))
+    names = sorted(
+        k.split(":")[1] for k in stored.files if k.startswith(run + ":"))
     assert sorted(out) == names, run
     for name in names:
       want = stored[f"{run}:{name}"]
@@ -135,13 +150,10 @@ CLASS_RANGE = (2, 4)  # Task 1 of 5 two-class tasks.
 
 
 def _tiny_config(method, ortho_weight):
-  """The demo config's method on a 3-block ViT of width 16, 16 px images."""
-  config = _load("demo", f"method={method}")
-  config.model.update(patch_size=8, hidden_size=16, num_layers=3, num_heads=2,
-                      mlp_dim=32)
+  """The tiny run's method on a 3-block ViT."""
+  config = helpers.tiny_config(f"method={method}", ortho_weight=ortho_weight,
+                               **{"model.num_layers": 3})
   config.num_prompted_layers = min(config.num_prompted_layers, 3)
-  config.image_size = 16
-  config.ortho_weight = ortho_weight
   return config
 
 
@@ -149,8 +161,8 @@ def _random_params(model, method, rng):
   """Every prompt row uniform on [0, 1) (also rows no task uses yet, which
   must not move); small random backbone and head. Compiling init is slow."""
   shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), _batch()["image"], method.init_context(),
-      mode="train"))["params"]
+      jax.random.key(0),
+      _batch()["image"], method.init_context(), mode="train"))["params"]
 
   def fill(path, leaf):
     name = "/".join(path)
@@ -165,16 +177,18 @@ def _random_params(model, method, rng):
     return jnp.asarray(x, leaf.dtype)
 
   flat = flax.traverse_util.flatten_dict(shapes)
-  return flax.traverse_util.unflatten_dict(
-      {path: fill(path, leaf) for path, leaf in sorted(flat.items())})
+  return flax.traverse_util.unflatten_dict({
+      path: fill(path, leaf) for path, leaf in sorted(flat.items())
+  })
 
 
 def _batch():
   rng = np.random.default_rng(0)
-  return {"image": jnp.asarray(rng.uniform(size=(BATCH, 16, 16, 3)),
-                               jnp.float32),
-          "label": jnp.asarray(2 + np.arange(BATCH) % 2, jnp.int32),
-          "mask": jnp.ones(BATCH, jnp.float32)}
+  return {
+      "image": jnp.asarray(rng.uniform(size=(BATCH, 16, 16, 3)), jnp.float32),
+      "label": jnp.asarray(2 + np.arange(BATCH) % 2, jnp.int32),
+      "mask": jnp.ones(BATCH, jnp.float32)
+  }
 
 
 def _changed_rows(before, after):
@@ -183,9 +197,10 @@ def _changed_rows(before, after):
   return moved.reshape(moved.shape[0], moved.shape[1], -1).any(-1)
 
 
-@pytest.mark.parametrize("method,ortho_weight", [
-    ("l2p", 0.0), ("deep_l2p", 0.0), ("dualprompt", 0.0),
-    ("codaprompt", 0.5)])
+@pytest.mark.parametrize("method,ortho_weight", [("l2p", 0.0),
+                                                 ("deep_l2p", 0.0),
+                                                 ("dualprompt", 0.0),
+                                                 ("codaprompt", 0.5)])
 def test_baseline_train_step(method, ortho_weight):
   """Task 1's step: jitted, backbone untouched, the right rows learn."""
   config = _tiny_config(method, ortho_weight)
@@ -197,12 +212,15 @@ def test_baseline_train_step(method, ortho_weight):
   state = prompt_method.init_state(trainable)
   tx = schedules.adam()
   opt_state = tx.init(trainable)
-  step = jax.jit(functools.partial(ts.train_step, model=model,
-                                   method=prompt_method, tx=tx, mode="train"))
+  step = jax.jit(
+      functools.partial(ts.train_step, model=model, method=prompt_method, tx=tx,
+                        mode="train"))
   inputs = ts.TaskInputs(
       class_range=jnp.array(CLASS_RANGE, jnp.int32), task=jnp.int32(TASK),
-      rates={"prompts": jnp.float32(1e-2), "head": jnp.float32(1e-2)},
-      method_state=state)
+      rates={
+          "prompts": jnp.float32(1e-2),
+          "head": jnp.float32(1e-2)
+      }, method_state=state)
   batch = _batch()
   after, new_opt_state, metrics = step(trainable, opt_state, frozen, batch,
                                        inputs)
@@ -215,8 +233,12 @@ def test_baseline_train_step(method, ortho_weight):
     chex.assert_shape(metrics[name], ())
 
   # The reported terms, and a loss that is their (unweighted) sum.
-  terms = {"l2p": {"key"}, "deep_l2p": {"key"}, "dualprompt": {"key"},
-           "codaprompt": {"ortho"} if ortho_weight else set()}[method]
+  terms = {
+      "l2p": {"key"},
+      "deep_l2p": {"key"},
+      "dualprompt": {"key"},
+      "codaprompt": {"ortho"} if ortho_weight else set()
+  }[method]
   assert set(metrics) - {"loss", "ce", "correct", "count"} == terms
   weight = ortho_weight if method == "codaprompt" else 1.0
   want = metrics["ce"] + sum(weight * metrics[t] for t in terms)
@@ -253,13 +275,15 @@ def test_baseline_train_step(method, ortho_weight):
       np.testing.assert_array_equal(
           _changed_rows(prompts_before[name], prompts_after[name]), want_rows,
           err_msg=name)
-    assert not np.any(np.asarray(prompts_before["g_prompts"]) ==
-                      np.asarray(prompts_after["g_prompts"]))
+    assert not np.any(
+        np.asarray(prompts_before["g_prompts"]) == np.asarray(
+            prompts_after["g_prompts"]))
   else:
     per_task = prompt_method.per_task
     index = np.arange(config.pool_size)
     want = (index >= TASK * per_task) & (index < (TASK + 1) * per_task)
     for name in ("keys", "attention", "components"):
       changed = _changed_rows(prompts_before[name], prompts_after[name])
-      np.testing.assert_array_equal(
-          changed, np.broadcast_to(want, changed.shape), err_msg=name)
+      np.testing.assert_array_equal(changed,
+                                    np.broadcast_to(want, changed.shape),
+                                    err_msg=name)

@@ -7,8 +7,6 @@ probe); the tests read the JSON it writes.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +16,8 @@ import pytest
 from smope_jax.benchmark import report
 from smope_jax import train_step as ts
 from smope_jax import factory
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",
               "l2p_inference", "l2p_train")
 POSITIVE_ROW_KEYS = ("gflops_per_image", "gflops_per_step", "seconds_median",
@@ -34,13 +32,10 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
   out = tmp_path_factory.mktemp("benchmark") / "demo.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "smope_jax.benchmark",
-       "--config=configs/demo.py", f"--config.batch_size={BATCH}",
-       "--repeats=1", "--warmup=0", "--matmul_size=256", "--methods=l2p",
-       f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=170,
-      env={**os.environ, "PYTHONPATH": ROOT})
+  proc = helpers.run_module("benchmark", "--config=configs/demo.py",
+                            f"--config.batch_size={BATCH}", "--repeats=1",
+                            "--warmup=0", "--matmul_size=256", "--methods=l2p",
+                            f"--out={out}", timeout=170)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| smope_train |" in proc.stdout
   with open(out) as f:
@@ -48,8 +43,8 @@ def record(tmp_path_factory):
 
 
 def _positive(value):
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value > 0)
+  return isinstance(
+      value, (int, float)) and not isinstance(value, bool) and (value > 0)
 
 
 def test_top_level_schema(record):
@@ -74,10 +69,10 @@ def test_model_rows_hold_positive_numbers(record, name):
   for key in POSITIVE_ROW_KEYS:
     assert _positive(row[key]), (name, key, row[key])
   assert len(row["seconds"]) == len(row["cpu_seconds"]) == 1
-  assert row["images_per_second"] == pytest.approx(
-      BATCH / row["seconds_median"])
-  assert row["gflops_per_step"] == pytest.approx(
-      BATCH * row["gflops_per_image"])
+  assert row["images_per_second"] == pytest.approx(BATCH /
+                                                   row["seconds_median"])
+  assert row["gflops_per_step"] == pytest.approx(BATCH *
+                                                 row["gflops_per_image"])
   assert row["fraction_of_matmul"] == pytest.approx(
       row["gflop_per_second"] / row["matmul_gflop_per_second"])
 
@@ -108,8 +103,7 @@ def test_cost_relations(record):
   # L2P needs a query pass: about two forwards; SMoPE one.
   assert flops["l2p_inference"] > 1.5 * flops["plain_vit"]
   assert flops["smope_inference"] < 0.6 * flops["l2p_inference"]
-  assert flops["plain_vit"] <= flops["smope_inference"] < flops[
-      "dense_prompts"]
+  assert flops["plain_vit"] <= flops["smope_inference"] < flops["dense_prompts"]
   assert flops["smope_train"] > flops["smope_inference"]
   assert flops["smope_train"] < flops["l2p_train"]
   ratios = record["ratios"]
@@ -132,15 +126,13 @@ def test_table_lists_every_row(record):
 def test_imagenet_r_learnable_count_is_the_papers():
   """384,200 = 6 x 12 x 25 x 2 x 64 prompts + the 200-class head: the paper's "0.38 M"."""
   spec = importlib.util.spec_from_file_location(
-      "imagenet_r", os.path.join(ROOT, "configs", "imagenet_r.py"))
+      "imagenet_r", os.path.join(helpers.REPO, "configs", "imagenet_r.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tasks=10")
   model, _ = factory.build_model(config, config.num_tasks)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0),
-                         jnp.zeros((1, 224, 224, 3)), None,
-                         mode="dense"))["params"]
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(
+      0), jnp.zeros((1, 224, 224, 3)), None, mode="dense"))["params"]
   counts = ts.parameter_counts(shapes)
   assert counts["learnable"] == 384_200
   assert counts["prompts"] == 230_400

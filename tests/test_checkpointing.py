@@ -20,8 +20,13 @@ pytestmark = pytest.mark.filterwarnings(
 
 def _state(value: float = 1.0):
   params = {
-      'prompt': {'keys': jnp.full((2, 3, 4), value), 'values': jnp.zeros(5)},
-      'head': {'w': jnp.full((4, 2), value, jnp.bfloat16)},
+      'prompt': {
+          'keys': jnp.full((2, 3, 4), value),
+          'values': jnp.zeros(5)
+      },
+      'head': {
+          'w': jnp.full((4, 2), value, jnp.bfloat16)
+      },
   }
   opt_state = optax.adam(1e-3).init(params)
   return {
@@ -84,8 +89,9 @@ def test_round_trip_into_abstract_template(tmp_path):
   ckpt.close()
   assert step == 3
   _assert_trees_equal(state['params'], _state(3.0)['params'])
-  assert all(isinstance(x, jax.Array) and x.sharding == sharding
-             for x in jax.tree.leaves(state['params']))
+  assert all(
+      isinstance(x, jax.Array) and x.sharding == sharding
+      for x in jax.tree.leaves(state['params']))
 
 
 def test_empty_directory_gives_none(tmp_path):
@@ -145,7 +151,8 @@ def _delete_meta_json(step_dir: pathlib.Path):
 
 @pytest.mark.parametrize('damage', [
     _delete_array_data, _truncate_array_data, _truncate_tree_metadata,
-    _delete_meta_json])
+    _delete_meta_json
+])
 def test_falls_back_to_previous_readable_step(tmp_path, caplog, damage):
   _save_steps(tmp_path, [1, 2])
   damage(tmp_path / '2')
@@ -208,8 +215,9 @@ def _assert_quiet_full_disk_error(error, capfd, caplog, directory):
   assert 'Traceback' not in printed.err + printed.out
   assert 'Event loop is closed' not in printed.err + printed.out
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-  assert not [p for p in directory.iterdir()
-              if 'orbax-checkpoint-tmp' in p.name]
+  assert not [
+      p for p in directory.iterdir() if 'orbax-checkpoint-tmp' in p.name
+  ]
 
 
 def test_full_disk_in_the_writer_is_one_error_and_leaves_nothing(
@@ -251,10 +259,22 @@ def test_full_tmpfs_is_one_error_and_gives_the_space_back(
 
 _PHASES = ('start', 'train', 'eval')
 # A task loop's metadata after task 1 of 2, as `Run` writes it.
-_RUN_META = {'config': {'lr': 0.1}, 'task': 1, 'phase': 'train', 'epoch': 0,
-             'step': 3, 'global_step': 9, 'save_id': 4, 'seed': 0,
-             'acc_matrix': [[80.0]], 'task_seconds': [2.5], 'train_log': [],
-             'train_images_per_second': [100.0]}
+_RUN_META = {
+    'config': {
+        'lr': 0.1
+    },
+    'task': 1,
+    'phase': 'train',
+    'epoch': 0,
+    'step': 3,
+    'global_step': 9,
+    'save_id': 4,
+    'seed': 0,
+    'acc_matrix': [[80.0]],
+    'task_seconds': [2.5],
+    'train_log': [],
+    'train_images_per_second': [100.0]
+}
 
 
 def _check(meta):
@@ -266,14 +286,22 @@ def test_a_run_meta_at_a_possible_position_passes():
   _check(dict(_RUN_META, task=2, acc_matrix=[[80.0], [70.0, 60.0]]))
 
 
-@pytest.mark.parametrize('change, problem', [
-    ({'task': 3, 'acc_matrix': [[1.0], [1.0, 1.0], [1.0, 1.0, 1.0]]},
-     'task 3'),
-    ({'phase': 'topk'}, "phase 'topk'"),
-    ({'acc_matrix': [[80.0, 1.0]]}, 'accuracy matrix'),
-    ({'acc_matrix': [[101.0]]}, 'accuracy matrix'),
-    ({'step': -1}, 'step'), ({'seed': True}, 'seed'),
-    ({'train_log': None}, 'train_log')])
+@pytest.mark.parametrize('change, problem', [({
+    'task': 3,
+    'acc_matrix': [[1.0], [1.0, 1.0], [1.0, 1.0, 1.0]]
+}, 'task 3'), ({
+    'phase': 'topk'
+}, "phase 'topk'"), ({
+    'acc_matrix': [[80.0, 1.0]]
+}, 'accuracy matrix'), ({
+    'acc_matrix': [[101.0]]
+}, 'accuracy matrix'), ({
+    'step': -1
+}, 'step'), ({
+    'seed': True
+}, 'seed'), ({
+    'train_log': None
+}, 'train_log')])
 def test_a_run_meta_at_an_impossible_position_is_malformed(change, problem):
   with pytest.raises(checkpointing.MalformedCheckpoint,
                      match=f'malformed: {problem}'):

@@ -2,16 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from smope_jax import compare, config_compare
 from configs import cifar100, demo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _write_run(directory, config, faa, seed, tasks_done=2, tasks=2):
@@ -20,8 +17,14 @@ def _write_run(directory, config, faa, seed, tasks_done=2, tasks=2):
   config.seed = seed
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config.to_dict(), f)
-  metrics = {"faa": faa, "caa": faa + 5.0, "ffm": 100.0 - faa, "seed": seed,
-             "tasks_done": tasks_done, "task_classes": [5] * tasks}
+  metrics = {
+      "faa": faa,
+      "caa": faa + 5.0,
+      "ffm": 100.0 - faa,
+      "seed": seed,
+      "tasks_done": tasks_done,
+      "task_classes": [5] * tasks
+  }
   with open(os.path.join(directory, "metrics.json"), "w") as f:
     json.dump(metrics, f)
   return directory
@@ -34,14 +37,17 @@ def _tiny(method="smope", **overrides):
 
 
 def test_table_plot_and_statistics(tmp_path):
-  runs = [_write_run(tmp_path / "smope" / f"seed_{s}", _tiny(), faa, s)
-          for s, faa in ((0, 80.0), (1, 84.0))]
-  runs += [_write_run(tmp_path / "l2p", _tiny("l2p"), 70.0, 0,
-                      tasks_done=1)]
+  runs = [
+      _write_run(tmp_path / "smope" / f"seed_{s}", _tiny(), faa, s)
+      for s, faa in ((0, 80.0), (1, 84.0))
+  ]
+  runs += [_write_run(tmp_path / "l2p", _tiny("l2p"), 70.0, 0, tasks_done=1)]
   joint = _tiny(joint=True)
   runs += [_write_run(tmp_path / "joint", joint, 95.0, 0)]
-  record = compare.compare([str(tmp_path / "smope"), str(tmp_path / "l2p"),
-                            str(tmp_path / "joint")], str(tmp_path / "out"))
+  record = compare.compare(
+      [str(tmp_path / "smope"),
+       str(tmp_path / "l2p"),
+       str(tmp_path / "joint")], str(tmp_path / "out"))
   (entry,) = record["benchmarks"]
   rows = {r["label"]: r for r in entry["rows"]}
   assert list(rows) == ["SMoPE", "L2P++", "SMoPE (upper bound: joint)"]
@@ -59,8 +65,8 @@ def test_table_plot_and_statistics(tmp_path):
   assert "| SMoPE | 2 | 2 | 82.00 +- 2.00 |" in text
   assert "1 (partial)" in text
   assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
-  assert json.loads((tmp_path / "out" / "comparison.json").read_text()) == (
-      record)
+  assert json.loads(
+      (tmp_path / "out" / "comparison.json").read_text()) == (record)
 
 
 def test_published_numbers_beside_ours(tmp_path):
@@ -72,24 +78,17 @@ def test_published_numbers_beside_ours(tmp_path):
   _write_run(tmp_path / "run", config, 88.0, 0, tasks=10, tasks_done=10)
   record = compare.compare([str(tmp_path / "run")], str(tmp_path / "out"))
   row = record["benchmarks"][0]["rows"][0]
-  assert row["published_faa"] == [{"mean": 89.23, "std": 0.12,
-                                   "source": "S"}]
-  assert "89.23 +- 0.12 [S]" in (tmp_path / "out" / "comparison.md"
-                                 ).read_text()
+  assert row["published_faa"] == [{"mean": 89.23, "std": 0.12, "source": "S"}]
+  assert "89.23 +- 0.12 [S]" in (tmp_path / "out" / "comparison.md").read_text()
 
 
 def test_refuses_to_mix_protocols_in_one_row(tmp_path):
   _write_run(tmp_path / "a", _tiny(), 80.0, 0)
   _write_run(tmp_path / "b", _tiny(lr=0.01), 81.0, 1)
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.compare", str(tmp_path / "a"),
-       str(tmp_path / "b"), f"--out={tmp_path / 'out'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": ROOT})
-  assert result.returncode == 2
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and "differ in lr (0.005 vs 0.01)" in lines[0]
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("compare", str(tmp_path / "a"),
+                              str(tmp_path / "b"), f"--out={tmp_path / 'out'}",
+                              timeout=120)
+  helpers.assert_one_line_error(result, "differ in lr (0.005 vs 0.01)")
 
 
 def test_not_a_run_directory(tmp_path):
@@ -105,9 +104,12 @@ def test_a_row_and_a_resume_ignore_the_same_result_neutral_fields():
 
 
 def test_runs_differing_only_in_result_neutral_fields_share_a_row(tmp_path):
-  runs = [_write_run(tmp_path / "a", _tiny(), 80.0, 0),
-          _write_run(tmp_path / "b", _tiny(eval_batch_size=7, data_dir="d",
-                                           progress_bar=False), 82.0, 1)]
+  runs = [
+      _write_run(tmp_path / "a", _tiny(), 80.0, 0),
+      _write_run(tmp_path / "b",
+                 _tiny(eval_batch_size=7, data_dir="d", progress_bar=False),
+                 82.0, 1)
+  ]
   tables = compare.group_rows([r for d in runs for r in compare.find_runs(d)])
   ((rows,),) = [list(t.values()) for t in tables.values()]
   assert [r.directory for r in rows] == runs

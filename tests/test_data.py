@@ -34,10 +34,10 @@ def _config(dataset, **overrides):
   num_classes, num_tasks, test_resize, _ = _TFDS_SETTINGS.get(
       dataset, (10, 5, 'resize', None))
   config = configuration.base_config()
-  config.update(dict(
-      dataset=dataset, data_dir='', num_classes=num_classes,
-      num_tasks=num_tasks, image_size=SIZE, seed=0, split_seed=0,
-      cache_data=False, test_resize=test_resize, batch_size=8))
+  config.update(
+      dict(dataset=dataset, data_dir='', num_classes=num_classes,
+           num_tasks=num_tasks, image_size=SIZE, seed=0, split_seed=0,
+           cache_data=False, test_resize=test_resize, batch_size=8))
   config.update(overrides)
   return config
 
@@ -52,8 +52,11 @@ def _imagenet_r_records(features, files: tuple) -> list:
     if name not in _RECORDS:
       rng = np.random.default_rng(len(_RECORDS))
       h, w = rng.integers(6, 14, size=2)
-      example = {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-                 'label': label_of(name.split('/')[0]), 'file_name': name}
+      example = {
+          'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+          'label': label_of(name.split('/')[0]),
+          'file_name': name
+      }
       _RECORDS[name] = features.serialize_example(example)
   return [_RECORDS[name] for name in files]
 
@@ -110,12 +113,11 @@ def _collect(batches):
 
 
 def test_class_order_matches_reference():
-  assert data.class_order(100, 0)[:12] == [
-      23, 8, 11, 7, 48, 13, 1, 91, 94, 54, 16, 63]
-  assert data.class_order(100, 1)[:10] == [
-      53, 37, 65, 51, 4, 20, 38, 9, 10, 81]
-  assert data.class_order(200, 0)[:10] == [
-      131, 181, 22, 172, 144, 92, 97, 187, 58, 93]
+  assert data.class_order(
+      100, 0)[:12] == [23, 8, 11, 7, 48, 13, 1, 91, 94, 54, 16, 63]
+  assert data.class_order(100, 1)[:10] == [53, 37, 65, 51, 4, 20, 38, 9, 10, 81]
+  assert data.class_order(
+      200, 0)[:10] == [131, 181, 22, 172, 144, 92, 97, 187, 58, 93]
   assert sorted(data.class_order(100, 3)) == list(range(100))
 
 
@@ -172,8 +174,8 @@ def test_holdout_split_is_the_references_seeded_permutation():
 def test_random_resized_crop_falls_back_to_centre_crop():
   # A 3x50 strip: no candidate crop fits, so torchvision takes the centred
   # crop of aspect 4/3, i.e. columns 23..26; pixel value = column / 50.
-  image = tf.constant(np.tile(
-      np.arange(50, dtype=np.float32)[None, :, None] / 50, [3, 1, 3]))
+  image = tf.constant(
+      np.tile(np.arange(50, dtype=np.float32)[None, :, None] / 50, [3, 1, 3]))
   out = preprocess.random_resized_crop(image, tf.constant([0, 1]), 8).numpy()
   assert out.shape == (8, 8, 3)
   np.testing.assert_allclose([out.min() * 50, out.max() * 50], [23, 26],
@@ -183,18 +185,21 @@ def test_random_resized_crop_falls_back_to_centre_crop():
 def _smooth_image(height, width):
   """A smooth synthetic RGB image: resampling errors stay small."""
   y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-  image = np.stack([x / width, y / height,
-                    0.5 + 0.5 * np.sin(x / 37.0) * np.cos(y / 29.0)], -1)
+  image = np.stack(
+      [x / width, y / height, 0.5 + 0.5 * np.sin(x / 37.0) * np.cos(y / 29.0)],
+      -1)
   return (255 * image).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize('height,width,resized', [
-    (375, 500, (256, 341)),  # Landscape: 500 x 375 -> 341 x 256.
-    (500, 375, (341, 256)),  # Portrait.
-    (300, 300, (256, 256)),
-])
-def test_test_crop_keeps_the_aspect_ratio_like_torchvision(height, width,
-                                                           resized):
+@pytest.mark.parametrize(
+    'height,width,resized',
+    [
+        (375, 500, (256, 341)),  # Landscape: 500 x 375 -> 341 x 256.
+        (500, 375, (341, 256)),  # Portrait.
+        (300, 300, (256, 256)),
+    ])
+def test_test_crop_keeps_the_aspect_ratio_like_torchvision(
+    height, width, resized):
   image = _smooth_image(height, width)
   shorter = preprocess.resize_shorter_side(
       preprocess.to_unit_float(tf.constant(image)), 256)
@@ -240,8 +245,7 @@ def test_tfds_pipeline(dataset):
     # The last partial batch is dropped: every row is a real image.
     assert np.all(train['mask'] == 1)
     assert set(train['label'].ravel()) <= set(range(first, end))
-    padded = _collect(cd.train_batches(task, 'stats', g,
-                                       drop_remainder=False))
+    padded = _collect(cd.train_batches(task, 'stats', g, drop_remainder=False))
     assert padded['mask'].sum() == n
     assert np.all(padded['image'][padded['mask'] == 0] == 0)
 
@@ -251,11 +255,13 @@ def test_tfds_pipeline(dataset):
 
     # Two processes: their local halves, side by side, are the global batch;
     # so the dropped images do not depend on the number of processes.
-    halves = [data.build_continual_data(config, process_index=p,
-                                        process_count=2) for p in range(2)]
-    for global_batches, read in (
-        (train, lambda cd: cd.train_batches(task, 0, g)),
-        (test, lambda cd: cd.test_batches(task, g))):
+    halves = [
+        data.build_continual_data(config, process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    for global_batches, read in ((train,
+                                  lambda cd: cd.train_batches(task, 0, g)),
+                                 (test, lambda cd: cd.test_batches(task, g))):
       local = [_collect(read(half)) for half in halves]
       for key in global_batches:
         np.testing.assert_array_equal(
@@ -279,8 +285,8 @@ def test_tfds_pipeline(dataset):
 def test_cache_data_changes_nothing():
   # Images of varying sizes.
   with _mocked('imagenet_r', _few_files_per_class()):
-    plain = data.build_continual_data(_config('imagenet_r',
-                                              imagenet_r_split='random'))
+    plain = data.build_continual_data(
+        _config('imagenet_r', imagenet_r_split='random'))
     cached = data.build_continual_data(
         _config('imagenet_r', imagenet_r_split='random', cache_data=True))
     for a, b in ((plain.train_batches(0, 3, 8), cached.train_batches(0, 3, 8)),
@@ -297,7 +303,8 @@ def test_packaged_imagenet_r_lists_are_complete_and_disjoint():
   wnids = imagenet_r.class_wnids()
   assert len(wnids) == len(set(wnids)) == 200
   assert wnids[:2] == ('n02165456', 'n03594945')
-  train, test = imagenet_r.listed_files('train'), imagenet_r.listed_files('test')
+  train, test = imagenet_r.listed_files('train'), imagenet_r.listed_files(
+      'test')
   assert (len(train), len(test)) == (24000, 6000)
   assert len(set(train)) == 24000 and len(set(test)) == 6000
   assert not set(train) & set(test)
@@ -324,8 +331,10 @@ def test_imagenet_r_roles_are_exactly_the_listed_files():
     assert cd.task_classes(0) == expected[:20]
     assert cd.task_classes(0)[:3] == [131, 181, 22]
     wnids = imagenet_r.class_wnids()
-    task0_files = {n for n in imagenet_r.listed_files('train')
-                   if n.split('/')[0] in {wnids[c] for c in expected[:20]}}
+    task0_files = {
+        n for n in imagenet_r.listed_files('train')
+        if n.split('/')[0] in {wnids[c] for c in expected[:20]}
+    }
     assert cd.train_size(0) == len(task0_files)
     assert sum(cd.train_size(t) for t in range(10)) == 24000
     assert sum(cd.test_size(t) for t in range(10)) == 6000
@@ -352,8 +361,8 @@ def test_imagenet_r_copy_that_differs_from_the_lists(change, message):
 
 def test_imagenet_r_random_split_stays_available():
   with _mocked('imagenet_r'):
-    cd = data.build_continual_data(_config('imagenet_r',
-                                           imagenet_r_split='random'))
+    cd = data.build_continual_data(
+        _config('imagenet_r', imagenet_r_split='random'))
   total = sum(cd.train_size(t) + cd.test_size(t) for t in range(20))
   held_out = sum(cd.test_size(t) for t in range(20))
   assert total == 30000 and 0.19 < held_out / total < 0.21
@@ -392,12 +401,12 @@ def test_real_prepared_imagenet_r(tmp_path, monkeypatch):
   # Read as any TFDS dataset: a split it lacks is named with those it has.
   monkeypatch.delitem(benchmarks.BENCHMARKS, 'imagenet_r')
   with pytest.raises(errors.ConfigError, match="its splits are: test"):
-    data.build_continual_data(_config(
-        'imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,
-        train_split='test', test_split='validation'))
-  generic = data.build_continual_data(_config(
-      'imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,
-      batch_size=4, train_split='test[:50%]', test_split='test[50%:]'))
+    data.build_continual_data(
+        _config('imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,
+                train_split='test', test_split='validation'))
+  generic = data.build_continual_data(
+      _config('imagenet_r', data_dir=data_dir, num_classes=0, num_tasks=1,
+              batch_size=4, train_split='test[:50%]', test_split='test[50%:]'))
   assert generic.train_size(0) == generic.test_size(0) == 6
 
 
@@ -405,16 +414,21 @@ def test_damaged_tfds_directory_is_one_clear_error(tmp_path):
   data_dir = _prepare_real_imagenet_r(tmp_path)
   config = _config('imagenet_r', data_dir=data_dir, num_tasks=1,
                    imagenet_r_split='random')
-  records = [os.path.join(root, name)
-             for root, _, names in os.walk(data_dir) for name in names
-             if '.tfrecord' in name]
+  records = [
+      os.path.join(root, name)
+      for root, _, names in os.walk(data_dir)
+      for name in names
+      if '.tfrecord' in name
+  ]
   with open(records[0], 'r+b') as f:  # Cut the records short.
     f.truncate(os.path.getsize(records[0]) // 2)
   with pytest.raises(errors.MissingDataError, match='cannot be read'):
     data.build_continual_data(config)
-  (info,) = [os.path.join(root, 'dataset_info.json')
-             for root, _, names in os.walk(data_dir)
-             if 'dataset_info.json' in names]
+  (info,) = [
+      os.path.join(root, 'dataset_info.json')
+      for root, _, names in os.walk(data_dir)
+      if 'dataset_info.json' in names
+  ]
   with open(info, 'w') as f:
     f.write('{not json')
   with pytest.raises(errors.MissingDataError, match='prepare it again'):
@@ -446,8 +460,8 @@ def test_validation_never_reads_the_test_split(monkeypatch):
 
 
 def test_first_task_classes_and_joint_on_digits():
-  cd = data.build_continual_data(_config('digits', num_tasks=5,
-                                         first_task_classes=4))
+  cd = data.build_continual_data(
+      _config('digits', num_tasks=5, first_task_classes=4))
   assert cd.class_ranges == [(0, 4), (4, 6), (6, 8), (8, 10)]
   assert [len(cd.task_classes(t)) for t in range(4)] == [4, 2, 2, 2]
   joint = data.build_continual_data(_config('digits', joint=True))
@@ -460,14 +474,15 @@ def test_first_task_classes_and_joint_on_digits():
 
 def test_any_tfds_dataset_by_name():
   with _mocked('mnist'):
-    cd = data.build_continual_data(_config('mnist', num_classes=0,
-                                           num_tasks=5, batch_size=2))
+    cd = data.build_continual_data(
+        _config('mnist', num_classes=0, num_tasks=5, batch_size=2))
     assert cd.num_classes == 10 and cd.class_names[:2] == ['0', '1']
     batch = next(iter(cd.test_batches(0, 8)))
     assert batch['image'].shape == (8, SIZE, SIZE, 3)  # Grey -> RGB.
     # No test split: 20 % of every class of train_split is held out.
-    carved = data.build_continual_data(_config(
-        'mnist', num_classes=0, num_tasks=5, test_split='', batch_size=2))
+    carved = data.build_continual_data(
+        _config('mnist', num_classes=0, num_tasks=5, test_split='',
+                batch_size=2))
     source = carved._source  # pylint: disable=protected-access
     assert source.index['test'].split == 'train'  # Never the test split.
     labels = source.labels('train').tolist() + source.labels('test').tolist()
@@ -476,8 +491,8 @@ def test_any_tfds_dataset_by_name():
       assert source.labels('test').tolist().count(c) == int(
           labels.count(c) * 0.2 + 0.5)
     with pytest.raises(errors.ConfigError, match='has no feature'):
-      data.build_continual_data(_config('mnist', num_classes=0, num_tasks=5,
-                                        image_key='picture'))
+      data.build_continual_data(
+          _config('mnist', num_classes=0, num_tasks=5, image_key='picture'))
 
 
 def _write_png(path, value):
@@ -496,8 +511,8 @@ def test_image_folder(tmp_path, nested):
       role = ('test' if i >= 8 else 'train') if nested else ''
       _write_png(tmp_path / role / name / f'{i}.png', 40 * c + i)
   (tmp_path / ('train' if nested else '') / 'cat' / 'notes.txt').write_text('x')
-  cd = data.build_continual_data(_config(f'folder:{tmp_path}', num_classes=0,
-                                         num_tasks=2, batch_size=4))
+  cd = data.build_continual_data(
+      _config(f'folder:{tmp_path}', num_classes=0, num_tasks=2, batch_size=4))
   assert cd.class_names == classes and cd.num_classes == 4
   assert [cd.train_size(t) for t in range(2)] == [16, 16]
   assert [cd.test_size(t) for t in range(2)] == [4, 4]
@@ -512,8 +527,8 @@ def test_image_folder(tmp_path, nested):
 
 def test_missing_folder_is_a_clear_error(tmp_path):
   with pytest.raises(errors.MissingDataError, match='not a directory'):
-    data.build_continual_data(_config(f'folder:{tmp_path}/nowhere',
-                                      num_classes=0))
+    data.build_continual_data(
+        _config(f'folder:{tmp_path}/nowhere', num_classes=0))
 
 
 # --- digits, errors ----------------------------------------------------------

@@ -46,8 +46,7 @@ def template(config):
 
 
 def npz_sha(directory):
-  return weights.sha256_file(
-      os.path.join(directory, weights.BACKBONE_FILE))
+  return weights.sha256_file(os.path.join(directory, weights.BACKBONE_FILE))
 
 
 def count_pretraining(monkeypatch):
@@ -87,10 +86,10 @@ def test_masters_fill_their_square_with_each_letter():
 
 def test_digit_style_counts_ink_per_cell_in_17_levels():
   image = np.zeros((1, 32, 32), np.float32)
-  image[0, 0:4, 0:4] = 1.0      # Cell (0, 0) fully inked: 16/16.
-  image[0, 4:8, 8:10] = 1.0     # Cell (1, 2): 8 of 16 pixels.
-  image[0, 28, 28:31] = 1.0     # Cell (7, 7): 3 of 16 pixels.
-  image[0, 12, 12] = 0.02       # A trace, rounded away: 0.02/16 -> 0.
+  image[0, 0:4, 0:4] = 1.0  # Cell (0, 0) fully inked: 16/16.
+  image[0, 4:8, 8:10] = 1.0  # Cell (1, 2): 8 of 16 pixels.
+  image[0, 28, 28:31] = 1.0  # Cell (7, 7): 3 of 16 pixels.
+  image[0, 12, 12] = 0.02  # A trace, rounded away: 0.02/16 -> 0.
   cells = np.asarray(glyphs.to_digit_style(jnp.asarray(image), 8))[0]
   expected = np.zeros((8, 8))
   expected[0, 0], expected[1, 2], expected[7, 7] = 1.0, 0.5, 3 / 16
@@ -99,7 +98,7 @@ def test_digit_style_counts_ink_per_cell_in_17_levels():
 
 def test_digit_style_upsamples_like_the_digits_source():
   ink = np.zeros((1, 32, 32), np.float32)
-  ink[0, 8:12, 8:12] = 1.0      # Cell (2, 2) full -> a blurred square.
+  ink[0, 8:12, 8:12] = 1.0  # Cell (2, 2) full -> a blurred square.
   up = np.asarray(glyphs.to_digit_style(jnp.asarray(ink), 32))[0]
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   one_cell = np.zeros((8, 8, 1), np.float32)
@@ -109,10 +108,10 @@ def test_digit_style_upsamples_like_the_digits_source():
 
 
 def test_batches_are_deterministic_images_of_known_letters():
-  masters, labels = map(jnp.asarray, glyphs.render_masters("AbZ",
-                                                           glyphs.FONTS[:1]))
-  sample = jax.jit(lambda k: glyphs.sample_batch(k, masters, labels, 16, 32,
-                                                 0.5))
+  masters, labels = map(jnp.asarray,
+                        glyphs.render_masters("AbZ", glyphs.FONTS[:1]))
+  sample = jax.jit(
+      lambda k: glyphs.sample_batch(k, masters, labels, 16, 32, 0.5))
   images, targets = sample(jax.random.PRNGKey(3))
   again, _ = sample(jax.random.PRNGKey(3))
   other, _ = sample(jax.random.PRNGKey(4))
@@ -139,8 +138,8 @@ def test_random_resized_crop_zooms_in():
 
 
 def test_builds_a_converted_directory_the_demo_model_loads(config, built):
-  assert sorted(os.listdir(built)) == sorted([weights.BACKBONE_FILE,
-                                              weights.INFO_FILE])
+  assert sorted(os.listdir(built)) == sorted(
+      [weights.BACKBONE_FILE, weights.INFO_FILE])
   with open(os.path.join(built, weights.INFO_FILE)) as f:
     info = json.load(f)
   assert info["sha256"] == npz_sha(built)
@@ -160,17 +159,18 @@ def test_builds_a_converted_directory_the_demo_model_loads(config, built):
   with np.load(os.path.join(built, weights.BACKBONE_FILE)) as data:
     np.testing.assert_array_equal(params["cls"], data["cls"])
     np.testing.assert_array_equal(
-        params["Transformer"]["encoderblock_3"]["MlpBlock_3"]["Dense_1"][
-            "kernel"], data["Transformer/encoderblock_3/MlpBlock_3/Dense_1/"
-                            "kernel"])
+        params["Transformer"]["encoderblock_3"]["MlpBlock_3"]["Dense_1"]
+        ["kernel"], data["Transformer/encoderblock_3/MlpBlock_3/Dense_1/"
+                         "kernel"])
   assert params["head"]["kernel"].shape == (64, config.num_classes)
 
 
 def test_pretrained_demo_builds_into_the_workdir(config, built, tmp_path,
                                                  monkeypatch):
   """`config.pretrained = "demo"` is built once in WORKDIR/demo_backbone."""
-  monkeypatch.setattr(demo_backbone, "ensure_demo_backbone", functools.partial(
-      demo_backbone.ensure_demo_backbone, recipe=TINY))
+  monkeypatch.setattr(
+      demo_backbone, "ensure_demo_backbone",
+      functools.partial(demo_backbone.ensure_demo_backbone, recipe=TINY))
   demo = config.copy_and_resolve_references()
   demo.pretrained = "demo"
   loaded = factory.load_backbone(demo, str(tmp_path))
@@ -198,8 +198,8 @@ def test_a_second_call_reuses_the_cache(config, tmp_path, monkeypatch):
                                             TINY) == directory
   assert len(calls) == 1
   assert npz_sha(directory) == sha
-  assert os.path.getmtime(os.path.join(
-      directory, weights.BACKBONE_FILE)) == mtime
+  assert os.path.getmtime(os.path.join(directory,
+                                       weights.BACKBONE_FILE)) == mtime
 
 
 def corrupt_weights(directory):
@@ -226,8 +226,8 @@ def garble_info(directory):
     f.write("{not json")
 
 
-@pytest.mark.parametrize("damage", [corrupt_weights, truncate_weights,
-                                    drop_info, garble_info])
+@pytest.mark.parametrize(
+    "damage", [corrupt_weights, truncate_weights, drop_info, garble_info])
 def test_a_damaged_cache_is_rebuilt(config, built, tmp_path, monkeypatch,
                                     damage):
   directory = str(tmp_path / "demo_backbone")
@@ -297,23 +297,28 @@ def test_a_backbone_published_meanwhile_is_kept(config, built, tmp_path,
 def features(config, backbone, images):
   """Pre-logits (CLS after the final norm) of the backbone."""
   model = demo_backbone.letter_model(config)
-  head = {"kernel": jnp.zeros((model.hidden_size, model.num_classes)),
-          "bias": jnp.zeros((model.num_classes,))}
+  head = {
+      "kernel": jnp.zeros((model.hidden_size, model.num_classes)),
+      "bias": jnp.zeros((model.num_classes,))
+  }
   apply = jax.jit(functools.partial(model.apply, mode="plain"))
-  return np.asarray(apply({"params": {**backbone, "head": head}},
-                          images)["pre_logits"])
+  return np.asarray(
+      apply({"params": {
+          **backbone, "head": head
+      }}, images)["pre_logits"])
 
 
 def random_backbone(config):
-  params = demo_backbone.letter_model(config).init(
-      jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), mode="plain")
+  params = demo_backbone.letter_model(config).init(jax.random.PRNGKey(1),
+                                                   jnp.zeros((1, 32, 32, 3)),
+                                                   mode="plain")
   return {k: v for k, v in params["params"].items() if k != "head"}
 
 
 def nearest_class_mean_accuracy(train, train_labels, test, test_labels):
   classes = np.unique(train_labels)
   means = np.stack([train[train_labels == c].mean(0) for c in classes])
-  distances = ((test[:, None] - means[None]) ** 2).sum(-1)
+  distances = ((test[:, None] - means[None])**2).sum(-1)
   return float(np.mean(classes[distances.argmin(1)] == test_labels))
 
 
@@ -325,16 +330,19 @@ def test_pretrained_features_tell_letters_apart_better(config, tmp_path):
   trained = weights.load_backbone(directory, template(config))
   # Five distinct letters, fresh distortions; class means from 200 images.
   masters, labels = map(jnp.asarray, glyphs.render_masters("AoTxS"))
-  train_images, train_labels = glyphs.sample_batch(
-      jax.random.PRNGKey(10), masters, labels, 200, 32)
-  test_images, test_labels = glyphs.sample_batch(
-      jax.random.PRNGKey(11), masters, labels, 200, 32)
+  train_images, train_labels = glyphs.sample_batch(jax.random.PRNGKey(10),
+                                                   masters, labels, 200, 32)
+  test_images, test_labels = glyphs.sample_batch(jax.random.PRNGKey(11),
+                                                 masters, labels, 200, 32)
   accuracy = {
-      name: nearest_class_mean_accuracy(
-          features(config, backbone, train_images), np.asarray(train_labels),
-          features(config, backbone, test_images), np.asarray(test_labels))
-      for name, backbone in (("trained", trained),
-                             ("random", random_backbone(config)))}
+      name:
+          nearest_class_mean_accuracy(features(config, backbone, train_images),
+                                      np.asarray(train_labels),
+                                      features(config, backbone, test_images),
+                                      np.asarray(test_labels))
+      for name, backbone in (("trained", trained), ("random",
+                                                    random_backbone(config)))
+  }
   # Measured: 0.57 against 0.37 (chance 0.2).
   assert accuracy["trained"] > accuracy["random"] + 0.1, accuracy
 
@@ -352,9 +360,11 @@ def test_the_demo_recipe_transfers_to_digits(config, tmp_path):
   images = jnp.repeat(images[..., None], 3, axis=-1)
   half = len(images) // 2
   accuracy = {}
-  for name, backbone in (("trained", trained),
-                         ("random", random_backbone(config))):
+  for name, backbone in (("trained", trained), ("random",
+                                                random_backbone(config))):
     feats = features(config, backbone, images)
-    accuracy[name] = nearest_class_mean_accuracy(
-        feats[:half], digits.target[:half], feats[half:], digits.target[half:])
+    accuracy[name] = nearest_class_mean_accuracy(feats[:half],
+                                                 digits.target[:half],
+                                                 feats[half:],
+                                                 digits.target[half:])
   assert accuracy["trained"] > accuracy["random"] + 0.1, accuracy

@@ -3,8 +3,9 @@
 The start-up tests check what `distributed.initialize` hands to JAX on a
 simulated Cloud TPU VM and under SLURM, and the devices each of 2 real
 processes on 127.0.0.1 keeps. The slow tests run the tiny two-task protocol
-of `e2e_runner` on 8 virtual devices and on 2 processes, each in a
-subprocess since the device count is fixed when JAX starts.
+(`helpers.TWO_TASKS`) through `e2e_runner` on 8 virtual devices and on 2
+processes, each in a subprocess since the device count is fixed when JAX
+starts.
 """
 
 import json
@@ -20,25 +21,28 @@ from jax._src import distributed as jax_distributed
 from jax._src.clusters import cloud_tpu_cluster
 from jax._src.clusters import cluster as cluster_env
 
-import e2e_runner
 from smope_jax import distributed
 from smope_jax.errors import UserError
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(REPO, "tests", "e2e_runner.py")
+RUNNER = os.path.join(helpers.REPO, "tests", "e2e_runner.py")
 
 
 def _start(workdir, devices, *extra, process=None):
   """Starts the tiny protocol with `devices` CPU devices in this process."""
-  env = dict(os.environ, PYTHONPATH=REPO,
+  env = dict(os.environ, PYTHONPATH=helpers.REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  flags = [*e2e_runner.TINY_FLAGS, f"--workdir={workdir}", *extra]
+  flags = [
+      *helpers.tiny_flags(**helpers.TWO_TASKS), f"--workdir={workdir}", *extra
+  ]
   if process is not None:
     address, count, index = process
-    flags += [f"--coordinator_address={address}",
-              f"--num_processes={count}", f"--process_id={index}"]
-  return subprocess.Popen([sys.executable, RUNNER, "--", *flags], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE,
+    flags += [
+        f"--coordinator_address={address}", f"--num_processes={count}",
+        f"--process_id={index}"
+    ]
+  return subprocess.Popen([sys.executable, RUNNER, "--", *flags],
+                          cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -56,8 +60,9 @@ def _run(workdir, devices, *extra):
 def _run_two_processes(workdir, extra=((), ())):
   """Two processes with 2 CPU devices each; returns their exit statuses."""
   address = f"127.0.0.1:{_free_port()}"
-  procs = [_start(workdir, 2, *extra[i], process=(address, 2, i))
-           for i in range(2)]
+  procs = [
+      _start(workdir, 2, *extra[i], process=(address, 2, i)) for i in range(2)
+  ]
   return [_finish(p) for p in procs]
 
 
@@ -75,12 +80,12 @@ def _free_port() -> int:
 def _assert_same_run(a, b):
   assert a["acc_matrix"] == b["acc_matrix"]
   assert a["expert_counts"] == b["expert_counts"]
-  assert ([e["global_step"] for e in a["train_log"]] ==
-          [e["global_step"] for e in b["train_log"]])
+  assert ([e["global_step"] for e in a["train_log"]
+          ] == [e["global_step"] for e in b["train_log"]])
   for name in ("loss", "ce"):
     np.testing.assert_allclose([e[name] for e in a["train_log"]],
-                               [e[name] for e in b["train_log"]],
-                               rtol=1e-5, atol=1e-6)
+                               [e[name] for e in b["train_log"]], rtol=1e-5,
+                               atol=1e-6)
 
 
 # ------------------------------------------------------------------ start-up
@@ -127,34 +132,38 @@ def jax_start(monkeypatch):
   monkeypatch.setattr(cluster_env.ClusterEnv,
                       "auto_detect_unset_distributed_params",
                       staticmethod(recording_detect))
-  monkeypatch.setattr(jax_distributed.config, "update",
-                      lambda name, value: record["visible"].append(
-                          (name, value)))
+  monkeypatch.setattr(
+      jax_distributed.config, "update",
+      lambda name, value: record["visible"].append((name, value)))
   return record
 
 
 def simulate_cloud_tpu_vm(monkeypatch, worker: int, endpoints: str):
   """What JAX sees on a Cloud TPU VM: libtpu found, metadata server up."""
-  metadata = {"agent-worker-number": str(worker),
-              "worker-network-endpoints": endpoints,
-              "tpu-env": f"WORKER_ID: '{worker}'\n"}
+  metadata = {
+      "agent-worker-number": str(worker),
+      "worker-network-endpoints": endpoints,
+      "tpu-env": f"WORKER_ID: '{worker}'\n"
+  }
   monkeypatch.setattr(cluster_env, "running_in_cloud_tpu_vm", True)
   monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
-  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata",
-                      lambda key: (metadata[key], 200) if key in metadata
-                      else ("", 404))
+  monkeypatch.setattr(
+      cloud_tpu_cluster, "get_metadata", lambda key: (metadata[key], 200)
+      if key in metadata else ("", 404))
 
 
-@pytest.mark.parametrize("worker, endpoints, expected", [
-    # v4-32: 4 hosts, this is worker 2; the coordinator is worker 0, on
-    # the port JAX uses on TPU VMs.
-    (2, "10.130.0.5,10.130.0.6,10.130.0.7,10.130.0.8",
-     ("10.130.0.5:8482", 4, 2, None)),
-    # The old endpoint format, name:id:ip.
-    (1, "w-0:0:10.0.0.2,w-1:1:10.0.0.3", ("10.0.0.2:8482", 2, 1, None)),
-    # A single host joins as process 0 of 1.
-    (0, "10.0.0.9", ("10.0.0.9:8482", 1, 0, None)),
-])
+@pytest.mark.parametrize(
+    "worker, endpoints, expected",
+    [
+        # v4-32: 4 hosts, this is worker 2; the coordinator is worker 0, on
+        # the port JAX uses on TPU VMs.
+        (2, "10.130.0.5,10.130.0.6,10.130.0.7,10.130.0.8",
+         ("10.130.0.5:8482", 4, 2, None)),
+        # The old endpoint format, name:id:ip.
+        (1, "w-0:0:10.0.0.2,w-1:1:10.0.0.3", ("10.0.0.2:8482", 2, 1, None)),
+        # A single host joins as process 0 of 1.
+        (0, "10.0.0.9", ("10.0.0.9:8482", 1, 0, None)),
+    ])
 def test_cloud_tpu_vm_is_detected_by_jax(jax_start, monkeypatch, worker,
                                          endpoints, expected):
   simulate_cloud_tpu_vm(monkeypatch, worker, endpoints)
@@ -174,8 +183,8 @@ def test_without_request_one_process_runs_alone(jax_start, monkeypatch):
   assert calls == []
 
 
-def test_detection_requested_but_no_cluster_is_a_user_error(jax_start,
-                                                            monkeypatch):
+def test_detection_requested_but_no_cluster_is_a_user_error(
+    jax_start, monkeypatch):
   monkeypatch.setenv(distributed.DISTRIBUTED_ENV, "auto")
   with pytest.raises(UserError, match="detected no cluster"):
     distributed.initialize()
@@ -184,12 +193,17 @@ def test_detection_requested_but_no_cluster_is_a_user_error(jax_start,
     distributed.initialize()
 
 
-SLURM_TASK_1 = {"SLURM_JOB_ID": "5000", "SLURM_STEP_NODELIST": "gpu[07-08]",
-                "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+SLURM_TASK_1 = {
+    "SLURM_JOB_ID": "5000",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0"
+}
 
 
-def test_slurm_with_explicit_arguments_keeps_every_device(jax_start,
-                                                          monkeypatch):
+def test_slurm_with_explicit_arguments_keeps_every_device(
+    jax_start, monkeypatch):
   for name, value in SLURM_TASK_1.items():
     monkeypatch.setenv(name, value)
   calls = []
@@ -202,8 +216,10 @@ def test_slurm_with_explicit_arguments_keeps_every_device(jax_start,
   monkeypatch.setattr(jax.distributed, "initialize", recording_initialize)
   with pytest.raises(Connecting) as connecting:
     distributed.initialize("gpu07:12355", 2, 1)
-  assert calls == [dict(coordinator_address="gpu07:12355", num_processes=2,
-                        process_id=1, cluster_detection_method="deactivate")]
+  assert calls == [
+      dict(coordinator_address="gpu07:12355", num_processes=2, process_id=1,
+           cluster_detection_method="deactivate")
+  ]
   assert connecting.value.args == ("gpu07:12355", 1)
   assert jax_start["detected"] == [] and jax_start["visible"] == []
 
@@ -251,21 +267,26 @@ def test_two_slurm_tasks_keep_their_devices():
   address = f"127.0.0.1:{_free_port()}"
   procs = []
   for task in range(2):
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(CLUSTER_VARIABLES)}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(CLUSTER_VARIABLES)
+    }
+    env.update(PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                SLURM_JOB_ID="77", SLURM_STEP_NODELIST="localhost",
                SLURM_NTASKS="2", SLURM_PROCID=str(task),
                SLURM_LOCALID=str(task), SLURM_NODEID="0")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-c", SLURM_TASK, address, str(task)], cwd=REPO,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen([sys.executable, "-c", SLURM_TASK, address,
+                          str(task)], cwd=helpers.REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True))
   for proc in procs:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert json.loads(out.splitlines()[-1]) == dict(
-        local=2, total=4, processes=2, visible="all")
+    assert json.loads(out.splitlines()[-1]) == dict(local=2, total=4,
+                                                    processes=2, visible="all")
 
 
 @pytest.mark.slow
@@ -284,8 +305,10 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   together = _metrics(tmp_path / "two_processes")
   _assert_same_run(reference, together)
   # Only process 0 writes reports: one TensorBoard event file, not two.
-  events = [n for n in os.listdir(tmp_path / "two_processes")
-            if n.startswith("events.out.tfevents")]
+  events = [
+      n for n in os.listdir(tmp_path / "two_processes")
+      if n.startswith("events.out.tfevents")
+  ]
   assert len(events) == 1
 
   # Process 1 dies abruptly in the middle of task 2; process 0 is then killed

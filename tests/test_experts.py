@@ -22,20 +22,20 @@ B, S, P, D, LAYERS, H, MLP, L, E, K, C = 4, 8, 4, 16, 3, 2, 32, 2, 6, 3, 10
 def _method():
   config = demo.get_config()
   config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4)
-  return smope.SMoPE(config, num_tasks=2,
-                     dims=dict(num_heads=H, hidden_size=D, num_layers=LAYERS))
+  return smope.SMoPE(config, num_tasks=2, dims=dict(num_heads=H, hidden_size=D,
+                                                    num_layers=LAYERS))
 
 
 def _model():
-  return vit.VisionTransformer(
-      num_classes=C, patch_size=P, hidden_size=D, num_layers=LAYERS,
-      num_heads=H, mlp_dim=MLP, prompts=_method().prompts())
+  return vit.VisionTransformer(num_classes=C, patch_size=P, hidden_size=D,
+                               num_layers=LAYERS, num_heads=H, mlp_dim=MLP,
+                               prompts=_method().prompts())
 
 
 def _count(trainable, frozen, state, batch):
   """The trainer's bookkeeping step (eval routing, clean top-K)."""
-  return ts.bookkeeping_step(trainable, frozen, state, batch, 0,
-                             model=_model(), method=_method())
+  return ts.bookkeeping_step(trainable, frozen, state, batch, 0, model=_model(),
+                             method=_method())
 
 
 def _images(seed: int):
@@ -64,8 +64,8 @@ def _params():
 
 def _eval_apply():
   model = _model()
-  return lambda params, images, state: model.apply(
-      {'params': params}, images, state, mode='eval')
+  return lambda params, images, state: model.apply({'params': params}, images,
+                                                   state, mode='eval')
 
 
 def _state(counts, frequent=None):
@@ -86,10 +86,12 @@ def test_init_expert_state():
 
 
 def test_batch_counts_from_clean_top_k_and_mask():
-  scores = jnp.array([[[[5., 4., 3., 2., 1.]],
-                       [[0., 1., 2., 3., 4.]],
-                       [[9., 9., 0., 0., 0.]],   # Padding.
-                       [[1., 9., 0., 8., 2.]]]])  # (1, 4, 1, 5)
+  scores = jnp.array([[
+      [[5., 4., 3., 2., 1.]],
+      [[0., 1., 2., 3., 4.]],
+      [[9., 9., 0., 0., 0.]],  # Padding.
+      [[1., 9., 0., 8., 2.]]
+  ]])  # (1, 4, 1, 5)
   mask = jnp.array([1., 1., 0., 1.])
   counts = experts.batch_activation_counts(scores, 2, mask)
   chex.assert_shape(counts, (1, 1, 5))
@@ -144,8 +146,10 @@ def test_eval_counts_use_clean_scores_and_next_batch_sees_them():
   assert not np.any(np.asarray(out['selected'][0, :, h]) == star)
 
   # Counting, as the trainer does it (eval routing, clean top-K).
-  updated = _count(trainable, frozen, state, {'image': images,
-                                               'mask': jnp.ones((B,))})
+  updated = _count(trainable, frozen, state, {
+      'image': images,
+      'mask': jnp.ones((B,))
+  })
   chex.assert_shape(updated['counts'], (L, H, E))
   chex.assert_type(updated['counts'], jnp.int32)
   _, clean_top = jax.lax.top_k(out['scores'], K)
@@ -173,25 +177,26 @@ def test_counting_ignores_padding_through_count_step():
   # Same as counting the first two images alone.
   out = _eval_apply()(params, images, state)
   np.testing.assert_array_equal(
-      added, experts.batch_activation_counts(out['scores'][:, :2], K,
-                                             jnp.ones((2,))))
+      added,
+      experts.batch_activation_counts(out['scores'][:, :2], K, jnp.ones((2,))))
 
 
 def test_mark_frequent_by_hand():
-  counts = np.array([[[4, 2, 0, 2],    # 8 / 3 = 2.67 -> expert 0.
-                      [0, 0, 0, 0],    # Nothing used: all marked.
-                      [3, 3, 3, 3],    # Threshold 3: all marked.
-                      [1, 2, 0, 0],    # 3 / 2 = 1.5 -> expert 1.
-                      [0, 0, 5, 0]]])  # 5 / 1 = 5 -> expert 2.
+  counts = np.array([[
+      [4, 2, 0, 2],  # 8 / 3 = 2.67 -> expert 0.
+      [0, 0, 0, 0],  # Nothing used: all marked.
+      [3, 3, 3, 3],  # Threshold 3: all marked.
+      [1, 2, 0, 0],  # 3 / 2 = 1.5 -> expert 1.
+      [0, 0, 5, 0]
+  ]])  # 5 / 1 = 5 -> expert 2.
   state = experts.mark_frequent(_state(counts))
   chex.assert_shape(state['frequent'], (1, 5, 4))
   chex.assert_type(state['frequent'], jnp.bool_)
-  np.testing.assert_array_equal(state['frequent'][0], [
-      [True, False, False, False],
-      [True, True, True, True],
-      [True, True, True, True],
-      [False, True, False, False],
-      [False, False, True, False]])
+  np.testing.assert_array_equal(
+      state['frequent'][0],
+      [[True, False, False, False], [True, True, True, True],
+       [True, True, True, True], [False, True, False, False],
+       [False, False, True, False]])
   np.testing.assert_array_equal(state['counts'], counts)
   # The threshold divides by the USED experts, not by E (8 / 4 = 2 would
   # also mark experts 1 and 3 in the first head).
@@ -215,8 +220,10 @@ def test_marks_are_never_removed():
 
 def test_snapshot_is_a_copy():
   rng = np.random.default_rng(3)
-  prompts = {'keys': rng.uniform(size=(L, H, E, 4)).astype(np.float32),
-             'values': rng.uniform(size=(L, H, E, 4)).astype(np.float32)}
+  prompts = {
+      'keys': rng.uniform(size=(L, H, E, 4)).astype(np.float32),
+      'values': rng.uniform(size=(L, H, E, 4)).astype(np.float32)
+  }
   original = jax.tree_util.tree_map(np.copy, prompts)
   snap = experts.snapshot_prompts(prompts)
   chex.assert_trees_all_equal_shapes_and_dtypes(snap, prompts)

@@ -39,7 +39,6 @@ LAYERS, TASKS, LENGTH, MOMENTUM = 2, 3, 2, 0.1
 CLASS_TO_TASK = np.arange(C) // (C // TASKS)
 _erf = np.vectorize(math.erf)
 
-
 # ---------------------------------------------------------------------------
 # NumPy references.
 
@@ -64,7 +63,7 @@ def np_pairing(per_sample, mask, window):
 
 def np_layer_norm(x, scale, bias, eps):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  var = ((x - mean)**2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
@@ -99,12 +98,12 @@ def np_tii_ce_and_grads(p, f, labels, mask, first, end):
   grads = {"head": {"kernel": g.T @ dz, "bias": dz.sum(0)}}
   dg = dz @ p["head"]["kernel"].T
   mean = r.mean(-1, keepdims=True)
-  std = np.sqrt(((r - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+  std = np.sqrt(((r - mean)**2).mean(-1, keepdims=True) + 1e-5)
   xhat = (r - mean) / std
   grads["LayerNorm"] = {"scale": (dg * xhat).sum(0), "bias": dg.sum(0)}
   dx = dg * p["LayerNorm"]["scale"]
-  dr = (dx - dx.mean(-1, keepdims=True) -
-        xhat * (dx * xhat).mean(-1, keepdims=True)) / std
+  dr = (dx - dx.mean(-1, keepdims=True) - xhat *
+        (dx * xhat).mean(-1, keepdims=True)) / std
   grads["Dense_1"] = {"kernel": h.T @ dr, "bias": dr.sum(0)}
   dh = dr @ p["Dense_1"]["kernel"].T
   gelu_slope = (0.5 * (1.0 + _erf(a / math.sqrt(2.0))) +
@@ -121,8 +120,9 @@ def np_contrastive_groups(features, mask, centroids, valid, tau, group):
   q = np.asarray(centroids, np.float64)[np.asarray(valid, bool)]
   group = group or len(features)
   values, grad = [], np.zeros_like(features)
-  used = [g for g in range(0, len(features), group)
-          if mask[g:g + group].sum() > 0]
+  used = [
+      g for g in range(0, len(features), group) if mask[g:g + group].sum() > 0
+  ]
   for start in used:
     rows = start + np.flatnonzero(mask[start:start + group])
     m = np.concatenate([q, features[rows]])
@@ -142,8 +142,8 @@ def np_contrastive_groups(features, mask, centroids, valid, tau, group):
 
 
 def test_pairing_sources_on_a_full_window_of_24_by_hand():
-  (key_half, key_sample), (value_half, value_sample) = hp.pairing_sources(
-      jnp.ones(24), 24)
+  (key_half, key_sample), (value_half,
+                           value_sample) = hp.pairing_sources(jnp.ones(24), 24)
   chex.assert_shape((key_half, key_sample, value_half, value_sample), (24,))
   chex.assert_type((key_half, key_sample), jnp.int32)
   # Positions 0-11 take half 0 of samples (2b, 2b+1), positions 12-23 half 1
@@ -156,8 +156,8 @@ def test_pairing_sources_on_a_full_window_of_24_by_hand():
 
 def test_pairing_sources_on_a_short_last_window_and_an_odd_count():
   # 30 samples in windows of 24: the second window holds 6 positions.
-  (key_half, key_sample), (value_half, value_sample) = hp.pairing_sources(
-      jnp.ones(30), 24)
+  (key_half, key_sample), (value_half,
+                           value_sample) = hp.pairing_sources(jnp.ones(30), 24)
   np.testing.assert_array_equal(key_half[24:], [0, 0, 0, 1, 1, 1])
   np.testing.assert_array_equal(key_sample[24:], [24, 26, 28] * 2)
   np.testing.assert_array_equal(value_half[24:], [0, 0, 0, 1, 1, 1])
@@ -165,8 +165,8 @@ def test_pairing_sources_on_a_short_last_window_and_an_odd_count():
   # 5 real samples, 3 padding: the middle sample gets key half 0 of sample
   # 4 and value half 1 of sample 0; padding keeps its own halves.
   mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0])
-  (key_half, key_sample), (value_half, value_sample) = hp.pairing_sources(
-      mask, 8)
+  (key_half, key_sample), (value_half,
+                           value_sample) = hp.pairing_sources(mask, 8)
   np.testing.assert_array_equal(key_half, [0, 0, 0, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(key_sample, [0, 2, 4, 1, 3, 5, 6, 7])
   np.testing.assert_array_equal(value_half, [0, 0, 1, 1, 1, 1, 1, 1])
@@ -182,8 +182,8 @@ def test_intended_pairing_takes_each_samples_own_halves():
   np.testing.assert_array_equal(value_sample, np.arange(30))
 
 
-@pytest.mark.parametrize("batch,window,real", [
-    (24, 24, 24), (30, 24, 30), (48, 24, 41), (7, 3, 7)])
+@pytest.mark.parametrize("batch,window,real", [(24, 24, 24), (30, 24, 30),
+                                               (48, 24, 41), (7, 3, 7)])
 def test_pair_key_value_equals_the_reference_reshape(batch, window, real):
   rng = np.random.default_rng(batch + real)
   per_sample = rng.normal(size=(batch, 2, 3, 2, 2))
@@ -214,8 +214,9 @@ def test_pair_key_value_equals_the_reference_reshape(batch, window, real):
 def _hand_slots(num_tasks=4):
   """One block's prompts (2, T, Lp=1, H=1, d=2): half h of slot s = 10s + h."""
   value = 10.0 * np.arange(num_tasks)[None] + np.arange(2)[:, None]
-  return jnp.asarray(np.broadcast_to(value[:, :, None, None, None],
-                                     (2, num_tasks, 1, 1, 2)), jnp.float32)
+  return jnp.asarray(
+      np.broadcast_to(value[:, :, None, None, None], (2, num_tasks, 1, 1, 2)),
+      jnp.float32)
 
 
 def test_route_train_stats_eval_by_hand():
@@ -260,8 +261,8 @@ def test_momentum_blend_gradient_reaches_slot_t_scaled_by_one_minus_m():
 def test_copy_and_merge_at_a_task_boundary():
   # Full layout (L=2, 2, T=4, Lp, H, d), slot s of block l = 100 l + 10 s + h.
   e = jnp.stack([_hand_slots() + 100.0 * l for l in range(2)])
-  copy, merge = jax.jit(hp.copy_previous_slot), jax.jit(
-      hp.merge_momentum, static_argnums=2)
+  copy, merge = jax.jit(hp.copy_previous_slot), jax.jit(hp.merge_momentum,
+                                                        static_argnums=2)
   copied = copy(e, jnp.int32(2))
   chex.assert_shape(copied, e.shape)
   np.testing.assert_array_equal(copied[:, :, 2], e[:, :, 1])
@@ -299,8 +300,9 @@ def _tii_params(seed=0):
       flat[path] = flat[path] + jnp.asarray(
           0.3 * rng.normal(size=flat[path].shape), jnp.float32)
     else:
-      flat[path] = jnp.asarray(rng.normal(size=flat[path].shape) /
-                               np.sqrt(flat[path].shape[0]), jnp.float32)
+      flat[path] = jnp.asarray(
+          rng.normal(size=flat[path].shape) / np.sqrt(flat[path].shape[0]),
+          jnp.float32)
   return module, flax.traverse_util.unflatten_dict(flat)
 
 
@@ -342,8 +344,8 @@ def test_tii_masked_ce_gradient_and_one_clipped_step_against_numpy():
 
   def loss(p):
     logits = module.apply({"params": p}, jnp.asarray(f, jnp.float32))
-    return hl.current_task_ce(logits, jnp.asarray(labels),
-                              jnp.asarray(mask), 2, 4, group_size=None)
+    return hl.current_task_ce(logits, jnp.asarray(labels), jnp.asarray(mask), 2,
+                              4, group_size=None)
 
   value, grads = jax.value_and_grad(loss)(params)
   want_value, want_grads = np_tii_ce_and_grads(params, f, labels, mask, 2, 4)
@@ -355,15 +357,14 @@ def test_tii_masked_ce_gradient_and_one_clipped_step_against_numpy():
   head = np.asarray(grads["head"]["kernel"])
   assert np.all(head[:, [0, 1, 4, 5]] == 0) and np.all(head[:, 2:4] != 0)
 
-  norm = np.sqrt(sum(np.sum(g ** 2) for g in
-                     jax.tree_util.tree_leaves(want_grads)))
+  norm = np.sqrt(
+      sum(np.sum(g**2) for g in jax.tree_util.tree_leaves(want_grads)))
   assert norm > 1.5  # The clip acts.
   scale = 1.0 / (norm + 1e-6)
   rate = 0.5
-  for direction, step in (
-      (optax.identity(), lambda g: scale * g),
-      (schedules.adam(0.0, decoupled=False),
-       lambda g: scale * g / (np.abs(scale * g) + 1e-8))):
+  for direction, step in ((optax.identity(), lambda g: scale * g),
+                          (schedules.adam(0.0, decoupled=False),
+                           lambda g: scale * g / (np.abs(scale * g) + 1e-8))):
     tx = optax.chain(hl.clip_global_norm(), direction)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(
@@ -390,13 +391,12 @@ def test_group_mean_and_ce_over_8_groups_of_24():
   mask = np.ones(192)
   mask[24 + 20:48] = 0.0  # Group 1 has 20 real samples.
   mask[168:] = 0.0  # Group 7 has none and is left out.
-  want = np.mean([values[g:g + 24][mask[g:g + 24] > 0].mean()
-                  for g in range(0, 168, 24)])
+  want = np.mean(
+      [values[g:g + 24][mask[g:g + 24] > 0].mean() for g in range(0, 168, 24)])
   got = hl.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask))
   chex.assert_shape(got, ())
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  got = hl.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask),
-                      None)
+  got = hl.group_mean(jnp.asarray(values, jnp.float32), jnp.asarray(mask), None)
   np.testing.assert_allclose(got, values[mask > 0].mean(), rtol=1e-6)
   # The CE of stage 2: per group over the current task's classes.
   logits = rng.normal(size=(192, C))
@@ -406,8 +406,10 @@ def test_group_mean_and_ce_over_8_groups_of_24():
   current = logits[:, 4:6]
   per_sample = (np.log(np.exp(current).sum(-1)) -
                 logits[np.arange(192), labels])
-  want = np.mean([per_sample[g:g + 24][mask[g:g + 24] > 0].mean()
-                  for g in range(0, 168, 24)])
+  want = np.mean([
+      per_sample[g:g + 24][mask[g:g + 24] > 0].mean()
+      for g in range(0, 168, 24)
+  ])
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -421,8 +423,7 @@ def test_contrastive_by_hand():
   got = hl.contrastive_loss(jnp.asarray([[0.0, 1.0]]), jnp.ones(1),
                             jnp.asarray([[1.0, 0.0], [5.0, 5.0]]),
                             jnp.asarray([True, False]), group_size=None)
-  np.testing.assert_allclose(got, np.log(np.exp(1.25) + 1) - 1.25,
-                             rtol=1e-6)
+  np.testing.assert_allclose(got, np.log(np.exp(1.25) + 1) - 1.25, rtol=1e-6)
 
 
 def _contrastive_inputs(batch, seed):
@@ -444,10 +445,10 @@ def test_contrastive_over_8_groups_of_24_and_as_one_group():
   whole = hl.contrastive_loss(*args, group_size=None)
   chex.assert_shape((grouped, whole), ())
   chex.assert_type((grouped, whole), jnp.float32)
-  want_grouped, _ = np_contrastive_groups(features, mask, centroids, valid,
-                                          0.8, 24)
-  want_whole, _ = np_contrastive_groups(features, mask, centroids, valid,
-                                        0.8, None)
+  want_grouped, _ = np_contrastive_groups(features, mask, centroids, valid, 0.8,
+                                          24)
+  want_whole, _ = np_contrastive_groups(features, mask, centroids, valid, 0.8,
+                                        None)
   np.testing.assert_allclose(grouped, want_grouped, rtol=1e-5)
   np.testing.assert_allclose(whole, want_whole, rtol=1e-5)
   assert abs(want_grouped - want_whole) > 0.5  # The grouping matters.
@@ -460,17 +461,20 @@ def test_contrastive_gradient_against_the_analytic_one(with_centroids):
     valid = np.zeros_like(valid)
   mask = np.ones(48)
   mask[24 + 9:] = 0.0
-  grad = jax.grad(hl.contrastive_loss)(
-      jnp.asarray(features, jnp.float32), jnp.asarray(mask),
-      jnp.asarray(centroids, jnp.float32), jnp.asarray(valid))
+  grad = jax.grad(hl.contrastive_loss)(jnp.asarray(features, jnp.float32),
+                                       jnp.asarray(mask),
+                                       jnp.asarray(centroids, jnp.float32),
+                                       jnp.asarray(valid))
   chex.assert_shape(grad, (48, 4))
   _, want = np_contrastive_groups(features, mask, centroids, valid, 0.8, 24)
   _assert_close(grad, want, 1e-5)
   np.testing.assert_array_equal(grad[24 + 9:], 0.0)  # Padding rows.
   # The centroids get no gradient.
-  centroid_grad = jax.grad(hl.contrastive_loss, argnums=2)(
-      jnp.asarray(features, jnp.float32), jnp.asarray(mask),
-      jnp.asarray(centroids, jnp.float32), jnp.asarray(valid))
+  centroid_grad = jax.grad(hl.contrastive_loss,
+                           argnums=2)(jnp.asarray(features, jnp.float32),
+                                      jnp.asarray(mask),
+                                      jnp.asarray(centroids, jnp.float32),
+                                      jnp.asarray(valid))
   np.testing.assert_array_equal(centroid_grad, 0.0)
 
 
@@ -480,9 +484,11 @@ def test_contrastive_gradient_against_the_analytic_one(with_centroids):
 
 def test_inference_through_a_given_stage1_prediction():
   # Tasks of 2 classes; tasks 0-1 seen (4 classes).
-  tii = np.array([[0.0, 2.0, 0.0, 0.0, 0.0, 9.0],   # class 5 unseen -> 1
-                  [0.0, 0.0, 0.0, 3.0, 1.0, 0.0],   # class 3 -> task 1
-                  [5.0, 0.0, 1.0, 0.0, 0.0, 0.0]])  # class 0 -> task 0
+  tii = np.array([
+      [0.0, 2.0, 0.0, 0.0, 0.0, 9.0],  # class 5 unseen -> 1
+      [0.0, 0.0, 0.0, 3.0, 1.0, 0.0],  # class 3 -> task 1
+      [5.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+  ])  # class 0 -> task 0
   tasks = hp.predicted_task(jnp.asarray(tii), jnp.asarray(CLASS_TO_TASK), 4)
   chex.assert_type(tasks, jnp.int32)
   np.testing.assert_array_equal(tasks, [0, 1, 0])
@@ -513,8 +519,8 @@ def _model_params(model):
   rng = np.random.default_rng(7)
   prompts = flax.traverse_util.flatten_dict(params["prompts"])
   for path, leaf in prompts.items():  # e_prompt U[-1, 1), TII N(0, 0.25).
-    x = (rng.uniform(-1.0, 1.0, leaf.shape) if path == ("e_prompt",) else
-         0.5 * rng.normal(size=leaf.shape))
+    x = (rng.uniform(-1.0, 1.0, leaf.shape) if path == ("e_prompt",) else 0.5 *
+         rng.normal(size=leaf.shape))
     prompts[path] = jnp.asarray(x, jnp.float32)
   params = {**params, "prompts": flax.traverse_util.unflatten_dict(prompts)}
   # The queries of the test images are alike: a head on their deviations
@@ -522,8 +528,10 @@ def _model_params(model):
   _, (_, _, _, g) = np_tii(params["prompts"]["tii"],
                            np_query(params, _images()))
   kernel = 10.0 * rng.normal(size=(D, C))
-  head = {"kernel": jnp.asarray(kernel, jnp.float32),
-          "bias": jnp.asarray(-g.mean(0) @ kernel, jnp.float32)}
+  head = {
+      "kernel": jnp.asarray(kernel, jnp.float32),
+      "bias": jnp.asarray(-g.mean(0) @ kernel, jnp.float32)
+  }
   tii = {**params["prompts"]["tii"], "head": head}
   return {**params, "prompts": {**params["prompts"], "tii": tii}}
 
@@ -540,23 +548,27 @@ def _np_prefixes(params, slots, routing, task, mask, window):
       chosen = e[layer][:, slots]
     per_sample = np.swapaxes(chosen, 0, 1)  # (B, 2, Lp, H, d)
     keys, values = np_pairing(per_sample, mask, window)
-    prefixes[layer] = (keys.reshape(len(slots), LENGTH, D),
-                       values.reshape(len(slots), LENGTH, D))
+    prefixes[layer] = (keys.reshape(len(slots), LENGTH,
+                                    D), values.reshape(len(slots), LENGTH, D))
   return prefixes
 
 
-@pytest.mark.parametrize("routing,window,real", [
-    ("train", 4, 4), ("train", 3, 4), ("stats", 4, 3), ("eval", 4, 4),
-    ("eval", 3, 3)])
+@pytest.mark.parametrize("routing,window,real",
+                         [("train", 4, 4), ("train", 3, 4), ("stats", 4, 3),
+                          ("eval", 4, 4), ("eval", 3, 3)])
 def test_model_forward_matches_numpy(routing, window, real):
   model = vit.VisionTransformer(**TINY, prompts=_module(window=window))
   params = _model_params(model)
   images = _images()
   mask = (np.arange(B) < real).astype(np.float32)
   task = 2
-  context = {"task": jnp.int32(task), "routing": routing,
-             "class_to_task": jnp.asarray(CLASS_TO_TASK),
-             "seen_classes": jnp.int32(C), "mask": jnp.asarray(mask)}
+  context = {
+      "task": jnp.int32(task),
+      "routing": routing,
+      "class_to_task": jnp.asarray(CLASS_TO_TASK),
+      "seen_classes": jnp.int32(C),
+      "mask": jnp.asarray(mask)
+  }
   out = model.apply({"params": params}, images, context,
                     mode="train" if routing == "train" else "eval")
   query = np_query(params, images)
@@ -584,8 +596,11 @@ def test_model_forward_matches_numpy(routing, window, real):
 def test_default_routing_follows_the_mode_and_gradients_stay_in_slot_t():
   model = vit.VisionTransformer(**TINY, prompts=_module())
   params = _model_params(model)
-  context = {"task": jnp.int32(1), "class_to_task": jnp.asarray(
-      CLASS_TO_TASK), "seen_classes": jnp.int32(4)}
+  context = {
+      "task": jnp.int32(1),
+      "class_to_task": jnp.asarray(CLASS_TO_TASK),
+      "seen_classes": jnp.int32(4)
+  }
 
   def ce(p):
     out = model.apply({"params": p}, _images(), context, mode="train")
@@ -606,15 +621,16 @@ def test_vit_b16_parameter_shapes_and_counts():
   prompts = hp.HiDePrompts(num_layers=5, num_tasks=10, length=5,
                            hidden_size=768, num_heads=12, num_classes=100,
                            momentum=0.01)
-  model = vit.VisionTransformer(num_classes=100, patch_size=16,
-                                hidden_size=768, num_layers=12, num_heads=12,
-                                mlp_dim=3072, prompts=prompts)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
-      {"task": jnp.int32(0)}, mode="train"))["params"]["prompts"]
+  model = vit.VisionTransformer(num_classes=100, patch_size=16, hidden_size=768,
+                                num_layers=12, num_heads=12, mlp_dim=3072,
+                                prompts=prompts)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(
+      0), jnp.zeros((1, 224, 224, 3)), {"task": jnp.int32(0)}, mode="train")
+                         )["params"]["prompts"]
   chex.assert_shape(shapes["e_prompt"], (5, 2, 10, 5, 12, 64))
-  size = lambda t: sum(int(np.prod(x.shape))  # noqa: E731
-                       for x in jax.tree_util.tree_leaves(t))
+  size = lambda t: sum(
+      int(np.prod(x.shape))  # noqa: E731
+      for x in jax.tree_util.tree_leaves(t))
   assert size(shapes["e_prompt"]) == 384_000
   tii = dict(shapes["tii"])
   head = tii.pop("head")
@@ -625,9 +641,8 @@ def test_vit_b16_parameter_shapes_and_counts():
 
 
 def test_e_prompt_initialisation_is_uniform_on_minus_one_one():
-  module = hp.HiDePrompts(num_layers=5, num_tasks=10, length=5,
-                          hidden_size=64, num_heads=4, num_classes=10,
-                          momentum=0.01)
+  module = hp.HiDePrompts(num_layers=5, num_tasks=10, length=5, hidden_size=64,
+                          num_heads=4, num_classes=10, momentum=0.01)
   params = module.init(jax.random.key(0), jnp.zeros((2, 64)),
                        method="classify")["params"]
   e = np.asarray(params["e_prompt"])

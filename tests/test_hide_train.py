@@ -24,14 +24,15 @@ def _blobs(rng, n_per_blob):
   feats = feats.astype(np.float32)
   wide = feats.astype(np.float64)
   means = np.stack([wide[blob == j].mean(0) for j in range(K)])
-  variances = np.stack([((wide[blob == j] - means[j]) ** 2).mean(0)
-                        for j in range(K)])
+  variances = np.stack([
+      ((wide[blob == j] - means[j])**2).mean(0) for j in range(K)
+  ])
   return feats, means, variances
 
 
 def _match(got, want):
   """Index of the row of `got` nearest to each row of `want`."""
-  dist = ((want[:, None] - got[None]) ** 2).sum(-1)
+  dist = ((want[:, None] - got[None])**2).sum(-1)
   return dist.argmin(1)
 
 
@@ -87,8 +88,8 @@ def test_centroids_are_seeded_per_class():
   again = statistics.centroid_statistics(feats, labels, [0, 1], seed=5)
   for a, b in zip(both, again):
     np.testing.assert_array_equal(a, b)
-  assert (statistics.class_seed(5, 0, 1) != statistics.class_seed(5, 1, 1)
-          != statistics.class_seed(6, 0, 1))
+  assert (statistics.class_seed(5, 0, 1) != statistics.class_seed(5, 1, 1) !=
+          statistics.class_seed(6, 0, 1))
 
 
 def test_empty_and_scatter():
@@ -124,8 +125,10 @@ def _numpy_head_grads(params, feats, labels, weights, num_seen):
 
 
 def _params(rng, classes):
-  return {"kernel": rng.normal(size=(D, classes)).astype(np.float32),
-          "bias": rng.normal(size=classes).astype(np.float32)}
+  return {
+      "kernel": rng.normal(size=(D, classes)).astype(np.float32),
+      "bias": rng.normal(size=classes).astype(np.float32)
+  }
 
 
 def test_align_step_is_masked_sgd_with_momentum():
@@ -140,10 +143,10 @@ def test_align_step_is_masked_sgd_with_momentum():
     feats = rng.normal(size=(n, D)).astype(np.float32)
     labels = rng.integers(0, num_seen, n)
     weights = np.array([1, 1, 1, 1, 0], np.float32)
-    got, state = alignment.align_step(
-        got, state, jnp.asarray(feats), jnp.asarray(labels),
-        jnp.asarray(weights), jnp.int32(num_seen), jnp.float32(rate),
-        apply_fn=_head, tx=tx)
+    got, state = alignment.align_step(got, state, jnp.asarray(feats),
+                                      jnp.asarray(labels), jnp.asarray(weights),
+                                      jnp.int32(num_seen), jnp.float32(rate),
+                                      apply_fn=_head, tx=tx)
     grads = _numpy_head_grads(want, feats, labels, weights, num_seen)
     buf = grads if buf is None else {k: 0.9 * buf[k] + grads[k] for k in buf}
     want = {k: want[k] - rate * buf[k] for k in want}
@@ -161,9 +164,10 @@ def test_align_step_without_samples_changes_nothing():
   params = jax.tree_util.tree_map(jnp.asarray, _params(rng, 3))
   tx = alignment.momentum_direction()
   state = jax.tree_util.tree_map(jnp.ones_like, tx.init(params))
-  out, out_state = alignment.align_step(
-      params, state, jnp.ones((2, D)), jnp.zeros(2, jnp.int32), jnp.zeros(2),
-      jnp.int32(3), jnp.float32(0.1), apply_fn=_head, tx=tx)
+  out, out_state = alignment.align_step(params, state, jnp.ones((2, D)),
+                                        jnp.zeros(2, jnp.int32), jnp.zeros(2),
+                                        jnp.int32(3), jnp.float32(0.1),
+                                        apply_fn=_head, tx=tx)
   chex.assert_trees_all_equal(out, params)
   chex.assert_trees_all_equal(out_state, state)
 
@@ -190,16 +194,15 @@ def test_replay_batch_draws_from_the_clusters():
   variances = np.zeros((2, 2, D), np.float32)
   variances[1, 1] = [0.0, 0.25, 1.0, 4.0]
   ids = jnp.full((n,), 3 * per + 1)  # Cluster 1 of class 1.
-  feats, labels = alignment.replay_batch(
-      jax.random.PRNGKey(1), jnp.asarray(means), jnp.asarray(variances), ids,
-      per)
+  feats, labels = alignment.replay_batch(jax.random.PRNGKey(1),
+                                         jnp.asarray(means),
+                                         jnp.asarray(variances), ids, per)
   chex.assert_shape(feats, (n, D))
   chex.assert_type(feats, jnp.float32)
   np.testing.assert_array_equal(labels, 1)
   feats = np.asarray(feats, np.float64)
   np.testing.assert_allclose(feats.mean(0), means[1, 1], atol=0.05)
-  np.testing.assert_allclose(feats.var(0), variances[1, 1] + 1e-4,
-                             rtol=0.05)
+  np.testing.assert_allclose(feats.var(0), variances[1, 1] + 1e-4, rtol=0.05)
 
 
 def _clusters(rng, classes):
@@ -218,13 +221,14 @@ def test_align_epoch_is_sgd_over_its_draws():
   params = _params(rng, classes)
   tx = alignment.momentum_direction()
   key = jax.random.PRNGKey(7)
-  got, _ = jax.jit(alignment.align_epoch, static_argnames=(
-      "apply_fn", "tx", "per_centroid"))(
-          jax.tree_util.tree_map(jnp.asarray, params),
-          tx.init(jax.tree_util.tree_map(jnp.asarray, params)),
-          jnp.asarray(means), jnp.asarray(variances), jnp.asarray(present),
-          key, jnp.int32(num_seen), jnp.int32(iterations),
-          jnp.float32(rate), apply_fn=_head, tx=tx, per_centroid=per)
+  got, _ = jax.jit(alignment.align_epoch,
+                   static_argnames=("apply_fn", "tx", "per_centroid"))(
+                       jax.tree_util.tree_map(jnp.asarray, params),
+                       tx.init(jax.tree_util.tree_map(jnp.asarray, params)),
+                       jnp.asarray(means), jnp.asarray(variances),
+                       jnp.asarray(present), key, jnp.int32(num_seen),
+                       jnp.int32(iterations), jnp.float32(rate), apply_fn=_head,
+                       tx=tx, per_centroid=per)
   # The same draws, then plain SGD with momentum in NumPy.
   order_key, noise_key = jax.random.split(key)
   usable = alignment.replayable(jnp.asarray(variances), jnp.asarray(present))
@@ -234,9 +238,9 @@ def test_align_epoch_is_sgd_over_its_draws():
   for i in range(iterations):
     ids = order[i * per:(i + 1) * per]
     assert np.asarray(ok[i * per:(i + 1) * per]).all()
-    feats, labels = alignment.replay_batch(
-        jax.random.fold_in(noise_key, i), jnp.asarray(means),
-        jnp.asarray(variances), ids, per)
+    feats, labels = alignment.replay_batch(jax.random.fold_in(noise_key, i),
+                                           jnp.asarray(means),
+                                           jnp.asarray(variances), ids, per)
     labels = np.asarray(labels)
     assert (labels < num_seen).all()
     assert usable[labels, np.asarray(ids) // per % K].all()
@@ -268,7 +272,7 @@ def _tii_apply(params, feats):
   h = jax.nn.gelu(feats @ params["w1"] + params["b1"], approximate=False)
   y = h @ params["w2"] + params["b2"] + feats
   mu = y.mean(-1, keepdims=True)
-  y = (y - mu) / jnp.sqrt(((y - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+  y = (y - mu) / jnp.sqrt(((y - mu)**2).mean(-1, keepdims=True) + 1e-5)
   return (y * params["scale"] + params["offset"]) @ params["head"]
 
 
@@ -279,12 +283,16 @@ def test_align_is_deterministic_and_fits_the_clusters():
   # Clusters around one centre per class, so the classes are separable.
   means = 5.0 * rng.normal(size=(classes, 1, D)) + 0.2 * means
   means = means.astype(np.float32)
-  init = lambda *shape: jnp.asarray(0.02 * rng.normal(size=shape),
-                                    jnp.float32)
-  params = {"w1": init(D, 2 * D), "b1": jnp.zeros(2 * D),
-            "w2": init(2 * D, D), "b2": jnp.zeros(D),
-            "scale": jnp.ones(D), "offset": jnp.zeros(D),
-            "head": init(D, classes)}
+  init = lambda *shape: jnp.asarray(0.02 * rng.normal(size=shape), jnp.float32)
+  params = {
+      "w1": init(D, 2 * D),
+      "b1": jnp.zeros(2 * D),
+      "w2": init(2 * D, D),
+      "b2": jnp.zeros(D),
+      "scale": jnp.ones(D),
+      "offset": jnp.zeros(D),
+      "head": init(D, classes)
+  }
   stats = (jnp.asarray(means), jnp.asarray(variances), jnp.asarray(present))
   epoch = alignment.make_align_epoch(_tii_apply, per_centroid=8)
   rates = schedules.cosine_annealing(0.5, 8)
@@ -297,8 +305,9 @@ def test_align_is_deterministic_and_fits_the_clusters():
   # The replayed clusters' means are classified better than before.
   feats, labels = jnp.asarray(means[:num_seen].reshape(-1, D)), np.repeat(
       np.arange(num_seen), K)
-  loss = lambda p: float(alignment.masked_loss(
-      p, feats, labels, jnp.ones(len(labels)), num_seen, _tii_apply))
+  loss = lambda p: float(
+      alignment.masked_loss(p, feats, labels, jnp.ones(len(labels)), num_seen,
+                            _tii_apply))
   assert loss(first) < 0.01 * loss(params)
 
 
@@ -312,9 +321,13 @@ def test_lr_scaling_by_the_reference_device_batch():
   assert schedules.scale_lr(0.005) == pytest.approx(4.6875e-4)
   assert schedules.scale_lr(0.1, batch=192) == pytest.approx(0.075)
   assert schedules.prompt_phase_rates(0.01, True) == {
-      "prompt": 0.01, "head": pytest.approx(0.001)}
+      "prompt": 0.01,
+      "head": pytest.approx(0.001)
+  }
   assert schedules.prompt_phase_rates(0.01, False) == {
-      "prompt": 0.01, "head": 0.01}
+      "prompt": 0.01,
+      "head": 0.01
+  }
 
 
 def test_alignment_cosine_has_no_lag():
@@ -334,20 +347,20 @@ def test_step_schedule_lags_one_epoch():
   np.testing.assert_allclose(got[31:], 0.001, rtol=1e-12)
   short = schedules.EpochSchedule("epoch_step", 0.01, num_epochs=20)
   np.testing.assert_array_equal(short.rates(3), np.float32(0.01))
-  assert schedules.EpochSchedule("epoch_step", 1.0)(61) == pytest.approx(
-      0.01)
+  assert schedules.EpochSchedule("epoch_step", 1.0)(61) == pytest.approx(0.01)
 
 
 def test_cosine_schedule_lags_one_epoch_to_its_minimum():
   base, epochs = 2.8125e-3, 4
   schedule = schedules.EpochSchedule("epoch_cosine_min", base, epochs)
   # Epoch e >= 1 runs at the curve's value for e - 1.
-  curve = [1e-5 + 0.5 * (base - 1e-5) * (1 + math.cos(math.pi * e / 4))
-           for e in range(3)]
+  curve = [
+      1e-5 + 0.5 * (base - 1e-5) * (1 + math.cos(math.pi * e / 4))
+      for e in range(3)
+  ]
   want = [base, *curve]
   assert want[:2] == [base, base]
-  np.testing.assert_allclose([schedule(e) for e in range(4)], want,
-                             rtol=1e-12)
+  np.testing.assert_allclose([schedule(e) for e in range(4)], want, rtol=1e-12)
   assert schedule(5) == schedule(9) == 1e-5  # After the cycle.
   rates = schedule.rates(steps_per_epoch=3)
   chex.assert_shape(rates, (12,))
@@ -368,14 +381,14 @@ def _numpy_adam(params, grads_list, rates, weight_decay):
   m = {k: np.zeros_like(v) for k, v in p.items()}
   v = {k: np.zeros_like(x) for k, x in p.items()}
   for t, (grads, rate) in enumerate(zip(grads_list, rates), start=1):
-    norm = math.sqrt(sum((g.astype(np.float64) ** 2).sum()
-                         for g in grads.values()))
+    norm = math.sqrt(
+        sum((g.astype(np.float64)**2).sum() for g in grads.values()))
     coef = min(1.0, 1.0 / (norm + 1e-6))
     for k in p:
       g = grads[k] * coef + weight_decay * p[k]
       m[k] = 0.9 * m[k] + 0.1 * g
       v[k] = 0.999 * v[k] + 0.001 * g * g
-      m_hat, v_hat = m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.999 ** t)
+      m_hat, v_hat = m[k] / (1 - 0.9**t), v[k] / (1 - 0.999**t)
       p[k] = p[k] - rate * m_hat / (np.sqrt(v_hat) + 1e-8)
   return p
 
@@ -383,14 +396,18 @@ def _numpy_adam(params, grads_list, rates, weight_decay):
 @pytest.mark.parametrize("named_weight_decay", [False, True])
 def test_clipped_adam_against_numpy(named_weight_decay):
   rng = np.random.default_rng(10)
-  params = {"prompt": rng.normal(size=(3, 5)).astype(np.float32),
-            "head": rng.normal(size=(5, 2)).astype(np.float32)}
+  params = {
+      "prompt": rng.normal(size=(3, 5)).astype(np.float32),
+      "head": rng.normal(size=(5, 2)).astype(np.float32)
+  }
   # The first gradient's norm is far above 1 (clipped), the second's below.
-  grads_list = [
-      {k: (3.0 * rng.normal(size=v.shape)).astype(np.float32)
-       for k, v in params.items()},
-      {k: (0.01 * rng.normal(size=v.shape)).astype(np.float32)
-       for k, v in params.items()}]
+  grads_list = [{
+      k: (3.0 * rng.normal(size=v.shape)).astype(np.float32)
+      for k, v in params.items()
+  }, {
+      k: (0.01 * rng.normal(size=v.shape)).astype(np.float32)
+      for k, v in params.items()
+  }]
   rates = (1e-2, 5e-3)
   tx = schedules.adam(named_weight_decay=named_weight_decay)
   got = jax.tree_util.tree_map(jnp.asarray, params)
@@ -398,8 +415,7 @@ def test_clipped_adam_against_numpy(named_weight_decay):
   for grads, rate in zip(grads_list, rates):
     grads = jax.tree_util.tree_map(jnp.asarray, grads)
     direction, state = tx.update(grads, state, got)
-    got = jax.tree_util.tree_map(lambda p, u, r=rate: p - r * u, got,
-                                 direction)
+    got = jax.tree_util.tree_map(lambda p, u, r=rate: p - r * u, got, direction)
   chex.assert_trees_all_equal_shapes_and_dtypes(
       got, jax.tree_util.tree_map(jnp.asarray, params))
   want = _numpy_adam(params, grads_list, rates,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import e2e_runner
+import helpers
 from configs import demo
 from smope_jax import configuration, distributed, trainer
 from smope_jax.data import pipeline
@@ -26,9 +26,10 @@ from smope_jax.hide import losses as hide_losses
 from smope_jax.hide import steps as hide_steps
 from smope_jax.methods import hideprompt, registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASK_PHASES = ["start", "tii_train", "tii_stats", "tii_align", "train",
-               "merge", "stats", "align", "eval"]
+TASK_PHASES = [
+    "start", "tii_train", "tii_stats", "tii_align", "train", "merge", "stats",
+    "align", "eval"
+]
 
 
 def _benchmark(dataset, classes):
@@ -102,10 +103,22 @@ def test_spread_windows_deals_real_samples_out_leading_each_window():
 
 
 def test_subgroup_rates_leave_untrained_groups_alone():
-  direction = {"prompts": {"e_prompt": jnp.ones(3), "tii": {"w": jnp.ones(2)}},
-               "head": {"kernel": jnp.ones(2)}}
-  scaled = hide_steps.subgroup_rates(
-      direction, {"e_prompt": 0.0, "tii": 0.5, "head": 2.0})
+  direction = {
+      "prompts": {
+          "e_prompt": jnp.ones(3),
+          "tii": {
+              "w": jnp.ones(2)
+          }
+      },
+      "head": {
+          "kernel": jnp.ones(2)
+      }
+  }
+  scaled = hide_steps.subgroup_rates(direction, {
+      "e_prompt": 0.0,
+      "tii": 0.5,
+      "head": 2.0
+  })
   np.testing.assert_array_equal(scaled["prompts"]["e_prompt"], 0.0)
   np.testing.assert_array_equal(scaled["prompts"]["tii"]["w"], -0.5)
   np.testing.assert_array_equal(scaled["head"]["kernel"], -2.0)
@@ -113,10 +126,18 @@ def test_subgroup_rates_leave_untrained_groups_alone():
 
 def test_start_task_copies_the_slot_and_draws_the_head_once():
   method, dims = _method()
-  e_prompt = jnp.arange(2 * 2 * 5 * 3 * 2, dtype=jnp.float32).reshape(
-      2, 2, 5, 3, 2, 1)
-  trainable = {"prompts": {"e_prompt": e_prompt, "tii": {}},
-               "head": {"kernel": jnp.ones((4, 10)), "bias": jnp.ones(10)}}
+  e_prompt = jnp.arange(2 * 2 * 5 * 3 * 2,
+                        dtype=jnp.float32).reshape(2, 2, 5, 3, 2, 1)
+  trainable = {
+      "prompts": {
+          "e_prompt": e_prompt,
+          "tii": {}
+      },
+      "head": {
+          "kernel": jnp.ones((4, 10)),
+          "bias": jnp.ones(10)
+      }
+  }
   key = jax.random.PRNGKey(0)
   first, _ = method.start_task(trainable, {}, jnp.int32(0), key)
   np.testing.assert_array_equal(first["prompts"]["e_prompt"], e_prompt)
@@ -136,13 +157,15 @@ def test_contrastive_term_reads_the_earlier_tasks_clusters_only():
   means = rng.normal(size=state["means"].shape).astype(np.float32)
   present = np.zeros(state["present"].shape, bool)
   present[[0, 1, 3], :2] = True  # Classes 0, 1 (task 0) and 3 (task 1).
-  state = {**state, "means": jnp.asarray(means),
-           "present": jnp.asarray(present)}
+  state = {
+      **state, "means": jnp.asarray(means),
+      "present": jnp.asarray(present)
+  }
   features = jnp.asarray(rng.normal(size=(24, dims["hidden_size"])),
                          jnp.float32)
   mask = jnp.ones(24)
-  terms = method.loss_terms({"pre_logits": features}, {}, state,
-                            jnp.int32(1), mask, "train")
+  terms = method.loss_terms({"pre_logits": features}, {}, state, jnp.int32(1),
+                            mask, "train")
   value, weight = terms["contrastive"]
   old = means[[0, 1], :2].reshape(-1, dims["hidden_size"])
   want = hide_losses.contrastive_loss(features, mask, jnp.asarray(old),
@@ -158,13 +181,10 @@ def test_contrastive_term_reads_the_earlier_tasks_clusters_only():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  config = demo.get_config("method=hideprompt")
-  config.pretrained = ""
-  config.image_size = 16
-  config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                      num_heads=2, mlp_dim=32)
-  config.update(epochs=1, progress_bar=False)
-  config.hide.update(tii_epochs=1, crct_epochs=2)
+  config = helpers.tiny_config("method=hideprompt", **{
+      "hide.tii_epochs": 1,
+      "hide.crct_epochs": 2
+  })
   return trainer.Run(config, str(tmp_path_factory.mktemp("hide")))
 
 
@@ -174,19 +194,31 @@ def _host(state):
 
 def _changed(before, after):
   """Which of e_prompt, tii, head differ."""
-  pick = {"e_prompt": lambda s: s["trainable"]["prompts"]["e_prompt"],
-          "tii": lambda s: s["trainable"]["prompts"]["tii"],
-          "head": lambda s: s["trainable"]["head"]}
-  return {name for name, get in pick.items() if not all(
-      np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(
-          get(before)), jax.tree_util.tree_leaves(get(after))))}
+  pick = {
+      "e_prompt": lambda s: s["trainable"]["prompts"]["e_prompt"],
+      "tii": lambda s: s["trainable"]["prompts"]["tii"],
+      "head": lambda s: s["trainable"]["head"]
+  }
+  return {
+      name for name, get in pick.items() if not all(
+          np.array_equal(a, b)
+          for a, b in zip(jax.tree_util.tree_leaves(get(before)),
+                          jax.tree_util.tree_leaves(get(after))))
+  }
 
 
 # What each phase may change (the head is drawn again before task 0).
-CHANGES = {"start": ({"head"}, {"e_prompt"}), "tii_train": {"tii"},
-           "tii_stats": set(), "tii_align": {"tii"},
-           "train": {"e_prompt", "head"}, "merge": (set(), {"e_prompt"}),
-           "stats": set(), "align": {"head"}, "eval": set()}
+CHANGES = {
+    "start": ({"head"}, {"e_prompt"}),
+    "tii_train": {"tii"},
+    "tii_stats": set(),
+    "tii_align": {"tii"},
+    "train": {"e_prompt", "head"},
+    "merge": (set(), {"e_prompt"}),
+    "stats": set(),
+    "align": {"head"},
+    "eval": set()
+}
 
 
 def test_two_tasks_phase_by_phase_with_a_checkpoint_after_each(run):
@@ -212,12 +244,11 @@ def test_two_tasks_phase_by_phase_with_a_checkpoint_after_each(run):
       np.testing.assert_array_equal(e_after[:, :, 1], e_before[:, :, 0])
     if phase == "train":  # Only the task's slot learns.
       others = [s for s in range(e_after.shape[2]) if s != task]
-      np.testing.assert_array_equal(e_after[:, :, others],
-                                    e_before[:, :, others])
+      np.testing.assert_array_equal(e_after[:, :, others], e_before[:, :,
+                                                                    others])
     if phase == "merge" and task == 1:
-      np.testing.assert_allclose(
-          e_after[:, :, 1],
-          (1 - m) * e_before[:, :, 1] + m * e_before[:, :, 0], rtol=1e-6)
+      np.testing.assert_allclose(e_after[:, :, 1], (1 - m) * e_before[:, :, 1] +
+                                 m * e_before[:, :, 0], rtol=1e-6)
     if phase in ("tii_stats", "stats"):
       prefix = "tii_" if phase == "tii_stats" else ""
       present = after["method_state"][f"{prefix}present"]
@@ -227,8 +258,9 @@ def test_two_tasks_phase_by_phase_with_a_checkpoint_after_each(run):
       identity = after["method_state"]["tii_accuracy"]
       assert (identity[task, :task + 1] >= 0).all()
       assert (identity[task, task + 1:] == -1).all()
-  assert done == TASK_PHASES[:1] + [p for p in TASK_PHASES[1:]
-                                    if "align" not in p] + TASK_PHASES
+  assert done == TASK_PHASES[:1] + [
+      p for p in TASK_PHASES[1:] if "align" not in p
+  ] + TASK_PHASES
   assert position.phase == "start" and len(position.acc_matrix) == 2
 
   run.checkpointer.wait_until_finished()
@@ -244,15 +276,14 @@ def test_two_tasks_phase_by_phase_with_a_checkpoint_after_each(run):
 # ---------------------------------------------------------------------------
 # Through `main` (slow).
 
-
-def _flags():
-  kept = [f for f in e2e_runner.TINY_DIGITS if not f.startswith(
-      ("--config=", "--config.num_experts", "--config.top_k",
-       "--config.batch_size", "--config.eval_batch_size"))]
-  return ["--config=configs/demo.py:method=hideprompt", *kept,
-          "--config.num_tasks=2", "--config.hide.tii_epochs=1",
-          "--config.hide.crct_epochs=2", "--config.checkpoint_every_steps=4",
-          "--config.log_every_steps=2"]
+# Two tasks of the tiny run, with checkpoints and logs inside epochs.
+OVERRIDES = {
+    "num_tasks": 2,
+    "hide.tii_epochs": 1,
+    "hide.crct_epochs": 2,
+    "checkpoint_every_steps": 4,
+    "log_every_steps": 2
+}
 
 
 def _metrics(workdir):
@@ -263,7 +294,8 @@ def _metrics(workdir):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("hide_main"))
-  assert e2e_runner.run_main([*_flags(), f"--workdir={workdir}"]) == 0
+  config = helpers.tiny_config("method=hideprompt", **OVERRIDES)
+  assert helpers.run_main(config, workdir) == 0
   return workdir
 
 
@@ -276,28 +308,33 @@ def test_main_runs_both_stages_of_every_task(finished):
   phases = [(e["task"], e["phase"]) for e in metrics["train_log"]]
   assert sorted(set(phases)) == [(0, "tii_train"), (0, "train"),
                                  (1, "tii_train"), (1, "train")]
-  assert all("contrastive" in e for e in metrics["train_log"]
-             if e["phase"] == "train")
+  assert all(
+      "contrastive" in e for e in metrics["train_log"] if e["phase"] == "train")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["tii_train", "train"])
 def test_killed_run_resumes_to_identical_results(finished, phase, tmp_path):
   reference = _metrics(finished)
-  steps = [e["global_step"] for e in reference["train_log"]
-           if e["task"] == 1 and e["phase"] == phase]
+  steps = [
+      e["global_step"]
+      for e in reference["train_log"]
+      if e["task"] == 1 and e["phase"] == phase
+  ]
   workdir = str(tmp_path)
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tests", "e2e_runner.py"), "--",
-       *_flags(), f"--workdir={workdir}",
-       f"--config.exit_at_step={steps[len(steps) // 2]}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run([
+      sys.executable,
+      os.path.join(helpers.REPO, "tests", "e2e_runner.py"), "--",
+      *helpers.tiny_flags("method=hideprompt", **OVERRIDES),
+      f"--workdir={workdir}", f"--config.exit_at_step={steps[len(steps) // 2]}"
+  ], cwd=helpers.REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 3, result.stderr[-2000:]
-  assert e2e_runner.run_main([*_flags(), f"--workdir={workdir}"]) == 0
+  config = helpers.tiny_config("method=hideprompt", **OVERRIDES)
+  assert helpers.run_main(config, workdir) == 0
   resumed = _metrics(workdir)
   assert resumed["acc_matrix"] == reference["acc_matrix"]
-  assert (resumed["task_identity_accuracy"] ==
-          reference["task_identity_accuracy"])
+  assert (
+      resumed["task_identity_accuracy"] == reference["task_identity_accuracy"])
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
                              [e["loss"] for e in reference["train_log"]],
                              rtol=1e-6)
@@ -316,8 +353,7 @@ def test_hide_test_transform_normalises_cifar_only():
   want = (128 / 255 - np.array(preprocess.CIFAR_MEAN)) / np.array(
       preprocess.CIFAR_STD)
   assert out.shape == (24, 24, 3)
-  np.testing.assert_allclose(out, np.broadcast_to(want, out.shape),
-                             atol=1e-5)
+  np.testing.assert_allclose(out, np.broadcast_to(want, out.shape), atol=1e-5)
   plain = preprocess.hide_test_image(_constant(128), 24, cifar=False).numpy()
   np.testing.assert_allclose(plain, 128 / 255, atol=1e-5)
 
@@ -328,8 +364,9 @@ def test_hide_train_transform_jitters_brightness_on_cifar():
                                     cifar=True).numpy()
   pixels = out * np.array(preprocess.CIFAR_STD) + np.array(
       preprocess.CIFAR_MEAN)
-  np.testing.assert_allclose(pixels, np.broadcast_to(pixels[:1, :1],
-                                                    pixels.shape), atol=1e-5)
+  np.testing.assert_allclose(pixels,
+                             np.broadcast_to(pixels[:1, :1], pixels.shape),
+                             atol=1e-5)
   factor = pixels[0, 0, 0] * 255 / 100
   assert abs(factor - 1) <= preprocess.BRIGHTNESS + 0.01
   np.testing.assert_allclose(pixels * 255, np.round(pixels * 255),
@@ -347,9 +384,11 @@ def test_the_pipeline_reads_with_the_hide_transforms_when_asked():
   theirs = pipeline.build_continual_data(config)
   batch = lambda data: next(data.test_batches(0, 48))["image"]  # noqa: E731
   assert not np.allclose(batch(ours), batch(theirs))
-  stats = next(theirs.train_batches(0, "stats", 48, drop_remainder=False,
-                                    test_transform=True))["image"]
-  again = next(theirs.train_batches(0, "stats", 48, drop_remainder=False,
-                                    test_transform=True))["image"]
+  stats = next(
+      theirs.train_batches(0, "stats", 48, drop_remainder=False,
+                           test_transform=True))["image"]
+  again = next(
+      theirs.train_batches(0, "stats", 48, drop_remainder=False,
+                           test_transform=True))["image"]
   np.testing.assert_array_equal(stats, again)
   assert stats.min() >= 0 and stats.max() <= 1  # Digits: not normalised.

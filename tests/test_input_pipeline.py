@@ -12,9 +12,11 @@ from smope_jax.benchmark import input_pipeline as ip
 from smope_jax.data import pipeline
 from smope_jax.errors import UserError
 
-CONFIGS = {"cifar100": "configs/cifar100.py",
-           "imagenet_r": "configs/imagenet_r.py",
-           "caltech_birds2011": "configs/cub200.py"}
+CONFIGS = {
+    "cifar100": "configs/cifar100.py",
+    "imagenet_r": "configs/imagenet_r.py",
+    "caltech_birds2011": "configs/cub200.py"
+}
 MAGIC = {"PNG": b"\x89PNG", "JPEG": b"\xff\xd8"}
 
 
@@ -63,8 +65,12 @@ def test_thread_cap_changes_no_batch():
     config = ip.benchmark_config(_config("caltech_birds2011"), data_dir)
     config.image_size, config.cache_data = 16, False
     ip.write_mock(config, data_dir, num_train=8, num_test=2)
-    read = [list(pipeline.build_continual_data(config, threads=t)
-                 .train_batches(0, 1, 4)) for t in (0, 1)]
+    read = [
+        list(
+            pipeline.build_continual_data(config,
+                                          threads=t).train_batches(0, 1, 4))
+        for t in (0, 1)
+    ]
     assert len(read[0]) == 2
     for a, b in zip(*read):
       for key in a:

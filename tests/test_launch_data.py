@@ -13,7 +13,9 @@ import venv
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import helpers
+
+ROOT = pathlib.Path(helpers.REPO)
 PREPARE = ROOT / "launch" / "prepare_data.py"
 
 # A TFDS dataset of 6 train and 2 test images, registered when its package
@@ -55,8 +57,9 @@ def prepare(tmp_path, *args):
   (tmp_path / "tiny_images" / "__init__.py").write_text(TINY_DATASET)
   env = dict(os.environ, SEEN_DOWNLOAD_DIR=str(tmp_path / "seen"),
              HOME=str(tmp_path / "home"), PYTHONPATH=str(tmp_path))
-  return subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(PREPARE), *args],
-                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  return subprocess.run([sys.executable, "-c", RUN_SCRIPT,
+                         str(PREPARE), *args], capture_output=True, text=True,
+                        timeout=300, env=env, cwd=ROOT)
 
 
 def test_prepare_data_builds_into_the_data_dir(tmp_path):
@@ -68,7 +71,8 @@ def test_prepare_data_builds_into_the_data_dir(tmp_path):
   assert (tmp_path / "seen").read_text() == str(
       tmp_path / "home" / "tensorflow_datasets" / "downloads")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  splits = tfds.builder_from_directory(data / "tiny_images" / "1.0.0").info.splits
+  splits = tfds.builder_from_directory(data / "tiny_images" /
+                                       "1.0.0").info.splits
   assert (splits["train"].num_examples, splits["test"].num_examples) == (6, 2)
 
 
@@ -99,16 +103,22 @@ def test_readme_install_line_in_a_fresh_environment(tmp_path):
   env_dir = tmp_path / "venv"
   venv.create(env_dir, with_pip=True)
   python = str(env_dir / "bin" / "python")
-  install = subprocess.run([python, "-m", *line.split()],
-                           capture_output=True, text=True, timeout=1800, cwd=ROOT)
+  install = subprocess.run([python, "-m", *line.split()], capture_output=True,
+                           text=True, timeout=1800, cwd=ROOT)
   assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
   imports = subprocess.run(
-      [python, "-c", "import tensorflow_datasets as tfds, tensorflow, cv2, importlib_resources; "
-       "tfds.core.lazy_imports.cv2.imdecode"],  # How the CUB-200 builder gets OpenCV.
-      capture_output=True, text=True, timeout=300)
+      [
+          python, "-c",
+          "import tensorflow_datasets as tfds, tensorflow, cv2, importlib_resources; "
+          "tfds.core.lazy_imports.cv2.imdecode"
+      ],  # How the CUB-200 builder gets OpenCV.
+      capture_output=True,
+      text=True,
+      timeout=300)
   assert imports.returncode == 0, imports.stderr[-3000:]
   # The script looks the datasets up in TFDS before anything else.
-  unknown = subprocess.run([python, str(PREPARE), f"--data_dir={tmp_path}/tfds", "cifar1000"],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+  unknown = subprocess.run(
+      [python, str(PREPARE), f"--data_dir={tmp_path}/tfds", "cifar1000"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert unknown.returncode == 2, unknown.stderr[-3000:]
   assert "error: 'cifar1000' is not a TFDS dataset" in unknown.stderr

@@ -43,8 +43,7 @@ def test_task_cross_entropy_is_ce_over_current_task(first, end):
 
   # Traced bounds give the same value (one compiled step for every task).
   jitted = jax.jit(losses.task_cross_entropy)(logits, labels, mask,
-                                              jnp.int32(first),
-                                              jnp.int32(end))
+                                              jnp.int32(first), jnp.int32(end))
   np.testing.assert_allclose(jitted, expected, rtol=1e-5)
 
   # Earlier tasks, unseen classes and padded rows do not matter.
@@ -53,8 +52,8 @@ def test_task_cross_entropy_is_ce_over_current_task(first, end):
   changed = np.asarray(logits).copy()
   changed[:, outside] += 50.0 * rng.normal(size=(6, outside.sum()))
   changed[np.asarray(mask) == 0] = 123.0
-  loss2 = losses.task_cross_entropy(jnp.asarray(changed), labels, mask,
-                                    first, end)
+  loss2 = losses.task_cross_entropy(jnp.asarray(changed), labels, mask, first,
+                                    end)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
 
 
@@ -81,8 +80,8 @@ def test_task_cross_entropy_padding_with_foreign_label_stays_finite():
   The data pipeline gives padding a label of the task, but masked_mean must
   not turn 0 * inf into NaN for any caller.
   """
-  logits = jnp.asarray(np.random.default_rng(2).normal(size=(3, 10)),
-                       jnp.float32)
+  logits = jnp.asarray(
+      np.random.default_rng(2).normal(size=(3, 10)), jnp.float32)
   labels = jnp.array([4, 5, 0], jnp.int32)
   mask = jnp.array([1, 1, 0], jnp.float32)
   loss = losses.task_cross_entropy(logits, labels, mask, 4, 7)
@@ -96,8 +95,8 @@ def _routing(seed: int):
   # Any K distinct experts per (layer, sample, head).
   selected = np.argsort(rng.uniform(size=(LAYERS, B, H, E)), -1)[..., :K]
   mask = np.array([1, 1, 1, 0, 1], np.float32)
-  return (jnp.asarray(scores), jnp.asarray(selected, jnp.int32),
-          jnp.asarray(mask))
+  return (jnp.asarray(scores), jnp.asarray(selected,
+                                           jnp.int32), jnp.asarray(mask))
 
 
 def _numpy_router_loss(scores, selected, epsilon, mask):
@@ -148,7 +147,8 @@ def test_router_margin_carries_no_gradient():
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
   # Differentiating through max/min would change it.
   leaky = jax.grad(lambda s: with_spread(
-      s, s.max(-1, keepdims=True) - s.min(-1, keepdims=True)))(scores)
+      s,
+      s.max(-1, keepdims=True) - s.min(-1, keepdims=True)))(scores)
   assert not np.allclose(leaky, grad, atol=1e-4)
   # Softmax-CE gradients: every (l, b, h) row sums to 0; padded row is 0.
   np.testing.assert_allclose(np.asarray(grad).sum(-1), 0.0, atol=1e-6)
@@ -190,8 +190,9 @@ def test_prototype_loss_matches_numpy():
   loss = losses.prototype_loss(keys, old, jnp.asarray(frequent), K)
   chex.assert_shape(loss, ())
   chex.assert_type(loss, jnp.float32)
-  np.testing.assert_allclose(
-      loss, _numpy_prototype_loss(keys, old, frequent, K), rtol=1e-5)
+  np.testing.assert_allclose(loss,
+                             _numpy_prototype_loss(keys, old, frequent,
+                                                   K), rtol=1e-5)
   # Nothing marked: zero, with zero gradient.
   none = jnp.zeros((LAYERS, H, E), bool)
   assert float(losses.prototype_loss(keys, old, none, K)) == 0.0
@@ -201,10 +202,10 @@ def test_prototype_loss_matches_numpy():
 
 def test_prototype_loss_gradient_only_reaches_current_keys():
   keys, old = _keys(1)
-  frequent = jnp.asarray(np.random.default_rng(1).uniform(
-      size=(LAYERS, H, E)) < 0.4)
-  g_keys, g_old = jax.grad(losses.prototype_loss, argnums=(0, 1))(
-      keys, old, frequent, K)
+  frequent = jnp.asarray(
+      np.random.default_rng(1).uniform(size=(LAYERS, H, E)) < 0.4)
+  g_keys, g_old = jax.grad(losses.prototype_loss, argnums=(0, 1))(keys, old,
+                                                                  frequent, K)
   chex.assert_shape(g_keys, (LAYERS, H, E, D))
   chex.assert_shape(g_old, (LAYERS, H, E, D))
   chex.assert_tree_all_finite((g_keys, g_old))

@@ -4,18 +4,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-import e2e_runner
 from smope_jax import main as main_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# In-process runs log INFO records only with absl's verbosity flag set.
-LOG_INFO = ("--verbosity=0",)
+from tests import helpers
 
 
 def _metrics(workdir) -> dict:
@@ -23,18 +17,15 @@ def _metrics(workdir) -> dict:
     return json.load(f)
 
 
-def _main_subprocess(*flags, timeout=300):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run(
-      [sys.executable, "-m", "smope_jax.main", *flags], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=timeout, check=False)
+def _two_tasks(workdir) -> int:
+  """The two-task protocol in `workdir`, in-process; its exit status."""
+  return helpers.run_main(helpers.tiny_config(**helpers.TWO_TASKS), workdir)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 0
+  assert _two_tasks(workdir) == 0
   return workdir
 
 
@@ -55,13 +46,13 @@ def test_full_protocol_writes_all_outputs(uninterrupted):
   phases = {entry["phase"] for entry in metrics["train_log"]}
   assert phases == {"warmup", "train"}
   assert any("prototype" in e for e in metrics["train_log"] if e["task"] == 1)
-  assert all("router" not in e for e in metrics["train_log"]
-             if e["phase"] == "warmup")
+  assert all(
+      "router" not in e for e in metrics["train_log"] if e["phase"] == "warmup")
   for name in ("config.json", "accuracy_matrix.png", "expert_frequencies.png",
                "log.txt"):
     assert os.path.getsize(os.path.join(uninterrupted, name)) > 0, name
-  assert any(n.startswith("events.out.tfevents")
-             for n in os.listdir(uninterrupted))
+  assert any(
+      n.startswith("events.out.tfevents") for n in os.listdir(uninterrupted))
   with open(os.path.join(uninterrupted, "config.json")) as f:
     assert json.load(f)["num_tasks"] == 2
 
@@ -72,8 +63,7 @@ def test_finished_run_reports_and_writes_its_deleted_results_again(
   for name in ("metrics.json", "accuracy_matrix.png"):
     os.remove(os.path.join(uninterrupted, name))
   with caplog.at_level(logging.INFO):
-    status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, *LOG_INFO,
-                                  f"--workdir={uninterrupted}"])
+    status = _two_tasks(uninterrupted)
   assert status == 0
   assert "finished already" in caplog.text
   assert _metrics(uninterrupted) == before
@@ -88,8 +78,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_a_whole_log(
   full_disk_at_save(3)
   capfd.readouterr()
   with caplog.at_level(logging.INFO):
-    status = e2e_runner.run_main(
-        [*e2e_runner.TINY_FLAGS, *LOG_INFO, f"--workdir={workdir}"])
+    status = _two_tasks(workdir)
   printed = capfd.readouterr().err
   assert status == 2
   assert "Traceback" not in printed and "Logging error" not in printed
@@ -97,15 +86,15 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_a_whole_log(
   assert len(lines) == 1, printed[-3000:]
   assert lines[0].startswith(f"error: cannot save a checkpoint in {workdir}/"
                              "checkpoints: no space left")
-  assert not [n for n in os.listdir(f"{workdir}/checkpoints")
-              if "tmp" in n]
+  assert not [n for n in os.listdir(f"{workdir}/checkpoints") if "tmp" in n]
   # log.txt holds every record the run logged from its start (before it,
   # the start-up has no workdir yet), then the error line.
-  ours = [r for r in caplog.records if "smope_jax" in r.pathname or
-          r.levelno >= logging.WARNING]
+  ours = [
+      r for r in caplog.records
+      if "smope_jax" in r.pathname or r.levelno >= logging.WARNING
+  ]
   with open(os.path.join(workdir, "log.txt")) as f:
-    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "",
-                    f.read())
+    logged = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", f.read())
   # (Libraries' first-use warnings may come before it.)
   assert next(l for l in logged.splitlines() if l.startswith("INFO")) == (
       "INFO cifar100, 2 tasks, SMoPE, seed 0: starting")
@@ -120,11 +109,9 @@ def test_a_run_stopped_by_a_full_disk_resumes_to_the_same_results(
     uninterrupted, tmp_path, monkeypatch, full_disk_at_save):
   workdir = str(tmp_path)
   full_disk_at_save(3)
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 2
+  assert _two_tasks(workdir) == 2
   monkeypatch.undo()  # Space again.
-  status = e2e_runner.run_main([*e2e_runner.TINY_FLAGS, f"--workdir={workdir}"])
-  assert status == 0
+  assert _two_tasks(workdir) == 0
   resumed, reference = _metrics(workdir), _metrics(uninterrupted)
   for key in ("acc_matrix", "expert_counts", "faa", "caa", "ffm"):
     assert resumed[key] == reference[key], key
@@ -152,8 +139,8 @@ def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
         log.warning(line)
       written = (mnt / "log.txt").read_text().splitlines(keepends=True)
       assert written and all(l.endswith("\n") for l in written)
-      assert [l.split(" WARNING ")[1] for l in written] == [
-          l + "\n" for l in lines[:len(written)]]
+      assert [l.split(" WARNING ")[1] for l in written
+             ] == [l + "\n" for l in lines[:len(written)]]
       assert len(written) < 5  # Some records waited for space.
       os.remove(mnt / "filler")
       log.warning(lines[5])
@@ -165,11 +152,9 @@ def test_log_on_a_full_disk_waits_for_space_and_never_holds_half_a_line(
 
 
 def test_bad_config_value_is_one_clear_error(tmp_path):
-  result = _main_subprocess("--config=configs/demo.py", "--config.top_k=99",
-                            f"--workdir={tmp_path}")
-  assert result.returncode == 2
-  assert "config.top_k=99" in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/demo.py",
+                              "--config.top_k=99", f"--workdir={tmp_path}")
+  helpers.assert_one_line_error(result, "config.top_k=99")
 
 
 @pytest.mark.parametrize("flag,expected", [
@@ -179,28 +164,23 @@ def test_bad_config_value_is_one_clear_error(tmp_path):
 ])
 def test_bad_config_flag_is_one_clear_error(tmp_path, flag, expected):
   flags = [flag] if flag.startswith("--config=") else [
-      "--config=configs/demo.py", flag]
-  result = _main_subprocess(*flags, f"--workdir={tmp_path}")
-  assert result.returncode == 2
-  assert expected in result.stderr
-  assert "Traceback" not in result.stderr
+      "--config=configs/demo.py", flag
+  ]
+  result = helpers.run_module("main", *flags, f"--workdir={tmp_path}")
+  helpers.assert_one_line_error(result, expected)
 
 
 def test_missing_data_is_one_clear_error(tmp_path):
-  result = _main_subprocess("--config=configs/cifar100.py",
-                            "--config.pretrained=",
-                            f"--config.data_dir={tmp_path / 'empty'}",
-                            f"--workdir={tmp_path / 'run'}")
-  assert result.returncode == 2
-  assert "cifar100" in result.stderr and "--config.data_dir" in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/cifar100.py",
+                              "--config.pretrained=",
+                              f"--config.data_dir={tmp_path / 'empty'}",
+                              f"--workdir={tmp_path / 'run'}")
+  helpers.assert_one_line_error(result, "cifar100", "--config.data_dir")
 
 
 def test_missing_weights_is_one_clear_error(tmp_path):
   missing = tmp_path / "nowhere" / "vit.npz"
-  result = _main_subprocess("--config=configs/demo.py",
-                            f"--config.pretrained={missing}",
-                            f"--workdir={tmp_path / 'run'}")
-  assert result.returncode == 2
-  assert str(missing) in result.stderr
-  assert "Traceback" not in result.stderr
+  result = helpers.run_module("main", "--config=configs/demo.py",
+                              f"--config.pretrained={missing}",
+                              f"--workdir={tmp_path / 'run'}")
+  helpers.assert_one_line_error(result, str(missing))

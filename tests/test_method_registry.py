@@ -3,8 +3,6 @@ from outside the package."""
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,18 +12,17 @@ from smope_jax import compare, configuration, factory
 from smope_jax import errors
 from smope_jax.methods import published
 from smope_jax.methods import registry
+from tests import helpers
 import toy_method
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt",
-            "vqprompt")
+BUILT_IN = ("smope", "l2p", "deep_l2p", "dualprompt", "codaprompt", "vqprompt")
 
 
 def test_built_in_methods_in_table_order():
   assert registry.names()[:len(BUILT_IN)] == BUILT_IN
   assert [registry.display_name(n) for n in BUILT_IN] == [
-      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt",
-      "VQ-Prompt"]
+      "SMoPE", "L2P++", "Deep L2P++", "DualPrompt", "CODA-Prompt", "VQ-Prompt"
+  ]
   assert registry.display_name("an_old_run") == "an_old_run"
 
 
@@ -39,15 +36,16 @@ def test_unknown_method_is_one_config_error():
 
 def test_another_method_of_a_taken_name_is_refused():
   with pytest.raises(ValueError, match="'smope' is already registered"):
-    registry.register(registry.MethodSpec(
-        name="smope", display_name="Mine", method_class=toy_method.ToyMethod))
+    registry.register(
+        registry.MethodSpec(name="smope", display_name="Mine",
+                            method_class=toy_method.ToyMethod))
   assert registry.register(toy_method.SPEC) is toy_method.SPEC  # Again: kept.
 
 
 def test_no_module_outside_the_methods_names_a_method():
   quoted = re.compile("[\"'](" + "|".join(registry.names()) + ")[\"']")
   found = []
-  for root, _, files in os.walk(os.path.join(REPO, "smope_jax")):
+  for root, _, files in os.walk(os.path.join(helpers.REPO, "smope_jax")):
     if os.path.basename(root) == "methods":
       continue
     for name in files:
@@ -69,7 +67,7 @@ def test_published_numbers_name_registered_methods_and_known_sources():
 
 
 def test_docs_describe_every_built_in_method():
-  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+  with open(os.path.join(helpers.REPO, "docs", "methods.md")) as f:
     text = f.read()
   for name in BUILT_IN:
     assert registry.display_name(name) in text, name
@@ -88,14 +86,14 @@ def test_a_method_from_a_test_module_builds_and_runs():
                     mode="eval")
   assert out["logits"].shape == (2, config.num_classes)
   assert np.isfinite(np.asarray(out["logits"])).all()
-  assert compare.method_label({"method": "toy", "joint": False}) == (
-      "Toy prompt")
+  assert compare.method_label({
+      "method": "toy",
+      "joint": False
+  }) == ("Toy prompt")
 
 
-def _run(*args):
-  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO),
-                          capture_output=True, text=True, timeout=900)
+def _run(module, *args):
+  result = helpers.run_module(module, *args, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -103,25 +101,25 @@ def _run(*args):
 @pytest.mark.slow
 def test_a_method_from_a_test_module_runs_through_main_benchmark_compare(
     tmp_path):
-  _run("smope_jax.main", "--config=tests/toy_method.py:method=toy",
+  _run("main", "--config=tests/toy_method.py:method=toy",
        f"--workdir={tmp_path}/runs/toy")
-  _run("smope_jax.main", "--config=tests/toy_method.py",
+  _run("main", "--config=tests/toy_method.py",
        f"--workdir={tmp_path}/runs/smope")
-  bench = _run("smope_jax.benchmark", "--config=tests/toy_method.py",
-               "--methods=toy", "--batch=4", "--repeats=1", "--warmup=0",
+  bench = _run("benchmark", "--config=tests/toy_method.py", "--methods=toy",
+               "--batch=4", "--repeats=1", "--warmup=0",
                "--matmul_size=64").stdout
   assert "| toy_inference |" in bench and "| toy_train |" in bench
   assert "| Toy prompt |" in bench
-  record = compare.compare([str(tmp_path / "runs" / "toy"),
-                            str(tmp_path / "runs" / "smope")],
-                           str(tmp_path / "out"))
+  record = compare.compare(
+      [str(tmp_path / "runs" / "toy"),
+       str(tmp_path / "runs" / "smope")], str(tmp_path / "out"))
   labels = [row["label"] for row in record["benchmarks"][0]["rows"]]
   assert labels == ["SMoPE", "Toy prompt"]
   assert os.path.isfile(tmp_path / "out" / "comparison.png")
 
 
 def _docs_table_rows():
-  with open(os.path.join(REPO, "docs", "methods.md")) as f:
+  with open(os.path.join(helpers.REPO, "docs", "methods.md")) as f:
     lines = f.read().splitlines()
   start = lines.index("| `config.method` | method | prompted blocks | "
                       "learnable prompt parameters (ViT-B/16) |")
@@ -130,8 +128,8 @@ def _docs_table_rows():
     if not line.startswith("|"):
       break
     cells = [c.strip() for c in line.strip("|").split("|")]
-    rows.append((cells[0].strip("`"), int(cells[3].split()[0].replace(
-        ",", ""))))
+    rows.append((cells[0].strip("`"), int(cells[3].split()[0].replace(",",
+                                                                      ""))))
   return rows
 
 
@@ -146,5 +144,6 @@ def test_docs_method_table_is_the_registry_with_true_counts():
     config.pretrained = ""
     model, method = factory.build_model(config, 10)
     shapes = factory.param_shapes(config, model, method)["prompts"]
-    assert sum(int(np.prod(s.shape)) for s in
-               jax.tree_util.tree_leaves(shapes)) == count, name
+    assert sum(
+        int(np.prod(s.shape))
+        for s in jax.tree_util.tree_leaves(shapes)) == count, name

@@ -12,23 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-import e2e_runner
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("l2p", "deep_l2p", "dualprompt", "codaprompt", "vqprompt")
 pytestmark = pytest.mark.slow
-
-
-def _flags(method):
-  """The tiny protocol of e2e_runner with the method's own prompt layout.
-
-  Three blocks, so that DualPrompt has G- and E-prompts.
-  """
-  skip = ("--config=", "--config.num_prompted_layers", "--config.num_experts",
-          "--config.top_k", "--config.model.num_layers")
-  kept = [f for f in e2e_runner.TINY_FLAGS if not f.startswith(skip)]
-  return [f"--config=configs/demo.py:method={method}",
-          "--config.model.num_layers=3", *kept]
+# Three blocks, so that DualPrompt has G- and E-prompts.
+THREE_BLOCKS = {"model.num_layers": 3, **helpers.TWO_TASKS}
 
 
 def _metrics(workdir):
@@ -42,7 +31,8 @@ def finished(tmp_path_factory):
   workdirs = {}
   for method in BASELINES:
     workdir = str(tmp_path_factory.mktemp(method))
-    assert e2e_runner.run_main([*_flags(method), f"--workdir={workdir}"]) == 0
+    config = helpers.tiny_config(f"method={method}", **THREE_BLOCKS)
+    assert helpers.run_main(config, workdir) == 0
     workdirs[method] = workdir
   return workdirs
 
@@ -64,21 +54,22 @@ def test_two_tasks_end_to_end(finished, method):
 
 
 @pytest.mark.parametrize("method", ("codaprompt", "vqprompt"))
-def test_interrupted_baseline_resumes_to_identical_results(finished, method,
-                                                           tmp_path):
+def test_interrupted_baseline_resumes_to_identical_results(
+    finished, method, tmp_path):
   """CODA-Prompt: its task boundary re-draws components (Gram-Schmidt);
   VQ-Prompt: the SMoPE protocol's lagged schedule and the alignment."""
   reference = _metrics(finished[method])
   task2 = [e["global_step"] for e in reference["train_log"] if e["task"] == 1]
   workdir = str(tmp_path)
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tests", "e2e_runner.py"), "--",
-       *_flags(method), f"--workdir={workdir}",
-       f"--config.exit_at_step={task2[len(task2) // 2]}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run([
+      sys.executable,
+      os.path.join(helpers.REPO, "tests", "e2e_runner.py"), "--",
+      *helpers.tiny_flags(f"method={method}", **THREE_BLOCKS),
+      f"--workdir={workdir}", f"--config.exit_at_step={task2[len(task2) // 2]}"
+  ], cwd=helpers.REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 3, result.stderr[-2000:]
-  assert e2e_runner.run_main([*_flags(method),
-                              f"--workdir={workdir}"]) == 0
+  config = helpers.tiny_config(f"method={method}", **THREE_BLOCKS)
+  assert helpers.run_main(config, workdir) == 0
   resumed = _metrics(workdir)
   assert resumed["acc_matrix"] == reference["acc_matrix"]
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
@@ -88,10 +79,7 @@ def test_interrupted_baseline_resumes_to_identical_results(finished, method,
 
 def test_compare_the_runs(finished, tmp_path):
   out = tmp_path / "comparison"
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.compare", *finished.values(),
-       f"--out={out}"], cwd=REPO, capture_output=True, text=True,
-      timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+  result = helpers.run_module("compare", *finished.values(), f"--out={out}")
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads((out / "comparison.json").read_text())
   (entry,) = record["benchmarks"]

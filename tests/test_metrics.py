@@ -16,9 +16,7 @@ NAN = float('nan')
 # Task 1 improves after the last task (86 > 80), which is exactly where the
 # paper's FFM (max over earlier rows) and HiDe-Prompt's (max incl. the last
 # row) differ.
-ACC = [[90.0, NAN, NAN],
-       [84.0, 80.0, NAN],
-       [78.0, 86.0, 95.0]]
+ACC = [[90.0, NAN, NAN], [84.0, 80.0, NAN], [78.0, 86.0, 95.0]]
 
 
 def test_three_tasks_by_hand():
@@ -61,11 +59,13 @@ def test_values_above_the_diagonal_are_ignored():
   assert metrics.final_forgetting(filled) == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize('acc', [
-    [[90.0, NAN], [NAN, 80.0]],  # A[1][0] missing in a trained row
-    [[1.0, 2.0, 3.0]],  # not square
-    [[NAN]],  # nothing evaluated
-])
+@pytest.mark.parametrize(
+    'acc',
+    [
+        [[90.0, NAN], [NAN, 80.0]],  # A[1][0] missing in a trained row
+        [[1.0, 2.0, 3.0]],  # not square
+        [[NAN]],  # nothing evaluated
+    ])
 def test_invalid_matrices_are_rejected(acc):
   with pytest.raises(ValueError):
     metrics.final_average_accuracy(acc)
@@ -73,8 +73,8 @@ def test_invalid_matrices_are_rejected(acc):
 
 def test_sample_weighted_accuracy():
   assert metrics.sample_weighted_accuracy([45, 90], [50, 100]) == 90.0
-  assert metrics.sample_weighted_accuracy(
-      [10, 90], [50, 100]) == pytest.approx(200.0 / 3)
+  assert metrics.sample_weighted_accuracy([10, 90],
+                                          [50, 100]) == pytest.approx(200.0 / 3)
   with pytest.raises(ValueError):
     metrics.sample_weighted_accuracy([1, 2], [3])
 
@@ -97,8 +97,9 @@ def _run(faa, ffm):
 
 
 def test_summarize_seeds_reports_population_and_sample_std():
-  result = metrics.summarize_seeds([_run(80.0, 1.0), _run(82.0, 2.0),
-                                    _run(84.0, 3.0)])
+  result = metrics.summarize_seeds(
+      [_run(80.0, 1.0), _run(82.0, 2.0),
+       _run(84.0, 3.0)])
   assert result['num_seeds'] == 3
   # Population std (ddof 0, the paper's): sqrt(8 / 3); sample std: 2.
   assert result['faa']['mean'] == 82.0
@@ -118,15 +119,17 @@ def test_summarize_one_seed_has_zero_std():
 
 
 def test_format_seed_table():
-  table = metrics.format_seed_table(metrics.summarize_seeds(
-      [_run(80.0, 1.0), _run(82.0, 2.0), _run(84.0, 3.0)]))
+  table = metrics.format_seed_table(
+      metrics.summarize_seeds(
+          [_run(80.0, 1.0), _run(82.0, 2.0),
+           _run(84.0, 3.0)]))
   lines = table.strip().split('\n')
   assert lines[0] == ('| metric | mean +- std (ddof 0, as the paper) | '
                       'sample std (ddof 1) | per-seed values |')
   assert lines[2] == '| FAA | 82.00 +- 1.63 | 2.00 | 80.00, 82.00, 84.00 |'
   assert lines[4] == '| FFM | 2.00 +- 0.82 | 1.00 | 1.00, 2.00, 3.00 |'
-  assert [line.split(' | ')[0] for line in lines[2:]] == [
-      '| FAA', '| CAA', '| FFM', '| FFM (HiDe)']
+  assert [line.split(' | ')[0] for line in lines[2:]
+         ] == ['| FAA', '| CAA', '| FFM', '| FFM (HiDe)']
 
 
 def _png_size(path):

@@ -20,7 +20,7 @@ from smope_jax.models import vit
 from configs import demo
 
 B, S, P, D, LAYERS, H, MLP, L, E, K, C = 4, 8, 4, 16, 3, 2, 32, 2, 6, 3, 10
-N = (S // P) ** 2 + 1
+N = (S // P)**2 + 1
 HD = D // H
 
 TINY = dict(num_classes=C, patch_size=P, hidden_size=D, num_layers=LAYERS,
@@ -66,32 +66,40 @@ def _params():
       lambda: _model().init(jax.random.key(0), _images(), mode='dense'))
   rng = np.random.default_rng(0)
   flat = flax.traverse_util.flatten_dict(shapes['params'])
-  return flax.traverse_util.unflatten_dict(
-      {path: _fill(path, leaf, rng) for path, leaf in sorted(flat.items())})
+  return flax.traverse_util.unflatten_dict({
+      path: _fill(path, leaf, rng) for path, leaf in sorted(flat.items())
+  })
 
 
 def _state(seed: int = 0):
   rng = np.random.default_rng(seed)
   counts = rng.integers(1, 4, (L, H, E)).astype(np.int32)
-  return {'counts': jnp.asarray(counts),
-          'frequent': jnp.asarray(rng.uniform(size=(L, H, E)) < 0.3)}
+  return {
+      'counts': jnp.asarray(counts),
+      'frequent': jnp.asarray(rng.uniform(size=(L, H, E)) < 0.3)
+  }
 
 
 def _flat(tree):
-  return {'/'.join(k): v for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): v for k, v in flax.traverse_util.flatten_dict(
+          flax.core.unfreeze(tree)).items()
+  }
 
 
 def test_param_tree_follows_google_layout():
   params = _flat(_params())
   expected = {
-      'embedding/kernel': (P, P, 3, D), 'embedding/bias': (D,),
+      'embedding/kernel': (P, P, 3, D),
+      'embedding/bias': (D,),
       'cls': (1, 1, D),
       'Transformer/posembed_input/pos_embedding': (1, N, D),
       'Transformer/encoder_norm/scale': (D,),
       'Transformer/encoder_norm/bias': (D,),
-      'head/kernel': (D, C), 'head/bias': (C,),
-      'prompts/keys': (L, H, E, HD), 'prompts/values': (L, H, E, HD),
+      'head/kernel': (D, C),
+      'head/bias': (C,),
+      'prompts/keys': (L, H, E, HD),
+      'prompts/values': (L, H, E, HD),
   }
   for i in range(LAYERS):
     block = f'Transformer/encoderblock_{i}/'
@@ -130,9 +138,8 @@ def test_vit_b16_learnable_parameter_count():
   model = vit.VisionTransformer(
       num_classes=200, **variants.VIT_VARIANTS['B/16'],
       prompts=_prompts(6, 25, 5, heads=12, head_dim=64))
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
-                         mode='dense'))['params']
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(
+      0), jnp.zeros((1, 224, 224, 3)), mode='dense'))['params']
   chex.assert_shape(shapes['prompts']['keys'], (6, 12, 25, 64))
   chex.assert_shape(shapes['prompts']['values'], (6, 12, 25, 64))
   chex.assert_shape(shapes['Transformer']['posembed_input']['pos_embedding'],
@@ -174,11 +181,14 @@ def test_evaluation_routes_by_the_clean_top_k_unless_exclusion_is_on():
   # Half the experts of every head never used (count 0).
   counts = np.zeros((L, H, E), np.int32)
   counts[..., ::2] = 5
-  state = {'counts': jnp.asarray(counts),
-           'frequent': jnp.zeros((L, H, E), bool)}
+  state = {
+      'counts': jnp.asarray(counts),
+      'frequent': jnp.zeros((L, H, E), bool)
+  }
   model, params = _model(), _params()
-  published = model.apply({'params': params}, _images(),
-                          {**state, 'exclude_unused': False}, mode='eval')
+  published = model.apply({'params': params}, _images(), {
+      **state, 'exclude_unused': False
+  }, mode='eval')
   clean = np.asarray(jax.lax.top_k(published['scores'], K)[1])
   np.testing.assert_array_equal(published['selected'], clean)
   excluded = model.apply({'params': params}, _images(), state, mode='eval')
@@ -187,9 +197,10 @@ def test_evaluation_routes_by_the_clean_top_k_unless_exclusion_is_on():
   assert not np.array_equal(chosen, clean)
   # Counting and statistics keep the exclusion: mode 'eval' defaults to it.
   np.testing.assert_array_equal(
-      chosen, model.apply({'params': params}, _images(),
-                          {**state, 'exclude_unused': True},
-                          mode='eval')['selected'])
+      chosen,
+      model.apply({'params': params}, _images(), {
+          **state, 'exclude_unused': True
+      }, mode='eval')['selected'])
 
 
 def test_modes_needing_state_and_bad_mode_raise():
@@ -230,12 +241,11 @@ def test_plain_mode_equals_model_without_prompts():
 def test_blocks_from_l_on_are_plain_attention():
   """Replays every block on its captured input: blocks >= L are plain."""
   params = _params()
-  out, state = _model().apply(
-      {'params': params}, _images(), _state(), mode='train',
-      capture_intermediates=True, mutable=['intermediates'])
+  out, state = _model().apply({'params': params}, _images(), _state(),
+                              mode='train', capture_intermediates=True,
+                              mutable=['intermediates'])
   inter = state['intermediates']['Transformer']
-  block_out = [inter[f'encoderblock_{i}']['__call__'][0]
-               for i in range(LAYERS)]
+  block_out = [inter[f'encoderblock_{i}']['__call__'][0] for i in range(LAYERS)]
   for i in range(LAYERS):
     x_out, routing = block_out[i]
     chex.assert_shape(x_out, (B, N, D))
@@ -255,8 +265,8 @@ def test_blocks_from_l_on_are_plain_attention():
 
 
 def _batch(seed: int = 1, first: int = 3, end: int = 6):
-  labels = jnp.asarray(np.random.default_rng(seed).integers(first, end, B),
-                       jnp.int32)
+  labels = jnp.asarray(
+      np.random.default_rng(seed).integers(first, end, B), jnp.int32)
   mask = jnp.ones((B,), jnp.float32).at[-1].set(0.0)
   return {'image': _images(seed), 'label': labels, 'mask': mask}
 
@@ -265,8 +275,8 @@ def _method():
   config = demo.get_config()
   config.update(num_prompted_layers=L, num_experts=E, top_k=K, epsilon=0.4,
                 router_weight=0.1, prototype_weight=0.1)
-  return smope.SMoPE(config, num_tasks=2,
-                     dims=dict(num_heads=H, hidden_size=D, num_layers=LAYERS))
+  return smope.SMoPE(config, num_tasks=2, dims=dict(num_heads=H, hidden_size=D,
+                                                    num_layers=LAYERS))
 
 
 def test_gradients_reach_prompts_and_head_only():
@@ -280,8 +290,8 @@ def test_gradients_reach_prompts_and_head_only():
   def loss_fn(trainable, router_weight):
     out = model.apply({'params': ts.merge_params(trainable, frozen)},
                       batch['image'], state, mode='train')
-    ce = losses.task_cross_entropy(out['logits'], batch['label'],
-                                   batch['mask'], 3, 6)
+    ce = losses.task_cross_entropy(out['logits'], batch['label'], batch['mask'],
+                                   3, 6)
     router = losses.router_loss(out['scores'], out['selected'], 0.4,
                                 batch['mask'])
     return ce + router_weight * router, out
@@ -320,16 +330,21 @@ def _optimizer():
 
 def _inputs(old_keys, class_range=(3, 6)):
   return ts.TaskInputs(
-      class_range=jnp.array(class_range, jnp.int32), task=jnp.int32(1),
-      rates={'prompts': jnp.float32(0.05), 'head': jnp.float32(0.01)},
-      method_state={**_state(), 'snapshot': {'keys': old_keys}})
+      class_range=jnp.array(class_range, jnp.int32), task=jnp.int32(1), rates={
+          'prompts': jnp.float32(0.05),
+          'head': jnp.float32(0.01)
+      }, method_state={
+          **_state(), 'snapshot': {
+              'keys': old_keys
+          }
+      })
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_train_step(mode: str):
-  return jax.jit(functools.partial(
-      ts.train_step, model=_model(), method=_method(), tx=_optimizer(),
-      mode=mode))
+  return jax.jit(
+      functools.partial(ts.train_step, model=_model(), method=_method(),
+                        tx=_optimizer(), mode=mode))
 
 
 def _path_names(path):
@@ -343,8 +358,10 @@ def test_train_step_leaves_backbone_alone_and_state_holds_trainable_only():
   opt_state = _optimizer().init(trainable)
 
   array_leaves = [
-      (path, leaf) for path, leaf in
-      jax.tree_util.tree_flatten_with_path(opt_state)[0] if np.ndim(leaf) > 0]
+      (path, leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+      if np.ndim(leaf) > 0
+  ]
   n_trainable = len(jax.tree_util.tree_leaves(trainable))
   assert len(array_leaves) == 2 * n_trainable  # Adam's mu and nu.
   for path, leaf in array_leaves:
@@ -425,7 +442,7 @@ def _np_forward(params, images, state, mode):
       selected = np.zeros((B, H, K), np.int64)
     for b in range(B):
       for h in range(H):
-        logits = k[b, :, h] @ q[b, :, h].T * HD ** -0.5  # (N keys, N queries)
+        logits = k[b, :, h] @ q[b, :, h].T * HD**-0.5  # (N keys, N queries)
         vals = v[b, :, h]
         if prompted:
           pk = p['prompts']['keys'][i, h]
@@ -441,11 +458,12 @@ def _np_forward(params, images, state, mode):
               eta = 2.0 * (counts[i, h] == 0)
             s_hat = s - eta * (s.max() - s.min())
             idx = np.argsort(-s_hat, kind='stable')[:K]
-          selected[b, h] = np.argsort(-s, kind='stable')[:K] if (
-              mode == 'dense') else idx
-          logits = np.concatenate(
-              [np.broadcast_to((s[idx] * HD ** -0.5)[:, None],
-                               (len(idx), N)), logits], 0)
+          selected[b, h] = np.argsort(
+              -s, kind='stable')[:K] if (mode == 'dense') else idx
+          logits = np.concatenate([
+              np.broadcast_to((s[idx] * HD**-0.5)[:, None],
+                              (len(idx), N)), logits
+          ], 0)
           vals = np.concatenate([pv[idx], vals], 0)
         w = np.exp(logits - logits.max(0))
         w /= w.sum(0)
@@ -453,8 +471,8 @@ def _np_forward(params, images, state, mode):
     if prompted:
       scores_all.append(scores)
       selected_all.append(selected)
-    x = x + np.einsum('bnhd,hdD->bnD', out, att['out']['kernel']) + (
-        att['out']['bias'])
+    x = x + np.einsum('bnhd,hdD->bnD', out,
+                      att['out']['kernel']) + (att['out']['bias'])
     y = _np_layer_norm(x, blk['LayerNorm_2'])
     mlp = blk['MlpBlock_3']
     y = y @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias']
@@ -462,8 +480,10 @@ def _np_forward(params, images, state, mode):
     x = x + y @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
   x = _np_layer_norm(x, p['Transformer']['encoder_norm'])
   pre = x[:, 0]
-  result = {'pre_logits': pre,
-            'logits': pre @ p['head']['kernel'] + p['head']['bias']}
+  result = {
+      'pre_logits': pre,
+      'logits': pre @ p['head']['kernel'] + p['head']['bias']
+  }
   if scores_all:
     result['scores'] = np.stack(scores_all)
     result['selected'] = np.stack(selected_all)
@@ -486,8 +506,8 @@ def test_forward_matches_numpy_reference(mode):
       np.testing.assert_array_equal(out['selected'], ref['selected'])
       np.testing.assert_allclose(out['scores'], ref['scores'], rtol=1e-4,
                                  atol=1e-4)
-    np.testing.assert_allclose(out['pre_logits'], ref['pre_logits'],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out['pre_logits'], ref['pre_logits'], rtol=1e-4,
+                               atol=1e-4)
     np.testing.assert_allclose(out['logits'], ref['logits'], rtol=1e-4,
                                atol=1e-4)
 

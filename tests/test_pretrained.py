@@ -24,11 +24,11 @@ import safetensors.numpy
 from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
 from smope_jax.models import vit
+from tests import helpers
 from tests import numpy_vit
 from tests.fixtures import local_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures")
+FIXTURES = os.path.join(helpers.REPO, "tests", "fixtures")
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, patch_size=4)
 IMAGE, CLASSES = 16, 5
 
@@ -43,8 +43,11 @@ def fixture(name):
 def reference():
   """(Google-layout weights, images, torch's pre-logits) from the fixture."""
   with np.load(fixture("tiny_vit_reference.npz")) as data:
-    weights = {k[len("weights/"):]: data[k] for k in data.files
-               if k.startswith("weights/")}
+    weights = {
+        k[len("weights/"):]: data[k]
+        for k in data.files
+        if k.startswith("weights/")
+    }
     return weights, data["images"], data["pre_logits"]
 
 
@@ -57,10 +60,12 @@ def random_backbone(seed=0, variant=None, image_size=IMAGE):
   """Random weights in the Google layout, with realistic scales."""
   rng = np.random.default_rng(seed)
   template = weights.backbone_template(variant or TINY, image_size)
-  return {k: (rng.normal(size=s.shape) * (0.2 if k.endswith("kernel") else
-                                          0.5)).astype(np.float32)
-             + (1.0 if k.endswith("scale") else 0.0)
-          for k, s in flatten(template).items()}
+  return {
+      k: (rng.normal(size=s.shape) *
+          (0.2 if k.endswith("kernel") else 0.5)).astype(np.float32) +
+         (1.0 if k.endswith("scale") else 0.0)
+      for k, s in flatten(template).items()
+  }
 
 
 def random_head():
@@ -107,8 +112,11 @@ def test_template_matches_flax_model_and_fixture():
   images = np.zeros((1, IMAGE, IMAGE, 3), np.float32)
   shapes = jax.eval_shape(lambda k: plain_model().init(k, images, mode="plain"),
                           jax.random.key(0))["params"]
-  want = {k: v.shape for k, v in flatten(dict(shapes)).items()
-          if not k.startswith("head/")}
+  want = {
+      k: v.shape
+      for k, v in flatten(dict(shapes)).items()
+      if not k.startswith("head/")
+  }
   assert want == {k: v.shape for k, v in flatten(template()).items()}
   assert want == {k: v.shape for k, v in reference()[0].items()}
   b16 = flatten(weights.backbone_template("B/16", 224))
@@ -119,21 +127,33 @@ def test_template_matches_flax_model_and_fixture():
 def test_template_is_the_google_vit_layout():
   """Pins the names, shapes and dtype every source is read into (B/16)."""
   d, h, m = 768, 12, 3072
-  block = {"LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,),
-           "LayerNorm_2/scale": (d,), "LayerNorm_2/bias": (d,),
-           "MlpBlock_3/Dense_0/kernel": (d, m), "MlpBlock_3/Dense_0/bias": (m,),
-           "MlpBlock_3/Dense_1/kernel": (m, d), "MlpBlock_3/Dense_1/bias": (d,),
-           "MultiHeadDotProductAttention_1/out/kernel": (h, d // h, d),
-           "MultiHeadDotProductAttention_1/out/bias": (d,)}
+  block = {
+      "LayerNorm_0/scale": (d,),
+      "LayerNorm_0/bias": (d,),
+      "LayerNorm_2/scale": (d,),
+      "LayerNorm_2/bias": (d,),
+      "MlpBlock_3/Dense_0/kernel": (d, m),
+      "MlpBlock_3/Dense_0/bias": (m,),
+      "MlpBlock_3/Dense_1/kernel": (m, d),
+      "MlpBlock_3/Dense_1/bias": (d,),
+      "MultiHeadDotProductAttention_1/out/kernel": (h, d // h, d),
+      "MultiHeadDotProductAttention_1/out/bias": (d,)
+  }
   for proj in ("query", "key", "value"):
     block[f"MultiHeadDotProductAttention_1/{proj}/kernel"] = (d, h, d // h)
     block[f"MultiHeadDotProductAttention_1/{proj}/bias"] = (h, d // h)
-  want = {"cls": (1, 1, d), "embedding/kernel": (16, 16, 3, d),
-          "embedding/bias": (d,), "Transformer/encoder_norm/scale": (d,),
-          "Transformer/encoder_norm/bias": (d,),
-          "Transformer/posembed_input/pos_embedding": (1, 1 + 14 * 14, d)}
-  want.update({f"Transformer/encoderblock_{i}/{k}": shape
-               for i in range(12) for k, shape in block.items()})
+  want = {
+      "cls": (1, 1, d),
+      "embedding/kernel": (16, 16, 3, d),
+      "embedding/bias": (d,),
+      "Transformer/encoder_norm/scale": (d,),
+      "Transformer/encoder_norm/bias": (d,),
+      "Transformer/posembed_input/pos_embedding": (1, 1 + 14 * 14, d)
+  }
+  want.update({
+      f"Transformer/encoderblock_{i}/{k}": shape for i in range(12)
+      for k, shape in block.items()
+  })
   got = flatten(weights.backbone_template("B/16", 224))
   assert {k: v.shape for k, v in got.items()} == want
   assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
@@ -157,22 +177,27 @@ def test_timm_mapping_round_trips():
 
 
 def write_npz(tmp_path, flat):
-  np.savez(tmp_path / "vit.npz", **flat, **{
-      "head/kernel": np.zeros((32, 7)), "head/bias": np.zeros(7),
-      "pre_logits/kernel": np.zeros((32, 32))})
+  np.savez(
+      tmp_path / "vit.npz", **flat, **{
+          "head/kernel": np.zeros((32, 7)),
+          "head/bias": np.zeros(7),
+          "pre_logits/kernel": np.zeros((32, 32))
+      })
   return tmp_path / "vit.npz"
 
 
 def write_timm(path, flat=None, **extra):
-  safetensors.numpy.save_file(dict(to_timm(flat or random_backbone()),
-                                   **extra), str(path))
+  safetensors.numpy.save_file(dict(to_timm(flat or random_backbone()), **extra),
+                              str(path))
   return path
 
 
 def write_safetensors(tmp_path, flat):
-  return write_timm(tmp_path / "model.safetensors", flat, **{
-      "head.weight": np.ones((7, 32), np.float32),
-      "head.bias": np.ones(7, np.float32)})
+  return write_timm(
+      tmp_path / "model.safetensors", flat, **{
+          "head.weight": np.ones((7, 32), np.float32),
+          "head.bias": np.ones(7, np.float32)
+      })
 
 
 def torch_timm_bin(unused_tmp_path, unused_flat):
@@ -202,7 +227,8 @@ def write_converted(tmp_path, unused_flat):
 
 @pytest.mark.parametrize("source", [
     write_npz, write_safetensors, torch_timm_bin, torch_ibot,
-    torch_dino_checkpoint, write_converted])
+    torch_dino_checkpoint, write_converted
+])
 def test_file_layouts_load_the_same_function(tmp_path, source):
   flat, images, _ = reference()
   loaded = weights.load_backbone(str(source(tmp_path, flat)), template())
@@ -269,25 +295,13 @@ _LIMITED = ("import resource, runpy, signal, sys; "
 
 
 def run_convert(*args, env=None, file_size_limit=None):
-  command = ["-m", "smope_jax.convert"]
-  if file_size_limit:
-    command = ["-c", _LIMITED, str(file_size_limit)]
+  if not file_size_limit:
+    return helpers.run_module("convert", *args, env=env, timeout=120)
   return subprocess.run(
-      [sys.executable, *command, *args], capture_output=True, text=True,
-      timeout=120, check=False, cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
-
-
-def assert_one_line_error(result, *parts):
-  """Exit status 2 and a single `error:` line naming `parts`."""
-  assert result.returncode == 2, result.stderr
-  assert "Traceback" not in result.stderr
-  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), (
-      result.stderr)
-  for part in parts:
-    assert part in errors[0], (part, errors[0])
-  return errors[0]
+      [sys.executable, "-c", _LIMITED,
+       str(file_size_limit), *args], capture_output=True, text=True,
+      timeout=120, check=False, cwd=helpers.REPO,
+      env=dict(os.environ, PYTHONPATH=helpers.REPO, **(env or {})))
 
 
 def test_convert_cli(tmp_path):
@@ -312,7 +326,7 @@ def test_convert_cli(tmp_path):
   # Weights that do not fit: one line, and no output directory is left.
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=S/16",
                        f"--output={tmp_path}/bad/dir")
-  assert_one_line_error(result, "wrongly shaped")
+  helpers.assert_one_line_error(result, "wrongly shaped")
   assert not (tmp_path / "bad").exists()
 
 
@@ -321,8 +335,8 @@ def test_convert_cli(tmp_path):
     (["--input=sup1k"], "--output must be given"),
     (["--input=sup1k", "--output={out}", "--model=X/9"], "--model=X/9"),
     (["--input=sup1k", "--output={out}", "--image_size=0"], "[1, 4096]"),
-    (["--input=sup1k", "--output={out}", "--image_size=100"],
-     "not a multiple of the patch size"),
+    (["--input=sup1k", "--output={out}", "--image_size=100"
+     ], "not a multiple of the patch size"),
     (["--input=sup1k", "--output={out}", "--nosuch=1"], "nosuch"),
     (["--input=sup1k", "--output={out}", "stray"], "unexpected arguments"),
     (["--input={tmp}/none.pth", "--output={out}"], "neither a file"),
@@ -339,7 +353,7 @@ def test_convert_flag_and_output_errors_come_first(tmp_path, flags, expected):
         env=dict(SMOPE_JAX_WEIGHTS_URL=server.url,
                  SMOPE_JAX_CACHE=str(tmp_path / "cache")))
     assert server.requests == []
-  assert_one_line_error(result, expected)
+  helpers.assert_one_line_error(result, expected)
   assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
@@ -354,7 +368,7 @@ def test_convert_on_a_full_disk_leaves_the_old_output(tmp_path):
   result = run_convert(f"--input={tmp_path}/ti.safetensors", "--model=Ti/16",
                        "--image_size=32", f"--output={out}",
                        file_size_limit=1 << 16)
-  assert_one_line_error(result, f"cannot write {out}", "--output")
+  helpers.assert_one_line_error(result, f"cannot write {out}", "--output")
   assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
@@ -380,8 +394,9 @@ def test_unknown_timm_key_and_wrong_head_count(tmp_path):
   with pytest.raises(MissingWeightsError, match="unexpected keys: fc_norm"):
     weights.load_backbone(str(path), template())
   three_heads = weights.backbone_template(dict(TINY, num_heads=3), IMAGE)
-  with pytest.raises(MissingWeightsError, match=r"blocks\.0\.attn\.\S+ of "
-                     "shape .* does not map to a ViT with 3 heads"):
+  with pytest.raises(
+      MissingWeightsError, match=r"blocks\.0\.attn\.\S+ of "
+      "shape .* does not map to a ViT with 3 heads"):
     weights.load_backbone(str(path), three_heads)
 
 
@@ -406,20 +421,24 @@ def test_position_embedding_resize(tmp_path):
   pos[0, 1:] = (ramp[:, None] + 2 * ramp[None, :]).reshape(16, 1)
   np.savez(tmp_path / "vit.npz", **flat)
   for size, side in ((32, 8), (24, 6), (8, 2)):
-    got = weights.load_backbone(str(tmp_path / "vit.npz"), template(size))[
-        "Transformer"]["posembed_input"]["pos_embedding"]
+    got = weights.load_backbone(
+        str(tmp_path / "vit.npz"),
+        template(size))["Transformer"]["posembed_input"]["pos_embedding"]
     assert got.shape == (1, 1 + side * side, 32)
     np.testing.assert_array_equal(got[0, 0], pos[0, 0])  # CLS kept.
     grid = got[0, 1:].reshape(side, side, 32)
-    np.testing.assert_allclose(grid, np.broadcast_to(grid[..., :1],
-                                                     grid.shape), rtol=1e-6)
+    np.testing.assert_allclose(grid, np.broadcast_to(grid[..., :1], grid.shape),
+                               rtol=1e-6)
     assert np.all(np.diff(grid, axis=0) > 0) and np.all(
         np.diff(grid, axis=1) > 0)
     if side > 4:
       assert grid[0, 0, 0] == 0 and grid[-1, -1, 0] == pytest.approx(3)
   # A grid that is not square cannot be resized: the shape is reported.
-  np.savez(tmp_path / "odd.npz", **dict(flat, **{
-      "Transformer/posembed_input/pos_embedding": np.ones((1, 15, 32))}))
+  np.savez(
+      tmp_path / "odd.npz",
+      **dict(
+          flat,
+          **{"Transformer/posembed_input/pos_embedding": np.ones((1, 15, 32))}))
   with pytest.raises(MissingWeightsError, match=r"pos_embedding \(1, 15, 32\)"):
     weights.load_backbone(str(tmp_path / "odd.npz"), template())
 
@@ -436,13 +455,14 @@ def test_preset_download_cache_and_reuse(tmp_path, server):
   name, cache = weights.PRESETS["sup21k"][1], tmp_path / "cache"
   server.routes[f"/{name}"] = (200, {}, body)
   for _ in range(2):
-    check_loaded(weights.load_backbone(
-        "sup21k", template(), cache_dir=str(cache), base_url=server.url + "/"),
-                 flat)
+    check_loaded(
+        weights.load_backbone("sup21k", template(), cache_dir=str(cache),
+                              base_url=server.url + "/"), flat)
   assert server.requests == [f"/{name}"]
   assert sorted(os.listdir(cache)) == [name, f"{name}.sha256"]
-  assert (cache / f"{name}.sha256").read_text().strip() == hashlib.sha256(
-      body).hexdigest()
+  assert (
+      cache /
+      f"{name}.sha256").read_text().strip() == hashlib.sha256(body).hexdigest()
   # A corrupted cached file is detected, reported and removed.
   with open(cache / name, "r+b") as f:
     f.seek(len(body) // 2)

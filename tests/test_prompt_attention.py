@@ -16,8 +16,8 @@ B, N, H, D, E, K = 4, 5, 2, 8, 6, 3
 def _inputs(seed: int = 0, dtype=jnp.float32):
   """Random q, k, v (B, N, H, D) and expert keys/values (H, E, D)."""
   rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.normal(size=(B, N, H, D)), dtype)
-             for _ in range(3))
+  q, k, v = (
+      jnp.asarray(rng.normal(size=(B, N, H, D)), dtype) for _ in range(3))
   expert_keys = jnp.asarray(rng.uniform(size=(H, E, D)), jnp.float32)
   expert_values = jnp.asarray(rng.uniform(size=(H, E, D)), jnp.float32)
   return q, k, v, expert_keys, expert_values
@@ -30,8 +30,10 @@ def _state(counts=None, frequent=None, layers: int = 1, heads: int = H,
     counts = np.ones(shape, np.int32)
   if frequent is None:
     frequent = np.zeros(shape, bool)
-  return {'counts': jnp.asarray(counts, jnp.int32).reshape(shape),
-          'frequent': jnp.asarray(frequent, bool).reshape(shape)}
+  return {
+      'counts': jnp.asarray(counts, jnp.int32).reshape(shape),
+      'frequent': jnp.asarray(frequent, bool).reshape(shape)
+  }
 
 
 def _softmax(x):
@@ -46,8 +48,7 @@ def _attend(q, k, v, logits, values, fused=False):
       q, k, v, attention.Prefix(values=values, bias=logits), fused=fused)
 
 
-def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta,
-                              top_k):
+def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta, top_k):
   """The routing and attention rules written out with loops, in float64.
 
   Returns the output (B, N, H, D) and the selected indices (B, H, K).
@@ -56,7 +57,7 @@ def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta,
   pk = np.asarray(expert_keys, np.float64)
   pv = np.asarray(expert_values, np.float64)
   eta = np.asarray(eta, np.float64)
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1]**-0.5
   out = np.zeros_like(q)
   selected = np.zeros((q.shape[0], q.shape[2], top_k), np.int64)
   for b in range(q.shape[0]):
@@ -67,8 +68,8 @@ def _numpy_prompted_attention(q, k, v, expert_keys, expert_values, eta,
       idx = np.argsort(-s_hat, kind='stable')[:top_k]
       selected[b, h] = idx
       for i in range(q.shape[1]):
-        logits = np.concatenate([s[idx] * scale, k[b, :, h] @ q[b, i, h] *
-                                 scale])
+        logits = np.concatenate(
+            [s[idx] * scale, k[b, :, h] @ q[b, i, h] * scale])
         w = _softmax(logits)
         out[b, i, h] = w @ np.concatenate([pv[h, idx], v[b, :, h]], 0)
   return out, selected
@@ -138,8 +139,8 @@ def test_q_bar_is_mean_of_all_tokens_before_scaling():
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
   # Not the CLS query, not the mean of the patch tokens, not scaled.
   for wrong in (np.einsum('bhd,hed->bhe', q_np[:, 0], pk_np),
-                np.einsum('bhd,hed->bhe', q_np[:, 1:].mean(1), pk_np),
-                expected * D ** -0.5):
+                np.einsum('bhd,hed->bhe', q_np[:, 1:].mean(1),
+                          pk_np), expected * D**-0.5):
     assert not np.allclose(scores, wrong, atol=1e-3)
 
 
@@ -199,18 +200,17 @@ def test_training_noise_ignores_counts_and_eval_ignores_marks():
   np.testing.assert_array_equal(eval_eta[0, 0], [2.0, 0, 0, 0, 0, 0])
   dense_eta = pa.selection_penalty(state, 'dense', 0.5, 2.0)
   np.testing.assert_array_equal(dense_eta, np.zeros((1, 1, E)))
-  assert set(np.asarray(pa.select_experts(scores, train_eta[0], 3)).ravel()
-            ) == {0, 2, 3}
-  assert set(np.asarray(pa.select_experts(scores, eval_eta[0], 3)).ravel()
-            ) == {1, 2, 3}
+  assert set(np.asarray(pa.select_experts(scores, train_eta[0],
+                                          3)).ravel()) == {0, 2, 3}
+  assert set(np.asarray(pa.select_experts(scores, eval_eta[0],
+                                          3)).ravel()) == {1, 2, 3}
 
 
 def test_inference_never_selects_unused_experts():
   # Hand-made: the two best experts were never used.
   scores = _ranked_scores()
   counts = np.array([0, 0, 7, 1, 3, 2], np.int32)
-  eta = pa.selection_penalty(_state(counts=counts, heads=1), 'eval', 0.4,
-                             2.0)
+  eta = pa.selection_penalty(_state(counts=counts, heads=1), 'eval', 0.4, 2.0)
   selected = pa.select_experts(scores, eta[0], 3)
   np.testing.assert_array_equal(selected[0, 0], [2, 3, 4])
 
@@ -243,14 +243,14 @@ def test_max_and_min_carry_no_gradient():
   grad = jax.grad(lambda s: pa.score_spread(s).sum())(scores)
   chex.assert_shape(grad, (B, H, E))
   np.testing.assert_array_equal(grad, np.zeros((B, H, E)))
-  grad = jax.grad(lambda s: jnp.sum(s - eta[None] * pa.score_spread(s)))(
-      scores)
+  grad = jax.grad(lambda s: jnp.sum(s - eta[None] * pa.score_spread(s)))(scores)
   np.testing.assert_array_equal(grad, np.ones((B, H, E)))
 
   # Through the selection: only the selected clean scores get gradient.
   def picked(s):
     idx = pa.select_experts(s, eta, K)
     return jnp.take_along_axis(s, idx, axis=-1).sum()
+
   grad = jax.grad(picked)(scores)
   chex.assert_shape(grad, (B, H, E))
   chex.assert_type(grad, jnp.float32)
@@ -260,9 +260,11 @@ def test_max_and_min_carry_no_gradient():
 
   # And through route: prompt logits = clean scores * scale, nothing else.
   q, _, _, pk, pv = _inputs(4)
+
   def route_logits(keys):
     logits, _, _, _ = pa.route(q, keys, pv, eta, K, 'train')
     return logits.sum()
+
   grad = jax.grad(route_logits)(pk)
   chex.assert_shape(grad, (H, E, D))
   assert np.all(np.isfinite(grad))
@@ -272,7 +274,7 @@ def test_max_and_min_carry_no_gradient():
   for b in range(B):
     for h in range(H):
       for j in np.asarray(selected[b, h]):
-        expected[h, j] += q_bar[b, h] * D ** -0.5
+        expected[h, j] += q_bar[b, h] * D**-0.5
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -295,8 +297,9 @@ def test_prompted_attention_matches_numpy(fused):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   # Prompt logits are the CLEAN scores times d ** -0.5.
   np.testing.assert_allclose(
-      logits, np.take_along_axis(clean, np.asarray(selected), -1) * D**-0.5,
-      rtol=1e-6, atol=1e-6)
+      logits,
+      np.take_along_axis(clean, np.asarray(selected), -1) * D**-0.5, rtol=1e-6,
+      atol=1e-6)
   s_hat = clean - np.asarray(eta)[None] * (clean.max(-1, keepdims=True) -
                                            clean.min(-1, keepdims=True))
   hat_logits = np.take_along_axis(s_hat, np.asarray(selected), -1) * D**-0.5
@@ -316,9 +319,8 @@ def test_prompt_logits_identical_for_every_query_row():
   logits, _, scores, selected = pa.route(q, pk, pv, eta, K, 'train')
   values = jnp.broadcast_to(jnp.eye(K, D), (B, H, K, D))  # D >= K.
   for fused in (False, True):
-    weights = np.asarray(
-        _attend(q, k, v, logits, values, fused=fused),
-        np.float64)
+    weights = np.asarray(_attend(q, k, v, logits, values, fused=fused),
+                         np.float64)
     chex.assert_shape(weights, (B, N, H, D))
     chosen = np.take_along_axis(np.asarray(scores), np.asarray(selected), -1)
     for b in range(B):
@@ -326,7 +328,7 @@ def test_prompt_logits_identical_for_every_query_row():
         w = weights[b, :, h, :K]  # (N, K)
         assert np.all(w > 0)
         ratios = w / w[:, :1]
-        expected = np.exp((chosen[b, h] - chosen[b, h, 0]) * D ** -0.5)
+        expected = np.exp((chosen[b, h] - chosen[b, h, 0]) * D**-0.5)
         np.testing.assert_allclose(ratios, np.broadcast_to(expected, (N, K)),
                                    rtol=1e-5)
         # Token columns vary per row, so the total prompt weight does too.
@@ -337,11 +339,12 @@ def test_dense_equals_topk_with_all_experts_and_no_noise():
   q, k, v, pk, pv = _inputs(7)
   d_logits, d_values, d_scores, _ = pa.route(q, pk, pv, None, K, 'dense')
   chex.assert_shape(d_logits, (B, H, E))
-  np.testing.assert_allclose(d_logits, d_scores * D ** -0.5, rtol=1e-6)
+  np.testing.assert_allclose(d_logits, d_scores * D**-0.5, rtol=1e-6)
   np.testing.assert_array_equal(
       d_values, np.broadcast_to(np.asarray(pv)[None], (B, H, E, D)))
-  t_logits, t_values, t_scores, t_selected = pa.route(
-      q, pk, pv, jnp.zeros((H, E)), E, 'train')
+  t_logits, t_values, t_scores, t_selected = pa.route(q, pk, pv,
+                                                      jnp.zeros((H, E)), E,
+                                                      'train')
   chex.assert_shape(t_selected, (B, H, E))
   chex.assert_trees_all_equal(d_scores, t_scores)
   for fused in (False, True):
@@ -350,8 +353,7 @@ def test_dense_equals_topk_with_all_experts_and_no_noise():
     np.testing.assert_allclose(dense, topk, rtol=1e-5, atol=1e-6)
   # Noise would not matter in dense mode anyway: a marked expert still
   # takes part. Dense is the numpy reference with K = E and no penalty.
-  expected, _ = _numpy_prompted_attention(q, k, v, pk, pv, np.zeros((H, E)),
-                                          E)
+  expected, _ = _numpy_prompted_attention(q, k, v, pk, pv, np.zeros((H, E)), E)
   dense = _attend(q, k, v, d_logits, d_values)
   np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-5)
 
@@ -369,9 +371,10 @@ def test_fused_equals_einsum(mode):
   chex.assert_equal_shape([einsum, fused])
   chex.assert_type(fused, jnp.float32)
   np.testing.assert_allclose(fused, einsum, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(attention.prefix_attention(q, k, v, None, fused=True),
-                             attention.prefix_attention(q, k, v, None, fused=False),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      attention.prefix_attention(q, k, v, None, fused=True),
+      attention.prefix_attention(q, k, v, None, fused=False), atol=1e-5,
+      rtol=1e-5)
 
 
 def test_very_negative_prompt_logits_give_plain_attention():
@@ -401,7 +404,6 @@ def test_bfloat16_keeps_scores_float32():
       out = _attend(q, k, v, logits, values, fused=fused)
       chex.assert_shape(out, (B, N, H, D))
       chex.assert_type(out, jnp.bfloat16)
-      ref = _attend(q.astype(jnp.float32),
-                                  k.astype(jnp.float32),
-                                  v.astype(jnp.float32), logits, values)
+      ref = _attend(q.astype(jnp.float32), k.astype(jnp.float32),
+                    v.astype(jnp.float32), logits, values)
       np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)

@@ -14,30 +14,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import e2e_runner
-
-TINY_DIGITS = e2e_runner.TINY_DIGITS
+from tests import helpers
 
 
-def _run(tmp_path, *flags, mock_examples=e2e_runner.MOCK_EXAMPLES):
+def _run(tmp_path, mock_examples=helpers.MOCK_EXAMPLES, **overrides):
   workdir = str(tmp_path / "run")
-  status = e2e_runner.run_main([*TINY_DIGITS, *flags, f"--workdir={workdir}"],
-                               mock_examples)
-  assert status == 0
+  config = helpers.tiny_config(**overrides)
+  assert helpers.run_main(config, workdir, mock_examples) == 0
   with open(os.path.join(workdir, "metrics.json")) as f:
     return json.load(f), workdir
 
 
 @pytest.mark.slow
 def test_joint_training_is_the_upper_bound(tmp_path):
-  metrics, _ = _run(tmp_path, "--config.joint=True")
+  metrics, _ = _run(tmp_path, joint=True)
   assert metrics["joint"] is True and metrics["task_classes"] == [10]
   assert len(metrics["acc_matrix"]) == 1
 
 
 @pytest.mark.slow
 def test_validation_run(tmp_path):
-  metrics, _ = _run(tmp_path, "--config.validation=True")
+  metrics, _ = _run(tmp_path, validation=True)
   assert metrics["evaluated_on"] == "validation"
 
 
@@ -55,15 +52,13 @@ def test_image_folder_end_to_end(tmp_path):
   for c, name in enumerate(["ant", "bee", "cow", "doe"]):
     for i in range(40):
       _write_png(tmp_path / "images" / name / f"{i:02d}.png", 50 * c + i)
-  metrics, _ = _run(tmp_path, f"--config.dataset=folder:{tmp_path}/images",
-                    "--config.num_classes=0", "--config.num_tasks=2",
-                    "--config.batch_size=8")
+  metrics, _ = _run(tmp_path, dataset=f"folder:{tmp_path}/images",
+                    num_classes=0, num_tasks=2, batch_size=8)
   assert len(metrics["acc_matrix"]) == 2 and metrics["task_classes"] == [2, 2]
 
 
 @pytest.mark.slow
 def test_tfds_dataset_by_name_end_to_end(tmp_path):
-  metrics, _ = _run(tmp_path, "--config.dataset=mnist",
-                    "--config.num_classes=0", "--config.num_tasks=2",
-                    "--config.batch_size=8", mock_examples=80)
+  metrics, _ = _run(tmp_path, dataset="mnist", num_classes=0, num_tasks=2,
+                    batch_size=8, mock_examples=80)
   assert len(metrics["acc_matrix"]) == 2 and metrics["task_classes"] == [5, 5]

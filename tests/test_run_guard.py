@@ -15,14 +15,22 @@ import pytest
 
 from smope_jax import config_compare, workdir_lock
 from smope_jax.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 # ------------------------------------------------------------------ config
 
-SAVED = {"seed": 0, "lr": 0.005, "dataset": "cifar100", "progress_bar": True,
-         "data_dir": "/data/a", "eval_batch_size": 256,
-         "model": {"variant": "B/16", "hidden_size": 768}}
+SAVED = {
+    "seed": 0,
+    "lr": 0.005,
+    "dataset": "cifar100",
+    "progress_bar": True,
+    "data_dir": "/data/a",
+    "eval_batch_size": 256,
+    "model": {
+        "variant": "B/16",
+        "hidden_size": 768
+    }
+}
 
 
 def _changed(**fields):
@@ -43,7 +51,8 @@ def test_same_config_has_no_differences():
 def test_nested_fields_are_named_with_dots_in_config_order():
   current = _changed(lr=0.01, seed=3, model__hidden_size=384)
   assert config_compare.config_differences(SAVED, current) == [
-      ("seed", 0, 3), ("lr", 0.005, 0.01), ("model.hidden_size", 768, 384)]
+      ("seed", 0, 3), ("lr", 0.005, 0.01), ("model.hidden_size", 768, 384)
+  ]
 
 
 def test_result_neutral_fields_may_differ():
@@ -64,10 +73,12 @@ def test_fields_present_in_one_config_only_differ():
   assert config_compare.config_differences(SAVED, current) == [
       ("dataset", "cifar100", config_compare.ABSENT),
       ("model.pool", config_compare.ABSENT, "cls"),
-      ("method", config_compare.ABSENT, "l2p")]
+      ("method", config_compare.ABSENT, "l2p")
+  ]
   # A neutral field added or removed is no difference either.
-  assert config_compare.config_differences(
-      SAVED, {**SAVED, "cache_data": False}) == []
+  assert config_compare.config_differences(SAVED, {
+      **SAVED, "cache_data": False
+  }) == []
 
 
 def test_tuples_equal_the_lists_a_checkpoint_holds():
@@ -77,8 +88,7 @@ def test_tuples_equal_the_lists_a_checkpoint_holds():
 
 def test_a_config_dict_compares_with_its_saved_json():
   current = ml_collections.ConfigDict(_changed(seed=2))
-  assert config_compare.config_differences(SAVED, current) == [
-      ("seed", 0, 2)]
+  assert config_compare.config_differences(SAVED, current) == [("seed", 0, 2)]
 
 
 def test_message_lists_both_values_and_what_to_do():
@@ -124,9 +134,15 @@ def _read_lock(workdir):
 def _write_lock(workdir, **fields):
   """A remote lock as another run would leave it; fields override defaults."""
   now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-  record = {"host": socket.gethostname(), "pid": 1, "started": now,
-            "heartbeat": now, "command": "python -m smope_jax.main --other",
-            "token": "theirs", **fields}
+  record = {
+      "host": socket.gethostname(),
+      "pid": 1,
+      "started": now,
+      "heartbeat": now,
+      "command": "python -m smope_jax.main --other",
+      "token": "theirs",
+      **fields
+  }
   with open(_lock_file(workdir), "w") as f:
     json.dump(record, f)
   return record
@@ -151,10 +167,11 @@ time.sleep(120)
 @pytest.fixture
 def holder(tmp_path):
   """Another process that holds the lock on tmp_path; ended by its pid."""
-  proc = subprocess.Popen(
-      [sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
-      stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", HOLDER,
+                           str(tmp_path)], cwd=helpers.REPO,
+                          env=dict(os.environ, PYTHONPATH=helpers.REPO,
+                                   JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                          text=True)
   try:
     assert proc.stdout.readline() == "held\n"
     yield proc
@@ -221,8 +238,8 @@ def test_release_removes_only_our_lock(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
       first.release()
     assert _read_lock(tmp_path)["pid"] == os.getpid()
-    assert any("no longer this run's lock" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "no longer this run's lock" in r.getMessage() for r in caplog.records)
   assert not os.path.exists(_lock_file(tmp_path))
 
 
@@ -245,8 +262,11 @@ def test_remote_heartbeat_refreshes_the_lock_and_notices_a_takeover(
   time.sleep(1.3)  # The heartbeat is written to the second.
   second = _read_lock(tmp_path)
   assert second["heartbeat"] > first["heartbeat"]
-  assert {k: v for k, v in second.items() if k != "heartbeat"} == {
-      k: v for k, v in first.items() if k != "heartbeat"}
+  assert {
+      k: v for k, v in second.items() if k != "heartbeat"
+  } == {
+      k: v for k, v in first.items() if k != "heartbeat"
+  }
   theirs = _write_lock(tmp_path, token="taker")
   with caplog.at_level(logging.ERROR):
     time.sleep(0.5)
@@ -255,8 +275,8 @@ def test_remote_heartbeat_refreshes_the_lock_and_notices_a_takeover(
   with caplog.at_level(logging.WARNING):
     lock.release()
   assert _read_lock(tmp_path) == theirs
-  assert any("no longer this run's lock" in r.getMessage()
-             for r in caplog.records)
+  assert any(
+      "no longer this run's lock" in r.getMessage() for r in caplog.records)
 
 
 def test_remote_lock_is_refused_until_its_heartbeat_is_stale(
@@ -270,9 +290,10 @@ def test_remote_lock_is_refused_until_its_heartbeat_is_stale(
   assert _lock_file(tmp_path) in message and "\n" not in message
   assert _read_lock(tmp_path) == theirs
   # The same lock with a heartbeat 11 minutes old: its run has ended.
-  _write_lock(tmp_path, host="tpu-vm-7", pid=4242,
-              heartbeat=time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                      time.localtime(time.time() - 660)))
+  _write_lock(
+      tmp_path, host="tpu-vm-7", pid=4242,
+      heartbeat=time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                              time.localtime(time.time() - 660)))
   with caplog.at_level(logging.WARNING):
     with workdir_lock.WorkdirLock(tmp_path, settle_seconds=0):
       assert _read_lock(tmp_path)["host"] == socket.gethostname()
@@ -281,10 +302,11 @@ def test_remote_lock_is_refused_until_its_heartbeat_is_stale(
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("content", ["", "not json", "[1]",
-                                     '{"host": "h", "pid": 0}',
-                                     '{"host": "h", "pid": 1, "started": "s",'
-                                     ' "command": "c"}'])
+@pytest.mark.parametrize("content", [
+    "", "not json", "[1]", '{"host": "h", "pid": 0}',
+    '{"host": "h", "pid": 1, "started": "s",'
+    ' "command": "c"}'
+])
 def test_damaged_remote_lock_is_refused_with_what_to_do(tmp_path, remote,
                                                         content):
   with open(_lock_file(tmp_path), "w") as f:
@@ -293,8 +315,7 @@ def test_damaged_remote_lock_is_refused_with_what_to_do(tmp_path, remote,
     workdir_lock.WorkdirLock(tmp_path, settle_seconds=0).acquire()
 
 
-def test_remote_the_last_writer_holds_the_lock(tmp_path, remote,
-                                               monkeypatch):
+def test_remote_the_last_writer_holds_the_lock(tmp_path, remote, monkeypatch):
   with workdir_lock.WorkdirLock(tmp_path, settle_seconds=0) as lock:
     assert lock.held and _read_lock(tmp_path)["pid"] == os.getpid()
   assert not os.path.exists(_lock_file(tmp_path))
@@ -345,11 +366,14 @@ def test_two_concurrent_runs_one_refuses_and_a_killed_one_frees_the_lock(
     tmp_path):
   workdir, sync = tmp_path / "work", tmp_path / "sync"
   sync.mkdir()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(workdir),
-                             str(sync), name], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True)
-           for name in ("a", "b")]
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu")
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", CONTENDER,
+           str(workdir),
+           str(sync), name], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
+          text=True) for name in ("a", "b")
+  ]
   try:
     _wait_for(lambda: len(os.listdir(sync)) == 2)
     (sync / "go").touch()  # Both try at the same moment.
@@ -407,13 +431,18 @@ def test_only_process_0_locks_and_all_processes_agree(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu")
   with workdir_lock.WorkdirLock(taken):
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address,
-                               str(index), str(free), str(taken)], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for index in range(2)]
+    procs = [
+        subprocess.Popen([
+            sys.executable, "-c", TWO_PROCESSES, address,
+            str(index),
+            str(free),
+            str(taken)
+        ], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for index in range(2)
+    ]
     outs = []
     for proc in procs:
       out, err = proc.communicate(timeout=300)

@@ -13,25 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import e2e_runner
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _main(workdir, *flags, timeout=600, env=None):
-  """`python -m smope_jax.main` on the tiny digits protocol, output to files."""
-  env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
-  return subprocess.run(
-      [sys.executable, "-m", "smope_jax.main", *e2e_runner.TINY_DIGITS,
-       *flags, f"--workdir={workdir}"], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _error_line(result):
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and "Traceback" not in result.stderr, (
-      result.stderr[-3000:])
-  return lines[0]
+  """`python -m smope_jax.main` on the tiny run, output to files."""
+  return helpers.run_module("main", *helpers.tiny_flags(), *flags,
+                            f"--workdir={workdir}", env=env, timeout=timeout)
 
 
 def _all_finite_on_disk(workdir):
@@ -40,8 +28,8 @@ def _all_finite_on_disk(workdir):
     for name in names:
       if name.endswith(".json"):
         with open(os.path.join(root, name)) as f:
-          json.loads(f.read(), parse_constant=lambda c: pytest.fail(
-              f"{name} holds {c}"))
+          json.loads(f.read(),
+                     parse_constant=lambda c: pytest.fail(f"{name} holds {c}"))
   directory = os.path.join(workdir, "checkpoints")
   steps = [d for d in os.listdir(directory) if d.isdigit()]
   for step in steps:
@@ -62,14 +50,14 @@ def test_diverging_run_stops_and_keeps_its_last_good_state(tmp_path):
                "--config.log_every_steps=1")
   result = _main(workdir, *diverging)
   assert result.returncode == 2
-  line = _error_line(result)
+  line = helpers.assert_one_line_error(result)
   assert "training diverged at task 1, phase warmup" in line
   assert "--config.lr" in line and "last good state" in line
   assert _all_finite_on_disk(workdir)  # Some good checkpoints were kept.
   # The same workdir with a sane rate is another run: refused.
   refused = _main(workdir, *diverging[1:])
   assert refused.returncode == 2
-  assert "lr 1e+30 -> 0.005" in _error_line(refused)
+  assert "lr 1e+30 -> 0.005" in helpers.assert_one_line_error(refused)
   # Without the checkpoints, the sane run starts afresh and finishes.
   for step in os.listdir(workdir / "checkpoints"):
     os.rename(workdir / "checkpoints" / step, tmp_path / f"old-{step}")
@@ -81,15 +69,14 @@ def test_diverging_run_stops_and_keeps_its_last_good_state(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resume_refuses_another_config_and_accepts_neutral_changes(
-    tmp_path):
+def test_a_resume_refuses_another_config_and_accepts_neutral_changes(tmp_path):
   workdir = tmp_path / "run"
   stopped = _main(workdir, "--config.exit_at_step=5",
                   "--config.checkpoint_every_steps=2")
   assert stopped.returncode == 3  # Stopped abruptly, mid task 1.
   refused = _main(workdir, "--config.seed=1")
   assert refused.returncode == 2
-  line = _error_line(refused)
+  line = helpers.assert_one_line_error(refused)
   assert "seed 0 -> 1" in line and "--workdir" in line
   resumed = _main(workdir, "--config.log_every_steps=3",
                   "--config.checkpoint_every_steps=7")
@@ -102,11 +89,12 @@ def test_a_resume_refuses_another_config_and_accepts_neutral_changes(
 @pytest.mark.slow
 def test_one_run_per_workdir(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, PYTHONPATH=REPO)
-  first = subprocess.Popen(
-      [sys.executable, "-m", "smope_jax.main", *e2e_runner.TINY_DIGITS,
-       "--config.epochs=30", f"--workdir={workdir}"], cwd=REPO, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  env = dict(os.environ, PYTHONPATH=helpers.REPO)
+  first = subprocess.Popen([
+      sys.executable, "-m", "smope_jax.main", *helpers.tiny_flags(),
+      "--config.epochs=30", f"--workdir={workdir}"
+  ], cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     while not (workdir / "run.lock").exists():
@@ -114,7 +102,7 @@ def test_one_run_per_workdir(tmp_path):
       time.sleep(0.5)
     second = _main(workdir)
     assert second.returncode == 2
-    line = _error_line(second)
+    line = helpers.assert_one_line_error(second)
     assert str(first.pid) in line and "in use" in line
   finally:
     first.kill()
@@ -133,13 +121,12 @@ def test_log_tells_the_story_when_output_goes_to_a_file(tmp_path):
     log_file = f.read()
   for text in (result.stderr, log_file):
     assert "\r" not in text  # No progress bar off a terminal.
-    for needle in (
-        "seed 0: starting", "class order (seed 0) starts",
-        "task 1: 4 classes", "task 2: 2 classes", "training images",
-        "learnable parameters", "devices: 1 cpu",
-        "first dense step (compilation) took",
-        "after task 1: test accuracy of each seen task",
-        "accuracy matrix (%)", "FAA", "4 tasks done"):
+    for needle in ("seed 0: starting", "class order (seed 0) starts",
+                   "task 1: 4 classes", "task 2: 2 classes", "training images",
+                   "learnable parameters", "devices: 1 cpu",
+                   "first dense step (compilation) took",
+                   "after task 1: test accuracy of each seen task",
+                   "accuracy matrix (%)", "FAA", "4 tasks done"):
       assert needle in text, needle
     intervals = [l for l in text.splitlines() if "| loss " in l]
     assert intervals

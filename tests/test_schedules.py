@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smope_jax import schedules, trainer
+from smope_jax import schedules
 from smope_jax.schedules import Schedule
 from configs import cifar100, cub200, demo
 
@@ -27,12 +27,12 @@ def test_top_k_phase_rates_by_hand():
   config = demo.get_config()
   config.update(lr=0.01, prompt_lr_multiplier=5.0, freeze_steps=3,
                 iters_per_epoch=6, schedule="cosine")
-  rates = trainer.phase_schedules(config, epochs=2, loader_steps=5)
+  rates = schedules.phase_schedules(config, epochs=2, loader_steps=5)
   n = 12 - 3  # Cosine iterations of the curve.
   for group, base in (("prompts", 0.05), ("head", 0.01)):
     got = rates[group].rates(10)
-    want = [base, 1e-6, 1e-6, 1e-6] + [
-        _cosine(base, 1e-6, i, n) for i in range(6)]
+    want = [base, 1e-6, 1e-6, 1e-6
+           ] + [_cosine(base, 1e-6, i, n) for i in range(6)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got[4] == pytest.approx(base)  # The cosine starts one step late.
   # The phase stops after 10 steps, before the curve's end.
@@ -43,7 +43,7 @@ def test_dense_warm_up_has_its_own_shorter_schedule():
   config = demo.get_config()
   config.update(lr=0.01, freeze_steps=2, iters_per_epoch=0, epochs=4)
   run_epochs = max(int(config.epochs * 0.5), 1)
-  rates = trainer.phase_schedules(config, run_epochs, loader_steps=3)
+  rates = schedules.phase_schedules(config, run_epochs, loader_steps=3)
   got = rates["head"].rates(6)
   n = 6 - 2
   want = [0.01, 1e-6, 1e-6] + [_cosine(0.01, 1e-6, i, n) for i in range(3)]
@@ -59,11 +59,12 @@ def test_cub_per_epoch_schedule_lags_one_epoch():
   config = cub200.get_config()
   config.lr = 0.005
   epochs, steps = 4, 3
-  rates = trainer.phase_schedules(config, epochs, loader_steps=steps)
+  rates = schedules.phase_schedules(config, epochs, loader_steps=steps)
   got = rates["head"].rates(epochs * steps)
   per_epoch = [0.005] + [
       0.005 * math.cos(99 * math.pi * (e - 1) / (200 * (epochs - 1)))
-      for e in range(1, epochs)]
+      for e in range(1, epochs)
+  ]
   np.testing.assert_allclose(got, np.repeat(per_epoch, steps), rtol=1e-6)
   # Epochs 0 and 1 both run at the base rate.
   assert got[0] == got[steps] == pytest.approx(0.005)
@@ -89,7 +90,7 @@ def test_alignment_schedule_first_step_at_the_group_rate():
 
 def test_cifar_schedule_is_sized_by_iter_step_not_the_loader():
   config = cifar100.get_config()
-  rates = trainer.phase_schedules(config, config.epochs, loader_steps=39)
+  rates = schedules.phase_schedules(config, config.epochs, loader_steps=39)
   head = rates["head"]
   assert head.total_steps == 40 * 20 and head.freeze_steps == 80
   assert head(0) == pytest.approx(0.005) and head(80) == pytest.approx(1e-6)
@@ -106,10 +107,13 @@ def test_unknown_schedule_raises():
 def _trainable():
   rng = np.random.default_rng(0)
   return {
-      "prompts": {"keys": jnp.asarray(rng.uniform(size=(2, 3, 4, 5)),
-                                      jnp.float32)},
-      "head": {"kernel": jnp.asarray(rng.normal(size=(6, 7)), jnp.float32),
-               "bias": jnp.asarray(rng.normal(size=(7,)), jnp.float32)},
+      "prompts": {
+          "keys": jnp.asarray(rng.uniform(size=(2, 3, 4, 5)), jnp.float32)
+      },
+      "head": {
+          "kernel": jnp.asarray(rng.normal(size=(6, 7)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+      },
   }
 
 
@@ -122,8 +126,10 @@ def _first_update(weight_decay=0.0, grads=None, rates=None):
         params)
   tx = schedules.adam(weight_decay)
   direction, _ = tx.update(grads, tx.init(params), params)
-  updates = schedules.apply_rates(direction, rates or {"prompts": 5e-3,
-                                                       "head": 1e-3})
+  updates = schedules.apply_rates(direction, rates or {
+      "prompts": 5e-3,
+      "head": 1e-3
+  })
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
   return updates, grads
 

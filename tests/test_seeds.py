@@ -6,16 +6,15 @@ import os
 import numpy as np
 import pytest
 
-import e2e_runner
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
 
 def test_seeds_run_separately_and_are_summarised(tmp_path):
-  status = e2e_runner.run_main([
-      *e2e_runner.TINY_FLAGS, f"--workdir={tmp_path}", "--config.seeds=0,1",
-      "--config.epochs=1"])
-  assert status == 0
+  config = helpers.tiny_config(**helpers.TWO_TASKS)
+  config.update(seeds="0,1", epochs=1)
+  assert helpers.run_main(config, tmp_path) == 0
   faa = []
   for seed in (0, 1):
     with open(tmp_path / f"seed_{seed}" / "metrics.json") as f:

@@ -13,20 +13,12 @@ import tensorflow as tf
 from smope_jax import checkpointing, distributed, experts, run_log, trainer
 from smope_jax.data import sources
 from smope_jax.errors import UserError
-from configs import demo
+from tests import helpers
 
 
 def tiny_config(**overrides):
-  config = demo.get_config()
-  config.pretrained = ""
-  config.image_size = 16
-  config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                      num_heads=2, mlp_dim=32)
-  config.update(num_prompted_layers=1, num_experts=4, top_k=2, epochs=2,
-                batch_size=64, eval_batch_size=128, freeze_steps=1,
-                align_epochs=1, progress_bar=False)
-  config.update(overrides)
-  return config
+  """The tiny run with 2 epochs of batch 64 per task, unless overridden."""
+  return helpers.tiny_config(**{"epochs": 2, "batch_size": 64, **overrides})
 
 
 def _counts(tree):
@@ -67,8 +59,10 @@ def test_warmup_then_top_k_phase_gets_a_new_optimizer(run):
   snapshot = distributed.to_host(state["method_state"]["snapshot"])
   np.testing.assert_array_equal(snapshot["keys"], prompts["keys"])
   np.testing.assert_array_equal(snapshot["values"], prompts["values"])
-  expected = experts.mark_frequent(
-      {"counts": counts, "frequent": np.zeros(counts.shape, bool)})
+  expected = experts.mark_frequent({
+      "counts": counts,
+      "frequent": np.zeros(counts.shape, bool)
+  })
   np.testing.assert_array_equal(
       distributed.to_host(state["method_state"]["frequent"]),
       np.asarray(expected["frequent"]))
@@ -86,8 +80,10 @@ class _ArraySource(sources.Source):
     labels = np.repeat(np.arange(10), 1000)
     self._images = rng.uniform(size=(len(labels), 8, 8, 3)).astype(np.float32)
     everything = sources.RoleIndex("", np.arange(len(labels)), labels)
-    self.index = {"train": everything, "test": everything.subset(
-        np.arange(0, len(labels), 100))}
+    self.index = {
+        "train": everything,
+        "test": everything.subset(np.arange(0, len(labels), 100))
+    }
 
   def _items(self, index, positions):
     return list(self._images[index.keys[positions]])
@@ -99,9 +95,9 @@ class _ArraySource(sources.Source):
 def test_a_task_of_5000_images_takes_39_steps_and_counts_39_batches(
     tmp_path, monkeypatch):
   monkeypatch.setattr(sources, "make_source", lambda config: _ArraySource())
-  run = trainer.Run(tiny_config(num_tasks=2, batch_size=128, epochs=1,
-                                 dense_warmup=False, log_every_steps=1000),
-                    str(tmp_path))
+  run = trainer.Run(
+      tiny_config(num_tasks=2, batch_size=128, epochs=1, dense_warmup=False,
+                  log_every_steps=1000), str(tmp_path))
   assert run.data.train_size(0) == 5000
   assert run.data.steps_per_epoch(0, 128) == 39
   state, position = run.fresh_state()
@@ -129,16 +125,19 @@ def _two_checkpoints(run, fresh, directory):
   return ckpt
 
 
-@pytest.mark.parametrize("damaged", [
-    [1, 2], "meta", None, {"task": 0, "phase": "train"},
-    {"config": [], "task": 0}])
+@pytest.mark.parametrize("damaged", [[1, 2], "meta", None, {
+    "task": 0,
+    "phase": "train"
+}, {
+    "config": [],
+    "task": 0
+}])
 def test_metadata_of_another_shape_is_moved_aside(run, fresh, tmp_path,
                                                   damaged):
   ckpt = _two_checkpoints(run, fresh, tmp_path)
   with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
     json.dump(damaged, f)
-  step, _, meta = ckpt.restore_latest(fresh[0],
-                                      check_meta=run.check_meta)
+  step, _, meta = ckpt.restore_latest(fresh[0], check_meta=run.check_meta)
   ckpt.close()
   assert step == 1 and meta["save_id"] == 0
   assert (tmp_path / "corrupt-2").is_dir() and not (tmp_path / "2").exists()
@@ -147,20 +146,31 @@ def test_metadata_of_another_shape_is_moved_aside(run, fresh, tmp_path,
 def test_an_older_versions_checkpoint_is_refused(run, fresh, tmp_path):
   """Versions before the config was checkpointed wrote these keys."""
   ckpt = _two_checkpoints(run, fresh, tmp_path)
-  older = {"task": 0, "phase": "train", "epoch": 0, "step": 3,
-           "global_step": 3, "save_id": 2, "seed": 0, "acc_matrix": [],
-           "task_seconds": [], "train_log": [], "train_images_per_second": []}
+  older = {
+      "task": 0,
+      "phase": "train",
+      "epoch": 0,
+      "step": 3,
+      "global_step": 3,
+      "save_id": 2,
+      "seed": 0,
+      "acc_matrix": [],
+      "task_seconds": [],
+      "train_log": [],
+      "train_images_per_second": []
+  }
   with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
     json.dump(older, f)
-  with pytest.raises(UserError, match="written by an older smope_jax; use a "
-                     "new --workdir"):
+  with pytest.raises(
+      UserError, match="written by an older smope_jax; use a "
+      "new --workdir"):
     ckpt.restore_latest(fresh[0], check_meta=run.check_meta)
   ckpt.close()
   assert (tmp_path / "2").is_dir()
 
 
-def test_a_diverging_alignment_names_align_lr_and_its_task(run, fresh,
-                                                          monkeypatch):
+def test_a_diverging_alignment_names_align_lr_and_its_task(
+    run, fresh, monkeypatch):
   config = run.config.copy_and_resolve_references()
   config.align_lr = 1e30
   monkeypatch.setattr(run, "config", config)
@@ -183,13 +193,27 @@ def test_a_checkpoint_of_todays_metadata_format_resumes(run, fresh, tmp_path,
                                                         monkeypatch):
   """The metadata dict as `Run` wrote it before `Position` (mid-task, with
   its task clock) resumes at its position."""
-  meta = {"config": run.config.to_dict(), "task": 1, "phase": "train",
-          "epoch": 1, "step": 3, "global_step": 40, "save_id": 7,
-          "seed": int(run.config.seed), "acc_matrix": [[55.5]],
-          "task_seconds": [12.5],
-          "train_log": [{"global_step": 10, "task": 0, "phase": "warmup",
-                         "loss": 2.5, "acc": 10.0}],
-          "train_images_per_second": [300.0], "task_clock": 1.7e9}
+  meta = {
+      "config": run.config.to_dict(),
+      "task": 1,
+      "phase": "train",
+      "epoch": 1,
+      "step": 3,
+      "global_step": 40,
+      "save_id": 7,
+      "seed": int(run.config.seed),
+      "acc_matrix": [[55.5]],
+      "task_seconds": [12.5],
+      "train_log": [{
+          "global_step": 10,
+          "task": 0,
+          "phase": "warmup",
+          "loss": 2.5,
+          "acc": 10.0
+      }],
+      "train_images_per_second": [300.0],
+      "task_clock": 1.7e9
+  }
   ckpt = checkpointing.Checkpointer(tmp_path)
   ckpt.save(7, fresh[0], meta)
   monkeypatch.setattr(run, "checkpointer", ckpt)
@@ -200,8 +224,7 @@ def test_a_checkpoint_of_todays_metadata_format_resumes(run, fresh, tmp_path,
       seed=int(run.config.seed), acc_matrix=((55.5,),), task_seconds=(12.5,),
       train_log=(meta["train_log"][0],), train_images_per_second=(300.0,))
   del meta["task_clock"]  # A clock, not part of the position.
-  assert json.loads(json.dumps(
-      position.to_meta(run.config.to_dict()))) == meta
+  assert json.loads(json.dumps(position.to_meta(run.config.to_dict()))) == meta
 
 
 class _Terminal(io.StringIO):
@@ -220,18 +243,20 @@ def _log_a_training_interval(run, stream):
   for step in (1, 2):
     position = dataclasses.replace(position, step=step, global_step=step)
     log.train_step(position, "train", np.zeros(()), 64, epochs=2)
-  log.interval(position, {"loss": 1.5, "acc": 50.0},
-               {"prompts": np.float32(0.01)}, epochs=2)
+  log.interval(position, {
+      "loss": 1.5,
+      "acc": 50.0
+  }, {"prompts": np.float32(0.01)}, epochs=2)
   log.training_ended(position)
 
 
 def test_a_training_interval_logs_its_metrics_and_etas(run, caplog):
   with caplog.at_level(logging.INFO):
     _log_a_training_interval(run, io.StringIO())
-  line = [r.getMessage() for r in caplog.records if "| loss " in
-          r.getMessage()][0]
-  assert line.startswith(
-      f"task 1/{run.data.num_tasks} train epoch 1/2 step 2/")
+  line = [
+      r.getMessage() for r in caplog.records if "| loss " in r.getMessage()
+  ][0]
+  assert line.startswith(f"task 1/{run.data.num_tasks} train epoch 1/2 step 2/")
   for needle in ("| loss 1.5000 () | acc 50.0% | lr prompts 0.01 | ",
                  " img/s | ETA phase ", ", run "):
     assert needle in line, (needle, line)

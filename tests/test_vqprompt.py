@@ -33,7 +33,7 @@ from smope_jax.methods import vqprompt
 from smope_jax.methods import registry
 from smope_jax.methods import vqprompt_spec
 from smope_jax.models import vit
-from tests import e2e_runner
+from tests import helpers
 from tests.test_baselines import B
 from tests.test_baselines import D
 from tests.test_baselines import DIMS
@@ -50,10 +50,8 @@ from tests.test_baselines import np_normalize
 from tests.test_baselines import np_prompted_forward
 from tests.test_baselines import np_query
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS, POOL, LENGTH, TAU = 2, 5, 4, 0.7
 COMMIT, CODEBOOK = 0.4, 0.1
-
 
 # ---------------------------------------------------------------------------
 # NumPy references.
@@ -69,18 +67,22 @@ def np_quantize(query, keys, pool, tau):
   query, keys, pool = (np.asarray(x, np.float64) for x in (query, keys, pool))
   alpha = np_softmax(query @ np_normalize(keys).T / tau)
   continuous = np.einsum("bm,mld->bld", alpha, pool)
-  distances = np.array([[np.sum((continuous[b] - pool[m]) ** 2)
-                         for m in range(pool.shape[0])]
-                        for b in range(query.shape[0])])
+  distances = np.array(
+      [[np.sum((continuous[b] - pool[m])**2)
+        for m in range(pool.shape[0])]
+       for b in range(query.shape[0])])
   return alpha, continuous, distances.argmin(-1)
 
 
 def np_terms(continuous, quantized, mask):
   """The two VQ terms: per block the mean over real samples' Lp * D."""
-  continuous, quantized = (np.asarray(x, np.float64)
-                           for x in (continuous, quantized))
-  per_block = [np.sum(np.mean((continuous[l] - quantized[l]) ** 2, (-2, -1)) *
-                      mask) / mask.sum() for l in range(continuous.shape[0])]
+  continuous, quantized = (
+      np.asarray(x, np.float64) for x in (continuous, quantized))
+  per_block = [
+      np.sum(np.mean((continuous[l] - quantized[l])**2,
+                     (-2, -1)) * mask) / mask.sum()
+      for l in range(continuous.shape[0])
+  ]
   return sum(per_block)  # The two terms have the same value.
 
 
@@ -90,8 +92,7 @@ def np_terms(continuous, quantized, mask):
 # Width 2, prompts of 2 tokens. Keys along the axes and the diagonal.
 HAND_KEYS = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
 # Entry 0 lies far out; entries 1, 2 near the origin.
-HAND_POOL = np.array([[[10.0, 10.0], [10.0, 10.0]],
-                      [[0.0, 0.0], [0.0, 0.0]],
+HAND_POOL = np.array([[[10.0, 10.0], [10.0, 10.0]], [[0.0, 0.0], [0.0, 0.0]],
                       [[1.0, 1.0], [1.0, 1.0]]])
 # A query of length 5, not unit length.
 HAND_QUERY = np.array([[3.0, 4.0], [-3.0, 0.0]])
@@ -117,8 +118,8 @@ def test_quantize_by_hand_nearest_entry_is_not_the_largest_weight():
   assert not np.allclose(alpha, unit, atol=1e-2)
   # p_a = 10 alpha_0 + alpha_2 in every number.
   level = 10 * alpha[:, 0] + alpha[:, 2]
-  _assert_close(got["continuous"], np.broadcast_to(level[:, None, None],
-                                                   (2, 2, 2)), 1e-6)
+  _assert_close(got["continuous"],
+                np.broadcast_to(level[:, None, None], (2, 2, 2)), 1e-6)
   # Sample 0: alpha (0.09, 0.25, 0.65) -> p_a = 1.585, nearest entry 2 (the
   # largest weight). Sample 1: alpha (0.04, 0.85, 0.10) -> p_a = 0.528,
   # nearer to entry 2 (0.22 per number squared) than to entry 1 (0.28),
@@ -133,8 +134,7 @@ def test_quantize_temperature_divides_the_scores():
   got = vqprompt.quantize(jnp.asarray(HAND_QUERY, jnp.float32),
                           jnp.asarray(HAND_KEYS, jnp.float32),
                           jnp.asarray(HAND_POOL, jnp.float32), 5.0)
-  alpha, continuous, chosen = np_quantize(HAND_QUERY, HAND_KEYS, HAND_POOL,
-                                          5.0)
+  alpha, continuous, chosen = np_quantize(HAND_QUERY, HAND_KEYS, HAND_POOL, 5.0)
   _assert_close(got["alpha"], alpha, 1e-6)
   _assert_close(got["continuous"], continuous, 1e-6)
   np.testing.assert_array_equal(got["chosen"], chosen)
@@ -150,17 +150,18 @@ def test_quantize_ties_go_to_the_first_entry():
 
 
 def _hand_module(temperature=1.0):
-  return vqprompt.VQPrompts(num_layers=1, pool_size=3, length=2,
-                            hidden_size=2, num_heads=1,
-                            temperature=temperature)
+  return vqprompt.VQPrompts(num_layers=1, pool_size=3, length=2, hidden_size=2,
+                            num_heads=1, temperature=temperature)
 
 
 def test_prefix_value_is_the_straight_through_sum_bit_for_bit():
-  params = {"pool": jnp.asarray(HAND_POOL[None], jnp.float32),
-            "keys": jnp.asarray(HAND_KEYS[None], jnp.float32)}
-  prefix = _hand_module().apply(
-      {"params": params}, 0, None, query=jnp.asarray(HAND_QUERY, jnp.float32),
-      context=None, mode="eval", method="prefix")
+  params = {
+      "pool": jnp.asarray(HAND_POOL[None], jnp.float32),
+      "keys": jnp.asarray(HAND_KEYS[None], jnp.float32)
+  }
+  prefix = _hand_module().apply({"params": params}, 0, None,
+                                query=jnp.asarray(HAND_QUERY, jnp.float32),
+                                context=None, mode="eval", method="prefix")
   continuous = np.asarray(prefix.aux["continuous"])
   quantized = np.asarray(prefix.aux["quantized"])
   used = continuous + (quantized - continuous)  # float32, as the reference.
@@ -169,9 +170,10 @@ def test_prefix_value_is_the_straight_through_sum_bit_for_bit():
   np.testing.assert_array_equal(prefix.values[:, 0], used[:, 1:])
   np.testing.assert_allclose(used, quantized, rtol=1e-6)
   # Beyond the prompted blocks: no prefix.
-  assert _hand_module().apply(
-      {"params": params}, 1, None, query=jnp.asarray(HAND_QUERY, jnp.float32),
-      context=None, mode="eval", method="prefix") is None
+  assert _hand_module().apply({"params": params}, 1, None,
+                              query=jnp.asarray(HAND_QUERY,
+                                                jnp.float32), context=None,
+                              mode="eval", method="prefix") is None
 
 
 # ---------------------------------------------------------------------------
@@ -179,17 +181,16 @@ def test_prefix_value_is_the_straight_through_sum_bit_for_bit():
 
 
 def _model(dtype=jnp.float32):
-  prompts = vqprompt.VQPrompts(num_layers=LAYERS, pool_size=POOL,
-                               length=LENGTH, hidden_size=D, num_heads=H,
-                               temperature=TAU)
+  prompts = vqprompt.VQPrompts(num_layers=LAYERS, pool_size=POOL, length=LENGTH,
+                               hidden_size=D, num_heads=H, temperature=TAU)
   return vit.VisionTransformer(**TINY, dtype=dtype, prompts=prompts)
 
 
 def _method(**fields):
-  config = ml_collections.ConfigDict(dict(
-      num_prompted_layers=LAYERS, pool_size=POOL, prompt_length=LENGTH,
-      vq_temperature=TAU, vq_commit_weight=COMMIT,
-      vq_codebook_weight=CODEBOOK, **fields))
+  config = ml_collections.ConfigDict(
+      dict(num_prompted_layers=LAYERS, pool_size=POOL, prompt_length=LENGTH,
+           vq_temperature=TAU, vq_commit_weight=COMMIT,
+           vq_codebook_weight=CODEBOOK, **fields))
   return vqprompt.VQPrompt(config, 3, DIMS)
 
 
@@ -207,12 +208,15 @@ def test_forward_matches_numpy_in_train_and_eval():
   images = _images()
   pool = np.asarray(params["prompts"]["pool"], np.float64)
   selections = _np_selections(params, images)
-  prefixes = {l: np_key_value(pool[l][chosen])
-              for l, (_, _, chosen) in enumerate(selections)}
+  prefixes = {
+      l: np_key_value(pool[l][chosen])
+      for l, (_, _, chosen) in enumerate(selections)
+  }
   want_pre, want_logits = np_prompted_forward(params, images, prefixes)
 
-  outputs = {mode: _apply(model, params, None, mode)
-             for mode in ("train", "eval")}
+  outputs = {
+      mode: _apply(model, params, None, mode) for mode in ("train", "eval")
+  }
   for out in outputs.values():
     chex.assert_shape(out["vq_alpha"], (LAYERS, B, POOL))
     chex.assert_shape((out["vq_continuous"], out["vq_quantized"]),
@@ -223,9 +227,9 @@ def test_forward_matches_numpy_in_train_and_eval():
       _assert_close(out["vq_alpha"][l], alpha, 1e-5)
       _assert_close(out["vq_continuous"][l], continuous, 1e-5)
       np.testing.assert_array_equal(out["vq_chosen"][l], chosen)
-      np.testing.assert_array_equal(out["vq_quantized"][l],
-                                    np.asarray(params["prompts"]["pool"][l])
-                                    [chosen])
+      np.testing.assert_array_equal(
+          out["vq_quantized"][l],
+          np.asarray(params["prompts"]["pool"][l])[chosen])
     _assert_close(out["pre_logits"], want_pre)
     _assert_close(out["logits"], want_logits)
   chex.assert_trees_all_equal(outputs["train"], outputs["eval"])
@@ -236,10 +240,9 @@ def test_vq_terms_against_numpy_with_padding():
   continuous = rng.uniform(size=(LAYERS, B, LENGTH, D))
   quantized = rng.uniform(size=(LAYERS, B, LENGTH, D))
   mask = np.array([1.0, 1.0, 0.0, 1.0])
-  commitment, codebook = vqprompt.vq_terms(
-      jnp.asarray(continuous, jnp.float32), jnp.asarray(quantized,
-                                                         jnp.float32),
-      jnp.asarray(mask, jnp.float32))
+  commitment, codebook = vqprompt.vq_terms(jnp.asarray(continuous, jnp.float32),
+                                           jnp.asarray(quantized, jnp.float32),
+                                           jnp.asarray(mask, jnp.float32))
   chex.assert_shape((commitment, codebook), ())
   want = np_terms(continuous, quantized, mask)
   np.testing.assert_allclose(commitment, want, rtol=1e-6)
@@ -282,9 +285,10 @@ def _prompt_gradient(params, used):
   model = vit.VisionTransformer(
       **TINY, prompts=_FixedPrompts(num_layers=LAYERS, num_heads=H))
   backbone = {k: v for k, v in params.items() if k != "prompts"}
-  return np.asarray(jax.grad(lambda p: _ce(model.apply(
-      {"params": backbone}, _images(), p, mode="train")))(
-          jnp.asarray(used, jnp.float32)), np.float64)
+  return np.asarray(
+      jax.grad(lambda p: _ce(
+          model.apply({"params": backbone}, _images(), p, mode="train")))(
+              jnp.asarray(used, jnp.float32)), np.float64)
 
 
 def np_key_gradient(query, keys, alpha, d_alpha, tau):
@@ -305,8 +309,8 @@ def test_gradients_of_each_loss_reach_what_the_rules_say():
       {"params": p}, _images(), None, mode="train")
 
   def term(name):
-    return lambda p: method.loss_terms(forward(p), p, {}, 0, mask,
-                                       "train")[name][0]
+    return lambda p: method.loss_terms(forward(p), p, {}, 0, mask, "train")[name
+                                                                           ][0]
 
   def total(p):
     out = forward(p)
@@ -314,9 +318,10 @@ def test_gradients_of_each_loss_reach_what_the_rules_say():
     return _ce(out) + sum(w * v for v, w in extra.values())
 
   out = forward(params)
-  grads = jax.jit(lambda p: [jax.grad(f)(p) for f in (
-      lambda p: _ce(forward(p)), term("vq_commit"), term("vq_codebook"),
-      total)])(params)
+  grads = jax.jit(lambda p: [
+      jax.grad(f)(p) for f in
+      (lambda p: _ce(forward(p)), term("vq_commit"), term("vq_codebook"), total)
+  ])(params)
   ce_grads, commit_grads, codebook_grads, total_grads = grads
   chex.assert_tree_all_finite(grads)
   alpha = np.asarray(out["vq_alpha"], np.float64)
@@ -340,16 +345,14 @@ def test_gradients_of_each_loss_reach_what_the_rules_say():
     assert _nonzero_rows(ce_grads["prompts"]["pool"][l]).all()
     d_alpha = np.einsum("bld,mld->bm", g_used[l], pool[l])
     _assert_close(ce_grads["prompts"]["keys"][l],
-                  np_key_gradient(query, keys[l], alpha[l], d_alpha, TAU),
-                  1e-5)
+                  np_key_gradient(query, keys[l], alpha[l], d_alpha, TAU), 1e-5)
     # |p_a - sg(z)|^2: the pool through p_a (weighted by alpha) and keys.
     diff = continuous[l] - quantized[l]
     _assert_close(commit_grads["prompts"]["pool"][l],
                   scale * np.einsum("bm,bld->mld", alpha[l], diff), 1e-5)
     d_alpha = scale * np.einsum("bld,mld->bm", diff, pool[l])
     _assert_close(commit_grads["prompts"]["keys"][l],
-                  np_key_gradient(query, keys[l], alpha[l], d_alpha, TAU),
-                  1e-5)
+                  np_key_gradient(query, keys[l], alpha[l], d_alpha, TAU), 1e-5)
     # |z - sg(p_a)|^2: only the chosen entries, summed over their samples.
     want = np.zeros_like(pool[l])
     for b in range(B):
@@ -376,8 +379,8 @@ def test_bfloat16_backbone_keeps_routing_in_float32():
   model = _model(jnp.bfloat16)
   params = _params(model, None)
   out = _apply(model, params, None, "train")
-  chex.assert_type((out["vq_alpha"], out["vq_continuous"],
-                    out["vq_quantized"]), jnp.float32)
+  chex.assert_type((out["vq_alpha"], out["vq_continuous"], out["vq_quantized"]),
+                   jnp.float32)
   pool = np.asarray(params["prompts"]["pool"], np.float64)
   for l in range(LAYERS):
     alpha = np.asarray(out["vq_alpha"][l], np.float64)
@@ -389,8 +392,7 @@ def test_bfloat16_backbone_keeps_routing_in_float32():
   terms = _method().loss_terms(out, params, {}, 0, jnp.ones(B), "train")
   chex.assert_type([v for v, _ in terms.values()], jnp.float32)
   got = vqprompt.quantize(jnp.asarray(HAND_QUERY, jnp.bfloat16),
-                          jnp.asarray(HAND_KEYS), jnp.asarray(HAND_POOL),
-                          1.0)
+                          jnp.asarray(HAND_KEYS), jnp.asarray(HAND_POOL), 1.0)
   chex.assert_type((got["alpha"], got["continuous"]), jnp.float32)
 
 
@@ -400,7 +402,7 @@ def test_bfloat16_backbone_keeps_routing_in_float32():
 
 def _load(name, arg=None):
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "configs", f"{name}.py"))
+      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -410,7 +412,7 @@ def _vq_config(name):
   """The benchmark config (SMoPE's) under VQ-Prompt's protocol."""
   config = _load(name)
   return configuration.use_method(config, "vqprompt", epochs=config.epochs,
-                                      batch_size=128)
+                                  batch_size=128)
 
 
 def _build(config, num_tasks):
@@ -424,27 +426,33 @@ def _build(config, num_tasks):
 @pytest.mark.parametrize("name,classes", [("cifar100", 100),
                                           ("caltech_birds2011", 200)])
 def test_vit_b16_learnable_parameters(name, classes):
-  config = _vq_config({"cifar100": "cifar100",
-                       "caltech_birds2011": "cub200"}[name])
+  config = _vq_config({
+      "cifar100": "cifar100",
+      "caltech_birds2011": "cub200"
+  }[name])
   model, method = _build(config, 10)
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  params = jax.eval_shape(lambda x: model.init(
-      jax.random.key(0), x, method.init_context(), mode="train"),
-                          images)["params"]
+  params = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, method.init_context(), mode=
+                           "train"), images)["params"]
   prompts = params["prompts"]
-  assert {k: v.shape for k, v in prompts.items()} == {
-      "pool": (5, 10, 8, 768), "keys": (5, 10, 768)}
-  size = lambda t: sum(int(np.prod(x.shape))  # noqa: E731
-                       for x in jax.tree_util.tree_leaves(t))
+  assert {
+      k: v.shape for k, v in prompts.items()
+  } == {
+      "pool": (5, 10, 8, 768),
+      "keys": (5, 10, 768)
+  }
+  size = lambda t: sum(
+      int(np.prod(x.shape))  # noqa: E731
+      for x in jax.tree_util.tree_leaves(t))
   assert size(prompts) == 345_600
   assert size(params["head"]) == 768 * classes + classes
   chex.assert_type(jax.tree_util.tree_leaves(prompts), jnp.float32)
 
 
 def test_init_is_uniform_on_zero_one():
-  module = vqprompt.VQPrompts(num_layers=LAYERS, pool_size=POOL,
-                              length=LENGTH, hidden_size=64, num_heads=H,
-                              temperature=TAU)
+  module = vqprompt.VQPrompts(num_layers=LAYERS, pool_size=POOL, length=LENGTH,
+                              hidden_size=64, num_heads=H, temperature=TAU)
   params = module.init(jax.random.key(3), 0, None, query=jnp.ones((1, 64)),
                        context=None, mode="train", method="prefix")["params"]
   chex.assert_shape(params["pool"], (LAYERS, POOL, LENGTH, 64))
@@ -456,38 +464,38 @@ def test_init_is_uniform_on_zero_one():
 
 
 def test_train_step_moves_every_pool_row_and_not_the_backbone():
-  config = _load("demo")
-  config = configuration.use_method(config, "vqprompt", epochs=8, batch_size=32)
-  config.model.update(patch_size=8, hidden_size=16, num_layers=3, num_heads=2,
-                      mlp_dim=32)
-  config.image_size = 16
+  config = helpers.tiny_config("method=vqprompt", **{"model.num_layers": 3})
   model, method = _build(config, 5)
   rng = np.random.default_rng(1)
-  batch = {"image": jnp.asarray(rng.uniform(size=(8, 16, 16, 3)),
-                                jnp.float32),
-           "label": jnp.asarray(2 + np.arange(8) % 2, jnp.int32),
-           "mask": jnp.ones(8, jnp.float32)}
-  params = model.init(jax.random.key(0), batch["image"],
-                      method.init_context(), mode="train")["params"]
+  batch = {
+      "image": jnp.asarray(rng.uniform(size=(8, 16, 16, 3)), jnp.float32),
+      "label": jnp.asarray(2 + np.arange(8) % 2, jnp.int32),
+      "mask": jnp.ones(8, jnp.float32)
+  }
+  params = model.init(jax.random.key(0), batch["image"], method.init_context(),
+                      mode="train")["params"]
   trainable, frozen = ts.split_params(params)
   before = jax.tree_util.tree_map(np.array, trainable)
   frozen_before = jax.tree_util.tree_map(np.array, frozen)
   tx = schedules.adam(0.0, decoupled=True)
-  step = jax.jit(functools.partial(ts.train_step, model=model, method=method,
-                                   tx=tx, mode="train"))
+  step = jax.jit(
+      functools.partial(ts.train_step, model=model, method=method, tx=tx,
+                        mode="train"))
   inputs = ts.TaskInputs(
-      class_range=jnp.array([2, 4], jnp.int32), task=jnp.int32(1),
-      rates={"prompts": jnp.float32(5e-3), "head": jnp.float32(1e-3)},
-      method_state=method.init_state(trainable))
-  after, _, metrics = step(trainable, tx.init(trainable), frozen, batch,
-                           inputs)
+      class_range=jnp.array([2, 4], jnp.int32), task=jnp.int32(1), rates={
+          "prompts": jnp.float32(5e-3),
+          "head": jnp.float32(1e-3)
+      }, method_state=method.init_state(trainable))
+  after, _, metrics = step(trainable, tx.init(trainable), frozen, batch, inputs)
   chex.assert_trees_all_equal(frozen, frozen_before)
   chex.assert_tree_all_finite((after, metrics))
-  assert set(metrics) == {"loss", "ce", "correct", "count", "vq_commit",
-                          "vq_codebook"}
+  assert set(metrics) == {
+      "loss", "ce", "correct", "count", "vq_commit", "vq_codebook"
+  }
   np.testing.assert_allclose(
-      metrics["loss"], metrics["ce"] + 0.4 * metrics["vq_commit"] +
-      0.1 * metrics["vq_codebook"], rtol=1e-6)
+      metrics["loss"],
+      metrics["ce"] + 0.4 * metrics["vq_commit"] + 0.1 * metrics["vq_codebook"],
+      rtol=1e-6)
   # 3 blocks of the tiny ViT (of the protocol's 5); every entry moves.
   for name in ("pool", "keys"):
     moved = np.asarray(before["prompts"][name] != after["prompts"][name])
@@ -506,8 +514,8 @@ def test_protocol_of_each_benchmark():
   for config in (cifar, imagenet_r, cub):
     assert config.method == "vqprompt"
     assert (config.optimizer, config.weight_decay, config.lr,
-            config.prompt_lr_multiplier, config.epochs) == (
-                "adamw", 0.0, 0.0025, 5.0, 20)
+            config.prompt_lr_multiplier, config.epochs) == ("adamw", 0.0,
+                                                            0.0025, 5.0, 20)
     assert config.classifier_alignment and not config.dense_warmup
     assert (config.align_epochs, config.align_lr, config.align_final_lr,
             config.align_weight_decay) == (10, 1e-4, 1e-6, 5e-4)
@@ -519,12 +527,12 @@ def test_protocol_of_each_benchmark():
   assert (cifar.pretrained, cifar.batch_size, cifar.schedule,
           cifar.freeze_steps, cifar.iters_per_epoch, cifar.align_ratio,
           cifar.vq_temperature) == ("sup1k", 128, "cosine", 80, 40, 4, 1.0)
-  assert (imagenet_r.pretrained, imagenet_r.batch_size,
-          imagenet_r.freeze_steps, imagenet_r.iters_per_epoch) == (
-              "sup1k", 64, 40, 40)
+  assert (imagenet_r.pretrained, imagenet_r.batch_size, imagenet_r.freeze_steps,
+          imagenet_r.iters_per_epoch) == ("sup1k", 64, 40, 40)
   assert (cub.pretrained, cub.batch_size, cub.schedule, cub.align_ratio,
           cub.vq_temperature) == ("sup21k", 128, "epoch_cosine", 2, 5.0)
-  demo = configuration.use_method(_load("demo"), "vqprompt", epochs=8, batch_size=32)
+  demo = configuration.use_method(_load("demo"), "vqprompt", epochs=8,
+                                  batch_size=32)
   assert (demo.pretrained, demo.epochs, demo.batch_size) == ("demo", 8, 32)
   configuration.validate(demo)
 
@@ -555,11 +563,15 @@ def test_config_check_errors(field, value, message):
 
 def test_spec_module_imports_no_jax():
   tree = ast.parse(inspect.getsource(vqprompt_spec))
-  names = [alias.name for node in ast.walk(tree)
-           if isinstance(node, (ast.Import, ast.ImportFrom))
-           for alias in node.names]
-  names += [node.module for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom)]
+  names = [
+      alias.name for node in ast.walk(tree)
+      if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names
+  ]
+  names += [
+      node.module
+      for node in ast.walk(tree)
+      if isinstance(node, ast.ImportFrom)
+  ]
   assert not [n for n in names if n and {"jax", "flax"} & set(n.split("."))]
   assert registry.display_name("vqprompt") == "VQ-Prompt"
   assert registry.method_class("vqprompt") is vqprompt.VQPrompt
@@ -570,8 +582,8 @@ def test_seed0_class_order_with_and_without_the_switch():
   assert shuffled != list(range(100)) and sorted(shuffled) == list(range(100))
   assert data.class_order(100, 0, natural_seed0=True) == list(range(100))
   for seed in (1, 12, 48):
-    assert (data.class_order(100, seed, natural_seed0=True) ==
-            data.class_order(100, seed))
+    assert (data.class_order(100, seed,
+                             natural_seed0=True) == data.class_order(100, seed))
   config = configuration.base_config()
   config.update(dataset="digits", num_classes=10, num_tasks=5, image_size=16,
                 cache_data=False, batch_size=8, natural_order_seed0=True)
@@ -587,14 +599,13 @@ def test_seed0_class_order_with_and_without_the_switch():
 @pytest.mark.slow
 def test_tiny_digits_run_end_to_end(tmp_path):
   """Through `main`: every task trains with both VQ terms, aligns, tests."""
-  flags = [f for f in e2e_runner.TINY_DIGITS if not f.startswith("--config=")]
-  assert e2e_runner.run_main(["--config=configs/demo.py:method=vqprompt",
-                              *flags, f"--workdir={tmp_path}"]) == 0
+  config = helpers.tiny_config("method=vqprompt")
+  assert helpers.run_main(config, tmp_path) == 0
   with open(tmp_path / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["method"] == "vqprompt"
   assert len(metrics["acc_matrix"]) == 5
   train = [e for e in metrics["train_log"] if e["phase"] == "train"]
-  assert train and all(e["vq_commit"] > 0 and e["vq_codebook"] > 0
-                       for e in train)
+  assert train and all(
+      e["vq_commit"] > 0 and e["vq_codebook"] > 0 for e in train)
   assert {e["phase"] for e in metrics["train_log"]} == {"train"}

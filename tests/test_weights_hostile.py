@@ -13,8 +13,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -26,12 +24,11 @@ import safetensors.numpy
 from smope_jax import configuration
 from smope_jax import weights
 from smope_jax.errors import MissingWeightsError
+from tests import helpers
 from tests import numpy_vit
 from tests.fixtures import local_server
 from tests.test_pretrained import IMAGE
-from tests.test_pretrained import REPO
 from tests.test_pretrained import TINY
-from tests.test_pretrained import assert_one_line_error
 from tests.test_pretrained import flatten
 from tests.test_pretrained import random_backbone
 from tests.test_pretrained import template
@@ -75,9 +72,8 @@ def tensor(values, size=None, stride=None, offset=0, **storage_args):
   size = values.shape if size is None else size
   if stride is None:
     stride = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
-  return _rebuild_tensor_v2(Storage(values.reshape(-1), **storage_args),
-                            offset, tuple(size), tuple(stride), False,
-                            OrderedDict())
+  return _rebuild_tensor_v2(Storage(values.reshape(-1), **storage_args), offset,
+                            tuple(size), tuple(stride), False, OrderedDict())
 
 
 class _TorchPickler(pickle._Pickler):  # pylint: disable=protected-access
@@ -123,8 +119,10 @@ def write_torch(path, obj=None, *, raw_pickle=None, byteorder=b"little",
 
 def timm_tensors(flat=None, **changes):
   """A timm state dict of tensors; `changes` replace entries by name."""
-  state = {k: tensor(v) for k, v in numpy_vit.google_to_timm(
-      flat or random_backbone()).items()}
+  state = {
+      k: tensor(v)
+      for k, v in numpy_vit.google_to_timm(flat or random_backbone()).items()
+  }
   state.update(changes)
   return state
 
@@ -153,8 +151,8 @@ def _cyclic_list():
 def _deep_pickle():
   """Lists nested 100000 deep, in 200 KB of opcodes."""
   depth = 100_000
-  return (pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * depth
-          + pickle.APPEND * (depth - 1) + pickle.STOP)
+  return (pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * depth + pickle.APPEND *
+          (depth - 1) + pickle.STOP)
 
 
 ONE = np.zeros(1, np.float32)
@@ -162,58 +160,63 @@ TORCH_CASES = {
     "cyclic dict": (dict(obj=_cyclic_dict()), "contain a cycle"),
     "cyclic list": (dict(obj=_cyclic_list()), "contain a cycle (at log"),
     "deep nesting": (dict(raw_pickle=_deep_pickle()), "nested more than 32"),
-    "stride-0 giant": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, (1 << 40,), (0,)))),
-        "tensor cls_token of size (1099511627776,) has 1099511627776 "
-        "elements, more than"),
-    "stride-0 broadcast": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, (1 << 24,), (0,)))),
-        "more than twice"),
-    "past its storage": (
-        dict(obj=timm_tensors(cls_token=tensor(np.zeros(6, np.float32),
-                                               (2, 3), (3, 1), offset=1))),
-        "tensor cls_token of size (2, 3), stride (3, 1) and offset 1 reaches "
-        "past the end of its storage of 6 values"),
-    "huge stride": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, (2,), (1 << 61,)))),
-        "reaches past the end"),
-    "negative stride": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, (1,), (-1,)))),
-        "tensor cls_token has a malformed offset, size or stride"),
-    "size not a tuple": (
-        dict(obj={"cls_token": _rebuild_tensor_v2(
-            Storage(ONE), 0, "big", (1,), False, OrderedDict())}),
-        "malformed offset, size or stride"),
-    "storage is a list": (
-        dict(obj=timm_tensors(cls_token=_rebuild_tensor_v2(
-            [0.0] * 32, 0, (1, 1, 32), (32, 32, 1), False, OrderedDict()))),
-        "tensor cls_token is backed by a list, not by a storage of bytes"),
-    "storage is bytes": (
-        dict(obj=timm_tensors(cls_token=_rebuild_tensor_v2(
-            b"\0" * 128, 0, (1, 1, 32), (32, 32, 1), False, OrderedDict())),
-             protocol=3), "backed by a bytes"),
-    "unknown storage type": (
-        dict(obj=timm_tensors(cls_token=tensor(
-            ONE, type_name="ComplexFloatStorage"))),
-        "unsupported storage type torch.ComplexFloatStorage"),
-    "storage type not a storage": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, type_global=OrderedDict))),
-        "is not a reference to a torch storage"),
-    "storage shorter than its numel": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, numel=1 << 30))),
-        "holds 4 bytes, not the 1073741824 values of torch.FloatStorage"),
-    "storage missing": (
-        dict(obj=timm_tensors(cls_token=tensor(ONE, written=False))),
-        "There is no item named 'archive/data/"),
-    "compressed storages": (
-        dict(obj=timm_tensors(), compression=zipfile.ZIP_DEFLATED),
-        "is compressed, which torch.save never does"),
+    "stride-0 giant":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, (1 << 40,), (0,)))),
+         "tensor cls_token of size (1099511627776,) has 1099511627776 "
+         "elements, more than"),
+    "stride-0 broadcast":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, (1 << 24,), (0,)))),
+         "more than twice"),
+    "past its storage":
+        (dict(obj=timm_tensors(
+            cls_token=tensor(np.zeros(6, np.float32), (2, 3), (3,
+                                                               1), offset=1))),
+         "tensor cls_token of size (2, 3), stride (3, 1) and offset 1 reaches "
+         "past the end of its storage of 6 values"),
+    "huge stride":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, (2,), (1 << 61,)))),
+         "reaches past the end"),
+    "negative stride":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, (1,), (-1,)))),
+         "tensor cls_token has a malformed offset, size or stride"),
+    "size not a tuple": (dict(
+        obj={
+            "cls_token":
+                _rebuild_tensor_v2(Storage(ONE), 0, "big", (
+                    1,), False, OrderedDict())
+        }), "malformed offset, size or stride"),
+    "storage is a list":
+        (dict(obj=timm_tensors(cls_token=_rebuild_tensor_v2([0.0] * 32, 0, (
+            1, 1, 32), (32, 32, 1), False, OrderedDict()))),
+         "tensor cls_token is backed by a list, not by a storage of bytes"),
+    "storage is bytes": (dict(
+        obj=timm_tensors(cls_token=_rebuild_tensor_v2(b"\0" * 128, 0, (
+            1, 1, 32), (32, 32, 1), False, OrderedDict())),
+        protocol=3), "backed by a bytes"),
+    "unknown storage type":
+        (dict(obj=timm_tensors(
+            cls_token=tensor(ONE, type_name="ComplexFloatStorage"))),
+         "unsupported storage type torch.ComplexFloatStorage"),
+    "storage type not a storage":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, type_global=OrderedDict))),
+         "is not a reference to a torch storage"),
+    "storage shorter than its numel":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, numel=1 << 30))),
+         "holds 4 bytes, not the 1073741824 values of torch.FloatStorage"),
+    "storage missing":
+        (dict(obj=timm_tensors(cls_token=tensor(ONE, written=False))),
+         "There is no item named 'archive/data/"),
+    "compressed storages": (dict(obj=timm_tensors(),
+                                 compression=zipfile.ZIP_DEFLATED),
+                            "is compressed, which torch.save never does"),
     "oversized pickle": (dict(obj={"blob": b"\0" * (9 << 20)}),
                          "more than the 8388608 a weights file needs"),
-    "big-endian": (dict(obj=timm_tensors(), byteorder=b"big"),
-                   "saved on a big-endian machine"),
-    "a set": (dict(obj={"model": timm_tensors(), "tags": {1, 2}},
-                   protocol=4), "tags holds a set"),
+    "big-endian": (dict(obj=timm_tensors(),
+                        byteorder=b"big"), "saved on a big-endian machine"),
+    "a set": (dict(obj={
+        "model": timm_tensors(),
+        "tags": {1, 2}
+    }, protocol=4), "tags holds a set"),
 }
 
 
@@ -243,12 +246,14 @@ def test_truncated_legacy_and_junk_torch_files_are_told_apart(tmp_path):
   data = whole.read_bytes()
   # A legacy (torch < 1.6) file starts with its pickled magic number.
   legacy = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
-  for name, content, expected in (
-      ("half.pth", data[:len(data) // 2], "truncated"),
-      ("end_missing.pth", data[:-10], "truncated"),
-      ("empty.pth", b"", "truncated"),
-      ("legacy.pth", legacy, "a legacy torch < 1.6 checkpoint"),
-      ("junk.pth", b"<html>", "not a torch checkpoint")):
+  for name, content, expected in (("half.pth", data[:len(data) // 2],
+                                   "truncated"), ("end_missing.pth", data[:-10],
+                                                  "truncated"),
+                                  ("empty.pth", b"", "truncated"),
+                                  ("legacy.pth", legacy,
+                                   "a legacy torch < 1.6 checkpoint"),
+                                  ("junk.pth", b"<html>",
+                                   "not a torch checkpoint")):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(MissingWeightsError) as e:
@@ -259,8 +264,11 @@ def test_truncated_legacy_and_junk_torch_files_are_told_apart(tmp_path):
 def _npy_header_only(shape, descr="<f4"):
   """An .npy member that declares `shape` but holds no data."""
   header = io.BytesIO()
-  np.lib.format.write_array_header_1_0(
-      header, {"descr": descr, "fortran_order": False, "shape": shape})
+  np.lib.format.write_array_header_1_0(header, {
+      "descr": descr,
+      "fortran_order": False,
+      "shape": shape
+  })
   return header.getvalue()
 
 
@@ -268,8 +276,7 @@ def write_npz(path, flat, raw_members=()):
   with zipfile.ZipFile(path, "w") as zf:
     for key, value in flat.items():
       buffer = io.BytesIO()
-      np.lib.format.write_array(buffer, np.asanyarray(value),
-                                allow_pickle=True)
+      np.lib.format.write_array(buffer, np.asanyarray(value), allow_pickle=True)
       zf.writestr(key + ".npy", buffer.getvalue())
     for key, data in raw_members:
       zf.writestr(key + ".npy", data)
@@ -295,9 +302,11 @@ def _safetensors_with_dtype(key, dtype):
   offset, blobs = 0, []
   for name, value in state.items():
     data = value.tobytes() if name != key else b"\0" * value.size
-    header[name] = {"dtype": "F32" if name != key else dtype,
-                    "shape": list(value.shape),
-                    "data_offsets": [offset, offset + len(data)]}
+    header[name] = {
+        "dtype": "F32" if name != key else dtype,
+        "shape": list(value.shape),
+        "data_offsets": [offset, offset + len(data)]
+    }
     offset += len(data)
     blobs.append(data)
   text = json.dumps(header).encode()
@@ -308,69 +317,77 @@ CLS = "cls"
 POS = "Transformer/posembed_input/pos_embedding"
 NAN_CLS = np.full((1, 1, 32), np.nan, np.float32)
 KEY_CASES = {
-    "npz wrong shape": (
-        lambda p: write_npz(p / "w.npz", _changed(CLS, np.ones((1, 33)))),
-        r"wrongly shaped keys: cls (1, 33) (need (1, 1, 32))"),
-    "npz declared giant shape": (
-        lambda p: write_npz(p / "w.npz", _changed("embedding/bias", None), [
-            ("embedding/bias", _npy_header_only((1 << 40,)))]),
-        "wrongly shaped keys: embedding/bias (1099511627776,)"),
-    "npz int": (lambda p: write_npz(p / "w.npz", _changed(CLS, np.ones(
-        (1, 1, 32), np.int64))), "not floating point: cls (int64)"),
-    "npz object": (lambda p: write_npz(p / "w.npz", _changed(
-        CLS, np.array([{"x": 1}], object))), "cls (object)"),
-    "npz complex": (lambda p: write_npz(p / "w.npz", _changed(
-        CLS, np.ones((1, 1, 32), np.complex64))), "cls (complex64)"),
-    "npz text": (lambda p: write_npz(p / "w.npz", _changed(
-        CLS, np.array(["abc"]))), "cls (<U3)"),
+    "npz wrong shape":
+        (lambda p: write_npz(p / "w.npz", _changed(CLS, np.ones(
+            (1, 33)))), r"wrongly shaped keys: cls (1, 33) (need (1, 1, 32))"),
+    "npz declared giant shape":
+        (lambda p: write_npz(p / "w.npz", _changed("embedding/bias", None), [
+            ("embedding/bias", _npy_header_only((1 << 40,)))
+        ]), "wrongly shaped keys: embedding/bias (1099511627776,)"),
+    "npz int": (lambda p: write_npz(
+        p / "w.npz", _changed(CLS, np.ones(
+            (1, 1, 32), np.int64))), "not floating point: cls (int64)"),
+    "npz object": (lambda p: write_npz(
+        p / "w.npz", _changed(CLS, np.array([{
+            "x": 1
+        }], object))), "cls (object)"),
+    "npz complex": (lambda p: write_npz(
+        p / "w.npz", _changed(CLS, np.ones(
+            (1, 1, 32), np.complex64))), "cls (complex64)"),
+    "npz text":
+        (lambda p: write_npz(p / "w.npz", _changed(CLS, np.array(["abc"]))),
+         "cls (<U3)"),
     "npz nan": (lambda p: write_npz(p / "w.npz", _changed(CLS, NAN_CLS)),
                 "NaN or infinite values (in float32) in 1 keys: cls"),
-    "npz overflows float32": (lambda p: write_npz(p / "w.npz", _changed(
-        POS, np.full((1, 17, 32), 1e300))), f"infinite values (in float32) "
+    "npz overflows float32": (lambda p: write_npz(
+        p / "w.npz", _changed(POS, np.full(
+            (1, 17, 32), 1e300))), f"infinite values (in float32) "
                               f"in 1 keys: {POS}"),
-    "safetensors wrong shape": (
-        lambda p: write_safetensors(p / "w.safetensors", dict(
-            numpy_vit.google_to_timm(random_backbone()),
-            **{"norm.weight": np.ones(31, np.float32)})),
-        "wrongly shaped keys: Transformer/encoder_norm/scale (31,)"),
-    "safetensors int": (
-        lambda p: write_safetensors(p / "w.safetensors", dict(
-            numpy_vit.google_to_timm(random_backbone()),
-            cls_token=np.ones((1, 1, 32), np.int64))),
-        "not floating point: cls_token (I64)"),
-    "safetensors float8": (
-        lambda p: (p / "w.safetensors").write_bytes(
-            _safetensors_with_dtype("pos_embed", "F8_E4M3")) and
-        p / "w.safetensors", "pos_embed (F8_E4M3)"),
-    "safetensors inf": (
-        lambda p: write_safetensors(p / "w.safetensors", dict(
-            numpy_vit.google_to_timm(random_backbone()),
-            **{"blocks.1.mlp.fc2.bias": np.full(32, np.inf, np.float32)})),
-        "infinite values (in float32) in 1 keys: "
-        "Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"),
-    "torch int": (lambda p: write_torch(p / "w.pth", timm_tensors(
-        cls_token=tensor(np.ones((1, 1, 32), np.int64),
-                         type_name="LongStorage"))),
+    "safetensors wrong shape":
+        (lambda p: write_safetensors(
+            p / "w.safetensors",
+            dict(numpy_vit.google_to_timm(random_backbone()), **
+                 {"norm.weight": np.ones(31, np.float32)})),
+         "wrongly shaped keys: Transformer/encoder_norm/scale (31,)"),
+    "safetensors int": (lambda p: write_safetensors(
+        p / "w.safetensors",
+        dict(numpy_vit.google_to_timm(random_backbone()), cls_token=np.ones(
+            (1, 1, 32), np.int64))), "not floating point: cls_token (I64)"),
+    "safetensors float8": (lambda p: (p / "w.safetensors").write_bytes(
+        _safetensors_with_dtype("pos_embed", "F8_E4M3")) and p /
+                           "w.safetensors", "pos_embed (F8_E4M3)"),
+    "safetensors inf": (lambda p: write_safetensors(
+        p / "w.safetensors",
+        dict(numpy_vit.google_to_timm(random_backbone()), **
+             {"blocks.1.mlp.fc2.bias": np.full(32, np.inf, np.float32)})),
+                        "infinite values (in float32) in 1 keys: "
+                        "Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"),
+    "torch int": (lambda p: write_torch(
+        p / "w.pth",
+        timm_tensors(cls_token=tensor(np.ones(
+            (1, 1, 32), np.int64), type_name="LongStorage"))),
                   "not floating point: cls_token (int64)"),
-    "torch bool": (lambda p: write_torch(p / "w.pth", timm_tensors(
-        cls_token=tensor(np.ones((1, 1, 32), bool),
-                         type_name="BoolStorage"))), "cls_token (bool)"),
-    "torch 2-d patch kernel": (
-        lambda p: write_torch(p / "w.pth", timm_tensors(**{
-            "patch_embed.proj.weight": tensor(np.ones((32, 48), np.float32))})),
-        "patch_embed.proj.weight of shape (32, 48) does not map"),
-    "torch scalar qkv": (
-        lambda p: write_torch(p / "w.pth", timm_tensors(**{
-            "blocks.0.attn.qkv.weight": tensor(np.float32(1))})),
-        "blocks.0.attn.qkv.weight of shape () does not map"),
-    "torch wrong shape": (
-        lambda p: write_torch(p / "w.pth", timm_tensors(**{
-            "blocks.1.norm2.bias": tensor(np.ones(30, np.float32))})),
-        "wrongly shaped keys: Transformer/encoderblock_1/LayerNorm_2/bias "
-        "(30,)"),
-    "torch nan": (
-        lambda p: write_torch(p / "w.pth", timm_tensors(cls_token=tensor(
-            NAN_CLS))), "NaN or infinite values (in float32) in 1 keys: cls"),
+    "torch bool": (lambda p: write_torch(
+        p / "w.pth",
+        timm_tensors(cls_token=tensor(np.ones(
+            (1, 1, 32), bool), type_name="BoolStorage"))), "cls_token (bool)"),
+    "torch 2-d patch kernel": (lambda p: write_torch(
+        p / "w.pth",
+        timm_tensors(**{
+            "patch_embed.proj.weight": tensor(np.ones((32, 48), np.float32))
+        })), "patch_embed.proj.weight of shape (32, 48) does not map"),
+    "torch scalar qkv": (lambda p: write_torch(
+        p / "w.pth",
+        timm_tensors(**{"blocks.0.attn.qkv.weight": tensor(np.float32(1))})),
+                         "blocks.0.attn.qkv.weight of shape () does not map"),
+    "torch wrong shape": (lambda p: write_torch(
+        p / "w.pth",
+        timm_tensors(**{"blocks.1.norm2.bias": tensor(np.ones(30, np.float32))})
+    ), "wrongly shaped keys: Transformer/encoderblock_1/LayerNorm_2/bias "
+                          "(30,)"),
+    "torch nan": (lambda p: write_torch(
+        p / "w.pth", timm_tensors(cls_token=tensor(NAN_CLS))),
+                  "NaN or infinite values (in float32) in 1 keys: cls"),
 }
 
 
@@ -407,30 +424,36 @@ def server():
 NAME = weights.PRESETS["sup21k"][1]
 HTML = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
 DOWNLOAD_CASES = {
-    "truncated, no length header": (
-        lambda body: (200, {"Content-Length": None}, body[:len(body) // 2]),
-        "cannot read weights from the download of 'sup21k'"),
-    "html page": (lambda body: (200, {"Content-Type": "text/html"}, HTML),
-                  "the server sent an HTML page, not a weights file"),
-    "html page as octet-stream": (
-        lambda body: (200, {"Content-Type": "application/octet-stream"},
-                      HTML), "cannot read weights from the download"),
+    "truncated, no length header":
+        (lambda body: (200, {
+            "Content-Length": None
+        }, body[:len(body) // 2]),
+         "cannot read weights from the download of 'sup21k'"),
+    "html page": (lambda body: (200, {
+        "Content-Type": "text/html"
+    }, HTML), "the server sent an HTML page, not a weights file"),
+    "html page as octet-stream": (lambda body: (200, {
+        "Content-Type": "application/octet-stream"
+    }, HTML), "cannot read weights from the download"),
     "junk bytes": (lambda body: (200, {}, os.urandom(5000)),
                    "cannot read weights from the download"),
-    "malformed length header": (
-        lambda body: (200, {"Content-Length": "12abc"}, body),
-        "the server sent an invalid Content-Length '12abc'"),
-    "length beyond the body": (
-        lambda body: (200, {"Content-Length": len(body) + 1000}, body),
-        f"got {len(preset_body())} of {len(preset_body()) + 1000} bytes"),
-    "length below the body": (
-        lambda body: (200, {"Content-Length": len(body) - 1000}, body),
-        "cannot read weights from the download"),
+    "malformed length header": (lambda body: (200, {
+        "Content-Length": "12abc"
+    }, body), "the server sent an invalid Content-Length '12abc'"),
+    "length beyond the body": (lambda body: (200, {
+        "Content-Length": len(body) + 1000
+    }, body), f"got {len(preset_body())} of {len(preset_body()) + 1000} bytes"),
+    "length below the body": (lambda body: (200, {
+        "Content-Length": len(body) - 1000
+    }, body), "cannot read weights from the download"),
     "not found": (lambda body: (404, {}, b"no"), "HTTP Error 404"),
-    "another model": (
-        lambda body: (200, {}, safetensors.numpy.save(
-            numpy_vit.google_to_timm(random_backbone(variant=dict(
-                TINY, hidden_size=16))))), "do not fit the model"),
+    "another model":
+        (lambda body:
+         (200, {},
+          safetensors.numpy.save(
+              numpy_vit.google_to_timm(
+                  random_backbone(variant=dict(TINY, hidden_size=16))))),
+         "do not fit the model"),
 }
 
 
@@ -459,8 +482,9 @@ def test_cached_file_that_cannot_be_read_is_deleted(tmp_path, server):
   cache = tmp_path / "cache"
   cache.mkdir()
   (cache / NAME).write_bytes(b"<html>not weights</html>")
-  with pytest.raises(MissingWeightsError, match="cannot read weights from "
-                     ".*the cached file was deleted, run again"):
+  with pytest.raises(
+      MissingWeightsError, match="cannot read weights from "
+      ".*the cached file was deleted, run again"):
     weights.load_backbone("sup21k", template(), cache_dir=str(cache),
                           base_url=server.url)
   assert not os.listdir(cache) and server.requests == []
@@ -489,11 +513,12 @@ def test_cached_file_for_another_model_is_kept(tmp_path, server):
 
 def test_unwritable_cache_is_one_clear_error(tmp_path, server):
   (tmp_path / "afile").write_text("x")
-  with pytest.raises(MissingWeightsError, match="cannot write to the weights "
-                     "cache .*afile/cache .*SMOPE_JAX_CACHE"):
+  with pytest.raises(
+      MissingWeightsError, match="cannot write to the weights "
+      "cache .*afile/cache .*SMOPE_JAX_CACHE"):
     weights.load_backbone("sup21k", template(),
                           cache_dir=str(tmp_path / "afile" / "cache"),
-                             base_url=server.url)
+                          base_url=server.url)
   assert server.requests == []
 
 
@@ -503,7 +528,7 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, server):
 def _demo_template():
   """The backbone template of configs/demo.py, which the CLI runs use."""
   spec = importlib.util.spec_from_file_location(
-      "demo_config", os.path.join(REPO, "configs", "demo.py"))
+      "demo_config", os.path.join(helpers.REPO, "configs", "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -513,28 +538,35 @@ def _demo_template():
 
 def _demo_weights():
   rng = np.random.default_rng(0)
-  return {k: rng.normal(size=v.shape).astype(np.float32) * 0.1
-          for k, v in flatten(_demo_template()).items()}
+  return {
+      k: rng.normal(size=v.shape).astype(np.float32) * 0.1
+      for k, v in flatten(_demo_template()).items()
+  }
 
 
 def _demo_timm():
-  return {k: tensor(v)
-          for k, v in numpy_vit.google_to_timm(_demo_weights()).items()}
+  return {
+      k: tensor(v) for k, v in numpy_vit.google_to_timm(_demo_weights()).items()
+  }
 
 
 def _file_case(write, *expected):
   """A CLI case: `--config.pretrained` names the file `write(dir)` made."""
+
   def setup(directory, unused_server):
     return str(write(directory)), {}
+
   return setup, expected
 
 
 def _download_case(response, *expected):
   """A CLI case: the preset sup21k comes from the local server, from a
   mirror directory of the case's own."""
+
   def setup(directory, server):
     server.routes[f"/{directory.name}/{NAME}"] = response
     return "sup21k", {"SMOPE_JAX_WEIGHTS_URL": f"{server.url}/{directory.name}"}
+
   return setup, expected
 
 
@@ -555,54 +587,70 @@ ONE_64 = np.ones(64, np.float32)
 # Each case starts `main` (about 13 s of CPU, mostly start-up), so the
 # default suite runs a few kinds and the `slow` suite the rest.
 CLI_CASES = {
-    "cyclic pickle": _file_case(
-        lambda d: write_torch(d / "w.pth", _cyclic_dict()), "cycle"),
-    "nan weights": _file_case(
-        lambda d: _demo_npz(d, cls=np.full((1, 1, 64), np.nan, np.float32)),
-        "NaN or infinite values", "cls"),
-    "download without length": _download_case(
-        (200, {"Content-Length": None}, b"\x00" * 3000),
-        "download of 'sup21k'", "nothing was cached"),
+    "cyclic pickle":
+        _file_case(lambda d: write_torch(d / "w.pth", _cyclic_dict()), "cycle"),
+    "nan weights":
+        _file_case(
+            lambda d: _demo_npz(d, cls=np.full((1, 1, 64), np.nan, np.float32)),
+            "NaN or infinite values", "cls"),
+    "download without length":
+        _download_case((200, {
+            "Content-Length": None
+        }, b"\x00" * 3000), "download of 'sup21k'", "nothing was cached"),
 }
 SLOW_CLI_CASES = {
-    "stride-0 giant tensor": _file_case(
-        lambda d: _demo_torch(d, cls_token=tensor(ONE, (1 << 40,), (0,))),
-        "cls_token of size (1099511627776,)"),
-    "unknown storage type": _file_case(
-        lambda d: _demo_torch(d, cls_token=tensor(
-            ONE, type_name="QInt8Storage")), "torch.QInt8Storage"),
-    "deep pickle": _file_case(
-        lambda d: write_torch(d / "w.pth", raw_pickle=_deep_pickle()),
-        "nested more than"),
-    "storage is a list": _file_case(
-        lambda d: _demo_torch(d, cls_token=_rebuild_tensor_v2(
-            [0.0] * 64, 0, (1, 1, 64), (64, 64, 1), False, OrderedDict())),
-        "not by a storage"),
-    "npz wrong shape": _file_case(
-        lambda d: _demo_npz(d, cls=np.ones((1, 64), np.float32)),
-        "wrongly shaped keys: cls (1, 64)"),
-    "npz wrong dtype": _file_case(
-        lambda d: _demo_npz(d, **{"embedding/bias": np.ones(64, np.int32)}),
-        "embedding/bias (int32)"),
-    "safetensors wrong shape": _file_case(
-        lambda d: _demo_safetensors(d, **{"norm.bias": ONE_64[:63]}),
-        "Transformer/encoder_norm/bias (63,)"),
-    "safetensors wrong dtype": _file_case(
-        lambda d: _demo_safetensors(d, cls_token=np.ones((1, 1, 64), np.int8)),
-        "cls_token (I8)"),
-    "torch wrong shape": _file_case(
-        lambda d: _demo_torch(d, **{"norm.weight": tensor(ONE_64[:60])}),
-        "Transformer/encoder_norm/scale (60,)"),
-    "torch wrong dtype": _file_case(
-        lambda d: _demo_torch(d, **{"norm.bias": tensor(
-            np.ones(64, np.int16), type_name="ShortStorage")}),
-        "norm.bias (int16)"),
-    "html page": _download_case(
-        (200, {"Content-Type": "text/html; charset=utf-8"}, HTML),
-        "HTML page", "nothing was cached"),
-    "bad length header": _download_case(
-        (200, {"Content-Length": "-5"}, b"\x00" * 3000),
-        "invalid Content-Length", "nothing was cached"),
+    "stride-0 giant tensor":
+        _file_case(
+            lambda d: _demo_torch(d, cls_token=tensor(ONE, (1 << 40,), (0,))),
+            "cls_token of size (1099511627776,)"),
+    "unknown storage type":
+        _file_case(
+            lambda d: _demo_torch(
+                d, cls_token=tensor(ONE, type_name="QInt8Storage")),
+            "torch.QInt8Storage"),
+    "deep pickle":
+        _file_case(
+            lambda d: write_torch(d / "w.pth", raw_pickle=_deep_pickle()),
+            "nested more than"),
+    "storage is a list":
+        _file_case(
+            lambda d: _demo_torch(
+                d, cls_token=_rebuild_tensor_v2([0.0] * 64, 0, (1, 1, 64),
+                                                (64, 64, 1), False, OrderedDict(
+                                                ))), "not by a storage"),
+    "npz wrong shape":
+        _file_case(lambda d: _demo_npz(d, cls=np.ones((1, 64), np.float32)),
+                   "wrongly shaped keys: cls (1, 64)"),
+    "npz wrong dtype":
+        _file_case(
+            lambda d: _demo_npz(d, **{"embedding/bias": np.ones(64, np.int32)}),
+            "embedding/bias (int32)"),
+    "safetensors wrong shape":
+        _file_case(lambda d: _demo_safetensors(d, **{"norm.bias": ONE_64[:63]}),
+                   "Transformer/encoder_norm/bias (63,)"),
+    "safetensors wrong dtype":
+        _file_case(
+            lambda d: _demo_safetensors(d, cls_token=np.ones(
+                (1, 1, 64), np.int8)), "cls_token (I8)"),
+    "torch wrong shape":
+        _file_case(
+            lambda d: _demo_torch(d, **{"norm.weight": tensor(ONE_64[:60])}),
+            "Transformer/encoder_norm/scale (60,)"),
+    "torch wrong dtype":
+        _file_case(
+            lambda d: _demo_torch(
+                d, **{
+                    "norm.bias":
+                        tensor(np.ones(64, np.int16), type_name="ShortStorage")
+                }), "norm.bias (int16)"),
+    "html page":
+        _download_case((200, {
+            "Content-Type": "text/html; charset=utf-8"
+        }, HTML), "HTML page", "nothing was cached"),
+    "bad length header":
+        _download_case((200, {
+            "Content-Length": "-5"
+        }, b"\x00" * 3000), "invalid Content-Length", "nothing was cached"),
 }
 
 
@@ -610,14 +658,13 @@ def _run_main(case, directory, server):
   setup, _ = case
   directory.mkdir()
   source, env = setup(directory, server)
-  env = dict(os.environ, PYTHONPATH=REPO, SMOPE_JAX_CACHE=str(
-      directory / "cache"), **env)
   start = time.perf_counter()
-  result = subprocess.run(
-      [sys.executable, "-m", "smope_jax.main", "--config=configs/demo.py",
-       f"--config.pretrained={source}", f"--workdir={directory / 'run'}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+  result = helpers.run_module(
+      "main", "--config=configs/demo.py", f"--config.pretrained={source}",
+      f"--workdir={directory / 'run'}", env={
+          "SMOPE_JAX_CACHE": str(directory / "cache"),
+          **env
+      })
   return result, time.perf_counter() - start, directory / "cache"
 
 
@@ -626,8 +673,10 @@ def _run_all(cases, tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
   with local_server.serve() as server, \
       concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = {name: pool.submit(_run_main, case, root / str(i), server)
-               for i, (name, case) in enumerate(cases.items())}
+    futures = {
+        name: pool.submit(_run_main, case, root / str(i), server)
+        for i, (name, case) in enumerate(cases.items())
+    }
     return {name: future.result() for name, future in futures.items()}
 
 
@@ -643,7 +692,7 @@ def slow_cli_results(tmp_path_factory):
 
 def _check_cli(results, cases, case):
   result, seconds, cache = results[case]
-  line = assert_one_line_error(result, *cases[case][1])
+  line = helpers.assert_one_line_error(result, *cases[case][1])
   assert not cache.exists() or not os.listdir(cache), line
   assert seconds < 120, seconds
 

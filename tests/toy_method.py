@@ -11,15 +11,13 @@ One shared prompt per prompted block, the same for every image (no query
 pass), trained with the classifier.
 """
 
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from smope_jax import configuration
 from smope_jax.methods import base
 from smope_jax.methods import registry
+from tests import helpers
 
 
 class ToyPrompts(base.PromptModule):
@@ -57,26 +55,14 @@ def apply_protocol(config, *, epochs, batch_size):
   config.update(prompt_length=4, dense_warmup=False)
 
 
-SPEC = registry.register(registry.MethodSpec(
-    name="toy", display_name="Toy prompt", method_class=ToyMethod,
-    apply_protocol=apply_protocol, query_pass=False))
-
-
-def _demo_config(arg):
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  return demo.get_config(arg)
+SPEC = registry.register(
+    registry.MethodSpec(name="toy", display_name="Toy prompt",
+                        method_class=ToyMethod, apply_protocol=apply_protocol,
+                        query_pass=False))
 
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, "tests/toy_method.py", method="smope")
-  config = _demo_config(f"method={args.method}")
-  # One epoch of two tasks on a tiny random ViT (nothing pre-trained).
-  config.update(epochs=1, freeze_steps=1, align_epochs=1, num_tasks=2,
-                progress_bar=False, pretrained="", image_size=16,
-                num_prompted_layers=1, num_experts=4)
-  config.model.update(patch_size=8, hidden_size=16, num_layers=2,
-                      num_heads=2, mlp_dim=32)
-  return config
+  # The tests' tiny run in two tasks, prompts in the first block only.
+  return helpers.tiny_config(f"method={args.method}", num_tasks=2,
+                             num_prompted_layers=1)

@@ -26,12 +26,11 @@ _BATCH = flags.DEFINE_integer(
     "the config's batch (capped at 16 on CPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
-_MATMUL_SIZE = flags.DEFINE_integer(
-    "matmul_size", 2048, "Side of the float32 reference matmul.")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048,
+                                    "Side of the float32 reference matmul.")
 _METHODS = flags.DEFINE_list(
     "methods", None, "Methods to measure (default: every registered one); "
     "the reference method is always measured (ratios refer to it).")
-
 
 # The reference matmul's side: 16384 floats square is 1 GiB per operand.
 MAX_MATMUL_SIZE = 16384
@@ -76,8 +75,8 @@ def main(argv):
     from smope_jax.benchmark import report  # pylint: disable=g-import-not-at-top
     overridden = "batch_size" in config_flags.get_override_values(
         flags.FLAGS["config"])
-    batch, source = report.resolve_batch(
-        config, _BATCH.value, overridden, jax.default_backend())
+    batch, source = report.resolve_batch(config, _BATCH.value, overridden,
+                                         jax.default_backend())
     record = report.run(config, batch, repeats=_REPEATS.value,
                         warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value,
                         batch_source=source, methods=_METHODS.value)

@@ -37,30 +37,35 @@ def static_cost(config, num_tasks: int) -> dict:
   size = config.image_size
   images = jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.float32)
   context = method.init_context()
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1,) + images.shape[1:]), context,
-      mode="train"))["params"]
-  inference = jax.jit(lambda p, x: model.apply(
-      {"params": p}, x, context, mode="eval")["logits"])
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(
+      0), jnp.zeros((1,) + images.shape[1:]), context, mode="train"))["params"]
+  inference = jax.jit(lambda p, x: model.apply({"params": p}, x, context, mode=
+                                               "eval")["logits"])
   trainable, frozen = steps_lib.split_params(params)
   tx = schedules.adam(config.weight_decay,
                       decoupled=config.optimizer == "adamw")
   task = min(1, num_tasks - 1)
   inputs = steps_lib.TaskInputs(
       class_range=np.array([0, config.num_classes], np.int32),
-      task=np.int32(task),
-      rates={"prompts": np.float32(1e-3), "head": np.float32(1e-3)},
-      method_state=jax.eval_shape(method.init_state, trainable))
-  batch = {"image": images,
-           "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((BATCH,), jnp.float32)}
-  train = jax.jit(functools.partial(steps_lib.train_step, model=model,
-                                    method=method, tx=tx, mode="train"))
+      task=np.int32(task), rates={
+          "prompts": np.float32(1e-3),
+          "head": np.float32(1e-3)
+      }, method_state=jax.eval_shape(method.init_state, trainable))
+  batch = {
+      "image": images,
+      "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
+      "mask": jax.ShapeDtypeStruct((BATCH,), jnp.float32)
+  }
+  train = jax.jit(
+      functools.partial(steps_lib.train_step, model=model, method=method, tx=tx,
+                        mode="train"))
   return {
-      "params": steps_lib.parameter_counts(params),
-      "train_gflops_per_image": _flops(train.lower(
-          trainable, jax.eval_shape(tx.init, trainable), frozen, batch,
-          inputs)) / BATCH / 1e9,
-      "inference_gflops_per_image": _flops(inference.lower(
-          params, images)) / BATCH / 1e9,
+      "params":
+          steps_lib.parameter_counts(params),
+      "train_gflops_per_image":
+          _flops(
+              train.lower(trainable, jax.eval_shape(tx.init, trainable), frozen,
+                          batch, inputs)) / BATCH / 1e9,
+      "inference_gflops_per_image":
+          _flops(inference.lower(params, images)) / BATCH / 1e9,
   }

@@ -38,13 +38,13 @@ def define_flags() -> None:
       "config", None, "Config file of a benchmark, e.g. configs/cub200.py: "
       "its dataset, image_size and batch_size (--config.batch_size=...) are "
       "measured.", lock_config=True)
-  flags.DEFINE_integer(
-      "batches", 3, "Timed batches per setting (two more are written).")
+  flags.DEFINE_integer("batches", 3,
+                       "Timed batches per setting (two more are written).")
   flags.DEFINE_list(
       "threads", ["1", "0"], "tf.data threads to measure; 0 = tf.data's "
       "default (about one per core).")
-  flags.DEFINE_list(
-      "cache", ["true", "false"], "config.cache_data settings to measure.")
+  flags.DEFINE_list("cache", ["true", "false"],
+                    "config.cache_data settings to measure.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +57,16 @@ class Mock:
 
 
 MOCKS = {
-    "cifar100": Mock(shorter=(32, 32), aspect=(1.0, 1.0), encoding="PNG"),
+    "cifar100":
+        Mock(shorter=(32, 32), aspect=(1.0, 1.0), encoding="PNG"),
     # CUB-200-2011's photos are 500 px on their longer side.
-    "caltech_birds2011": Mock(shorter=(300, 500), aspect=(1.0, 1.0),
-                              encoding="JPEG", longer=500),
+    "caltech_birds2011":
+        Mock(shorter=(300, 500), aspect=(1.0, 1.0), encoding="JPEG",
+             longer=500),
     # ImageNet-R: about 2.2 GB of JPEGs for 30,000 images, ~73 KB each; these
     # sizes (mean ~430 x 540 px) take ~51 KB of our noise at quality 90.
-    "imagenet_r": Mock(shorter=(300, 560), aspect=(1.0, 1.5),
-                       encoding="JPEG"),
+    "imagenet_r":
+        Mock(shorter=(300, 560), aspect=(1.0, 1.5), encoding="JPEG"),
 }
 JPEG_QUALITY = 90
 DISTINCT = 64  # Distinct encoded images; the others repeat them.
@@ -80,9 +82,11 @@ def _textures(count: int = 4) -> tuple[np.ndarray, ...]:
     image = rng.normal(128, 3, (_TEXTURE, _TEXTURE, 3)).astype(np.float32)
     for cells, amplitude in ((8, 90.0), (40, 35.0), (160, 12.0)):
       small = rng.normal(0, 1, (cells, cells, 3)).astype(np.float32)
-      image += amplitude * np.stack(
-          [np.asarray(Image.fromarray(small[..., c]).resize(
-              (_TEXTURE, _TEXTURE), Image.BICUBIC)) for c in range(3)], -1)
+      image += amplitude * np.stack([
+          np.asarray(
+              Image.fromarray(small[..., c]).resize(
+                  (_TEXTURE, _TEXTURE), Image.BICUBIC)) for c in range(3)
+      ], -1)
     out.append(np.clip(image, 0, 255).astype(np.uint8))
   return tuple(out)
 
@@ -119,22 +123,33 @@ def mock_images(dataset: str, count: int, seed: int = 0):
 def _example(dataset: str, features, i: int, image, label: int, role: str):
   """One example with every feature of the real builder."""
   if dataset == "cifar100":
-    return {"id": f"{role}_{i:05d}", "image": image, "label": label,
-            "coarse_label": label % 20}
+    return {
+        "id": f"{role}_{i:05d}",
+        "image": image,
+        "label": label,
+        "coarse_label": label % 20
+    }
   if dataset == "imagenet_r":
     from smope_jax.data import imagenet_r  # pylint: disable=g-import-not-at-top
     wnid = imagenet_r.class_wnids()[label]
-    return {"image": image, "label": wnid,
-            "file_name": f"{wnid}/mock_{i:05d}.jpg"}
+    return {
+        "image": image,
+        "label": wnid,
+        "file_name": f"{wnid}/mock_{i:05d}.jpg"
+    }
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   mask = io.BytesIO()  # Encoded here: TFDS's own PNG encoder is slow.
   Image.new("L", Image.open(io.BytesIO(image)).size).save(mask, "PNG")
   name = features["label"].int2str(label)
-  return {"image": image, "label": label, "label_name": name,
-          "image/filename": f"{name}/mock_{i:05d}.jpg",
-          "bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
-          "segmentation_mask": mask.getvalue()}
+  return {
+      "image": image,
+      "label": label,
+      "label_name": name,
+      "image/filename": f"{name}/mock_{i:05d}.jpg",
+      "bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
+      "segmentation_mask": mask.getvalue()
+  }
 
 
 def write_mock(config, data_dir: str, num_train: int, num_test: int) -> dict:
@@ -163,15 +178,20 @@ def write_mock(config, data_dir: str, num_train: int, num_test: int) -> dict:
     del dl_manager  # Nothing is downloaded.
     if dataset == "imagenet_r":
       return {"test": examples(self, "test", num_train + num_test, 0)}
-    return {"train": examples(self, "train", num_train, 0),
-            "test": examples(self, "test", num_test, num_train)}
+    return {
+        "train": examples(self, "train", num_train, 0),
+        "test": examples(self, "test", num_test, num_train)
+    }
 
-  mock = type(f"Mock{real.__name__}", (real,),
-              {"name": real.name, "_split_generators": split_generators},
-              skip_registration=True)
+  mock = type(f"Mock{real.__name__}", (real,), {
+      "name": real.name,
+      "_split_generators": split_generators
+  }, skip_registration=True)
   mock(data_dir=data_dir).download_and_prepare()
-  return {"images": stats["images"],
-          "mean_bytes": stats["bytes"] / max(stats["images"], 1)}
+  return {
+      "images": stats["images"],
+      "mean_bytes": stats["bytes"] / max(stats["images"], 1)
+  }
 
 
 def measure(config, batches: int, threads: int) -> dict:
@@ -206,8 +226,11 @@ def measure(config, batches: int, threads: int) -> dict:
   del read  # Stops the pipeline: its last batch is never read.
   images = batches * b
   return {
-      "threads": threads, "cache_data": bool(config.cache_data),
-      "batch": b, "batches": batches, "image_shape": image.shape,
+      "threads": threads,
+      "cache_data": bool(config.cache_data),
+      "batch": b,
+      "batches": batches,
+      "image_shape": image.shape,
       "image_dtype": str(image.dtype),
       "images_per_second": images / max(steady.wall, 1e-9),
       "images_per_cpu_second": images / max(steady.cpu, 1e-9),
@@ -258,9 +281,14 @@ def run(config, batches: int, threads=(1, 0), cache=(True, False)) -> dict:
       config.cache_data = cache_data
       for t in threads:
         rows.append(measure(config, batches, t))
-  return {"dataset": config.dataset, "image_size": config.image_size,
-          "batch": config.batch_size, "mock": written, "rows": rows,
-          "mock_sizes": dataclasses.asdict(MOCKS[config.dataset])}
+  return {
+      "dataset": config.dataset,
+      "image_size": config.image_size,
+      "batch": config.batch_size,
+      "mock": written,
+      "rows": rows,
+      "mock_sizes": dataclasses.asdict(MOCKS[config.dataset])
+  }
 
 
 def format_table(record: dict) -> str:
@@ -271,7 +299,8 @@ def format_table(record: dict) -> str:
       "| cache_data | tf.data threads | images/s (wall) | images per "
       "CPU-second | "
       "CPU ms/image | epoch start, CPU s | load, CPU ms/image |",
-      "|---|---:|---:|---:|---:|---:|---:|"]
+      "|---|---:|---:|---:|---:|---:|---:|"
+  ]
   for r in record["rows"]:
     lines.append(
         f"| {r['cache_data']} | {r['threads'] or 'default'} | "

@@ -38,10 +38,9 @@ def compiled_traffic_bytes(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   stats = compiled.memory_analysis()
-  return roofline.traffic_bytes(
-      (analysis or {}).get("bytes accessed"),
-      stats.argument_size_in_bytes if stats else 0,
-      stats.output_size_in_bytes if stats else 0)
+  return roofline.traffic_bytes((analysis or {}).get("bytes accessed"),
+                                stats.argument_size_in_bytes if stats else 0,
+                                stats.output_size_in_bytes if stats else 0)
 
 
 def compiled_memory_bytes(compiled) -> Optional[int]:
@@ -89,7 +88,7 @@ class MatmulProbe:
 
   def __init__(self, size: int):
     self.size = size
-    self.flops = 2.0 * size ** 3
+    self.flops = 2.0 * size**3
     key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
     self._a = jax.random.normal(key_a, (size, size), jnp.float32)
     self._b = jax.random.normal(key_b, (size, size), jnp.float32)
@@ -121,8 +120,8 @@ class Measurement:
 
 
 def measure(fn: Callable[..., Any], args: tuple, *, donate: tuple = (),
-            carry: Optional[Callable[[tuple, Any], tuple]] = None,
-            repeats: int, warmup: int, probe: MatmulProbe) -> Measurement:
+            carry: Optional[Callable[[tuple, Any], tuple]] = None, repeats: int,
+            warmup: int, probe: MatmulProbe) -> Measurement:
   """Compiles `fn(*args)`, then times `repeats` calls after `warmup` calls.
 
   Args:

@@ -65,10 +65,11 @@ class MethodSetup:
     per_task = config.num_classes // config.num_tasks
     self.class_range = np.array([task * per_task, (task + 1) * per_task],
                                 np.int32)
-    self.batch = {"image": images,
-                  "label": jnp.asarray(labels % per_task + task * per_task,
-                                       jnp.int32),
-                  "mask": jnp.ones((images.shape[0],), jnp.float32)}
+    self.batch = {
+        "image": images,
+        "label": jnp.asarray(labels % per_task + task * per_task, jnp.int32),
+        "mask": jnp.ones((images.shape[0],), jnp.float32)
+    }
 
   def inference(self, mode: str = "eval") -> Row:
     context = self.method.context(self.state, np.int32(self.task))
@@ -76,6 +77,7 @@ class MethodSetup:
     def fn(params, images):
       return self.model.apply({"params": params}, images, context,
                               mode=mode)["logits"]
+
     return Row(fn, (self.params, self.images))
 
   def train(self) -> Row:
@@ -89,10 +91,10 @@ class MethodSetup:
     # Fresh copies: the step donates (consumes) its trainable state.
     trainable = jax.tree_util.tree_map(jnp.array, trainable)
     inputs = steps_lib.TaskInputs(
-        class_range=self.class_range, task=np.int32(self.task),
-        rates={"prompts": np.float32(config.lr * config.prompt_lr_multiplier),
-               "head": np.float32(config.lr)},
-        method_state=self.state)
+        class_range=self.class_range, task=np.int32(self.task), rates={
+            "prompts": np.float32(config.lr * config.prompt_lr_multiplier),
+            "head": np.float32(config.lr)
+        }, method_state=self.state)
     args = (trainable, tx.init(trainable), frozen, self.batch, inputs)
     return Row(fn, args, donate=(0, 1),
                carry=lambda args, out: out[:2] + args[2:])
@@ -130,9 +132,11 @@ class Setup:
   def rows(self) -> dict[str, Row]:
     """Lighter rows first, so the running peak memory grows row by row."""
     reference = self.methods[registry.REFERENCE]
-    rows = {"plain_vit": reference.inference("plain"),
-            f"{registry.REFERENCE}_inference": reference.inference(),
-            "dense_prompts": reference.inference("dense")}
+    rows = {
+        "plain_vit": reference.inference("plain"),
+        f"{registry.REFERENCE}_inference": reference.inference(),
+        "dense_prompts": reference.inference("dense")
+    }
     for name in self.methods:
       if name == registry.REFERENCE:
         continue
@@ -142,5 +146,7 @@ class Setup:
     return rows
 
   def parameter_counts(self) -> dict:
-    return {name: steps_lib.parameter_counts(s.params)
-            for name, s in self.methods.items()}
+    return {
+        name: steps_lib.parameter_counts(s.params)
+        for name, s in self.methods.items()
+    }

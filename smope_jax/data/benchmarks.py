@@ -30,11 +30,13 @@ class Benchmark:
   reference_lists: bool = False
 
 
-BENCHMARKS = {b.name: b for b in (
-    Benchmark("cifar100", 100, key="id"),
-    # TFDS ships ImageNet-R as one split; the roles come from the lists.
-    Benchmark("imagenet_r", 200, key="file_name", train_split="test",
-              test_split="", reference_lists=True),
-    Benchmark("caltech_birds2011", 200, key="image/filename"),
-    Benchmark("digits", 10, source="digits"),
-)}
+BENCHMARKS = {
+    b.name: b for b in (
+        Benchmark("cifar100", 100, key="id"),
+        # TFDS ships ImageNet-R as one split; the roles come from the lists.
+        Benchmark("imagenet_r", 200, key="file_name", train_split="test",
+                  test_split="", reference_lists=True),
+        Benchmark("caltech_birds2011", 200, key="image/filename"),
+        Benchmark("digits", 10, source="digits"),
+    )
+}

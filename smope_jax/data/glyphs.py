@@ -20,15 +20,14 @@ import PIL.Image
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Sans, serif, monospaced, Computer Modern and STIX faces, upright and
 # slanted, regular and bold: the same letter in many shapes.
-FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
-    "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
-    "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-    "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf",
-    "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf", "cmb10.ttf")
+FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+         "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf",
+         "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+         "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
+         "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+         "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+         "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf",
+         "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf", "cmb10.ttf")
 MASTER_SIZE = 32  # Side of a master; 4x the 8x8 cells of the digits.
 CELLS = 8  # The digits' resolution.
 GREY_LEVELS = 16  # The digits count 0..16 inked pixels per cell.
@@ -54,8 +53,9 @@ def _fit_square(bitmap: np.ndarray, size: int) -> np.ndarray:
   height, width = bitmap.shape
   scale = size / max(height, width)
   new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-  resized = np.asarray(PIL.Image.fromarray(bitmap).resize(
-      (new_w, new_h), PIL.Image.Resampling.BOX))
+  resized = np.asarray(
+      PIL.Image.fromarray(bitmap).resize((new_w, new_h),
+                                         PIL.Image.Resampling.BOX))
   canvas = np.zeros((size, size), np.float32)
   top, left = (size - new_h) // 2, (size - new_w) // 2
   canvas[top:top + new_h, left:left + new_w] = np.clip(resized, 0.0, 1.0)
@@ -87,10 +87,11 @@ def _embolden(images: jax.Array, steps: jax.Array) -> jax.Array:
   """
   grown = [images]
   for _ in range(MAX_EMBOLDEN):
-    grown.append(jax.lax.reduce_window(grown[-1], -jnp.inf, jax.lax.max,
-                                       (1, 3, 3), (1, 1, 1), "SAME"))
-  return jnp.take_along_axis(jnp.stack(grown, 1),
-                             steps[:, None, None, None], 1)[:, 0]
+    grown.append(
+        jax.lax.reduce_window(grown[-1], -jnp.inf, jax.lax.max, (1, 3, 3),
+                              (1, 1, 1), "SAME"))
+  return jnp.take_along_axis(jnp.stack(grown, 1), steps[:, None, None, None],
+                             1)[:, 0]
 
 
 def _matrices(rows) -> jax.Array:
@@ -105,11 +106,11 @@ def _warp(images: jax.Array, key: jax.Array) -> jax.Array:
   angle = jax.random.uniform(keys[0], (batch,), minval=-0.35, maxval=0.35)
   scale = jnp.exp(jax.random.uniform(keys[1], (batch,), minval=-0.3,
                                      maxval=0.1))
-  aspect = jnp.exp(jax.random.uniform(keys[2], (batch,), minval=-0.25,
-                                      maxval=0.25))
+  aspect = jnp.exp(
+      jax.random.uniform(keys[2], (batch,), minval=-0.25, maxval=0.25))
   shear = jax.random.uniform(keys[3], (batch,), minval=-0.3, maxval=0.3)
-  shift = jax.random.uniform(keys[4], (batch, 2), minval=-0.12,
-                             maxval=0.12) * size
+  shift = jax.random.uniform(keys[4],
+                             (batch, 2), minval=-0.12, maxval=0.12) * size
   cos, sin, one, zero = (jnp.cos(angle), jnp.sin(angle), jnp.ones(batch),
                          jnp.zeros(batch))
   # Source -> output in (y, x): rotation @ shear @ scale; sampling needs the
@@ -120,18 +121,21 @@ def _warp(images: jax.Array, key: jax.Array) -> jax.Array:
                        [zero, scale / jnp.sqrt(aspect)]])
   inverse = jnp.linalg.inv(rotation @ shearing @ scaling)
   centre = (size - 1) / 2
-  grid = jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size),
-                                indexing="ij"), -1) - centre  # (S, S, 2).
-  source = jnp.einsum("bij,byxj->byxi", inverse,
-                      grid - shift[:, None, None])
+  grid = jnp.stack(
+      jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij"),
+      -1) - centre  # (S, S, 2).
+  source = jnp.einsum("bij,byxj->byxi", inverse, grid - shift[:, None, None])
   return _sample_bilinear(images, source + centre)
 
 
 def _sample_bilinear(images: jax.Array, coords: jax.Array) -> jax.Array:
   """images (B, S, S) read at coords (B, S', S', 2) = (y, x); zero outside."""
+
   def sample(image, points):
-    return jax.scipy.ndimage.map_coordinates(
-        image, [points[..., 0], points[..., 1]], order=1, mode="constant")
+    return jax.scipy.ndimage.map_coordinates(image,
+                                             [points[..., 0], points[..., 1]],
+                                             order=1, mode="constant")
+
   return jax.vmap(sample)(images, coords)
 
 
@@ -145,11 +149,12 @@ def random_resized_crop(images: jax.Array, key: jax.Array,
   batch, size = images.shape[0], images.shape[1]
   area_key, aspect_key, place_key = jax.random.split(key, 3)
   area = jax.random.uniform(area_key, (batch,), minval=min_area, maxval=1.0)
-  aspect = jnp.exp(jax.random.uniform(aspect_key, (batch,),
-                                      minval=np.log(3 / 4),
-                                      maxval=np.log(4 / 3)))
-  extent = jnp.clip(jnp.stack([jnp.sqrt(area / aspect),
-                               jnp.sqrt(area * aspect)], -1), 0.0, 1.0) * size
+  aspect = jnp.exp(
+      jax.random.uniform(aspect_key, (batch,), minval=np.log(3 / 4),
+                         maxval=np.log(4 / 3)))
+  extent = jnp.clip(
+      jnp.stack([jnp.sqrt(area / aspect),
+                 jnp.sqrt(area * aspect)], -1), 0.0, 1.0) * size
   corner = jax.random.uniform(place_key, (batch, 2)) * (size - extent)
   steps = (jnp.arange(size) + 0.5) / size  # Pixel centres in [0, 1].
   grid = jnp.stack(jnp.meshgrid(steps, steps, indexing="ij"), -1)
@@ -183,8 +188,9 @@ def sample_batch(key: jax.Array, masters: jax.Array, labels: jax.Array,
   """
   pick, stroke, warp, noise, crop, flip, chosen = jax.random.split(key, 7)
   index = jax.random.randint(pick, (batch_size,), 0, masters.shape[0])
-  images = _embolden(masters[index], jax.random.randint(
-      stroke, (batch_size,), 0, MAX_EMBOLDEN + 1))
+  images = _embolden(
+      masters[index],
+      jax.random.randint(stroke, (batch_size,), 0, MAX_EMBOLDEN + 1))
   images = _warp(images, warp)
   images = images + 0.1 * jax.random.normal(noise, images.shape)
   images = to_digit_style(images, image_size)

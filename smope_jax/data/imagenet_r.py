@@ -41,8 +41,8 @@ def labels_of(file_names) -> np.ndarray:
   """The reference's class number of each `<wnid>/<file>` name."""
   number = {wnid: i for i, wnid in enumerate(class_wnids())}
   try:
-    return np.array([number[_text(name).split("/", 1)[0]]
-                     for name in file_names], np.int64)
+    return np.array(
+        [number[_text(name).split("/", 1)[0]] for name in file_names], np.int64)
   except KeyError as e:
     raise errors.MissingDataError(
         f"ImageNet-R file {e.args[0]!r} belongs to no class of the "
@@ -62,8 +62,10 @@ def reference_roles(file_names) -> dict[str, np.ndarray]:
   file_names = [_text(name) for name in file_names]
   position = {name: i for i, name in enumerate(file_names)}
   listed = {role: listed_files(role) for role in ("train", "test")}
-  missing = [name for names in listed.values() for name in names
-             if name not in position]
+  missing = [
+      name for names in listed.values() for name in names
+      if name not in position
+  ]
   extra = sorted(set(position) - set(listed["train"]) - set(listed["test"]))
   problems = []
   if missing:
@@ -78,5 +80,7 @@ def reference_roles(file_names) -> dict[str, np.ndarray]:
         "split needs exactly its 30,000 images (rebuild it with `tfds build "
         "imagenet_r`), or set --config.imagenet_r_split=random for a seeded "
         "80/20 split that is not comparable with published numbers.")
-  return {role: np.array([position[name] for name in names], np.int64)
-          for role, names in listed.items()}
+  return {
+      role: np.array([position[name] for name in names], np.int64)
+      for role, names in listed.items()
+  }

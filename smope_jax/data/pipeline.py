@@ -79,8 +79,8 @@ def _decode_all(items: list, decode, threads: int) -> list[np.ndarray]:
   """Decodes every item once (config.cache_data), in parallel."""
   if not items:
     return []
-  tensor = (np.array(items, dtype=object) if isinstance(items[0], bytes)
-            else np.stack(items))
+  tensor = (np.array(items, dtype=object)
+            if isinstance(items[0], bytes) else np.stack(items))
   ds = tf.data.Dataset.from_tensor_slices(tensor)
   decoded = ds.map(preprocess.graph_only(decode), tf.data.AUTOTUNE)
   return list(decoded.with_options(_options(threads)).as_numpy_iterator())
@@ -107,8 +107,7 @@ class ContinualData:
     # HiDe-Prompt's transforms normalise CIFAR-100 with its own statistics.
     self._cifar = config.dataset == "cifar100"
     self.class_order = splits.class_order(
-        self.num_classes, config.seed,
-        natural_seed0=config.natural_order_seed0,
+        self.num_classes, config.seed, natural_seed0=config.natural_order_seed0,
         natural=config.hide.natural_order)
     if config.joint:
       self._tasks = [list(self.class_order)]
@@ -118,8 +117,9 @@ class ContinualData:
     self.num_tasks = len(self._tasks)
     bounds = np.cumsum([0] + [len(t) for t in self._tasks])
     # Remapped labels of task t: [class_ranges[t][0], class_ranges[t][1]).
-    self.class_ranges = [(int(a), int(b))
-                         for a, b in zip(bounds[:-1], bounds[1:])]
+    self.class_ranges = [
+        (int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     self._remap = np.empty(self.num_classes, np.int32)
     self._remap[self.class_order] = np.arange(self.num_classes)
     self._train_store = (None, None)  # Only the latest task's: saves memory.
@@ -173,7 +173,7 @@ class ContinualData:
   def _local_batch(self, global_batch: int) -> int:
     if global_batch <= 0 or global_batch % self._process_count:
       raise errors.ConfigError(
-          f"The global batch size {global_batch} must be a positive multiple "
+          f"the global batch size {global_batch} must be a positive multiple "
           f"of the number of processes ({self._process_count}).")
     return global_batch // self._process_count
 
@@ -186,11 +186,11 @@ class ContinualData:
     `drop_remainder` the last partial batch is left out: the same images
     whatever the number of processes.
     """
-    num_steps = n // global_batch if drop_remainder else math.ceil(
-        n / global_batch)
+    num_steps = n // global_batch if drop_remainder else math.ceil(n /
+                                                                   global_batch)
     steps = np.arange(start_step, num_steps)
-    pos = (steps[:, None] * global_batch + self._process_index * b
-           + np.arange(b)).reshape(-1)
+    pos = (steps[:, None] * global_batch + self._process_index * b +
+           np.arange(b)).reshape(-1)
     return pos, pos < n
 
   def _batches(self, store: _Store, pos, index, valid, image_fn,
@@ -202,8 +202,11 @@ class ContinualData:
     def example(p, i, ok):
       image = tf.cond(ok, lambda: image_fn(store.image(i), p),
                       lambda: tf.zeros([size, size, 3]))
-      return {"image": image, "label": tf.gather(store.labels, i),
-              "mask": tf.cast(ok, tf.float32)}
+      return {
+          "image": image,
+          "label": tf.gather(store.labels, i),
+          "mask": tf.cast(ok, tf.float32)
+      }
 
     ds = tf.data.Dataset.from_tensor_slices(
         (pos.astype(np.int64), index.astype(np.int64), valid))
@@ -238,13 +241,14 @@ class ContinualData:
     store = self._train(task)
     seed = self._config.seed
     epoch = PASSES.get(epoch, epoch)
-    perm = np.random.default_rng(
-        _seed_sequence(_SHUFFLE, seed, task, epoch)).permutation(store.size)
+    perm = np.random.default_rng(_seed_sequence(_SHUFFLE, seed, task,
+                                                epoch)).permutation(store.size)
     pos, valid = self._positions(store.size, global_batch, b, start_step,
                                  drop_remainder)
     index = np.where(valid, perm[np.minimum(pos, store.size - 1)], 0)
-    base = tf.constant(_seed_sequence(_AUGMENT, seed, task, epoch)
-                       .generate_state(2).astype(np.int64))
+    base = tf.constant(
+        _seed_sequence(_AUGMENT, seed, task,
+                       epoch).generate_state(2).astype(np.int64))
     size = self._config.image_size
 
     def augment(image, p):
@@ -287,8 +291,7 @@ def _keep_tf_on_cpu():
 
 
 def build_continual_data(config: ml_collections.ConfigDict, *,
-                         process_index: int = 0,
-                         process_count: int = 1,
+                         process_index: int = 0, process_count: int = 1,
                          threads: int = 0) -> ContinualData:
   """Opens `config.dataset` and lays out its continual tasks.
 

@@ -63,17 +63,18 @@ def random_resized_crop(
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   seeds = tf.random.experimental.stateless_split(seed, 4)
-  area = h * w * tf.random.stateless_uniform(
-      [attempts], seeds[0], scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1])))
+  area = h * w * tf.random.stateless_uniform([attempts], seeds[0], scale[0],
+                                             scale[1])
+  aspect = tf.exp(
+      tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                  math.log(ratio[1])))
   crop_w = tf.round(tf.sqrt(area * aspect))
   crop_h = tf.round(tf.sqrt(area / aspect))
   fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
-  top = tf.floor(tf.random.stateless_uniform([attempts], seeds[2])
-                 * (h - crop_h + 1))
-  left = tf.floor(tf.random.stateless_uniform([attempts], seeds[3])
-                  * (w - crop_w + 1))
+  top = tf.floor(
+      tf.random.stateless_uniform([attempts], seeds[2]) * (h - crop_h + 1))
+  left = tf.floor(
+      tf.random.stateless_uniform([attempts], seeds[3]) * (w - crop_w + 1))
   first = tf.argmax(tf.cast(fits, tf.int32))
 
   # Fallback: centred crop with the aspect ratio clamped into `ratio`.
@@ -176,10 +177,9 @@ def hide_train_image(image: tf.Tensor, seed: tf.Tensor, size: int,
   """HiDe-Prompt's training augmentation (see above)."""
   crop_seed, flip_seed, jitter_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
-  image = random_resized_crop(
-      to_unit_float(image), crop_seed, size,
-      scale=(0.08, 1.0) if cifar else (0.05, 1.0),
-      method="bicubic" if cifar else "bilinear")
+  image = random_resized_crop(to_unit_float(image), crop_seed, size,
+                              scale=(0.08, 1.0) if cifar else (0.05, 1.0),
+                              method="bicubic" if cifar else "bilinear")
   flip = tf.random.stateless_uniform([], flip_seed) < 0.5
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
   if cifar:  # PIL's brightness on the uint8 image, then the normalisation.

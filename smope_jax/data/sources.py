@@ -53,8 +53,9 @@ class Examples:
 
 def three_channels(image: tf.Tensor) -> tf.Tensor:
   """Grey images are repeated into RGB; an alpha channel is dropped."""
-  return tf.cond(tf.shape(image)[-1] == 1,
-                 lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
+  return tf.cond(
+      tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]),
+      lambda: image[..., :3])
 
 
 def carve_roles(index: RoleIndex, seed: int) -> dict[str, RoleIndex]:
@@ -113,8 +114,8 @@ class TfdsSource(Source):
     except tfds.core.registered.DatasetNotFoundError as e:
       raise errors.ConfigError(
           f"config.dataset={self.name!r} is neither a built-in benchmark "
-          f"({', '.join(benchmarks.BENCHMARKS)}), a folder ('folder:/path') nor a "
-          f"TFDS dataset: {str(e).splitlines()[0]}") from None
+          f"({', '.join(benchmarks.BENCHMARKS)}), a folder ('folder:/path') "
+          f"nor a TFDS dataset: {str(e).splitlines()[0]}") from None
     except (ValueError, OSError, tf.errors.OpError,
             json_format.ParseError) as e:  # A damaged dataset_info.json.
       raise self._damaged(e, config.data_dir) from None
@@ -144,8 +145,8 @@ class TfdsSource(Source):
         self.index["test"] = self._read_index(test_split)
 
   def _damaged(self, error, data_dir=None) -> errors.MissingDataError:
-    where = (self._builder.data_dir if hasattr(self, "_builder")
-             else data_dir or "the TFDS data directory")
+    where = (self._builder.data_dir if hasattr(self, "_builder") else
+             data_dir or "the TFDS data directory")
     reason = str(error).strip().splitlines()[0][:200] if str(error) else (
         type(error).__name__)
     return errors.MissingDataError(
@@ -166,8 +167,10 @@ class TfdsSource(Source):
     everything = self._read_index(split, label_from_key=True)
     if config.imagenet_r_split == "random":
       return carve_roles(everything, config.split_seed)
-    return {role: everything.subset(positions) for role, positions in
-            imagenet_r.reference_roles(everything.keys).items()}
+    return {
+        role: everything.subset(positions) for role, positions in
+        imagenet_r.reference_roles(everything.keys).items()
+    }
 
   def _as_dataset(self, split: str) -> tf.data.Dataset:
     """Key, label and still-encoded image of every example of a split."""
@@ -188,7 +191,7 @@ class TfdsSource(Source):
                                       read_config=read_config)
     except AssertionError as e:  # How TFDS reports an unprepared dataset.
       raise errors.MissingDataError(
-          f"Dataset {self.name!r} is not prepared under data_dir "
+          f"dataset {self.name!r} is not prepared under data_dir "
           f"{self._builder.data_dir_root} (looked for "
           f"{self._builder.data_dir}); this program never downloads. On a "
           f"machine with network access run `pip install -r "
@@ -205,8 +208,8 @@ class TfdsSource(Source):
   def _read_index(self, split: str, label_from_key: bool = False) -> RoleIndex:
     """The keys and dense labels of a split, decoding no pixels."""
     key, label = self._key, self._label_key
-    ds = self._as_dataset(split).map(preprocess.graph_only(
-        lambda ex: (ex[key], ex[label]))).batch(4096)
+    ds = self._as_dataset(split).map(
+        preprocess.graph_only(lambda ex: (ex[key], ex[label]))).batch(4096)
     keys, labels = [np.zeros([0], object)], [np.zeros([0], np.int64)]
     for batch_keys, batch_labels in self._iterate(ds):
       keys.append(batch_keys.astype(object))
@@ -222,11 +225,12 @@ class TfdsSource(Source):
     if not len(positions):
       return []
     keys = index.keys[positions]
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(keys.astype(bytes)), tf.ones(len(keys), tf.int64)), 0)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(keys.astype(bytes)),
+                                            tf.ones(len(keys), tf.int64)), 0)
     key, image = self._key, self._image_key
-    ds = self._as_dataset(index.split).filter(preprocess.graph_only(
-        lambda ex: table.lookup(ex[key]) > 0))
+    ds = self._as_dataset(index.split).filter(
+        preprocess.graph_only(lambda ex: table.lookup(ex[key]) > 0))
     ds = ds.map(preprocess.graph_only(lambda ex: (ex[key], ex[image])))
     found = {}
     for batch_keys, images in self._iterate(ds.batch(256)):
@@ -269,8 +273,8 @@ class FolderSource(Source):
           f"config.dataset={config.dataset!r}: {self.root} is not a "
           "directory; give a folder with one sub-folder of images per class "
           "(or train/ and test/ folders holding such class folders).")
-    nested = all(tf.io.gfile.isdir(os.path.join(self.root, role))
-                 for role in ROLES)
+    nested = all(
+        tf.io.gfile.isdir(os.path.join(self.root, role)) for role in ROLES)
     train_dir = os.path.join(self.root, "train") if nested else self.root
     self.class_names = self._class_folders(train_dir)
     self.index = {"train": self._read_index(train_dir)}
@@ -286,8 +290,10 @@ class FolderSource(Source):
       self.index["test"] = self._read_index(test_dir)
 
   def _class_folders(self, directory: str) -> list[str]:
-    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(directory)
-                   if tf.io.gfile.isdir(os.path.join(directory, n)))
+    names = sorted(
+        n.rstrip("/")
+        for n in tf.io.gfile.listdir(directory)
+        if tf.io.gfile.isdir(os.path.join(directory, n)))
     if not names:
       raise errors.MissingDataError(
           f"{directory} has no class folders; put the images of each class "
@@ -307,8 +313,8 @@ class FolderSource(Source):
         else:
           skipped += 1
     if skipped:
-      logging.warning("%s: skipped %d files that are not %s images",
-                      directory, skipped, "/".join(IMAGE_EXTENSIONS))
+      logging.warning("%s: skipped %d files that are not %s images", directory,
+                      skipped, "/".join(IMAGE_EXTENSIONS))
     if not keys:
       raise errors.MissingDataError(f"{directory} holds no images.")
     return RoleIndex(directory, np.array(keys, object),

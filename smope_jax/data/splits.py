@@ -12,8 +12,7 @@ import numpy as np
 from smope_jax import errors
 
 
-def class_order(num_classes: int, seed: int, *,
-                natural_seed0: bool = False,
+def class_order(num_classes: int, seed: int, *, natural_seed0: bool = False,
                 natural: bool = False) -> list[int]:
   """The order in which classes arrive, exactly as the reference draws it.
 
@@ -78,8 +77,7 @@ def task_classes(order: Sequence[int], num_tasks: int,
 
 
 def holdout_split(num_examples: int, seed: int,
-                  train_fraction: float = 0.8) -> tuple[np.ndarray,
-                                                         np.ndarray]:
+                  train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
   """The reference's validation split of a training set.
 
   One permutation of all examples drawn with NumPy's legacy generator
@@ -128,4 +126,3 @@ def per_class_split(
   if test:
     is_test[np.concatenate(test)] = True
   return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-

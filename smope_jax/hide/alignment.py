@@ -104,8 +104,7 @@ def align_step(params, opt_state, feats, labels, weights, num_seen, rate, *,
   keep = jnp.sum(weights) > 0
 
   def pick(new, old):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new,
-                                  old)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)
 
   return pick(new_params, params), pick(new_state, opt_state)
 
@@ -136,10 +135,8 @@ def align_epoch(params, opt_state, means, variances, present, key, num_seen,
   order, ok = epoch_order(order_key, usable, num_seen, per_centroid)
 
   def iteration(i, carry):
-    ids = jax.lax.dynamic_slice_in_dim(order, i * per_centroid,
-                                       per_centroid)
-    weights = jax.lax.dynamic_slice_in_dim(ok, i * per_centroid,
-                                           per_centroid)
+    ids = jax.lax.dynamic_slice_in_dim(order, i * per_centroid, per_centroid)
+    weights = jax.lax.dynamic_slice_in_dim(ok, i * per_centroid, per_centroid)
     feats, labels = replay_batch(jax.random.fold_in(noise_key, i), means,
                                  variances, ids, per_centroid)
     return align_step(*carry, feats, labels, weights.astype(feats.dtype),
@@ -150,9 +147,9 @@ def align_epoch(params, opt_state, means, variances, present, key, num_seen,
 
 def make_align_epoch(apply_fn: Callable, per_centroid: int):
   """`align_epoch` jitted for one classifier and sample count."""
-  return jax.jit(functools.partial(
-      align_epoch, apply_fn=apply_fn, per_centroid=per_centroid,
-      tx=momentum_direction()))
+  return jax.jit(
+      functools.partial(align_epoch, apply_fn=apply_fn,
+                        per_centroid=per_centroid, tx=momentum_direction()))
 
 
 def align(params, means, variances, present, key, num_seen: int,
@@ -166,8 +163,8 @@ def align(params, means, variances, present, key, num_seen: int,
   tx = momentum_direction()
   opt_state = tx.init(params)
   for e, rate in enumerate(rates):
-    params, opt_state = epoch_fn(
-        params, opt_state, means, variances, present,
-        jax.random.fold_in(key, e), jnp.int32(num_seen),
-        jnp.int32(iterations), jnp.float32(rate))
+    params, opt_state = epoch_fn(params, opt_state, means, variances, present,
+                                 jax.random.fold_in(key, e),
+                                 jnp.int32(num_seen), jnp.int32(iterations),
+                                 jnp.float32(rate))
   return params

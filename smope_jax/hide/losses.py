@@ -22,7 +22,6 @@ DEVICE_BATCH = 24
 _FLOOR = -1e30  # A logit that takes no part in a softmax.
 
 
-
 def pad_to_groups(x: jax.Array, group_size: int) -> jax.Array:
   """x with zero rows appended up to a multiple of `group_size` rows (a
   batch that is not one ends with a shorter group)."""
@@ -65,9 +64,8 @@ def current_task_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   return group_mean(losses.cross_entropy(masked, labels), mask, group_size)
 
 
-def contrastive_loss(features: jax.Array, mask: jax.Array,
-                     centroids: jax.Array, valid: jax.Array,
-                     temperature: float = 0.8,
+def contrastive_loss(features: jax.Array, mask: jax.Array, centroids: jax.Array,
+                     valid: jax.Array, temperature: float = 0.8,
                      group_size: Optional[int] = DEVICE_BATCH) -> jax.Array:
   """Pushes the prompted features away from old classes' centroids.
 
@@ -111,8 +109,9 @@ def contrastive_loss(features: jax.Array, mask: jax.Array,
   new_new = jnp.where(real[:, None, :], new_new, _FLOOR)
   old_new = jnp.where(real[:, None, :], jnp.swapaxes(new_old, 1, 2), _FLOOR)
   # Each row's log-sum-exp over [Q ; F_g] from its two blocks.
-  old_lse = jnp.logaddexp(jax.nn.logsumexp(old_old, axis=-1)[None],
-                          jax.nn.logsumexp(old_new, axis=-1))  # (G, K)
+  old_lse = jnp.logaddexp(
+      jax.nn.logsumexp(old_old, axis=-1)[None],
+      jax.nn.logsumexp(old_new, axis=-1))  # (G, K)
   new_lse = jnp.logaddexp(jax.nn.logsumexp(new_old, axis=-1),
                           jax.nn.logsumexp(new_new, axis=-1))  # (G, n)
   old_ce = old_lse - old_diag[None]
@@ -128,10 +127,11 @@ def contrastive_loss(features: jax.Array, mask: jax.Array,
 
 def clip_global_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
   """PyTorch's `clip_grad_norm_`: g * min(1, max_norm / (|g| + 1e-6))."""
+
   def update(updates, state, params=None):
     del params
     norm = optax.global_norm(updates)
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree_util.tree_map(lambda g: g * scale, updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                      update)
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -40,10 +40,16 @@ class Phases:
                                        run.replicated)
 
   def handlers(self) -> dict:
-    return {"tii_train": self.tii_train, "tii_stats": self.tii_stats,
-            "tii_align": self.tii_align, "train": self.prompt_train,
-            "merge": self.merge, "stats": self.prompt_stats,
-            "align": self.head_align, "eval": self.evaluate}
+    return {
+        "tii_train": self.tii_train,
+        "tii_stats": self.tii_stats,
+        "tii_align": self.tii_align,
+        "train": self.prompt_train,
+        "merge": self.merge,
+        "stats": self.prompt_stats,
+        "align": self.head_align,
+        "eval": self.evaluate
+    }
 
   # -------------------------------------------------------------- training
 
@@ -51,23 +57,28 @@ class Phases:
     """Stage 1: the TII classifier on the frozen features, Adam at the
     stage-1 schedule; the prompts and the head stay."""
     h = self.config.hide
-    schedule = schedules.EpochSchedule(h.tii_schedule, h.tii_lr,
-                                       h.tii_epochs)
+    schedule = schedules.EpochSchedule(h.tii_schedule, h.tii_lr, h.tii_epochs)
     return self._train(
-        state, position, h.tii_epochs, self.steps.tii_train, "tii",
-        lambda e: {"e_prompt": 0.0, "tii": schedule(e), "head": 0.0})
+        state, position, h.tii_epochs, self.steps.tii_train, "tii", lambda e: {
+            "e_prompt": 0.0,
+            "tii": schedule(e),
+            "head": 0.0
+        })
 
   def prompt_train(self, state, position):
     """Stage 2: the task's prompt and the head with the true task id."""
     config = self.config
-    base = schedules.prompt_phase_rates(config.lr,
-                                        config.hide.larger_prompt_lr)
+    base = schedules.prompt_phase_rates(config.lr, config.hide.larger_prompt_lr)
     prompt, head = (schedules.EpochSchedule(config.hide.schedule, base[g],
                                             config.epochs)
                     for g in ("prompt", "head"))
     return self._train(
         state, position, config.epochs, self.steps.prompt_train, "train",
-        lambda e: {"e_prompt": prompt(e), "tii": 0.0, "head": head(e)})
+        lambda e: {
+            "e_prompt": prompt(e),
+            "tii": 0.0,
+            "head": head(e)
+        })
 
   def _train(self, state, position, epochs, step_fn, mode, rates_of):
     run, config, task = self.run, self.config, position.task
@@ -78,14 +89,15 @@ class Phases:
     while position.epoch < epochs:
       rates = {g: np.float32(r) for g, r in rates_of(position.epoch).items()}
       totals, logged = None, 0
-      for local in run.log.timed(run.data.train_batches(
-          task, position.epoch, config.batch_size, start_step=position.step,
-          drop_remainder=False)):
-        batch = distributed.global_batch(hide_steps.spread_windows(
-            local, WINDOW), run.batch_sharding)
-        inputs = steps_lib.TaskInputs(
-            class_range=run.class_range(task), task=np.int32(task),
-            rates=rates, method_state=state["method_state"])
+      for local in run.log.timed(
+          run.data.train_batches(task, position.epoch, config.batch_size,
+                                 start_step=position.step,
+                                 drop_remainder=False)):
+        batch = distributed.global_batch(
+            hide_steps.spread_windows(local, WINDOW), run.batch_sharding)
+        inputs = steps_lib.TaskInputs(class_range=run.class_range(task),
+                                      task=np.int32(task), rates=rates,
+                                      method_state=state["method_state"])
         state["trainable"], state["opt_state"], metrics = step_fn(
             state["trainable"], state["opt_state"], run.frozen, batch, inputs)
         totals = metrics if totals is None else jax.tree_util.tree_map(
@@ -107,12 +119,12 @@ class Phases:
           totals, logged = None, 0
         if position.global_step % config.checkpoint_every_steps == 0:
           position = run.save(state, position)
-      position = dataclasses.replace(position, epoch=position.epoch + 1,
-                                     step=0)
+      position = dataclasses.replace(position, epoch=position.epoch + 1, step=0)
     images_per_second = run.log.training_ended(position)
     if mode == "train":
-      position = dataclasses.replace(position, train_images_per_second=(
-          *position.train_images_per_second, images_per_second))
+      position = dataclasses.replace(
+          position, train_images_per_second=(*position.train_images_per_second,
+                                             images_per_second))
     return self._done(state, position)
 
   def _done(self, state, position):
@@ -140,8 +152,8 @@ class Phases:
     for local in run.data.train_batches(task, "stats", batch_size,
                                         drop_remainder=False,
                                         test_transform=True):
-      batch = distributed.global_batch(
-          hide_steps.spread_windows(local, WINDOW), run.batch_sharding)
+      batch = distributed.global_batch(hide_steps.spread_windows(local, WINDOW),
+                                       run.batch_sharding)
       out = features_fn(state["trainable"], run.frozen, state["method_state"],
                         batch, np.int32(task))
       keep = distributed.gather_to_host(batch["mask"]) > 0
@@ -149,18 +161,21 @@ class Phases:
       labels.append(distributed.gather_to_host(batch["label"])[keep])
       run.log.tick()
     classes = np.arange(*run.data.class_ranges[task])
-    new = statistics.centroid_statistics(
-        np.concatenate(feats), np.concatenate(labels), classes,
-        seed=int(self.config.seed), stream=stream)
+    new = statistics.centroid_statistics(np.concatenate(feats),
+                                         np.concatenate(labels), classes,
+                                         seed=int(self.config.seed),
+                                         stream=stream)
     host = distributed.to_host(state["method_state"])
     names = [f"{prefix}{n}" for n in ("means", "vars", "present")]
-    stored = statistics.scatter(statistics.CentroidStatistics(
-        *(host[n] for n in names)), classes, new)
+    stored = statistics.scatter(
+        statistics.CentroidStatistics(*(host[n] for n in names)), classes, new)
     state["method_state"] = distributed.put_replicated(
-        {**host, **dict(zip(names, stored))}, run.mesh)
-    run.log.phase_ended("task %d: %s%d clusters of %d classes in %s",
-                        task + 1, prefix, int(new.present.sum()),
-                        len(classes))
+        {
+            **host,
+            **dict(zip(names, stored))
+        }, run.mesh)
+    run.log.phase_ended("task %d: %s%d clusters of %d classes in %s", task + 1,
+                        prefix, int(new.present.sum()), len(classes))
     return self._done(state, position)
 
   # ------------------------------------------------------------- alignment
@@ -182,22 +197,25 @@ class Phases:
   def _align(self, state, position, prefix, epoch_fn, rates, path, stream):
     run, task = self.run, position.task
     first, seen = run.data.class_ranges[task]
-    key = jax.random.fold_in(jax.random.fold_in(
-        jax.random.PRNGKey(self.config.seed), task), stream)
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task), stream)
     run.log.phase_started(position, f"{prefix}alignment", 1)
     trainable = state["trainable"]
     params = trainable
     for name in path:
       params = params[name]
     ms = state["method_state"]
-    params = alignment.align(
-        params, ms[f"{prefix}means"], ms[f"{prefix}vars"],
-        ms[f"{prefix}present"], key, seen, first, rates, epoch_fn=epoch_fn)
+    params = alignment.align(params, ms[f"{prefix}means"], ms[f"{prefix}vars"],
+                             ms[f"{prefix}present"], key, seen, first, rates,
+                             epoch_fn=epoch_fn)
     if path == ("head",):
       state["trainable"] = {**trainable, "head": params}
     else:
-      state["trainable"] = {**trainable, "prompts": {
-          **trainable["prompts"], "tii": params}}
+      state["trainable"] = {
+          **trainable, "prompts": {
+              **trainable["prompts"], "tii": params
+          }
+      }
     run.ensure_finite(state, position, rate="lr")
     run.log.phase_ended("task %d: %salignment took %s", task + 1, prefix)
     return self._done(state, position)
@@ -207,9 +225,13 @@ class Phases:
   def merge(self, state, position):
     """Slot t keeps the momentum blend its training used."""
     trainable = state["trainable"]
-    state["trainable"] = {**trainable, "prompts": {
-        **trainable["prompts"], "e_prompt": self.steps.merge(
-            trainable["prompts"]["e_prompt"], np.int32(position.task))}}
+    state["trainable"] = {
+        **trainable, "prompts": {
+            **trainable["prompts"], "e_prompt":
+                self.steps.merge(trainable["prompts"]["e_prompt"],
+                                 np.int32(position.task))
+        }
+    }
     return self._done(state, position)
 
   def evaluate(self, state, position):
@@ -219,8 +241,7 @@ class Phases:
     row, identity = [], []
     run.log.phase_started(position, "evaluating", task + 1)
     for j in range(task + 1):
-      tii_seen = ranges[j if self.config.hide.evaluated_task_mask else
-                        task][1]
+      tii_seen = ranges[j if self.config.hide.evaluated_task_mask else task][1]
       correct = found = jnp.int32(0)
       for local in run.data.test_batches(j, self.config.eval_batch_size):
         batch = distributed.global_batch(local, run.batch_sharding)
@@ -232,18 +253,21 @@ class Phases:
       row.append(100.0 * int(distributed.to_host(correct)) / size)
       identity.append(100.0 * int(distributed.to_host(found)) / size)
       run.log.tick()
-    run.log.phase_ended("task %d: evaluated %d tasks in %s", task + 1,
-                        task + 1)
+    run.log.phase_ended("task %d: evaluated %d tasks in %s", task + 1, task + 1)
     run.log.log("task %d: task-identity accuracy per task %s", task + 1,
                 " ".join(f"{a:.1f}" for a in identity))
     host = distributed.to_host(state["method_state"])
     accuracy = np.array(host["tii_accuracy"])
     accuracy[task, :task + 1] = identity
     state["method_state"] = distributed.put_replicated(
-        {**host, "tii_accuracy": accuracy}, run.mesh)
-    state, position = run.next_phase(state, dataclasses.replace(
-        position, acc_matrix=(*position.acc_matrix, tuple(row)),
-        task_seconds=(*position.task_seconds, run.log.task_seconds())))
+        {
+            **host, "tii_accuracy": accuracy
+        }, run.mesh)
+    state, position = run.next_phase(
+        state,
+        dataclasses.replace(
+            position, acc_matrix=(*position.acc_matrix, tuple(row)),
+            task_seconds=(*position.task_seconds, run.log.task_seconds())))
     summary = run.summary(state, position)
     position = run.save(state, position, force=True)
     run.log.task_done(position, summary)

@@ -36,7 +36,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 ROUTINGS = ("train", "stats", "eval")
 SLOT_AXIS = -4  # e_prompt (..., T, Lp, H, d): the task slots' axis.
 
-
 # ---------------------------------------------------------------------------
 # Slots: routing, momentum blend, copy and merge.
 
@@ -81,8 +80,8 @@ def copy_previous_slot(e_prompt: jax.Array, task) -> jax.Array:
   """
   previous = _slot(e_prompt, jnp.maximum(task - 1, 0))
   new = jnp.where(task > 0, previous, _slot(e_prompt, task))
-  return jax.lax.dynamic_update_index_in_dim(
-      e_prompt, new, task, axis=e_prompt.ndim + SLOT_AXIS)
+  return jax.lax.dynamic_update_index_in_dim(e_prompt, new, task,
+                                             axis=e_prompt.ndim + SLOT_AXIS)
 
 
 def merge_momentum(e_prompt: jax.Array, task, momentum: float) -> jax.Array:
@@ -93,12 +92,12 @@ def merge_momentum(e_prompt: jax.Array, task, momentum: float) -> jax.Array:
   left as it is.
   """
   merged = jax.lax.stop_gradient(momentum_blend(e_prompt, task, momentum))
-  return jax.lax.dynamic_update_index_in_dim(
-      e_prompt, merged, task, axis=e_prompt.ndim + SLOT_AXIS)
+  return jax.lax.dynamic_update_index_in_dim(e_prompt, merged, task,
+                                             axis=e_prompt.ndim + SLOT_AXIS)
 
 
-def route(e_layer: jax.Array, routing: str, task, momentum: float,
-          batch: int, predicted_task: Optional[jax.Array] = None):
+def route(e_layer: jax.Array, routing: str, task, momentum: float, batch: int,
+          predicted_task: Optional[jax.Array] = None):
   """Each sample's own (key, value) prompt pair before the pairing quirk.
 
   Args:
@@ -177,10 +176,10 @@ def pairing_sources(mask: jax.Array, window: int = hide_losses.DEVICE_BATCH,
   real = index < count
   count = jnp.maximum(count, 1)
   flat_key, flat_value = 2 * index, 2 * index + 1
-  key = (jnp.where(real, flat_key // count, 0),
-         jnp.where(real, start + flat_key % count, own))
-  value = (jnp.where(real, flat_value // count, 1),
-           jnp.where(real, start + flat_value % count, own))
+  key = (jnp.where(real, flat_key // count,
+                   0), jnp.where(real, start + flat_key % count, own))
+  value = (jnp.where(real, flat_value // count,
+                     1), jnp.where(real, start + flat_value % count, own))
   return key, value
 
 
@@ -207,10 +206,12 @@ def torch_trunc_normal(stddev: float = 0.02):
   For stddev 0.02 the cut lies at 100 standard deviations, so in effect
   untruncated (Flax's truncated normal cuts at 2 standard deviations).
   """
+
   def init(key, shape, dtype=jnp.float32):
     bound = 2.0 / stddev
     return stddev * jax.random.truncated_normal(key, -bound, bound, shape,
                                                 dtype)
+
   return init
 
 
@@ -230,8 +231,8 @@ class TIIClassifier(nn.Module):
     dense = lambda n, name: nn.Dense(  # noqa: E731
         n, kernel_init=torch_trunc_normal(), bias_init=nn.initializers.zeros,
         precision=HIGHEST, name=name)
-    hidden = vit.gelu_exact(dense(self.hidden_ratio * width,
-                                  "Dense_0")(features))
+    hidden = vit.gelu_exact(
+        dense(self.hidden_ratio * width, "Dense_0")(features))
     mapped = dense(width, "Dense_1")(hidden) + features
     normed = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False,
                           name="LayerNorm")(mapped)
@@ -311,8 +312,7 @@ class HiDePrompts(base.PromptModule):
     routing = self._routing(context, mode)
     predicted = None
     if routing == "eval":
-      predicted = predicted_task(self.classify(query),
-                                 context["class_to_task"],
+      predicted = predicted_task(self.classify(query), context["class_to_task"],
                                  context["seen_classes"])
     prompts, slots = route(self.e_prompt[layer], routing, context["task"],
                            self.momentum, batch, predicted)
@@ -324,5 +324,7 @@ class HiDePrompts(base.PromptModule):
   def outputs(self, aux, *, query, context, mode):
     """Each sample's slot (B,) and the TII logits (B, C) of the query."""
     del context, mode
-    return {"prompt_slot": aux[min(aux)]["slot"],
-            "tii_logits": self.classify(query)}
+    return {
+        "prompt_slot": aux[min(aux)]["slot"],
+        "tii_logits": self.classify(query)
+    }

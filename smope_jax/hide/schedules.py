@@ -64,7 +64,7 @@ class EpochSchedule:
   def value(self, e: int) -> float:
     """The scheduler's value after epoch e (timm's `step(e)`)."""
     if self.kind == "epoch_step":
-      return self.base_lr * DECAY_RATE ** (e // DECAY_EPOCHS)
+      return self.base_lr * DECAY_RATE**(e // DECAY_EPOCHS)
     if self.kind == "epoch_cosine_min":
       if e >= self.num_epochs:
         return MIN_LR
@@ -85,8 +85,10 @@ class EpochSchedule:
 def cosine_annealing(base_lr: float, num_epochs: int) -> np.ndarray:
   """float32 (num_epochs,): PyTorch's CosineAnnealingLR(T_max=num_epochs),
   minimum 0, per epoch; epoch e runs at base (1 + cos(pi e / T)) / 2."""
-  return np.array([0.5 * base_lr * (1.0 + math.cos(math.pi * e / num_epochs))
-                   for e in range(num_epochs)], np.float32)
+  return np.array([
+      0.5 * base_lr * (1.0 + math.cos(math.pi * e / num_epochs))
+      for e in range(num_epochs)
+  ], np.float32)
 
 
 def prompt_phase_rates(lr: float, larger_prompt_lr: bool) -> dict:
@@ -95,8 +97,10 @@ def prompt_phase_rates(lr: float, larger_prompt_lr: bool) -> dict:
   With `larger_prompt_lr` the prompts train at lr and the head at a tenth
   of it; otherwise both at lr.
   """
-  return {"prompt": lr,
-          "head": lr * HEAD_RATE_FACTOR if larger_prompt_lr else lr}
+  return {
+      "prompt": lr,
+      "head": lr * HEAD_RATE_FACTOR if larger_prompt_lr else lr
+  }
 
 
 def adam(*, named_weight_decay: bool = False) -> optax.GradientTransformation:

@@ -84,8 +84,7 @@ def class_centroids(features: np.ndarray, num_centroids: int,
   if k == 0:
     return means, variances, present
   kmeans = cluster.KMeans(n_clusters=k, init="k-means++", n_init=N_INIT,
-                          max_iter=MAX_ITER, tol=TOL,
-                          random_state=random_state)
+                          max_iter=MAX_ITER, tol=TOL, random_state=random_state)
   assignment = kmeans.fit_predict(features)
   wide = features.astype(np.float64)
   for j in range(k):
@@ -95,8 +94,8 @@ def class_centroids(features: np.ndarray, num_centroids: int,
   return means, variances, present
 
 
-def centroid_statistics(features: np.ndarray, labels: np.ndarray,
-                        classes, *, seed: int, stream: int = 0,
+def centroid_statistics(features: np.ndarray, labels: np.ndarray, classes, *,
+                        seed: int, stream: int = 0,
                         num_centroids: int = NUM_CENTROIDS):
   """Clusters of each class in `classes`, from its rows of `features`.
 
@@ -112,19 +111,22 @@ def centroid_statistics(features: np.ndarray, labels: np.ndarray,
     A `CentroidStatistics` with len(classes) rows.
   """
   labels = np.asarray(labels)
-  rows = [class_centroids(features[labels == c], num_centroids,
-                          class_seed(seed, stream, int(c)))
-          for c in classes]
+  rows = [
+      class_centroids(features[labels == c], num_centroids,
+                      class_seed(seed, stream, int(c))) for c in classes
+  ]
   missing = [int(c) for c, r in zip(classes, rows) if not r[2].any()]
   if missing:
     logging.warning("classes %s have no features; they get no centroids",
                     missing)
-  short = [int(c) for c, r in zip(classes, rows)
-           if 0 < r[2].sum() < num_centroids]
+  short = [
+      int(c) for c, r in zip(classes, rows) if 0 < r[2].sum() < num_centroids
+  ]
   if short:
-    logging.warning("classes %s have fewer than %d clusters (too few "
-                    "distinct features); their other slots are absent", short,
-                    num_centroids)
+    logging.warning(
+        "classes %s have fewer than %d clusters (too few "
+        "distinct features); their other slots are absent", short,
+        num_centroids)
   means, variances, present = (np.stack(x) for x in zip(*rows))
   return CentroidStatistics(means.astype(np.float32),
                             variances.astype(np.float32), present)

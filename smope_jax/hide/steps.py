@@ -31,10 +31,13 @@ def subgroup_rates(direction: dict, rates: dict) -> dict:
   scale = lambda tree, r: jax.tree_util.tree_map(  # noqa: E731
       lambda u: -r * u, tree)
   prompts = direction["prompts"]
-  return {"prompts": {"e_prompt": scale(prompts["e_prompt"],
-                                        rates["e_prompt"]),
-                      "tii": scale(prompts["tii"], rates["tii"])},
-          "head": scale(direction["head"], rates["head"])}
+  return {
+      "prompts": {
+          "e_prompt": scale(prompts["e_prompt"], rates["e_prompt"]),
+          "tii": scale(prompts["tii"], rates["tii"])
+      },
+      "head": scale(direction["head"], rates["head"])
+  }
 
 
 def spread_windows(local: dict, window: int) -> dict:
@@ -65,11 +68,15 @@ def plain_features(trainable, frozen, images, model) -> jax.Array:
 
 
 def _metrics(total, terms, logits, batch, class_range):
-  predictions = train_step.predict_seen(logits, class_range[1],
-                                        class_range[0])
-  return {"loss": total, **terms,
-          "correct": jnp.sum((predictions == batch["label"]) * batch["mask"]),
-          "count": jnp.sum(batch["mask"])}
+  predictions = train_step.predict_seen(logits, class_range[1], class_range[0])
+  return {
+      "loss":
+          total,
+      **terms, "correct":
+          jnp.sum((predictions == batch["label"]) * batch["mask"]),
+      "count":
+          jnp.sum(batch["mask"])
+  }
 
 
 def _update(trainable, opt_state, grads, rates, tx):
@@ -78,11 +85,10 @@ def _update(trainable, opt_state, grads, rates, tx):
       opt_state
 
 
-def tii_step(trainable, opt_state, frozen, batch, inputs, *, model, method,
-             tx):
+def tii_step(trainable, opt_state, frozen, batch, inputs, *, model, method, tx):
   """One step of the TII classifier: CE over the current task's classes."""
-  feats = jax.lax.stop_gradient(plain_features(trainable, frozen,
-                                               batch["image"], model))
+  feats = jax.lax.stop_gradient(
+      plain_features(trainable, frozen, batch["image"], model))
   first, end = inputs.class_range[0], inputs.class_range[1]
   classifier = hide_prompts.TIIClassifier(method.num_classes)
 
@@ -93,17 +99,15 @@ def tii_step(trainable, opt_state, frozen, batch, inputs, *, model, method,
     return ce, logits
 
   (ce, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  trainable, opt_state = _update(trainable, opt_state, grads, inputs.rates,
-                                 tx)
+  trainable, opt_state = _update(trainable, opt_state, grads, inputs.rates, tx)
   return trainable, opt_state, _metrics(ce, {"ce": ce}, logits, batch,
                                         inputs.class_range)
 
 
-def prompt_step(trainable, opt_state, frozen, batch, inputs, *, model,
-                method, tx):
+def prompt_step(trainable, opt_state, frozen, batch, inputs, *, model, method,
+                tx):
   """One step of the task prompt and head: CE + the method's terms."""
-  context = method.context(inputs.method_state, inputs.task,
-                           mask=batch["mask"])
+  context = method.context(inputs.method_state, inputs.task, mask=batch["mask"])
   first, end = inputs.class_range[0], inputs.class_range[1]
 
   def loss_fn(params):
@@ -118,37 +122,41 @@ def prompt_step(trainable, opt_state, frozen, batch, inputs, *, model,
     terms = {"ce": ce, **{name: value for name, (value, _) in extra.items()}}
     return total, (terms, out["logits"])
 
-  (total, (terms, logits)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(trainable)
-  trainable, opt_state = _update(trainable, opt_state, grads, inputs.rates,
-                                 tx)
+  (total, (terms, logits)), grads = jax.value_and_grad(loss_fn,
+                                                       has_aux=True)(trainable)
+  trainable, opt_state = _update(trainable, opt_state, grads, inputs.rates, tx)
   return trainable, opt_state, _metrics(total, terms, logits, batch,
                                         inputs.class_range)
 
 
-def feature_step(trainable, frozen, method_state, batch, task, *, model,
-                 method, instructed: bool):
+def feature_step(trainable, frozen, method_state, batch, task, *, model, method,
+                 instructed: bool):
   """Features of the statistics: the frozen ones, or (`instructed`) the
   prompted ones through the true task's prompt as it is."""
   if not instructed:
     return plain_features(trainable, frozen, batch["image"], model)
-  context = {**method.context(method_state, task, mask=batch["mask"]),
-             "routing": "stats"}
+  context = {
+      **method.context(method_state, task, mask=batch["mask"]), "routing":
+          "stats"
+  }
   return model.apply({"params": train_step.merge_params(trainable, frozen)},
                      batch["image"], context, mode="eval")["pre_logits"]
 
 
-def eval_step(trainable, frozen, method_state, batch, task, tii_seen, *,
-              model, method, all_classes: bool):
+def eval_step(trainable, frozen, method_state, batch, task, tii_seen, *, model,
+              method, all_classes: bool):
   """Correct predictions and correct task identities of the real images.
 
   The TII classifier picks each image's task among the first `tii_seen`
   classes' tasks; that task's prompt gives the logits, whose argmax runs
   over all classes (`all_classes`) or over those seen by task `task`.
   """
-  context = {**method.context(method_state, task, evaluating=True,
-                              mask=batch["mask"]),
-             "seen_classes": tii_seen, "routing": "eval"}
+  context = {
+      **method.context(method_state, task, evaluating=True, mask=batch["mask"]), "seen_classes":
+          tii_seen,
+      "routing":
+          "eval"
+  }
   out = model.apply({"params": train_step.merge_params(trainable, frozen)},
                     batch["image"], context, mode="eval")
   seen = (task + 1) * method.task_size
@@ -183,32 +191,34 @@ def make_steps(config, model, method, replicated) -> Steps:
   tx = method.optimizer()
   bound = dict(model=model, method=method)
   train = lambda fn: jax.jit(  # noqa: E731
-      functools.partial(fn, tx=tx, **bound),
-      out_shardings=(replicated,) * 3, donate_argnums=(0, 1))
-  per_centroid = (alignment.PER_CENTROID_FIRST_RELEASE
-                  if config.hide.first_release_samples else
-                  alignment.PER_CENTROID)
+      functools.partial(fn, tx=tx, **bound), out_shardings=(replicated,) * 3,
+      donate_argnums=(0, 1))
+  per_centroid = (alignment.PER_CENTROID_FIRST_RELEASE if
+                  config.hide.first_release_samples else alignment.PER_CENTROID)
   classifier = hide_prompts.TIIClassifier(method.num_classes)
 
   def align_epoch(apply_fn, samples):
-    return jax.jit(functools.partial(
-        alignment.align_epoch, apply_fn=apply_fn, per_centroid=samples,
-        tx=alignment.momentum_direction()), out_shardings=replicated)
+    return jax.jit(
+        functools.partial(alignment.align_epoch, apply_fn=apply_fn,
+                          per_centroid=samples,
+                          tx=alignment.momentum_direction()),
+        out_shardings=replicated)
 
   def merge(e_prompt, task):
     return hide_prompts.merge_momentum(e_prompt, task, config.hide.momentum)
 
   return Steps(
       tii_train=train(tii_step), prompt_train=train(prompt_step),
-      plain_features=jax.jit(functools.partial(
-          feature_step, instructed=False, **bound)),
-      prompt_features=jax.jit(functools.partial(
-          feature_step, instructed=True, **bound)),
-      eval=jax.jit(functools.partial(
-          eval_step, all_classes=config.hide.all_classes, **bound),
-                   out_shardings=replicated),
-      merge=jax.jit(merge, out_shardings=replicated),
-      tii_align_epoch=align_epoch(
-          lambda p, f: classifier.apply({"params": p}, f),
-          per_centroid["tii"]),
+      plain_features=jax.jit(
+          functools.partial(feature_step, instructed=False,
+                            **bound)), prompt_features=jax.jit(
+                                functools.partial(feature_step, instructed=True,
+                                                  **bound)),
+      eval=jax.jit(
+          functools.partial(eval_step, all_classes=config.hide.all_classes,
+                            **bound), out_shardings=replicated),
+      merge=jax.jit(merge,
+                    out_shardings=replicated), tii_align_epoch=align_epoch(
+                        lambda p, f: classifier.apply({"params": p}, f),
+                        per_centroid["tii"]),
       head_align_epoch=align_epoch(head_logits, per_centroid["head"]))

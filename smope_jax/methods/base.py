@@ -93,8 +93,8 @@ class PoolPrompts(PromptModule):
     self.pool = self.param(
         "pool", uniform,
         (self.num_layers, self.pool_size, self.length, self.hidden_size))
-    self.keys = self.param(
-        "keys", uniform, (self.num_layers, self.pool_size, self.hidden_size))
+    self.keys = self.param("keys", uniform,
+                           (self.num_layers, self.pool_size, self.hidden_size))
 
 
 class Method:
@@ -129,8 +129,7 @@ class Method:
     """A context for building the parameters (task 0, nothing learned)."""
     return {"task": jnp.int32(0)}
 
-  def context(self, state: dict, task, *, evaluating: bool = False,
-              mask=None):
+  def context(self, state: dict, task, *, evaluating: bool = False, mask=None):
     """The prompt module's per-step inputs, built inside the jitted step.
 
     `evaluating` marks the test-set evaluation, whose rules a method may

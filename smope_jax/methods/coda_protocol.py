@@ -18,19 +18,20 @@ def apply(config, *, epochs: int, batch_size: int, pool_size: int,
   """
   if config.pretrained == "sup1k":
     config.pretrained = "sup1k_coda"
-  config.update(
-      optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="epoch_cosine",
-      schedule_delay=False, freeze_steps=0, iters_per_epoch=0,
-      epochs=epochs, batch_size=batch_size, prompt_lr_multiplier=1.0,
-      classifier_alignment=False, align_epochs=10, align_ratio=4,
-      dense_warmup=False, top_k=5, pool_size=pool_size,
-      prompt_length=prompt_length, num_prompted_layers=prompted_layers)
+  config.update(optimizer="adam", lr=1e-3, weight_decay=0.0,
+                schedule="epoch_cosine", schedule_delay=False, freeze_steps=0,
+                iters_per_epoch=0, epochs=epochs, batch_size=batch_size,
+                prompt_lr_multiplier=1.0, classifier_alignment=False,
+                align_epochs=10, align_ratio=4, dense_warmup=False, top_k=5,
+                pool_size=pool_size, prompt_length=prompt_length,
+                num_prompted_layers=prompted_layers)
 
 
 def check_prompts(config, *, min_pool: int = 1) -> None:
   """Key-value prompts need an even length; the pool at least `min_pool`."""
-  errors.require(config.prompt_length >= 2 and config.prompt_length % 2 == 0,
-                 f"config.prompt_length={config.prompt_length} must be even: "
-                 "half keys, half values.")
+  errors.require(
+      config.prompt_length >= 2 and config.prompt_length % 2 == 0,
+      f"config.prompt_length={config.prompt_length} must be even: "
+      "half keys, half values.")
   errors.require(config.pool_size >= min_pool,
                  f"config.pool_size={config.pool_size} must be positive.")

@@ -72,13 +72,16 @@ class CodaPrompts(base.PromptModule):
   per_task: int
 
   def setup(self):
+
     def task_zero(key, shape):
       keys = jax.random.split(key, shape[0])
-      return jnp.stack([gram_schmidt(jnp.zeros(shape[1:]), 0, self.per_task,
-                                     k) for k in keys])
+      return jnp.stack([
+          gram_schmidt(jnp.zeros(shape[1:]), 0, self.per_task, k) for k in keys
+      ])
 
     l, m, d = self.num_layers, self.pool_size, self.hidden_size
-    self.components = self.param("components", task_zero, (l, m, self.length, d))
+    self.components = self.param("components", task_zero,
+                                 (l, m, self.length, d))
     self.keys = self.param("keys", task_zero, (l, m, d))
     self.attention = self.param("attention", task_zero, (l, m, d))
 
@@ -117,7 +120,7 @@ def ortho_penalty(x: jax.Array, num_used) -> jax.Array:
   gram = flat @ flat.T - jnp.eye(flat.shape[0])
   index = jnp.arange(flat.shape[0])
   inside = (index[:, None] < num_used) & (index[None, :] < num_used)
-  return jnp.sum(jnp.where(inside, gram ** 2, 0.0)) / num_used ** 2
+  return jnp.sum(jnp.where(inside, gram**2, 0.0)) / num_used**2
 
 
 class CodaPrompt(base.Method):
@@ -129,9 +132,8 @@ class CodaPrompt(base.Method):
 
   def prompts(self):
     c, d = self.config, self.dims
-    return CodaPrompts(num_layers=self.num_layers,
-                       pool_size=c.pool_size, length=c.prompt_length,
-                       hidden_size=d["hidden_size"],
+    return CodaPrompts(num_layers=self.num_layers, pool_size=c.pool_size,
+                       length=c.prompt_length, hidden_size=d["hidden_size"],
                        num_heads=d["num_heads"], per_task=self.per_task)
 
   def start_task(self, trainable, state, task, key):
@@ -141,8 +143,8 @@ class CodaPrompt(base.Method):
     for i, name in enumerate(("keys", "attention", "components")):
       layers = trainable["prompts"][name]
       keys = jax.random.split(jax.random.fold_in(key, i), layers.shape[0])
-      redrawn = jnp.stack([gram_schmidt(x, start, stop, k)
-                           for x, k in zip(layers, keys)])
+      redrawn = jnp.stack(
+          [gram_schmidt(x, start, stop, k) for x, k in zip(layers, keys)])
       prompts[name] = jnp.where(task > 0, redrawn, layers)
     return {**trainable, "prompts": prompts}, state
 

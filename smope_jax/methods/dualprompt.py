@@ -43,8 +43,8 @@ class DualPromptPrompts(base.PromptModule):
     self.e_prompts = self.param(
         "e_prompts", uniform,
         (e_layers, self.pool_size, self.length, self.hidden_size))
-    self.e_keys = self.param(
-        "e_keys", uniform, (e_layers, self.pool_size, self.hidden_size))
+    self.e_keys = self.param("e_keys", uniform,
+                             (e_layers, self.pool_size, self.hidden_size))
 
   def prefix(self, layer, block_query, *, query, context, mode):
     del block_query
@@ -62,17 +62,21 @@ class DualPromptPrompts(base.PromptModule):
       chosen = jnp.full((batch,), context["task"], jnp.int32)
     else:
       chosen = jnp.argmax(jax.lax.stop_gradient(similarity), axis=-1)
-    return base.key_value_prefix(self.e_prompts[e][chosen], self.num_heads,
-                                 aux={"similarity": similarity,
-                                      "chosen": chosen})
+    return base.key_value_prefix(
+        self.e_prompts[e][chosen], self.num_heads, aux={
+            "similarity": similarity,
+            "chosen": chosen
+        })
 
   def outputs(self, aux, *, query, context, mode):
     """E-blocks' key similarities (E, B, M) and chosen entries (E, B)."""
     del query, context, mode
     if not aux:  # Only the E-blocks report; a model may have none.
       return {}
-    return {"key_similarity": base.stack_aux(aux, "similarity"),
-            "key_chosen": base.stack_aux(aux, "chosen")}
+    return {
+        "key_similarity": base.stack_aux(aux, "similarity"),
+        "key_chosen": base.stack_aux(aux, "chosen")
+    }
 
 
 class DualPrompt(base.Method):
@@ -80,11 +84,11 @@ class DualPrompt(base.Method):
 
   def prompts(self):
     c, d = self.config, self.dims
-    return DualPromptPrompts(
-        num_layers=self.num_layers,
-        pool_size=c.pool_size or self.num_tasks, length=c.prompt_length,
-        g_length=c.g_prompt_length, hidden_size=d["hidden_size"],
-        num_heads=d["num_heads"])
+    return DualPromptPrompts(num_layers=self.num_layers,
+                             pool_size=c.pool_size or self.num_tasks,
+                             length=c.prompt_length, g_length=c.g_prompt_length,
+                             hidden_size=d["hidden_size"],
+                             num_heads=d["num_heads"])
 
   def loss_terms(self, out, trainable, state, task, mask, mode):
     del trainable, state

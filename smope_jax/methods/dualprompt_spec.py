@@ -9,9 +9,9 @@ from smope_jax.methods import registry
 
 def check(config, dims: dict) -> None:
   prompted = min(config.num_prompted_layers, dims["num_layers"])
-  errors.require(prompted >= 3,
-                 "DualPrompt needs config.num_prompted_layers >= 3 "
-                 "(G-prompts in the first two blocks, E-prompts after them).")
+  errors.require(
+      prompted >= 3, "DualPrompt needs config.num_prompted_layers >= 3 "
+      "(G-prompts in the first two blocks, E-prompts after them).")
   errors.require(
       config.g_prompt_length >= 2 and config.g_prompt_length % 2 == 0,
       f"config.g_prompt_length={config.g_prompt_length} must be even: half "

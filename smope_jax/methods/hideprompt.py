@@ -40,14 +40,13 @@ class HiDePrompt(base.Method):
     super().__init__(config, num_tasks, dims)
     self.num_classes = config.num_classes
     self.task_size = config.num_classes // num_tasks
-    self.group_size = (None if config.hide.one_group else
-                       hide_losses.DEVICE_BATCH)
+    self.group_size = (None
+                       if config.hide.one_group else hide_losses.DEVICE_BATCH)
 
   def prompts(self) -> hide_prompts.HiDePrompts:
     return hide_prompts.HiDePrompts(
         num_layers=self.num_layers, num_tasks=self.num_tasks,
-        length=self.config.prompt_length,
-        hidden_size=self.dims["hidden_size"],
+        length=self.config.prompt_length, hidden_size=self.dims["hidden_size"],
         num_heads=self.dims["num_heads"], num_classes=self.num_classes,
         momentum=self.config.hide.momentum,
         intended_pairing=self.config.hide.intended_pairing)
@@ -70,11 +69,13 @@ class HiDePrompt(base.Method):
     empty = statistics.empty(self.num_classes, self.dims["hidden_size"])
     state = {}
     for prefix in ("tii_", ""):
-      state.update({f"{prefix}means": jnp.asarray(empty.means),
-                    f"{prefix}vars": jnp.asarray(empty.variances),
-                    f"{prefix}present": jnp.asarray(empty.present)})
-    state["tii_accuracy"] = -jnp.ones((self.num_tasks, self.num_tasks),
-                                      jnp.float32)
+      state.update({
+          f"{prefix}means": jnp.asarray(empty.means),
+          f"{prefix}vars": jnp.asarray(empty.variances),
+          f"{prefix}present": jnp.asarray(empty.present)
+      })
+    state["tii_accuracy"] = -jnp.ones(
+        (self.num_tasks, self.num_tasks), jnp.float32)
     return state
 
   def start_task(self, trainable: dict, state: dict, task, key):
@@ -82,8 +83,12 @@ class HiDePrompt(base.Method):
     drawn again as the reference draws it (trunc-normal(0.02), zero
     bias)."""
     head = trainable["head"]
-    drawn = {"kernel": hide_prompts.torch_trunc_normal(0.02)(
-        key, head["kernel"].shape), "bias": jnp.zeros_like(head["bias"])}
+    drawn = {
+        "kernel":
+            hide_prompts.torch_trunc_normal(0.02)(key, head["kernel"].shape),
+        "bias":
+            jnp.zeros_like(head["bias"])
+    }
     head = jax.tree_util.tree_map(
         lambda new, old: jnp.where(task == 0, new, old), drawn, head)
     prompt_params = dict(trainable["prompts"])
@@ -99,10 +104,11 @@ class HiDePrompt(base.Method):
     classes seen by task `task` (the TII classifier's bound) and the
     batch mask (the key/value pairing's windows)."""
     del state, evaluating
-    context = {"task": task,
-               "class_to_task": jnp.arange(self.num_classes) //
-                                self.task_size,
-               "seen_classes": (task + 1) * self.task_size}
+    context = {
+        "task": task,
+        "class_to_task": jnp.arange(self.num_classes) // self.task_size,
+        "seen_classes": (task + 1) * self.task_size
+    }
     if mask is not None:
       context["mask"] = mask
     return context
@@ -116,13 +122,14 @@ class HiDePrompt(base.Method):
     old = jnp.arange(self.num_classes) < task * self.task_size
     valid = (state["present"] & old[:, None]).reshape(-1)
     centroids = state["means"].reshape(-1, state["means"].shape[-1])
-    value = hide_losses.contrastive_loss(
-        out["pre_logits"], mask, centroids, valid,
-        group_size=self.group_size)
+    value = hide_losses.contrastive_loss(out["pre_logits"], mask, centroids,
+                                         valid, group_size=self.group_size)
     return {"contrastive": (value, self.config.hide.reg)}
 
   def report(self, state: dict) -> dict:
     """The task-identity accuracy (%) of each evaluation, per seen task."""
-    rows = [[round(float(x), 4) for x in row[:t + 1]]
-            for t, row in enumerate(state["tii_accuracy"]) if row[0] >= 0]
+    rows = [[round(float(x), 4)
+             for x in row[:t + 1]]
+            for t, row in enumerate(state["tii_accuracy"])
+            if row[0] >= 0]
     return {"task_identity_accuracy": rows}

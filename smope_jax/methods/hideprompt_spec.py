@@ -66,14 +66,15 @@ def fields() -> ml_collections.ConfigDict:
 # Stage 2 per benchmark: epochs, schedule, Lp, reg, larger_prompt_lr;
 # stage 1 (20 epochs): lr given and schedule.
 PROTOCOL = {
-    "cifar100": dict(epochs=50, schedule="epoch_step", length=5, reg=0.1,
-                     larger=True, tii_lr=5e-4, tii_schedule="constant"),
-    "imagenet_r": dict(epochs=150, schedule="epoch_cosine_min", length=20,
-                       reg=0.5, larger=True, tii_lr=5e-4,
-                       tii_schedule="epoch_step"),
-    "caltech_birds2011": dict(epochs=50, schedule="epoch_step", length=20,
-                              reg=0.01, larger=False, tii_lr=0.01,
-                              tii_schedule="epoch_step"),
+    "cifar100":
+        dict(epochs=50, schedule="epoch_step", length=5, reg=0.1, larger=True,
+             tii_lr=5e-4, tii_schedule="constant"),
+    "imagenet_r":
+        dict(epochs=150, schedule="epoch_cosine_min", length=20, reg=0.5,
+             larger=True, tii_lr=5e-4, tii_schedule="epoch_step"),
+    "caltech_birds2011":
+        dict(epochs=50, schedule="epoch_step", length=20, reg=0.01,
+             larger=False, tii_lr=0.01, tii_schedule="epoch_step"),
 }
 
 
@@ -108,14 +109,12 @@ def apply_protocol(config, *, epochs: int, batch_size: int) -> None:
     return
   config.hide.transforms = True
   config.update(lr=scaled(0.03), epochs=protocol["epochs"],
-                batch_size=GLOBAL_BATCH,
-                eval_batch_size=GLOBAL_BATCH,
+                batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH,
                 prompt_length=protocol["length"])
-  config.hide.update(
-      schedule=protocol["schedule"], reg=protocol["reg"],
-      larger_prompt_lr=protocol["larger"],
-      tii_lr=scaled(protocol["tii_lr"]),
-      tii_schedule=protocol["tii_schedule"])
+  config.hide.update(schedule=protocol["schedule"], reg=protocol["reg"],
+                     larger_prompt_lr=protocol["larger"],
+                     tii_lr=scaled(protocol["tii_lr"]),
+                     tii_schedule=protocol["tii_schedule"])
   if config.pretrained:  # "" (a random backbone) stays.
     config.pretrained = "orig_in21k"
 
@@ -125,21 +124,23 @@ def check(config, dims: dict) -> None:
   del dims
   h = config.hide
   for name in ("schedule", "tii_schedule"):
-    errors.require(h[name] in SCHEDULES,
-                   f"config.hide.{name}={h[name]!r}; choose one of "
-                   f"{SCHEDULES}.")
+    errors.require(
+        h[name] in SCHEDULES, f"config.hide.{name}={h[name]!r}; choose one of "
+        f"{SCHEDULES}.")
   for name in ("tii_lr", "tii_ca_lr", "ca_lr"):
     errors.require(h[name] > 0, f"config.hide.{name}={h[name]} must be "
                    "positive.")
   errors.require(h.reg >= 0, f"config.hide.reg={h.reg} must not be negative.")
   errors.require(0 <= h.momentum < 1, f"config.hide.momentum={h.momentum} "
                  "must be in [0, 1).")
-  errors.require(h.tii_epochs >= 1 and h.crct_epochs >= 0,
-                 "config.hide.tii_epochs must be positive and "
-                 "config.hide.crct_epochs not negative.")
-  errors.require(config.prompt_length >= 1,
-                 f"config.prompt_length={config.prompt_length} must be "
-                 "positive.")
+  errors.require(
+      h.tii_epochs >= 1 and h.crct_epochs >= 0,
+      "config.hide.tii_epochs must be positive and "
+      "config.hide.crct_epochs not negative.")
+  errors.require(
+      config.prompt_length >= 1,
+      f"config.prompt_length={config.prompt_length} must be "
+      "positive.")
   errors.require(
       not config.first_task_classes and not config.joint and
       (not config.num_classes or config.num_classes % config.num_tasks == 0),

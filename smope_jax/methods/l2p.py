@@ -34,14 +34,18 @@ class L2PPrompts(base.PoolPrompts):
     similarity = base.cosine_to_keys(query, self.keys[layer])  # (B, M)
     _, chosen = jax.lax.top_k(jax.lax.stop_gradient(similarity), self.top_k)
     return base.key_value_prefix(
-        self.pool[layer][chosen], self.num_heads,
-        aux={"similarity": similarity, "chosen": chosen})
+        self.pool[layer][chosen], self.num_heads, aux={
+            "similarity": similarity,
+            "chosen": chosen
+        })
 
   def outputs(self, aux, *, query, context, mode):
     """Key similarities (L, B, M) and chosen entries (L, B, K)."""
     del query, context, mode
-    return {"key_similarity": base.stack_aux(aux, "similarity"),
-            "key_chosen": base.stack_aux(aux, "chosen")}
+    return {
+        "key_similarity": base.stack_aux(aux, "similarity"),
+        "key_chosen": base.stack_aux(aux, "chosen")
+    }
 
 
 def key_loss(similarity: jax.Array, chosen: jax.Array, mask: jax.Array,
@@ -74,9 +78,8 @@ class L2P(base.Method):
 
   def prompts(self):
     c, d = self.config, self.dims
-    return L2PPrompts(num_layers=self.num_layers,
-                      pool_size=c.pool_size, length=c.prompt_length,
-                      hidden_size=d["hidden_size"],
+    return L2PPrompts(num_layers=self.num_layers, pool_size=c.pool_size,
+                      length=c.prompt_length, hidden_size=d["hidden_size"],
                       num_heads=d["num_heads"], top_k=c.top_k)
 
   def loss_terms(self, out, trainable, state, task, mask, mode):
@@ -84,6 +87,7 @@ class L2P(base.Method):
     if mode != "train":
       return {}
     group = mask.shape[0] // self.config.key_loss_groups
-    return {"key": (key_loss(out["key_similarity"], out["key_chosen"], mask,
-                             group, self.config.key_loss == "cross_sample"),
-                    1.0)}
+    return {
+        "key": (key_loss(out["key_similarity"], out["key_chosen"], mask, group,
+                         self.config.key_loss == "cross_sample"), 1.0)
+    }

@@ -12,12 +12,14 @@ KEY_LOSSES = ("cross_sample", "per_sample")
 def check(config, dims: dict) -> None:
   del dims
   coda_protocol.check_prompts(config)
-  errors.require(1 <= config.top_k <= config.pool_size,
-                 f"config.top_k={config.top_k} must be between 1 and "
-                 f"config.pool_size={config.pool_size}.")
-  errors.require(config.key_loss in KEY_LOSSES,
-                 f"config.key_loss={config.key_loss!r}; choose one of "
-                 f"{KEY_LOSSES}.")
+  errors.require(
+      1 <= config.top_k <= config.pool_size,
+      f"config.top_k={config.top_k} must be between 1 and "
+      f"config.pool_size={config.pool_size}.")
+  errors.require(
+      config.key_loss in KEY_LOSSES,
+      f"config.key_loss={config.key_loss!r}; choose one of "
+      f"{KEY_LOSSES}.")
   groups = config.key_loss_groups
   errors.require(groups >= 1, f"config.key_loss_groups={groups} must be "
                  "positive.")
@@ -31,8 +33,8 @@ def check(config, dims: dict) -> None:
 
 # Pool 30 of length 20; L2P++ prompts block 0, Deep L2P++ blocks 0-4.
 L2P = registry.MethodSpec(
-    name="l2p", display_name="L2P++",
-    method_class="smope_jax.methods.l2p:L2P", check=check,
+    name="l2p", display_name="L2P++", method_class="smope_jax.methods.l2p:L2P",
+    check=check,
     apply_protocol=functools.partial(coda_protocol.apply, pool_size=30,
                                      prompt_length=20, prompted_layers=1))
 

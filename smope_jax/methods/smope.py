@@ -51,20 +51,27 @@ class SMoPEPrompts(base.PromptModule):
     if mode in ("train", "eval"):
       if context is None:
         raise ValueError(f"mode {mode!r} needs the expert counts and marks")
-      eta = routing.selection_penalty(
-          context, mode, self.epsilon, self.inference_penalty,
-          context.get("exclude_unused", True))[layer]
-    logits, values, scores, selected = routing.route(
-        block_query, self.keys[layer], self.values[layer], eta, self.top_k,
-        mode, self.score_products)
-    return attention.Prefix(values=values, bias=logits,
-                            aux={"scores": scores, "selected": selected})
+      eta = routing.selection_penalty(context, mode, self.epsilon,
+                                      self.inference_penalty,
+                                      context.get("exclude_unused",
+                                                  True))[layer]
+    logits, values, scores, selected = routing.route(block_query,
+                                                     self.keys[layer],
+                                                     self.values[layer], eta,
+                                                     self.top_k, mode,
+                                                     self.score_products)
+    return attention.Prefix(values=values, bias=logits, aux={
+        "scores": scores,
+        "selected": selected
+    })
 
   def outputs(self, aux, *, query, context, mode):
     """Clean scores (L, B, H, E) and chosen experts (L, B, H, K)."""
     del query, context, mode
-    return {"scores": base.stack_aux(aux, "scores"),
-            "selected": base.stack_aux(aux, "selected")}
+    return {
+        "scores": base.stack_aux(aux, "scores"),
+        "selected": base.stack_aux(aux, "selected")
+    }
 
 
 class SMoPE(base.Method):
@@ -80,9 +87,8 @@ class SMoPE(base.Method):
     c, d = self.config, self.dims
     return SMoPEPrompts(
         num_layers=c.num_prompted_layers, num_heads=d["num_heads"],
-        num_experts=c.num_experts,
-        head_dim=d["hidden_size"] // d["num_heads"], top_k=c.top_k,
-        epsilon=c.epsilon, inference_penalty=c.inference_penalty,
+        num_experts=c.num_experts, head_dim=d["hidden_size"] // d["num_heads"],
+        top_k=c.top_k, epsilon=c.epsilon, inference_penalty=c.inference_penalty,
         score_products=precision.model_precision(c)["score_products"])
 
   def init_state(self, trainable):
@@ -100,7 +106,8 @@ class SMoPE(base.Method):
     keep = lambda new, old: jnp.where(later, new, old)  # noqa: E731
     return trainable, {
         **state, "frequent": keep(marked, state["frequent"]),
-        "snapshot": jax.tree_util.tree_map(keep, snapshot, state["snapshot"])}
+        "snapshot": jax.tree_util.tree_map(keep, snapshot, state["snapshot"])
+    }
 
   def init_context(self):
     shape = (self.config.num_prompted_layers, self.dims["num_heads"],
@@ -111,9 +118,11 @@ class SMoPE(base.Method):
     """Never-used experts are excluded, except in an evaluation that keeps
     the published numbers' routing (`config.exclude_unused_at_eval`)."""
     del task, mask
-    return {"counts": state["counts"], "frequent": state["frequent"],
-            "exclude_unused": (not evaluating or
-                               self.config.exclude_unused_at_eval)}
+    return {
+        "counts": state["counts"],
+        "frequent": state["frequent"],
+        "exclude_unused": (not evaluating or self.config.exclude_unused_at_eval)
+    }
 
   def loss_terms(self, out, trainable, state, task, mask, mode):
     """Router loss in top-K mode; prototype loss against the snapshot.
@@ -128,9 +137,10 @@ class SMoPE(base.Method):
       terms["router"] = (losses.router_loss(out["scores"], out["selected"],
                                             c.epsilon, mask), c.router_weight)
     if c.prototype_weight > 0:
-      terms["prototype"] = (losses.prototype_loss(
-          trainable["prompts"]["keys"], state["snapshot"]["keys"],
-          state["frequent"], c.top_k), c.prototype_weight)
+      terms["prototype"] = (losses.prototype_loss(trainable["prompts"]["keys"],
+                                                  state["snapshot"]["keys"],
+                                                  state["frequent"],
+                                                  c.top_k), c.prototype_weight)
     return terms
 
   def bookkeep(self, state, out, mask):
@@ -140,6 +150,8 @@ class SMoPE(base.Method):
     return {**state, "counts": counted["counts"]}
 
   def report(self, state):
-    return {"expert_counts": np.asarray(state["counts"]).tolist(),
-            "expert_frequent": np.asarray(state["frequent"]).tolist(),
-            "top_k": self.config.top_k}
+    return {
+        "expert_counts": np.asarray(state["counts"]).tolist(),
+        "expert_frequent": np.asarray(state["frequent"]).tolist(),
+        "top_k": self.config.top_k
+    }

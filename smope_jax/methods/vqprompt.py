@@ -44,10 +44,14 @@ def quantize(query: jax.Array, keys: jax.Array, pool: jax.Array,
                       precision=HIGHEST)
   alpha = jax.nn.softmax(scores / temperature, axis=-1)
   continuous = jnp.einsum("bm,mld->bld", alpha, pool, precision=HIGHEST)
-  distances = jnp.sum((continuous[:, None] - pool[None]) ** 2, axis=(-2, -1))
+  distances = jnp.sum((continuous[:, None] - pool[None])**2, axis=(-2, -1))
   chosen = jnp.argmin(distances, axis=-1).astype(jnp.int32)
-  return {"alpha": alpha, "continuous": continuous, "chosen": chosen,
-          "quantized": pool[chosen]}
+  return {
+      "alpha": alpha,
+      "continuous": continuous,
+      "chosen": chosen,
+      "quantized": pool[chosen]
+  }
 
 
 class VQPrompts(base.PoolPrompts):
@@ -63,15 +67,17 @@ class VQPrompts(base.PoolPrompts):
     continuous = selection["continuous"]
     # Written as the sum, not as z: the value can differ from z in the last
     # bit, and the gradient must be p_a's.
-    prompt = continuous + jax.lax.stop_gradient(
-        selection["quantized"] - continuous)
+    prompt = continuous + jax.lax.stop_gradient(selection["quantized"] -
+                                                continuous)
     return base.key_value_prefix(prompt, self.num_heads, aux=selection)
 
   def outputs(self, aux, *, query, context, mode):
     """Per prompted block (L, B, ...): alpha, p_a, the entry and z."""
     del query, context, mode
-    return {f"vq_{name}": base.stack_aux(aux, name)
-            for name in ("alpha", "continuous", "chosen", "quantized")}
+    return {
+        f"vq_{name}": base.stack_aux(aux, name)
+        for name in ("alpha", "continuous", "chosen", "quantized")
+    }
 
 
 def vq_terms(continuous: jax.Array, quantized: jax.Array,
@@ -82,12 +88,14 @@ def vq_terms(continuous: jax.Array, quantized: jax.Array,
   squared difference over Lp * D: the reference's `F.mse_loss` over a
   batch without padding.
   """
+
   def per_sample(x):  # (L, B, Lp, D) -> (B,), summed over the blocks.
-    return jnp.sum(jnp.mean(x ** 2, axis=(-2, -1)), axis=0)
+    return jnp.sum(jnp.mean(x**2, axis=(-2, -1)), axis=0)
+
   commitment = per_sample(continuous - jax.lax.stop_gradient(quantized))
   codebook = per_sample(quantized - jax.lax.stop_gradient(continuous))
-  return (losses.masked_mean(commitment, mask),
-          losses.masked_mean(codebook, mask))
+  return (losses.masked_mean(commitment,
+                             mask), losses.masked_mean(codebook, mask))
 
 
 class VQPrompt(base.Method):
@@ -104,7 +112,9 @@ class VQPrompt(base.Method):
     del trainable, state, task
     if mode != "train":
       return {}
-    commitment, codebook = vq_terms(out["vq_continuous"],
-                                    out["vq_quantized"], mask)
-    return {"vq_commit": (commitment, self.config.vq_commit_weight),
-            "vq_codebook": (codebook, self.config.vq_codebook_weight)}
+    commitment, codebook = vq_terms(out["vq_continuous"], out["vq_quantized"],
+                                    mask)
+    return {
+        "vq_commit": (commitment, self.config.vq_commit_weight),
+        "vq_codebook": (codebook, self.config.vq_codebook_weight)
+    }

@@ -11,8 +11,11 @@ from smope_jax.methods import coda_protocol
 from smope_jax.methods import registry
 
 # The benchmarks of the authors' commands, and the backbone each used.
-BACKBONES = {"cifar100": "sup1k", "imagenet_r": "sup1k",
-             "caltech_birds2011": "sup21k"}
+BACKBONES = {
+    "cifar100": "sup1k",
+    "imagenet_r": "sup1k",
+    "caltech_birds2011": "sup21k"
+}
 EPOCHS = 20
 
 
@@ -34,13 +37,13 @@ def apply_protocol(config, *, epochs: int, batch_size: int) -> None:
   del batch_size
   cub = config.dataset == "caltech_birds2011"
   benchmark = config.dataset in BACKBONES
-  config.update(
-      optimizer="adamw", weight_decay=0.0,
-      prompt_lr_multiplier=5.0, schedule_delay=True, lr=0.0025,
-      epochs=EPOCHS if benchmark else epochs, classifier_alignment=True,
-      align_epochs=10, align_ratio=2 if cub else 4, dense_warmup=False,
-      num_prompted_layers=5, pool_size=10, prompt_length=8,
-      vq_temperature=5.0 if cub else 1.0, natural_order_seed0=True)
+  config.update(optimizer="adamw", weight_decay=0.0, prompt_lr_multiplier=5.0,
+                schedule_delay=True, lr=0.0025,
+                epochs=EPOCHS if benchmark else epochs,
+                classifier_alignment=True, align_epochs=10,
+                align_ratio=2 if cub else 4, dense_warmup=False,
+                num_prompted_layers=5, pool_size=10, prompt_length=8,
+                vq_temperature=5.0 if cub else 1.0, natural_order_seed0=True)
   if benchmark and config.pretrained:  # "" (a random backbone) stays.
     config.pretrained = BACKBONES[config.dataset]
 
@@ -50,16 +53,17 @@ def check(config, dims: dict) -> None:
   del dims
   coda_protocol.check_prompts(config)
   temperature = float(config.vq_temperature)
-  errors.require(math.isfinite(temperature) and temperature > 0,
-                 f"config.vq_temperature={temperature} must be positive and "
-                 "finite.")
+  errors.require(
+      math.isfinite(temperature) and temperature > 0,
+      f"config.vq_temperature={temperature} must be positive and "
+      "finite.")
   for name in ("vq_commit_weight", "vq_codebook_weight"):
     value = float(config[name])
-    errors.require(math.isfinite(value) and value >= 0,
-                   f"config.{name}={value} must be finite and not negative.")
+    errors.require(
+        math.isfinite(value) and value >= 0,
+        f"config.{name}={value} must be finite and not negative.")
 
 
-SPEC = registry.MethodSpec(
-    name="vqprompt", display_name="VQ-Prompt",
-    method_class="smope_jax.methods.vqprompt:VQPrompt", check=check,
-    apply_protocol=apply_protocol)
+SPEC = registry.MethodSpec(name="vqprompt", display_name="VQ-Prompt",
+                           method_class="smope_jax.methods.vqprompt:VQPrompt",
+                           check=check, apply_protocol=apply_protocol)

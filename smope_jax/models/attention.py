@@ -54,7 +54,7 @@ def prefix_logits(query: jax.Array, prefix: Prefix,
     q = jnp.swapaxes(query, 1, 2)  # (B, H, N, d)
     logits = matmul.einsum("bhqd,bhpd->bhqp", q, prefix.keys.astype(q.dtype),
                            bfloat16=bfloat16_products)
-    logits = logits.astype(jnp.float32) * query.shape[-1] ** -0.5
+    logits = logits.astype(jnp.float32) * query.shape[-1]**-0.5
   if prefix.bias is not None:
     bias = prefix.bias[:, :, None, :].astype(jnp.float32)
     logits = bias if logits is None else logits + bias
@@ -62,8 +62,7 @@ def prefix_logits(query: jax.Array, prefix: Prefix,
 
 
 def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                     prefix: Optional[Prefix] = None, *,
-                     fused: bool = False,
+                     prefix: Optional[Prefix] = None, *, fused: bool = False,
                      bfloat16_products: bool = False) -> jax.Array:
   """Attention over [prefix ; tokens]; (B, N, H, d) in and out.
 
@@ -84,8 +83,9 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     dtype = query.dtype
     to_bf16 = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
     if prefix is not None:
-      prefix = prefix.replace(values=to_bf16(prefix.values), keys=(
-          None if prefix.keys is None else to_bf16(prefix.keys)))
+      prefix = prefix.replace(
+          values=to_bf16(prefix.values),
+          keys=(None if prefix.keys is None else to_bf16(prefix.keys)))
     return _fused_attention(to_bf16(query), to_bf16(key), to_bf16(value),
                             prefix).astype(dtype)
   if fused:
@@ -94,27 +94,27 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 def _fused_attention(query, key, value, prefix):
-  scale = query.shape[-1] ** -0.5
+  scale = query.shape[-1]**-0.5
   if prefix is None:
     return jax.nn.dot_product_attention(query, key, value, scale=scale)
   dtype = query.dtype
   batch, tokens, heads, _ = query.shape
   as_tokens = lambda x: jnp.swapaxes(x, 1, 2).astype(dtype)  # noqa: E731
-  prefix_keys = (jnp.zeros_like(prefix.values) if prefix.keys is None
-                 else prefix.keys)
+  prefix_keys = (jnp.zeros_like(prefix.values)
+                 if prefix.keys is None else prefix.keys)
   bias = None
   if prefix.bias is not None:
     bias = jnp.concatenate(
-        [prefix.bias, jnp.zeros((batch, heads, tokens), jnp.float32)],
+        [prefix.bias,
+         jnp.zeros((batch, heads, tokens), jnp.float32)],
         axis=-1)[:, :, None, :].astype(dtype)  # (B, H, 1, P + N)
   return jax.nn.dot_product_attention(
       query, jnp.concatenate([as_tokens(prefix_keys), key], axis=1),
-      jnp.concatenate([as_tokens(prefix.values), value], axis=1),
-      bias=bias, scale=scale)
+      jnp.concatenate([as_tokens(prefix.values), value], axis=1), bias=bias,
+      scale=scale)
 
 
-def _softmax_attention(query, key, value, prefix=None,
-                       bfloat16_products=False):
+def _softmax_attention(query, key, value, prefix=None, bfloat16_products=False):
   """Softmax attention with the prefix columns as their own small product.
 
   Runs head-major, (B, H, N, d): there XLA's CPU matmuls take contiguous
@@ -123,7 +123,7 @@ def _softmax_attention(query, key, value, prefix=None,
   instead of the (N, N) weights, and nothing (N, P + N) is concatenated.
   """
   dtype = query.dtype
-  scale = query.shape[-1] ** -0.5
+  scale = query.shape[-1]**-0.5
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   product = lambda spec, a, b: matmul.einsum(  # noqa: E731
       spec, a, b, bfloat16=bfloat16_products)

@@ -53,8 +53,8 @@ def conv_kwargs(bfloat16: bool) -> dict:
   return {"conv_general_dilated": conv_general_dilated} if bfloat16 else {}
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, *,
-           bfloat16: bool = False, precision=None) -> jax.Array:
+def einsum(spec: str, a: jax.Array, b: jax.Array, *, bfloat16: bool = False,
+           precision=None) -> jax.Array:
   """`jnp.einsum` of two operands, or its bfloat16-products form.
 
   `precision` applies to the plain form only (e.g. HIGHEST for a product

@@ -94,8 +94,7 @@ def gather_expert_vectors(expert_vectors: jax.Array,
 
 
 def route(query: jax.Array, expert_keys: jax.Array, expert_values: jax.Array,
-          eta: Optional[jax.Array], top_k: int, mode: str,
-          products: str = ""):
+          eta: Optional[jax.Array], top_k: int, mode: str, products: str = ""):
   """Scores the experts and picks the prompt columns for one block.
 
   Returns (prompt_logits (B,H,P), prompt_values (B,H,P,d), scores (B,H,E),
@@ -104,7 +103,7 @@ def route(query: jax.Array, expert_keys: jax.Array, expert_values: jax.Array,
   `products` is the scores' (see `expert_scores`).
   """
   scores = expert_scores(query, expert_keys, products)
-  scale = query.shape[-1] ** -0.5
+  scale = query.shape[-1]**-0.5
   if mode == "dense":
     selected = select_experts(scores, jnp.zeros(scores.shape[1:]), top_k)
     values = jnp.broadcast_to(expert_values[None].astype(jnp.float32),

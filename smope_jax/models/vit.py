@@ -34,8 +34,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 def symmetric_uniform(bound: float):
   """Initializer drawing uniformly from [-bound, bound)."""
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -48,8 +50,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x):
     hidden = x.shape[-1]
     products = matmul.layer_kwargs(self.bfloat16_products)
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0",
-                 **products)(x)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0", **products)(x)
     x = gelu_exact(x)
     return nn.Dense(hidden, dtype=self.dtype, name="Dense_1", **products)(x)
 
@@ -98,13 +99,13 @@ class MultiHeadDotProductAttention(nn.Module):
     prefix = None
     if prefix_fn is not None:
       prefix = prefix_fn(
-          mean_query_float32(x, query_proj.variables["params"])
-          if self.float32_routing else query)
+          mean_query_float32(x, query_proj.variables["params"]) if self.
+          float32_routing else query)
     out = attention.prefix_attention(query, key, value, prefix,
                                      fused=self.fused,
                                      bfloat16_products=self.bfloat16_products)
-    out = nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype,
-                          name="out", **products)(out)
+    out = nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype, name="out",
+                          **products)(out)
     return out, None if prefix is None else prefix.aux
 
 
@@ -209,18 +210,17 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=self.dtype, name="embedding",
-                **matmul.conv_kwargs(self.bfloat16_products))(
-                    images.astype(self.dtype))
+                **matmul.conv_kwargs(self.bfloat16_products))(images.astype(
+                    self.dtype))
     batch, height, width, channels = x.shape
     x = jnp.reshape(x, (batch, height * width, channels))
     cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))
     x = jnp.concatenate(
         [jnp.broadcast_to(cls, (batch, 1, channels)).astype(x.dtype), x], 1)
 
-    encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim,
-                      self.dtype, self.fused_attention,
-                      self.bfloat16_products, self.float32_routing,
-                      name="Transformer")
+    encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dtype,
+                      self.fused_attention, self.bfloat16_products,
+                      self.float32_routing, name="Transformer")
     prompted = self.prompts is not None and mode != "plain"
     query = prefix_for = None
     if prompted:
@@ -232,14 +232,13 @@ class VisionTransformer(nn.Module):
     x, aux = encoder(x, prefix_for)
     pre_logits = x[:, 0].astype(jnp.float32)
     # PyTorch's nn.Linear initialisation, as in the reference classifier.
-    bound = self.hidden_size ** -0.5
+    bound = self.hidden_size**-0.5
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head",
                       kernel_init=symmetric_uniform(bound),
                       bias_init=symmetric_uniform(bound),
-                      **matmul.layer_kwargs(self.bfloat16_products))(
-                          pre_logits)
+                      **matmul.layer_kwargs(self.bfloat16_products))(pre_logits)
     out = {"logits": logits, "pre_logits": pre_logits}
     if prompted:
-      out.update(self.prompts.outputs(aux, query=query, context=context,
-                                      mode=mode))
+      out.update(
+          self.prompts.outputs(aux, query=query, context=context, mode=mode))
     return out

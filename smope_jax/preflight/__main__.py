@@ -25,8 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/imagenet_r.py:tasks=10; "
     "--config.batch_size, --config.dtype, ... change what is compiled.",
     lock_config=True)
-_TARGET = flags.DEFINE_string(
-    "target", None, f"What to compile for: {chips.EXAMPLES}.")
+_TARGET = flags.DEFINE_string("target", None,
+                              f"What to compile for: {chips.EXAMPLES}.")
 _MEMORY_FRACTION = flags.DEFINE_float(
     "memory_fraction", 0.9, "GPUs: the share of each GPU's memory JAX may "
     "allocate (XLA_PYTHON_CLIENT_MEM_FRACTION; the launch scripts' 0.9).")

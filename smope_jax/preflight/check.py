@@ -101,9 +101,8 @@ class Preflight:
     options = dict(self.used_options.get(name, {}))
     context = precision.model_precision(config)["context"]
     while True:
-      result = preflight_steps.compile_step(
-          name, fn, args, precision=context,
-          compiler_options=options or None)
+      result = preflight_steps.compile_step(name, fn, args, precision=context,
+                                            compiler_options=options or None)
       retry = {}
       if result.error and train_step.TRITON_GEMM_FAILURE in result.error:
         retry = train_step.NO_TRITON_GEMM
@@ -133,8 +132,10 @@ class Preflight:
     self._fill_flops(result)
     if not result.failed:
       for field in ("batch_size", "eval_batch_size"):
-        if any(result.out_of_memory(s) for s in result.steps
-               if s.batch_field == field):
+        if any(
+            result.out_of_memory(s)
+            for s in result.steps
+            if s.batch_field == field):
           result.largest[field] = self.largest_batch(result, field)
     return result
 
@@ -142,8 +143,9 @@ class Preflight:
     """FLOPs from this host's cost analysis where the compiler gave none."""
     if all(s.flops is not None or s.error for s in result.steps):
       return
-    per_device = {f: result.per_device(f)
-                  for f in ("batch_size", "eval_batch_size")}
+    per_device = {
+        f: result.per_device(f) for f in ("batch_size", "eval_batch_size")
+    }
     flops = preflight_steps.host_flops(self.config, per_device)
     for step in result.steps:
       if step.flops is None and not step.error:
@@ -198,8 +200,7 @@ class Preflight:
         fits, measured[guess] = guess, total
     return fits
 
-  def _guess(self, fits: int, fails: int, measured: dict,
-             missed: bool) -> int:
+  def _guess(self, fits: int, fails: int, measured: dict, missed: bool) -> int:
     """The next probe inside (fits, fails): 1 first, then along the line
     through the last two fitting probes until the line has missed once,
     then the bracket's middle."""

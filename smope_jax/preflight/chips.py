@@ -17,7 +17,7 @@ import re
 from smope_jax.errors import UserError
 
 TERA = 1e12
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +67,7 @@ def _tpu(name, memory_gib, bandwidth_gbs, bf16_tflops):
               bf16_tflops * TERA / 3)
 
 
-def _gpu(name, memory_gb, bandwidth_gbs, bf16_tflops, tf32_tflops,
-         f32_tflops):
+def _gpu(name, memory_gb, bandwidth_gbs, bf16_tflops, tf32_tflops, f32_tflops):
   return Chip(name, "gpu", int(memory_gb * 1e9), bandwidth_gbs * 1e9,
               bf16_tflops * TERA, f32_tflops * TERA, tf32_tflops * TERA)
 
@@ -98,21 +97,43 @@ CHIPS = {
 }
 
 # The device description XLA compiles GPU code for (files beside this one).
-GPU_DESCRIPTIONS = {"h100": "h100_sxm.txtpb",
-                    "a100-40gb": "a100_sxm_40.txtpb",
-                    "a100-80gb": "a100_sxm_80.txtpb"}
+GPU_DESCRIPTIONS = {
+    "h100": "h100_sxm.txtpb",
+    "a100-40gb": "a100_sxm_40.txtpb",
+    "a100-80gb": "a100_sxm_80.txtpb"
+}
 GPUS_PER_HOST = 8
 
 # TPU slices: chips -> topology, per generation (the shapes Cloud TPU
 # creates for these accelerator types).
-_TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
-             128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
-_TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-             128: "8x16", 256: "16x16"}
+_TORUS_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8"
+}
+_TORUS_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16"
+}
 # Generation -> (topology prefix, TensorCores per chip in the type's
 # number, 3-D torus).
-_TPU_KINDS = {"v4": ("v4", 2, True), "v5p": ("v5", 2, True),
-              "v5e": ("v5e", 1, False), "v6e": ("v6e", 1, False)}
+_TPU_KINDS = {
+    "v4": ("v4", 2, True),
+    "v5p": ("v5", 2, True),
+    "v5e": ("v5e", 1, False),
+    "v6e": ("v6e", 1, False)
+}
 _ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 
 
@@ -181,11 +202,12 @@ def _tpu_target(text: str, rest: str) -> Target:
                     f"choose one of {sizes}.")
   # Single-host v5e/v6e machines hold up to 8 chips; larger slices, and
   # every v4/v5p host, hold 4.
-  per_host = (2, 4, 1) if chips == 8 and not torus_3d else (
-      (1, 1, 1) if chips == 1 else (2, 2, 1))
+  per_host = (2, 4,
+              1) if chips == 8 and not torus_3d else ((1, 1,
+                                                       1) if chips == 1 else
+                                                      (2, 2, 1))
   hosts = max(1, chips // (per_host[0] * per_host[1]))
-  return Target(text, kind, chips, hosts, f"{prefix}:{shapes[chips]}",
-                per_host)
+  return Target(text, kind, chips, hosts, f"{prefix}:{shapes[chips]}", per_host)
 
 
 def _gpu_target(text: str, rest: str) -> Target:

@@ -20,15 +20,18 @@ ENVIRONMENT = {"JAX_PLATFORMS": "cpu"}
 # Set before a compiler loads: libtpu asks no cloud metadata server and
 # takes no machine-wide lock file (another process may compile at the same
 # time), JAX accepts a CUDA plugin without a driver.
-COMPILER_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1",
-                        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-                        "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+COMPILER_ENVIRONMENT = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"
+}
 
 EXTRAS = {"tpu": "preflight-tpu", "gpu": "preflight-gpu"}
 # The modules each extra installs: the compiler, and for GPUs ptxas.
-COMPILER_MODULES = {"tpu": ("libtpu",),
-                    "gpu": ("jax_cuda12_plugin", "jax_plugins.xla_cuda12",
-                            "nvidia.cuda_nvcc")}
+COMPILER_MODULES = {
+    "tpu": ("libtpu",),
+    "gpu": ("jax_cuda12_plugin", "jax_plugins.xla_cuda12", "nvidia.cuda_nvcc")
+}
 
 
 def prepare_environment() -> None:

@@ -16,7 +16,7 @@ def gib(n: float) -> str:
 
 
 def _bytes(n: int) -> str:
-  for unit, size in (("GiB", chips.GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+  for unit, size in (("GiB", chips.GIB), ("MiB", 1024**2), ("KiB", 1024)):
     if n >= size:
       return f"{n / size:.1f} {unit}"
   return f"{n} B"
@@ -38,7 +38,8 @@ def header(result, config_name: str) -> list[str]:
       f"{target.topology}",
       f"  batch {config.batch_size} ({result.per_device('batch_size')} per "
       f"device), eval batch {config.eval_batch_size} "
-      f"({result.per_device('eval_batch_size')} per device)"]
+      f"({result.per_device('eval_batch_size')} per device)"
+  ]
   if target.platform == "gpu":
     lines.append(f"  capacity per device: {_bytes(result.capacity)} (the "
                  "share JAX may allocate)")
@@ -46,13 +47,15 @@ def header(result, config_name: str) -> list[str]:
 
 
 def memory_table(result) -> list[str]:
-  lines = ["", f"{'memory per device':<{NAME_WIDTH + 2}}  arguments "
-           f"temporaries   outputs     total  of {_bytes(result.capacity)}"]
+  lines = [
+      "", f"{'memory per device':<{NAME_WIDTH + 2}}  arguments "
+      f"temporaries   outputs     total  of {_bytes(result.capacity)}"
+  ]
   for step in result.steps:
     name = f"  {step.name:<{NAME_WIDTH}}"
     if step.error:
-      verdict = ("does not fit" if result.out_of_memory(step) else
-                 "does not compile")
+      verdict = ("does not fit"
+                 if result.out_of_memory(step) else "does not compile")
       lines.append(f"{name}  {verdict} (compiler message below)")
       continue
     share = 100.0 * step.total / result.capacity
@@ -63,8 +66,10 @@ def memory_table(result) -> list[str]:
 
 
 def cost_table(result) -> list[str]:
-  lines = ["", f"{'cost per call, one device':<{NAME_WIDTH + 2}} GFLOP/img "
-           "bound ms  img/s/chip  collectives"]
+  lines = [
+      "", f"{'cost per call, one device':<{NAME_WIDTH + 2}} GFLOP/img "
+      "bound ms  img/s/chip  collectives"
+  ]
   for step in result.steps:
     if step.error:
       continue
@@ -78,8 +83,8 @@ def cost_table(result) -> list[str]:
     else:
       gflops = f"{step.flops / 1e9:8.2f}*"
     ms = f"{bound.seconds * 1e3:8.3f}" if bound else f"{'-':>8}"
-    rate = (f"{images / bound.seconds:10.0f}" if bound and images and
-            bound.seconds > 0 else f"{'-':>10}")
+    rate = (f"{images / bound.seconds:10.0f}"
+            if bound and images and bound.seconds > 0 else f"{'-':>10}")
     lines.append(f"  {step.name:<{NAME_WIDTH}} {gflops} {ms}  {rate}  "
                  f"{collective_text(step.collectives)}")
   lines.append("  (* whole call, not per image; bound = max(FLOPs at peak, "
@@ -90,8 +95,9 @@ def cost_table(result) -> list[str]:
 def collective_text(found: dict) -> str:
   if not found:
     return "none"
-  return ", ".join(f"{op} x{count} {_bytes(size)}"
-                   for op, (count, size) in sorted(found.items()))
+  return ", ".join(
+      f"{op} x{count} {_bytes(size)}" for op, (count,
+                                               size) in sorted(found.items()))
 
 
 def errors(result) -> list[str]:
@@ -104,8 +110,7 @@ def train_rate(result):
   for step in result.steps:
     bound = result.bound(step)
     if step.name.startswith("train") and bound and bound.seconds > 0:
-      rates.append((result.per_device("batch_size") / bound.seconds,
-                    step.name))
+      rates.append((result.per_device("batch_size") / bound.seconds, step.name))
   return min(rates) if rates else None
 
 
@@ -125,8 +130,7 @@ def verdict(result) -> str:
                      f"{per_device * result.target.devices})")
       else:
         parts.append(f"not even 1 image per device fits ({field})")
-    worst = ", ".join(s.name for s in result.steps
-                      if result.out_of_memory(s))
+    worst = ", ".join(s.name for s in result.steps if result.out_of_memory(s))
     return (f"preflight: does not fit {name}: {worst} over "
             f"{gib(result.capacity)} GiB per device; " + "; ".join(parts))
   largest = max(result.steps, key=lambda s: s.total)
@@ -147,22 +151,38 @@ def record(result) -> dict:
   for step in result.steps:
     bound = result.bound(step)
     steps.append({
-        "name": step.name, "batch_field": step.batch_field,
+        "name": step.name,
+        "batch_field": step.batch_field,
         "per_device_batch": result.per_device(step.batch_field),
-        "error": step.error, "arguments": step.arguments,
-        "temporaries": step.temporaries, "outputs": step.outputs,
-        "aliased": step.aliased, "total": step.total, "flops": step.flops,
+        "error": step.error,
+        "arguments": step.arguments,
+        "temporaries": step.temporaries,
+        "outputs": step.outputs,
+        "aliased": step.aliased,
+        "total": step.total,
+        "flops": step.flops,
         "bytes_accessed": step.bytes_accessed,
-        "collectives": {k: list(v) for k, v in step.collectives.items()},
+        "collectives": {
+            k: list(v) for k, v in step.collectives.items()
+        },
         "bound_seconds": bound.seconds if bound else None,
-        "limited_by": bound.limited_by if bound else None})
+        "limited_by": bound.limited_by if bound else None
+    })
   target = result.target
-  return {"target": target.name, "chip": target.chip,
-          "devices": target.devices, "hosts": target.hosts,
-          "topology": target.topology, "capacity": result.capacity,
-          "dtype": result.config.dtype,
-          "matmul_precision": result.config.matmul_precision,
-          "batch_size": result.config.batch_size,
-          "eval_batch_size": result.config.eval_batch_size,
-          "fits": result.fits, "largest": result.largest,
-          "notes": result.notes, "steps": steps, "verdict": verdict(result)}
+  return {
+      "target": target.name,
+      "chip": target.chip,
+      "devices": target.devices,
+      "hosts": target.hosts,
+      "topology": target.topology,
+      "capacity": result.capacity,
+      "dtype": result.config.dtype,
+      "matmul_precision": result.config.matmul_precision,
+      "batch_size": result.config.batch_size,
+      "eval_batch_size": result.config.eval_batch_size,
+      "fits": result.fits,
+      "largest": result.largest,
+      "notes": result.notes,
+      "steps": steps,
+      "verdict": verdict(result)
+  }

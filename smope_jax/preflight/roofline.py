@@ -35,16 +35,16 @@ def traffic_bytes(bytes_accessed: Optional[float], arguments: int,
   return bytes_accessed or float(arguments + outputs)
 
 
-def bound(chip: chips.Chip, flops: float, traffic: float, *,
-          dtype: str, matmul_precision: str) -> Bound:
+def bound(chip: chips.Chip, flops: float, traffic: float, *, dtype: str,
+          matmul_precision: str) -> Bound:
   """The roofline bound of one device's share of a step."""
   compute = flops / chip.peak_flops(dtype, matmul_precision)
   memory = traffic / chip.bandwidth
   return Bound(max(compute, memory), compute, memory)
 
 
-def utilization(flops: float, seconds: float, chip: chips.Chip, *,
-                dtype: str, matmul_precision: str) -> float:
+def utilization(flops: float, seconds: float, chip: chips.Chip, *, dtype: str,
+                matmul_precision: str) -> float:
   """Model FLOP utilisation: achieved FLOP/s over the chip's peak."""
   return flops / seconds / chip.peak_flops(dtype, matmul_precision)
 

@@ -59,8 +59,7 @@ class Compiled:
 def abstract(tree, sharding):
   """ShapeDtypeStructs of a tree of shapes, placed by `sharding`."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 class RunSteps:
@@ -89,16 +88,18 @@ class RunSteps:
     s = self.config.image_size
     shard = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=self.batch_sharding)
-    return {"image": shard((size, s, s, 3), jnp.float32),
-            "label": shard((size,), jnp.int32),
-            "mask": shard((size,), jnp.float32)}
+    return {
+        "image": shard((size, s, s, 3), jnp.float32),
+        "label": shard((size,), jnp.int32),
+        "mask": shard((size,), jnp.float32)
+    }
 
   def phases(self) -> list[str]:
     """Every phase any task of the run goes through, in order."""
-    first = steps_lib.task_phases(self.method,
-                                  self.config.classifier_alignment, 0)
-    later = steps_lib.task_phases(self.method,
-                                  self.config.classifier_alignment, 1)
+    first = steps_lib.task_phases(self.method, self.config.classifier_alignment,
+                                  0)
+    later = steps_lib.task_phases(self.method, self.config.classifier_alignment,
+                                  1)
     return [p for p in steps_lib.PHASES if p in first or p in later]
 
   def calls(self) -> dict[str, tuple]:
@@ -114,34 +115,37 @@ class RunSteps:
     calls = {}
     for phase in self.phases():
       if phase == "start":
-        calls["start"] = (self.steps.start, (
-            self.trainable, self.method_state, task,
-            self.scalar(jnp.uint32, (2,))))
+        calls["start"] = (self.steps.start, (self.trainable,
+                                             self.method_state, task,
+                                             self.scalar(jnp.uint32, (2,))))
       elif phase in steps_lib.TRAINING_MODES:
         mode = steps_lib.TRAINING_MODES[phase]
         inputs = steps_lib.TaskInputs(
             class_range=self.scalar(shape=(2,)), task=task,
             rates={g: self.scalar(jnp.float32) for g in self.trainable},
             method_state=self.method_state)
-        calls[f"train ({mode})"] = (self.steps.train_for(mode), (
-            self.trainable, self.opt_state, self.frozen, batch, inputs))
+        calls[f"train ({mode})"] = (self.steps.train_for(mode),
+                                    (self.trainable, self.opt_state,
+                                     self.frozen, batch, inputs))
       elif phase == "bookkeeping":
-        calls["expert counting"] = (self.steps.bookkeeping,
-                                    (*state_args, batch, task))
+        calls["expert counting"] = (self.steps.bookkeeping, (*state_args, batch,
+                                                             task))
       elif phase == "stats":
-        calls["class statistics"] = (self.steps.features,
-                                     (*state_args, batch, task))
+        calls["class statistics"] = (self.steps.features, (*state_args, batch,
+                                                           task))
       elif phase == "align":
         classes = (config.num_classes, self.hidden)
-        calls["alignment"] = (self.steps.align, (
-            self.trainable["head"], self.scalar(jnp.float32, classes),
-            self.scalar(jnp.float32, classes), self.scalar(jnp.uint32, (2,)),
-            task, task,
-            self.scalar(jnp.float32,
-                        (config.align_epochs * config.num_classes,))))
+        calls["alignment"] = (self.steps.align,
+                              (self.trainable["head"],
+                               self.scalar(jnp.float32, classes),
+                               self.scalar(jnp.float32, classes),
+                               self.scalar(jnp.uint32, (2,)), task, task,
+                               self.scalar(jnp.float32, (config.align_epochs *
+                                                         config.num_classes,))))
       elif phase == "eval":
-        calls["eval"] = (self.steps.eval, (
-            *state_args, self.batch(config.eval_batch_size), task, task))
+        calls["eval"] = (self.steps.eval, (*state_args,
+                                           self.batch(config.eval_batch_size),
+                                           task, task))
     return calls
 
 
@@ -180,8 +184,10 @@ def one_line(error: Exception) -> str:
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
   if not lines:
     return type(error).__name__
-  telling = [l for l in lines if "RESOURCE_EXHAUSTED" in l or
-             "Ran out of memory" in l or "INTERNAL" in l]
+  telling = [
+      l for l in lines if "RESOURCE_EXHAUSTED" in l or
+      "Ran out of memory" in l or "INTERNAL" in l
+  ]
   return (telling or lines)[0][:400]
 
 
@@ -192,8 +198,9 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     match = _HLO_OP.search(line)
     if not match:
       continue
-    size = sum(_shape_bytes(dtype, dims)
-               for dtype, dims in _SHAPE.findall(match.group(1)))
+    size = sum(
+        _shape_bytes(dtype, dims)
+        for dtype, dims in _SHAPE.findall(match.group(1)))
     entry = found.setdefault(match.group(2), [0, 0])
     entry[0] += 1
     entry[1] += size

@@ -25,8 +25,14 @@ from smope_jax.weights.base import UnreadableWeightsError
 
 BACKBONE_FILE = "backbone.npz"
 INFO_FILE = "info.json"
-_FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".pth": "torch",
-            ".pt": "torch", ".bin": "torch", ".tar": "torch"}
+_FORMATS = {
+    ".npz": "npz",
+    ".safetensors": "safetensors",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+    ".tar": "torch"
+}
 
 # Classifier and pre-training heads and the iBOT mask token: not backbone.
 _IGNORED = re.compile(r"^(head|pre_logits)([/.]|$)|^(masked_embed|mask_token)$")
@@ -77,24 +83,29 @@ def _npz_members(path, label):
 
 
 _TIMM_TOP = {  # timm names outside the blocks -> Google names.
-    "cls_token": "cls", "pos_embed": POS,
+    "cls_token": "cls",
+    "pos_embed": POS,
     "patch_embed.proj.bias": "embedding/bias",
     "norm.weight": "Transformer/encoder_norm/scale",
-    "norm.bias": "Transformer/encoder_norm/bias"}
+    "norm.bias": "Transformer/encoder_norm/bias"
+}
 _TIMMBLOCK = {  # timm names inside block i -> Google names (Dense: .T).
-    "norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
-    "norm2.weight": "LayerNorm_2/scale", "norm2.bias": "LayerNorm_2/bias",
+    "norm1.weight": "LayerNorm_0/scale",
+    "norm1.bias": "LayerNorm_0/bias",
+    "norm2.weight": "LayerNorm_2/scale",
+    "norm2.bias": "LayerNorm_2/bias",
     "attn.proj.bias": "MultiHeadDotProductAttention_1/out/bias",
     "mlp.fc1.weight": "MlpBlock_3/Dense_0/kernel",
     "mlp.fc1.bias": "MlpBlock_3/Dense_0/bias",
     "mlp.fc2.weight": "MlpBlock_3/Dense_1/kernel",
-    "mlp.fc2.bias": "MlpBlock_3/Dense_1/bias"}
+    "mlp.fc2.bias": "MlpBlock_3/Dense_1/bias"
+}
 
 
 def _timm_key_to_google(key, x, num_heads, out):
   m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-  block, name, table = ((BLOCK.format(m[1]), m[2], _TIMMBLOCK) if m
-                        else ("", key, _TIMM_TOP))
+  block, name, table = ((BLOCK.format(m[1]), m[2], _TIMMBLOCK) if m else
+                        ("", key, _TIMM_TOP))
   attn = block + "MultiHeadDotProductAttention_1/"
   if name in table:
     out[block + table[name]] = x.T if name.startswith("mlp.fc") else x
@@ -155,8 +166,12 @@ def _converted_npz(directory):
   return npz
 
 
-_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
-                       "F64": "float64"}
+_SAFETENSORS_FLOATS = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64"
+}
 
 
 def _refuse_non_float(label, dtypes):
@@ -164,8 +179,11 @@ def _refuse_non_float(label, dtypes):
 
   `dtypes` maps keys to (dtype name, dtype as shown in the message).
   """
-  wrong = [f"{base.shown(k)} ({shown})" for k, (name, shown) in
-           sorted(dtypes.items()) if name not in _FLOAT_DTYPES]
+  wrong = [
+      f"{base.shown(k)} ({shown})" for k, (name,
+                                           shown) in sorted(dtypes.items())
+      if name not in _FLOAT_DTYPES
+  ]
   if wrong:
     raise UnreadableWeightsError(
         f"weights from {label} have {len(wrong)} keys that are not floating "
@@ -177,8 +195,9 @@ def _safetensors_state(path, label):
   with safetensors.safe_open(path, "np") as f:
     keys = [k for k in f.keys() if not _IGNORED.search(k)]
     dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-    _refuse_non_float(label, {k: (_SAFETENSORS_FLOATS.get(d), d)
-                              for k, d in dtypes.items()})
+    _refuse_non_float(label, {
+        k: (_SAFETENSORS_FLOATS.get(d), d) for k, d in dtypes.items()
+    })
     return {k: f.get_tensor(k) for k in keys}
 
 
@@ -206,8 +225,9 @@ def read_flat(path, num_heads, label):
     raise UnreadableWeightsError(
         f"cannot read weights from {label} ({base.reason(e)})") from e
   state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
-  _refuse_non_float(label, {k: (np.dtype(v.dtype).name, str(v.dtype))
-                            for k, v in state.items()})
+  _refuse_non_float(label, {
+      k: (np.dtype(v.dtype).name, str(v.dtype)) for k, v in state.items()
+  })
   if kind == "npz":
     return state
   try:

@@ -34,8 +34,9 @@ def backbone_template(variant, image_size):
                       f'patch size {dims["patch_size"]}')
   model = VisionTransformer(num_classes=1, **dims)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  params = jax.eval_shape(lambda x: model.init(
-      jax.random.PRNGKey(0), x, mode="plain"), images)["params"]
+  params = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, mode="plain"),
+      images)["params"]
   return {k: v for k, v in params.items() if k != "head"}
 
 
@@ -59,18 +60,26 @@ def _resize_pos_embedding(pos, num_tokens):
 
 def _check_fit(label, got, want):
   """Names every missing, unexpected or wrongly shaped key."""
+
   def fits(key):
     shape = tuple(got[key].shape)
-    return shape == want[key] or (key == formats.POS
-                                  and _resizable(shape, want[key]))
-  wrong = [f"{k} {tuple(got[k].shape)} (need {want[k]})"
-           for k in sorted(want.keys() & got.keys()) if not fits(k)]
-  problems = [f"{len(keys)} {what} keys: {base.listed(keys)}"
-              for what, keys in (
-                  ("missing", sorted(want.keys() - got.keys())),
-                  ("unexpected",
-                   sorted(map(base.shown, got.keys() - want.keys()))),
-                  ("wrongly shaped", wrong)) if keys]
+    return shape == want[key] or (key == formats.POS and
+                                  _resizable(shape, want[key]))
+
+  wrong = [
+      f"{k} {tuple(got[k].shape)} (need {want[k]})"
+      for k in sorted(want.keys() & got.keys())
+      if not fits(k)
+  ]
+  problems = [
+      f"{len(keys)} {what} keys: {base.listed(keys)}"
+      for what, keys in (("missing", sorted(want.keys() - got.keys())),
+                         ("unexpected",
+                          sorted(map(base.shown,
+                                     got.keys() - want.keys()))),
+                         ("wrongly shaped", wrong))
+      if keys
+  ]
   if problems:
     raise MissingWeightsError(
         f'weights from {label} do not fit the model ({"; ".join(problems)}; '
@@ -79,10 +88,12 @@ def _check_fit(label, got, want):
 
 def _load_file(path, template, label):
   """Reads, checks and converts the weights at `path` to `template`."""
-  want = {k: tuple(v.shape)
-          for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-  num_heads = want[formats.BLOCK.format(0)
-                   + "MultiHeadDotProductAttention_1/query/bias"][0]
+  want = {
+      k: tuple(v.shape)
+      for k, v in traverse_util.flatten_dict(template, sep="/").items()
+  }
+  num_heads = want[formats.BLOCK.format(0) +
+                   "MultiHeadDotProductAttention_1/query/bias"][0]
   got = formats.read_flat(path, num_heads, label)
   _check_fit(label, got, want)
   values = {k: formats.read_value(k, got[k], label) for k in want}

@@ -37,8 +37,8 @@ PRESETS = {
     "sup1k_coda": _timm_hub("vit_base_patch16_224.augreg_in21k_ft_in1k"),
     "ibot21k": (f"{_IBOT}/vitb_16_pt22k/checkpoint_student.pth",
                 "ibot_vitb16_pt22k_student.pth"),
-    "ibot1k": (f"{_IBOT}/vitb_16/checkpoint_teacher.pth",
-               "ibot_vitb16_teacher.pth"),
+    "ibot1k":
+        (f"{_IBOT}/vitb_16/checkpoint_teacher.pth", "ibot_vitb16_teacher.pth"),
     "dino1k": _timm_hub("vit_base_patch16_224.dino"),
     # The original ViT paper's ImageNet-21k checkpoint, without a head
     # (HiDe-Prompt's backbone; `sup21k` is a later, different network).
@@ -66,8 +66,8 @@ def _preset_location(name, cache_dir, base_url):
   base_url = base_url or os.environ.get("SMOPE_JAX_WEIGHTS_URL")
   if base_url:
     url = f'{base_url.rstrip("/")}/{filename}'
-  cache_dir = (os.path.expanduser(cache_dir) if cache_dir
-               else workdir.weights_cache_dir())
+  cache_dir = (os.path.expanduser(cache_dir)
+               if cache_dir else workdir.weights_cache_dir())
   return url, os.path.join(cache_dir, filename)
 
 
@@ -137,8 +137,9 @@ def _write_sidecar(path, digest):
     with workdir.atomic_file(path + ".sha256") as f:
       f.write(digest + "\n")
   except OSError as e:
-    logging.warning("cannot record the sha256 of %s (%s); it is re-read "
-                    "and checked on every use instead", path, e)
+    logging.warning(
+        "cannot record the sha256 of %s (%s); it is re-read "
+        "and checked on every use instead", path, e)
 
 
 def _discard(path, sidecar):
@@ -220,12 +221,14 @@ def _download(url, path, name):
   recorder = _EtagRecorder()
   try:
     logging.info("downloading %s to %s", url, path)
-    with os.fdopen(fd, "wb") as f, urllib.request.build_opener(
-        recorder).open(url, timeout=60) as resp:
+    with os.fdopen(fd, "wb") as f, urllib.request.build_opener(recorder).open(
+        url, timeout=60) as resp:
       recorder.etags.append(resp.headers.get("X-Linked-Etag"))
       digest = _receive(resp, f)
-    lfs = [e for e in (str(e).strip('"').lower() for e in recorder.etags if e)
-           if re.fullmatch("[0-9a-f]{64}", e)]
+    lfs = [
+        e for e in (str(e).strip('"').lower() for e in recorder.etags if e)
+        if re.fullmatch("[0-9a-f]{64}", e)
+    ]
     if lfs and digest != lfs[0]:
       raise _BadDownload(f"the file is corrupted: sha256 {digest}, the "
                          f"server announced {lfs[0]}")

@@ -52,15 +52,22 @@ class _TensorRef:
   __slots__ = ("storage", "offset", "size", "stride")
 
   def __init__(self, storage, offset, size, stride, *unused_args):
-    self.storage, self.offset, self.size, self.stride = (
-        storage, offset, size, stride)
+    self.storage, self.offset, self.size, self.stride = (storage, offset, size,
+                                                         stride)
 
 
 _TORCH_STORAGES = {
-    "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "DoubleStorage": np.float64,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "DoubleStorage": np.float64,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_
+}
 _TORCH_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
@@ -74,8 +81,9 @@ class _TorchUnpickler(pickle.Unpickler):
   """Unpickles a torch zip checkpoint; refuses any other global."""
 
   def __init__(self, zf, prefix, label):
-    super().__init__(io.BytesIO(_read_entry(zf, prefix + "data.pkl", label,
-                                            _MAX_PICKLE_BYTES)))
+    super().__init__(
+        io.BytesIO(
+            _read_entry(zf, prefix + "data.pkl", label, _MAX_PICKLE_BYTES)))
     self.zf, self.prefix, self.label = zf, prefix, label
     self.raw, self.storages = {}, {}
 
@@ -94,10 +102,9 @@ class _TorchUnpickler(pickle.Unpickler):
     return _TORCH_GLOBALS[module, name]
 
   def persistent_load(self, pid):
-    if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)
-            and isinstance(pid[2], str) and re.fullmatch(r"\w{1,64}", pid[2])
-            and type(pid[4]) is int):
+    if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and
+            isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and
+            re.fullmatch(r"\w{1,64}", pid[2]) and type(pid[4]) is int):
       raise UnreadableWeightsError(
           f"{self.label}: {base.shown(pid)} is not a reference to a torch "
           "storage")
@@ -170,8 +177,8 @@ def _collect_tensors(tree, label):
           raise UnreadableWeightsError(
               f"{label}: a dict key at {base.shown(name or '(top level)')} is "
               f"a {type(key).__name__}, not a name")
-        stack.append((child, f"{name}/{key}" if name else str(key),
-                      depth + 1, False))
+        stack.append(
+            (child, f"{name}/{key}" if name else str(key), depth + 1, False))
     elif type(node) not in _SCALARS:
       raise UnreadableWeightsError(
           f"{label}: {base.shown(name or 'the top level')} holds a "
@@ -193,9 +200,9 @@ def _check_tensor(name, ref, label):
         f"{where} is backed by a {type(storage).__name__}, not by a storage "
         "of bytes in the file")
   size, stride = ref.size, ref.stride
-  if not (_is_index(ref.offset) and type(size) is tuple
-          and type(stride) is tuple and len(size) == len(stride) <= 32
-          and all(map(_is_index, size + stride))):
+  if not (_is_index(ref.offset) and type(size) is tuple and
+          type(stride) is tuple and len(size) == len(stride) <= 32 and
+          all(map(_is_index, size + stride))):
     raise UnreadableWeightsError(
         f"{where} has a malformed offset, size or stride "
         f"({base.shown((ref.offset, size, stride))})")
@@ -205,8 +212,8 @@ def _check_tensor(name, ref, label):
         f"{where} of size {base.shown(size)} has {numel} elements, more than "
         f"the {MAX_TENSOR_ELEMENTS} any weight of a ViT has")
   last = ref.offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if (last >= storage.values.size if numel else
-      ref.offset > storage.values.size):
+  if (last >= storage.values.size
+      if numel else ref.offset > storage.values.size):
     raise UnreadableWeightsError(
         f"{where} of size {base.shown(size)}, stride {base.shown(stride)} and "
         f"offset {ref.offset} reaches past the end of its storage of "
@@ -246,8 +253,7 @@ def _materialize(tree, label, storage_bytes):
   small file cannot make us allocate much more than its size.
   """
   tensors = _collect_tensors(tree, label)
-  total = sum(_check_tensor(name, ref, label)
-              for name, ref in tensors.values())
+  total = sum(_check_tensor(name, ref, label) for name, ref in tensors.values())
   if total > 2 * storage_bytes:
     raise UnreadableWeightsError(
         f"{label}: its tensors would hold {total} bytes, more than twice the "
@@ -307,10 +313,12 @@ def read_torch(path, label=None):
 
 def unwrap_state_dict(obj, path="checkpoint"):
   """Finds the weights inside DINO / iBOT / timm checkpoint wrappers."""
-  while isinstance(obj, dict) and not any(
-      isinstance(v, np.ndarray) for v in obj.values()):
-    inner = [k for k in ("state_dict", "model", "teacher", "student")
-             if isinstance(obj.get(k), dict)]
+  while isinstance(
+      obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
+    inner = [
+        k for k in ("state_dict", "model", "teacher", "student")
+        if isinstance(obj.get(k), dict)
+    ]
     if not inner:
       raise MissingWeightsError(f"{path}: no state dict found among keys "
                                 f"{base.listed(sorted(map(base.shown, obj)))}")
@@ -318,5 +326,8 @@ def unwrap_state_dict(obj, path="checkpoint"):
   if not isinstance(obj, dict):
     raise MissingWeightsError(f"{path}: holds a {type(obj).__name__}, not a "
                               "state dict")
-  return {re.sub(r"^((module|backbone)\.)+", "", k): v for k, v in obj.items()
-          if isinstance(k, str) and isinstance(v, np.ndarray)}
+  return {
+      re.sub(r"^((module|backbone)\.)+", "", k): v
+      for k, v in obj.items()
+      if isinstance(k, str) and isinstance(v, np.ndarray)
+  }
