@@ -95,7 +95,8 @@ class Run:
     self.phases = dict(start=self.start_task, warmup=self.train_phase,
                        train=self.train_phase, bookkeeping=self.count_experts,
                        stats=self.class_statistics, align=self.align,
-                       eval=self.evaluate, **self.method.phase_handlers(self))
+                       eval=self.evaluate)
+    self.phases.update(self.method.phase_handlers(self))  # Its own phases.
 
   # ----------------------------------------------------------------- state
 
