@@ -69,14 +69,9 @@ def plain_features(trainable, frozen, images, model) -> jax.Array:
 
 def _metrics(total, terms, logits, batch, class_range):
   predictions = train_step.predict_seen(logits, class_range[1], class_range[0])
-  return {
-      "loss":
-          total,
-      **terms, "correct":
-          jnp.sum((predictions == batch["label"]) * batch["mask"]),
-      "count":
-          jnp.sum(batch["mask"])
-  }
+  metrics = dict(terms, loss=total, count=jnp.sum(batch["mask"]))
+  metrics["correct"] = jnp.sum((predictions == batch["label"]) * batch["mask"])
+  return metrics
 
 
 def _update(trainable, opt_state, grads, rates, tx):
