@@ -7,6 +7,7 @@ interrupts, several processes) start `python -m smope_jax.<module>`.
 """
 
 import contextlib
+import importlib
 import os
 import re
 import subprocess
@@ -29,6 +30,11 @@ TWO_TASKS = {
 }
 # Examples per split that mocked TFDS datasets yield.
 MOCK_EXAMPLES = 48
+
+
+def benchmark_config(name: str, arg=None):
+  """`get_config(arg)` of configs/<name>.py."""
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 def _tiny_arg(arg: str) -> str:

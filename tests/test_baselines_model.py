@@ -8,7 +8,6 @@ every method shared one attention kernel.
 """
 
 import functools
-import importlib.util
 import os
 
 import chex
@@ -25,14 +24,6 @@ from smope_jax import factory
 from smope_jax.models import vit
 from tests import helpers
 from tests import numpy_vit
-
-
-def _load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _shapes(config):
@@ -83,7 +74,7 @@ COUNTS = {
 @pytest.mark.parametrize("name,arg", list(COUNTS))
 def test_vit_b16_learnable_parameters_of_each_baseline(name, arg):
   shapes, prompt_count, classes = COUNTS[(name, arg)]
-  params = _shapes(_load(name, arg))
+  params = _shapes(helpers.benchmark_config(name, arg))
   assert {k: v.shape for k, v in params["prompts"].items()} == shapes
   assert _size(params["prompts"]) == prompt_count
   # The classifier over all classes: 768 C weights and C biases.

@@ -10,10 +10,8 @@ the config checks and the seed-0 class order.
 
 import ast
 import functools
-import importlib.util
 import inspect
 import json
-import os
 
 import chex
 import flax
@@ -400,17 +398,9 @@ def test_bfloat16_backbone_keeps_routing_in_float32():
 # ViT-B/16 sizes, a jitted train step.
 
 
-def _load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def _vq_config(name):
   """The benchmark config (SMoPE's) under VQ-Prompt's protocol."""
-  config = _load(name)
+  config = helpers.benchmark_config(name)
   return configuration.use_method(config, "vqprompt", epochs=config.epochs,
                                   batch_size=128)
 
@@ -531,8 +521,8 @@ def test_protocol_of_each_benchmark():
           imagenet_r.iters_per_epoch) == ("sup1k", 64, 40, 40)
   assert (cub.pretrained, cub.batch_size, cub.schedule, cub.align_ratio,
           cub.vq_temperature) == ("sup21k", 128, "epoch_cosine", 2, 5.0)
-  demo = configuration.use_method(_load("demo"), "vqprompt", epochs=8,
-                                  batch_size=32)
+  demo = configuration.use_method(helpers.benchmark_config("demo"), "vqprompt",
+                                  epochs=8, batch_size=32)
   assert (demo.pretrained, demo.epochs, demo.batch_size) == ("demo", 8, 32)
   configuration.validate(demo)
 

@@ -33,19 +33,14 @@ class L2PPrompts(base.PoolPrompts):
       return None
     similarity = base.cosine_to_keys(query, self.keys[layer])  # (B, M)
     _, chosen = jax.lax.top_k(jax.lax.stop_gradient(similarity), self.top_k)
-    return base.key_value_prefix(
-        self.pool[layer][chosen], self.num_heads, aux={
-            "similarity": similarity,
-            "chosen": chosen
-        })
+    return base.key_value_prefix(self.pool[layer][chosen], self.num_heads,
+                                 aux=dict(similarity=similarity, chosen=chosen))
 
   def outputs(self, aux, *, query, context, mode):
     """Key similarities (L, B, M) and chosen entries (L, B, K)."""
     del query, context, mode
-    return {
-        "key_similarity": base.stack_aux(aux, "similarity"),
-        "key_chosen": base.stack_aux(aux, "chosen")
-    }
+    return dict(key_similarity=base.stack_aux(aux, "similarity"),
+                key_chosen=base.stack_aux(aux, "chosen"))
 
 
 def key_loss(similarity: jax.Array, chosen: jax.Array, mask: jax.Array,

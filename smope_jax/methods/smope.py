@@ -60,18 +60,14 @@ class SMoPEPrompts(base.PromptModule):
                                                      self.values[layer], eta,
                                                      self.top_k, mode,
                                                      self.score_products)
-    return attention.Prefix(values=values, bias=logits, aux={
-        "scores": scores,
-        "selected": selected
-    })
+    return attention.Prefix(values=values, bias=logits,
+                            aux=dict(scores=scores, selected=selected))
 
   def outputs(self, aux, *, query, context, mode):
     """Clean scores (L, B, H, E) and chosen experts (L, B, H, K)."""
     del query, context, mode
-    return {
-        "scores": base.stack_aux(aux, "scores"),
-        "selected": base.stack_aux(aux, "selected")
-    }
+    return dict(scores=base.stack_aux(aux, "scores"),
+                selected=base.stack_aux(aux, "selected"))
 
 
 class SMoPE(base.Method):
