@@ -220,13 +220,11 @@ class RunLog:
         f"{k} {v:.4g}" for k, v in values.items() if k not in ("loss", "acc"))
     self.log(
         "%s step %d/%d | loss %.4f (%s) | acc %.1f%% | lr %s | %.1f img/s | "
-        "ETA phase %s, run %s", self._phase_label(position,
-                                                  epochs), position.step,
-        self.data.steps_per_epoch(position.task, self.config.batch_size),
-        values["loss"], losses, values["acc"],
-        " ".join(f"{g} {float(r):.3g}" for g, r in rates.items()),
-        images_per_second, _eta(self._clock.eta()),
-        _eta(self._run_eta(position)))
+        "ETA phase %s, run %s", self._phase_label(position, epochs),
+        position.step, self._clock.total_steps // max(epochs, 1),
+        values["loss"], losses, values["acc"], " ".join(
+            f"{g} {float(r):.3g}" for g, r in rates.items()), images_per_second,
+        _eta(self._clock.eta()), _eta(self._run_eta(position)))
 
   def _run_eta(self, position) -> float | None:
     """Seconds left in the run: its remaining training steps at the current

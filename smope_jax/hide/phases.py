@@ -147,7 +147,7 @@ class Phases:
     run, task = self.run, position.task
     batch_size = self.config.batch_size
     feats, labels = [], []
-    run.log.phase_started(position, f"{prefix}statistics",
+    run.log.phase_started(position, f"{position.phase} (clusters)",
                           -(-run.data.train_size(task) // batch_size))
     for local in run.data.train_batches(task, "stats", batch_size,
                                         drop_remainder=False,
@@ -174,8 +174,9 @@ class Phases:
             **host,
             **dict(zip(names, stored))
         }, run.mesh)
-    run.log.phase_ended("task %d: %s%d clusters of %d classes in %s", task + 1,
-                        prefix, int(new.present.sum()), len(classes))
+    run.log.phase_ended("task %d, %s: %d clusters of %d classes in %s",
+                        task + 1, position.phase, int(new.present.sum()),
+                        len(classes))
     return self._done(state, position)
 
   # ------------------------------------------------------------- alignment
@@ -199,7 +200,7 @@ class Phases:
     first, seen = run.data.class_ranges[task]
     key = jax.random.fold_in(
         jax.random.fold_in(jax.random.PRNGKey(self.config.seed), task), stream)
-    run.log.phase_started(position, f"{prefix}alignment", 1)
+    run.log.phase_started(position, position.phase, 1)
     trainable = state["trainable"]
     params = trainable
     for name in path:
@@ -217,7 +218,7 @@ class Phases:
           }
       }
     run.ensure_finite(state, position, rate="lr")
-    run.log.phase_ended("task %d: %salignment took %s", task + 1, prefix)
+    run.log.phase_ended("task %d, %s: replay took %s", task + 1, position.phase)
     return self._done(state, position)
 
   # ----------------------------------------------------- merge, evaluation
