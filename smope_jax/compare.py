@@ -162,7 +162,7 @@ def compare(directories: list[str], out: str) -> dict:
       entry["rows"].append(row)
     record["benchmarks"].append(entry)
   os.makedirs(out, exist_ok=True)
-  workdir.write_run_json(os.path.join(out, "comparison.json"), record)
+  workdir.write_run_json(os.path.join(out, "comparison.json"), record, "--out")
   with workdir.atomic_file(os.path.join(out, "comparison.md")) as f:
     f.write(format_markdown(record))
   from smope_jax import plots  # pylint: disable=g-import-not-at-top

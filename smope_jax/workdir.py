@@ -159,7 +159,7 @@ def read_json_file(path: str):
     raise UserError(f"cannot read {path}: {e}") from None
 
 
-def write_run_json(path: str, record) -> None:
+def write_run_json(path: str, record, flag: str = "--workdir") -> None:
   """`write_json_file` for a run's own files, in a local or gs:// workdir.
 
   Strict: a non-finite number raises ValueError before anything is written,
@@ -167,7 +167,7 @@ def write_run_json(path: str, record) -> None:
   """
   text = json.dumps(record, indent=2, allow_nan=False)
   if "://" not in path:
-    _write_text(path, text, "--workdir")
+    _write_text(path, text, flag)
     return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(path, "w") as f:  # An object is replaced whole.
