@@ -344,8 +344,14 @@ def _join_new_threads(before: set[threading.Thread]) -> None:
   """
   deadline = time.monotonic() + WRITER_JOIN_SECONDS
   for thread in set(threading.enumerate()) - before:
-    if not thread.daemon:
-      thread.join(max(deadline - time.monotonic(), 0))
+    while not thread.daemon:
+      try:
+        thread.join(max(deadline - time.monotonic(), 0))
+        break
+      except RuntimeError:  # Listed while starting: it cannot be joined yet.
+        if time.monotonic() >= deadline:
+          break
+        time.sleep(0.01)
 
 
 def _unless_closed_loop(hook, report) -> None:

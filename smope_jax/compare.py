@@ -12,7 +12,6 @@ command refuses with one line naming the field.
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -155,18 +154,16 @@ def compare(directories: list[str], out: str) -> dict:
           **row_cost(members[0])
       }
       row["label"] = method_label(row)
-      row["published_faa"] = [] if joint else [{
-          "mean": m,
-          "std": s,
-          "source": src
-      } for m, s, src in published.faa(any_run.config["dataset"], tasks, method)
-                                              ]
+      cells = [] if joint else published.faa(any_run.config["dataset"], tasks,
+                                             method)
+      row["published_faa"] = [
+          dict(mean=m, std=s, source=src) for m, s, src in cells
+      ]
       entry["rows"].append(row)
     record["benchmarks"].append(entry)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "comparison.json"), "w") as f:
-    json.dump(record, f, indent=2, allow_nan=False)
-  with open(os.path.join(out, "comparison.md"), "w") as f:
+  workdir.write_run_json(os.path.join(out, "comparison.json"), record, "--out")
+  with workdir.atomic_file(os.path.join(out, "comparison.md")) as f:
     f.write(format_markdown(record))
   from smope_jax import plots  # pylint: disable=g-import-not-at-top
   plots.plot_comparison(record, os.path.join(out, "comparison.png"))

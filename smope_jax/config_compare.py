@@ -11,23 +11,17 @@ from smope_jax.errors import UserError
 
 # Config fields that cannot change what a run computes: a checkpoint may be
 # resumed, and runs may share a row of the comparison, when only these differ.
-RESULT_NEUTRAL_FIELDS = (
-    "progress_bar",  # Only what the terminal shows.
-    "log_every_steps",  # How often losses are averaged and logged.
-    "checkpoint_every_steps",  # Saving reads the state and never changes it.
-    "keep_checkpoints",  # How many old checkpoints stay on disk.
-    "exit_at_step",  # Fault injection: where a run stops, not
-    # what it computes.
-    "data_dir",  # Where the prepared data is read from, not
-    # which data.
-    "cache_data",  # The same decoded images, kept in memory or
-    # decoded anew.
-    "seeds",  # Each seed's run gets its own workdir and
-    # `seed`.
-    "eval_batch_size",  # Evaluation counts correct predictions
-    # exactly and feeds nothing back into
-    # training.
-)
+# Why each: only what the terminal shows; how often losses are averaged and
+# logged; saving reads the state and never changes it; how many checkpoints
+# stay on disk; fault injection says where a run stops, not what it
+# computes; where the data is read from, not which data; the same decoded
+# images, kept or decoded anew; each seed's run has its own workdir and
+# `seed`; evaluation counts correct predictions exactly and feeds nothing
+# back into training.
+RESULT_NEUTRAL_FIELDS = ("progress_bar", "log_every_steps",
+                         "checkpoint_every_steps", "keep_checkpoints",
+                         "exit_at_step", "data_dir", "cache_data", "seeds",
+                         "eval_batch_size")
 
 
 class _Absent:
@@ -53,16 +47,22 @@ def config_differences(
 
   Both configs are nested Mappings (`config.to_dict()`, a saved JSON config)
   or ConfigDicts. A field present in one only is a difference, with
-  `ABSENT` standing for the missing value. Fields in `ignored` are skipped.
-  The order is the saved config's, then the fields only the current one has.
+  `ABSENT` standing for the missing value, except a field that the saved
+  config predates and the current one leaves at its default: a new field's
+  default keeps what runs computed before it existed. Fields in `ignored`
+  are skipped. The order is the saved config's, then the fields only the
+  current one has.
   """
   saved = configuration.dotted_fields(saved)
   current = configuration.dotted_fields(current)
+  defaults = configuration.dotted_fields(configuration.base_config())
   diffs = []
   for name in [*saved, *(n for n in current if n not in saved)]:
     if name in ignored:
       continue
     old, new = saved.get(name, ABSENT), current.get(name, ABSENT)
+    if old is ABSENT and name in defaults and new == defaults[name]:
+      continue
     if _comparable(old) != _comparable(new):
       diffs.append((name, old, new))
   return diffs

@@ -54,6 +54,10 @@ class _QuietLibraries(std_logging.Filter):
             "smope_jax" in record.pathname)
 
 
+# One instance: adding it again (a later run in the same process) is a no-op.
+_QUIET_LIBRARIES = _QuietLibraries()
+
+
 class _WorkdirLog(std_logging.Handler):
   """WORKDIR/log.txt: every record written and flushed at once.
 
@@ -73,7 +77,7 @@ class _WorkdirLog(std_logging.Handler):
     self.path = path
     self.setFormatter(
         std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    self.addFilter(_QuietLibraries())
+    self.addFilter(_QUIET_LIBRARIES)
     self._remote = "://" in path
     self._lines = []  # Local: records not written yet; remote: the log.
     if self._remote:
@@ -230,7 +234,7 @@ def run_from_config(config, workdir_path: str, coordinator_address: str = "",
       from smope_jax import distributed  # pylint: disable=g-import-not-at-top
       from smope_jax import trainer  # pylint: disable=g-import-not-at-top
       from smope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-      logging.get_absl_handler().addFilter(_QuietLibraries())
+      logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
       distributed.initialize(coordinator_address, num_processes, process_id)
       # One run per workdir, taken before any log, checkpoint or output.
       with workdir_lock.WorkdirLock(workdir_path), _log_to_workdir(

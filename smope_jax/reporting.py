@@ -15,9 +15,6 @@ import tensorflow as tf
 
 from smope_jax import configuration, metrics, plots, workdir
 
-# Config, metrics and seed table: strict JSON, whole or not at all.
-write_json = workdir.write_run_json
-
 
 def _hparams(config) -> dict:
   """The config's fields by dotted name, as TensorBoard's hparams.
@@ -82,7 +79,7 @@ class Reporter:
   def write_config(self, config) -> None:
     """config.json and the hyper-parameters in TensorBoard (fresh runs)."""
     if self.primary:
-      write_json(f"{self.workdir}/config.json", config.to_dict())
+      workdir.write_run_json(f"{self.workdir}/config.json", config.to_dict())
     self.writer.write_hparams(_hparams(config))
 
   def scalars(self, step: int, values: dict) -> None:
@@ -114,7 +111,7 @@ class Reporter:
     """metrics.json and the plots of `summary` (process 0 only)."""
     if not self.primary:
       return
-    write_json(f"{self.workdir}/metrics.json", summary)
+    workdir.write_run_json(f"{self.workdir}/metrics.json", summary)
     scores = (f"FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  "
               f"FFM {summary['ffm']:.2f}")
     plots.plot_accuracy_matrix(
@@ -136,7 +133,10 @@ class Reporter:
     if not self.primary:
       return
     table = metrics.summarize_seeds(summaries)
-    write_json(f"{self.workdir}/seeds_summary.json", {"seeds": seeds, **table})
+    workdir.write_run_json(f"{self.workdir}/seeds_summary.json", {
+        "seeds": seeds,
+        **table
+    })
     text = metrics.format_seed_table(table)
     with tf.io.gfile.GFile(f"{self.workdir}/seeds_summary.md", "w") as f:
       f.write(text + "\n")

@@ -138,9 +138,13 @@ def write_json_file(path: str, record: dict, flag: str) -> None:
   Raises:
     UserError: the file cannot be written; names `flag`.
   """
+  _write_text(path, json.dumps(record, indent=2), flag)
+
+
+def _write_text(path: str, text: str, flag: str) -> None:
   try:
     with atomic_file(path) as f:
-      json.dump(record, f, indent=2)
+      f.write(text)
   except OSError as e:
     raise UserError(f"cannot write {flag}={path} ({e.strerror or e}); free "
                     f"space there or choose another {flag}.") from None
@@ -155,7 +159,7 @@ def read_json_file(path: str):
     raise UserError(f"cannot read {path}: {e}") from None
 
 
-def write_run_json(path: str, record) -> None:
+def write_run_json(path: str, record, flag: str = "--workdir") -> None:
   """`write_json_file` for a run's own files, in a local or gs:// workdir.
 
   Strict: a non-finite number raises ValueError before anything is written,
@@ -163,7 +167,7 @@ def write_run_json(path: str, record) -> None:
   """
   text = json.dumps(record, indent=2, allow_nan=False)
   if "://" not in path:
-    write_json_file(path, record, "--workdir")
+    _write_text(path, text, flag)
     return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(path, "w") as f:  # An object is replaced whole.

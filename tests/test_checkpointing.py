@@ -2,6 +2,8 @@
 
 import logging
 import pathlib
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +316,14 @@ def test_a_run_meta_of_another_config_or_version_is_refused():
   older = {k: v for k, v in _RUN_META.items() if k != 'config'}
   with pytest.raises(errors.UserError, match='written by an older smope_jax'):
     _check(older)
+
+
+def test_a_writer_thread_listed_while_it_starts_is_still_joined(monkeypatch):
+  """A failed save waits for its writers; one listed before it has started
+  (Python then refuses to join it) is joined once it runs."""
+  finished = threading.Event()
+  late = threading.Thread(target=lambda: (time.sleep(0.05), finished.set()))
+  monkeypatch.setattr(threading, "enumerate", lambda: [late])
+  threading.Timer(0.05, late.start).start()
+  checkpointing._join_new_threads(set())  # pylint: disable=protected-access
+  assert finished.is_set()

@@ -90,7 +90,7 @@ def readme_install_line() -> str:
   """The pip line of the README's data preparation."""
   text = (ROOT / "README.md").read_text()
   section = text.split("### Preparing the TFDS datasets offline", 1)[1]
-  section = section.split("\n### ", 1)[0]
+  section = re.split(r"\n##+ ", section, maxsplit=1)[0]
   (line,) = re.findall(r"^pip install .*$", section, re.M)
   return line
 

@@ -13,7 +13,7 @@ import time
 import ml_collections
 import pytest
 
-from smope_jax import config_compare, workdir_lock
+from smope_jax import config_compare, configuration, workdir_lock
 from smope_jax.errors import UserError
 from tests import helpers
 
@@ -79,6 +79,21 @@ def test_fields_present_in_one_config_only_differ():
   assert config_compare.config_differences(SAVED, {
       **SAVED, "cache_data": False
   }) == []
+
+
+def test_a_field_newer_than_the_saved_config_at_its_default_is_no_difference():
+  """A run saved before VQ-Prompt's fields existed resumes under today's
+  defaults, which compute what it computed; another value is a change."""
+  current = configuration.base_config().to_dict()
+  saved = configuration.base_config().to_dict()
+  for name in ("vq_temperature", "vq_commit_weight", "vq_codebook_weight",
+               "natural_order_seed0"):
+    del saved[name]
+  assert config_compare.config_differences(saved, current) == []
+  current["vq_temperature"] = 5.0
+  assert config_compare.config_differences(saved, current) == [
+      ("vq_temperature", config_compare.ABSENT, 5.0)
+  ]
 
 
 def test_tuples_equal_the_lists_a_checkpoint_holds():
