@@ -19,7 +19,8 @@ from smope_jax import factory
 from tests import helpers
 
 MODEL_ROWS = ("smope_train", "smope_inference", "plain_vit", "dense_prompts",
-              "l2p_inference", "l2p_train")
+              "l2p_inference", "l2p_train", "hideprompt_inference",
+              "hideprompt_stage1", "hideprompt_tii_train", "hideprompt_train")
 POSITIVE_ROW_KEYS = ("gflops_per_image", "gflops_per_step", "seconds_median",
                      "images_per_second", "gflop_per_second",
                      "matmul_gflop_per_second", "fraction_of_matmul",
@@ -34,8 +35,9 @@ def record(tmp_path_factory):
   out = tmp_path_factory.mktemp("benchmark") / "demo.json"
   proc = helpers.run_module("benchmark", "--config=configs/demo.py",
                             f"--config.batch_size={BATCH}", "--repeats=1",
-                            "--warmup=0", "--matmul_size=256", "--methods=l2p",
-                            f"--out={out}", timeout=170)
+                            "--warmup=0", "--matmul_size=256",
+                            "--methods=l2p,hideprompt", f"--out={out}",
+                            timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| smope_train |" in proc.stdout
   with open(out) as f:
@@ -114,6 +116,23 @@ def test_cost_relations(record):
   l2p = record["params_by_method"]["l2p"]
   assert l2p["prompts"] == 1 * 30 * 20 * 64 + 1 * 30 * 64  # Pool and keys.
   assert l2p["head"] == record["params"]["head"]
+
+
+def test_hideprompt_rows_cost_its_two_stages(record):
+  """Inference is stage 1 (the frozen ViT and the TII classifier) and then
+  the prompted forward (both share the patch embedding); stage 2's train
+  step has no stage-1 pass."""
+  rows = record["rows"]
+  flops = {n: rows[n]["gflops_per_image"] for n in MODEL_ROWS}
+  stage1 = flops["hideprompt_stage1"]
+  prompted = flops["hideprompt_inference"] - stage1
+  assert flops["plain_vit"] < stage1 < 1.1 * flops["plain_vit"]
+  assert 0.8 * flops["plain_vit"] < prompted < 1.2 * flops["plain_vit"]
+  assert stage1 < flops["hideprompt_tii_train"] < flops["hideprompt_train"]
+  assert 2 * prompted < flops["hideprompt_train"] < 3 * prompted
+  assert "TII" in rows["hideprompt_stage1"]["description"]
+  assert record["ratios"]["train_flops_vs_hideprompt"] == pytest.approx(
+      flops["smope_train"] / flops["hideprompt_train"])
 
 
 def test_table_lists_every_row(record):

@@ -131,11 +131,12 @@ def _params(rng, classes):
   }
 
 
-def test_align_step_is_masked_sgd_with_momentum():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_align_step_is_masked_sgd_with_momentum(weight_decay):
   rng = np.random.default_rng(4)
   classes, num_seen, n = 6, 4, 5
   params = _params(rng, classes)
-  tx = alignment.momentum_direction()
+  tx = alignment.momentum_direction(weight_decay)
   state = tx.init(jax.tree_util.tree_map(jnp.asarray, params))
   want, buf = {k: v.astype(np.float64) for k, v in params.items()}, None
   got = jax.tree_util.tree_map(jnp.asarray, params)
@@ -148,15 +149,20 @@ def test_align_step_is_masked_sgd_with_momentum():
                                       jnp.int32(num_seen), jnp.float32(rate),
                                       apply_fn=_head, tx=tx)
     grads = _numpy_head_grads(want, feats, labels, weights, num_seen)
+    grads = {k: grads[k] + weight_decay * want[k] for k in grads}
     buf = grads if buf is None else {k: 0.9 * buf[k] + grads[k] for k in buf}
     want = {k: want[k] - rate * buf[k] for k in want}
     chex.assert_trees_all_equal_shapes_and_dtypes(
         got, jax.tree_util.tree_map(jnp.asarray, params))
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
-  # Unseen classes get no gradient: their columns never move.
-  np.testing.assert_array_equal(got["kernel"][:, num_seen:],
-                                params["kernel"][:, num_seen:])
+  # Unseen classes get no gradient: their columns move by the decay alone
+  # (p1 = p0 (1 - 0.1 wd), p2 = p1 - 0.05 wd (0.9 p0 + p1)).
+  p0 = params["kernel"][:, num_seen:].astype(np.float64)
+  p1 = p0 * (1 - 0.1 * weight_decay)
+  np.testing.assert_allclose(got["kernel"][:, num_seen:],
+                             p1 - 0.05 * weight_decay * (0.9 * p0 + p1),
+                             rtol=1e-6, atol=1e-7)
 
 
 def test_align_step_without_samples_changes_nothing():
@@ -393,8 +399,8 @@ def _numpy_adam(params, grads_list, rates, weight_decay):
   return p
 
 
-@pytest.mark.parametrize("named_weight_decay", [False, True])
-def test_clipped_adam_against_numpy(named_weight_decay):
+@pytest.mark.parametrize("weight_decay", [0.0, schedules.NAMED_WEIGHT_DECAY])
+def test_clipped_adam_against_numpy(weight_decay):
   rng = np.random.default_rng(10)
   params = {
       "prompt": rng.normal(size=(3, 5)).astype(np.float32),
@@ -409,7 +415,7 @@ def test_clipped_adam_against_numpy(named_weight_decay):
       for k, v in params.items()
   }]
   rates = (1e-2, 5e-3)
-  tx = schedules.adam(named_weight_decay=named_weight_decay)
+  tx = schedules.adam(weight_decay)
   got = jax.tree_util.tree_map(jnp.asarray, params)
   state = tx.init(got)
   for grads, rate in zip(grads_list, rates):
@@ -418,7 +424,6 @@ def test_clipped_adam_against_numpy(named_weight_decay):
     got = jax.tree_util.tree_map(lambda p, u, r=rate: p - r * u, got, direction)
   chex.assert_trees_all_equal_shapes_and_dtypes(
       got, jax.tree_util.tree_map(jnp.asarray, params))
-  want = _numpy_adam(params, grads_list, rates,
-                     5e-4 if named_weight_decay else 0.0)
+  want = _numpy_adam(params, grads_list, rates, weight_decay)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)

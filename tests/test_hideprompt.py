@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
 from configs import demo
 from smope_jax import configuration, distributed, trainer
 from smope_jax.data import pipeline
@@ -25,6 +24,7 @@ from smope_jax.errors import ConfigError
 from smope_jax.hide import losses as hide_losses
 from smope_jax.hide import steps as hide_steps
 from smope_jax.methods import hideprompt, registry
+from tests import helpers
 
 TASK_PHASES = [
     "start", "tii_train", "tii_stats", "tii_align", "train", "merge", "stats",
@@ -322,12 +322,7 @@ def test_killed_run_resumes_to_identical_results(finished, phase, tmp_path):
       if e["task"] == 1 and e["phase"] == phase
   ]
   workdir = str(tmp_path)
-  result = subprocess.run([
-      sys.executable,
-      os.path.join(helpers.REPO, "tests", "e2e_runner.py"), "--",
-      *helpers.tiny_flags("method=hideprompt", **OVERRIDES),
-      f"--workdir={workdir}", f"--config.exit_at_step={steps[len(steps) // 2]}"
-  ], cwd=helpers.REPO, capture_output=True, text=True, timeout=600, check=False)
+  result = _runner(workdir, f"--config.exit_at_step={steps[len(steps) // 2]}")
   assert result.returncode == 3, result.stderr[-2000:]
   config = helpers.tiny_config("method=hideprompt", **OVERRIDES)
   assert helpers.run_main(config, workdir) == 0
@@ -338,6 +333,38 @@ def test_killed_run_resumes_to_identical_results(finished, phase, tmp_path):
   np.testing.assert_allclose([e["loss"] for e in resumed["train_log"]],
                              [e["loss"] for e in reference["train_log"]],
                              rtol=1e-6)
+
+
+def _runner(workdir, *flags, devices: int = 1):
+  """The tiny HiDe-Prompt run through `main` in a subprocess of `devices`
+  CPU devices; returns it finished (status, output)."""
+  env = dict(os.environ, PYTHONPATH=helpers.REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([
+      sys.executable,
+      os.path.join(helpers.REPO, "tests", "e2e_runner.py"), "--",
+      *helpers.tiny_flags("method=hideprompt", **OVERRIDES),
+      f"--workdir={workdir}", *flags
+  ], cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_results_of_one(finished, tmp_path):
+  """Each device holds 3 samples of a window of 24: the grouped losses, the
+  key/value windows and the gathered statistics still span the window."""
+  assert jax.device_count() == 1  # `finished` ran on one device.
+  result = _runner(tmp_path, devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  one, eight = _metrics(finished), _metrics(tmp_path)
+  assert eight["acc_matrix"] == one["acc_matrix"]
+  assert (eight["task_identity_accuracy"] == one["task_identity_accuracy"])
+  assert ([(e["phase"], e["global_step"]) for e in eight["train_log"]
+          ] == [(e["phase"], e["global_step"]) for e in one["train_log"]])
+  for name in ("loss", "ce"):
+    np.testing.assert_allclose([e[name] for e in eight["train_log"]],
+                               [e[name] for e in one["train_log"]], rtol=1e-5,
+                               atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -27,11 +27,31 @@ def _flops(lowered) -> float:
   return float(analysis.get("flops", 0.0))
 
 
+def train_step_of(config, model, method, step=None):
+  """(fn, tx, rates) of a train step: `step` (one of the method's own
+  `timed_steps`), else the generic `train_step`, bound to the model, the
+  method and its optimizer; rates per trainable group."""
+  tx = method.optimizer() or schedules.adam(
+      config.weight_decay, decoupled=config.optimizer == "adamw")
+  if step is None:
+    fn = functools.partial(steps_lib.train_step, mode="train")
+    rates = {
+        "prompts": config.lr * config.prompt_lr_multiplier,
+        "head": config.lr
+    }
+  else:
+    fn, rates = step.fn, {group: config.lr for group in step.groups}
+  return (functools.partial(fn, model=model, method=method, tx=tx), tx, {
+      group: np.float32(rate) for group, rate in rates.items()
+  })
+
+
 def static_cost(config, num_tasks: int) -> dict:
   """{'params': counts, 'train_gflops_per_image', 'inference_gflops_per_image'}.
 
   The train step is that of the second task (SMoPE's prototype loss, CODA's
-  frozen rows), with the method's losses and optimizer update.
+  frozen rows), with the method's losses and optimizer update; a method
+  with a train step of its own (`Method.timed_steps`) is costed by it.
   """
   model, method = factory.build_model(config, num_tasks)
   size = config.image_size
@@ -42,23 +62,19 @@ def static_cost(config, num_tasks: int) -> dict:
   inference = jax.jit(lambda p, x: model.apply({"params": p}, x, context, mode=
                                                "eval")["logits"])
   trainable, frozen = steps_lib.split_params(params)
-  tx = schedules.adam(config.weight_decay,
-                      decoupled=config.optimizer == "adamw")
+  train, tx, rates = train_step_of(config, model, method,
+                                   method.timed_steps().get("train"))
   task = min(1, num_tasks - 1)
   inputs = steps_lib.TaskInputs(
-      class_range=np.array([0, config.num_classes], np.int32),
-      task=np.int32(task), rates={
-          "prompts": np.float32(1e-3),
-          "head": np.float32(1e-3)
-      }, method_state=jax.eval_shape(method.init_state, trainable))
+      class_range=np.array([0, config.num_classes],
+                           np.int32), task=np.int32(task), rates=rates,
+      method_state=jax.eval_shape(method.init_state, trainable))
   batch = {
       "image": images,
       "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
       "mask": jax.ShapeDtypeStruct((BATCH,), jnp.float32)
   }
-  train = jax.jit(
-      functools.partial(steps_lib.train_step, model=model, method=method, tx=tx,
-                        mode="train"))
+  train = jax.jit(train)
   return {
       "params":
           steps_lib.parameter_counts(params),

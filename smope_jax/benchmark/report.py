@@ -133,10 +133,11 @@ def run(config, batch: int, *, repeats: int, warmup: int, matmul_size: int,
   config.update(precision.resolve_precision(config, jax.default_backend()))
   setup = rows_lib.Setup(config, batch, methods)
   probe = measure.MatmulProbe(matmul_size)
-  measured = {}
+  measured, descriptions = {}, {}
   with jax.default_matmul_precision(
       precision.model_precision(config)["context"]):
     for name, row in setup.rows().items():
+      descriptions[name] = row.description
       logging.info("measuring %s (batch %d) ...", name, batch)
       measured[name] = measure.measure(row.fn, row.args, donate=row.donate,
                                        carry=row.carry, repeats=repeats,
@@ -146,8 +147,7 @@ def run(config, batch: int, *, repeats: int, warmup: int, matmul_size: int,
   per_cpu_second = probe.flops / statistics.median(cpu_seconds)
   results = {
       name: {
-          **row_result(m, batch, probe.flops, per_cpu_second,
-                       rows_lib.describe(name)),
+          **row_result(m, batch, probe.flops, per_cpu_second, descriptions[name]),
           **modelled(m, config)
       } for name, m in measured.items()
   }

@@ -9,40 +9,41 @@ and the reference method's model gives the plain-ViT and dense rows.
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smope_jax import configuration, schedules
+from smope_jax import configuration
 from smope_jax import train_step as steps_lib
 from smope_jax import factory
-from smope_jax.methods import registry
+from smope_jax.benchmark import cost
+from smope_jax.methods import base, registry
+
+PLAIN_VIT = "plain ViT forward (mode 'plain', no prompts)"
+DENSE = "SMoPE's warm-up forward: prefix attention over all E experts"
 
 
-def describe(row: str) -> str:
-  """What a row measures."""
-  if row == "plain_vit":
-    return "plain ViT forward (mode 'plain', no prompts)"
-  if row == "dense_prompts":
-    return "SMoPE's warm-up forward: prefix attention over all E experts"
-  method, _, kind = row.rpartition("_")
+def describe(method: str, kind: str) -> str:
+  """What a method's inference or generic train step row measures."""
   spec = registry.get(method)
-  name = spec.display_name
   query = "frozen query pass, then " if spec.query_pass else ""
   if kind == "inference":
-    return f"{name} inference: {query}the prompted forward (test routing)"
-  return (f"{name} train step: {query}the prompted forward and backward, "
-          "gradients for prompts and head only, its losses, the optimizer "
-          "update")
+    return (f"{spec.display_name} inference: {query}the prompted forward "
+            "(test routing)")
+  return (f"{spec.display_name} train step: {query}the prompted forward and "
+          "backward, gradients for prompts and head only, its losses, the "
+          "optimizer update")
 
 
 @dataclasses.dataclass
 class Row:
-  """A function, its arguments, and how a call feeds the next one."""
+  """A function, its arguments, how a call feeds the next one, and what
+  it measures."""
   fn: Callable[..., Any]
   args: tuple
+  description: str
   donate: tuple = ()
   carry: Any = None
 
@@ -71,33 +72,50 @@ class MethodSetup:
         "mask": jnp.ones((images.shape[0],), jnp.float32)
     }
 
-  def inference(self, mode: str = "eval") -> Row:
+  def inference(self, mode: str, description: str) -> Row:
     context = self.method.context(self.state, np.int32(self.task))
 
     def fn(params, images):
       return self.model.apply({"params": params}, images, context,
                               mode=mode)["logits"]
 
-    return Row(fn, (self.params, self.images))
+    return Row(fn, (self.params, self.images), description)
 
-  def train(self) -> Row:
-    """The real `train_step` with the method's optimizer, state donated."""
-    config = self.config
-    tx = schedules.adam(config.weight_decay,
-                        decoupled=config.optimizer == "adamw")
-    fn = functools.partial(steps_lib.train_step, model=self.model,
-                           method=self.method, tx=tx, mode="train")
+  def forward(self, step: base.TimedStep) -> Row:
+    """One of the method's own forwards on the images."""
+    fn = functools.partial(step.fn, model=self.model, method=self.method)
+    return Row(fn, (self.params, self.images), step.description)
+
+  def train(self, step: Optional[base.TimedStep] = None) -> Row:
+    """A train step (the method's own `step`, or the real `train_step`)
+    with the method's optimizer, its state donated."""
+    fn, tx, rates = cost.train_step_of(self.config, self.model, self.method,
+                                       step)
     trainable, frozen = steps_lib.split_params(self.params)
     # Fresh copies: the step donates (consumes) its trainable state.
     trainable = jax.tree_util.tree_map(jnp.array, trainable)
-    inputs = steps_lib.TaskInputs(
-        class_range=self.class_range, task=np.int32(self.task), rates={
-            "prompts": np.float32(config.lr * config.prompt_lr_multiplier),
-            "head": np.float32(config.lr)
-        }, method_state=self.state)
+    inputs = steps_lib.TaskInputs(class_range=self.class_range,
+                                  task=np.int32(self.task), rates=rates,
+                                  method_state=self.state)
     args = (trainable, tx.init(trainable), frozen, self.batch, inputs)
-    return Row(fn, args, donate=(0, 1),
+    description = (step.description if step else describe(
+        self.config.method, "train"))
+    return Row(fn, args, description, donate=(0, 1),
                carry=lambda args, out: out[:2] + args[2:])
+
+  def own_rows(self, kind: str) -> dict[str, Row]:
+    """The method's own steps of `kind`, by row name; a train step named
+    "train" takes the place of the generic one."""
+    build = self.forward if kind == "forward" else self.train
+    name = self.config.method
+    rows = {
+        f"{name}_{suffix}": build(step)
+        for suffix, step in self.method.timed_steps().items()
+        if step.kind == kind
+    }
+    if kind == "train" and f"{name}_train" not in rows:
+      rows = {f"{name}_train": self.train(), **rows}
+    return rows
 
 
 class Setup:
@@ -131,18 +149,23 @@ class Setup:
 
   def rows(self) -> dict[str, Row]:
     """Lighter rows first, so the running peak memory grows row by row."""
-    reference = self.methods[registry.REFERENCE]
+    ref = registry.REFERENCE
+    reference = self.methods[ref]
     rows = {
-        "plain_vit": reference.inference("plain"),
-        f"{registry.REFERENCE}_inference": reference.inference(),
-        "dense_prompts": reference.inference("dense")
+        "plain_vit":
+            reference.inference("plain", PLAIN_VIT),
+        f"{ref}_inference":
+            reference.inference("eval", describe(ref, "inference")),
+        "dense_prompts":
+            reference.inference("dense", DENSE)
     }
-    for name in self.methods:
-      if name == registry.REFERENCE:
-        continue
-      rows[f"{name}_inference"] = self.methods[name].inference()
-    for name in self.methods:
-      rows[f"{name}_train"] = self.methods[name].train()
+    for name, setup in self.methods.items():
+      if name != ref:
+        rows[f"{name}_inference"] = setup.inference("eval",
+                                                    describe(name, "inference"))
+      rows.update(setup.own_rows("forward"))
+    for setup in self.methods.values():
+      rows.update(setup.own_rows("train"))
     return rows
 
   def parameter_counts(self) -> dict:

@@ -7,7 +7,8 @@ frozen backbone's statistics, and the head alone on the prompted ones. The
 caller's `apply_fn` maps features to logits, so both share this code.
 
 One alignment, as the reference runs it:
-  - a new SGD with momentum 0.9 (no Nesterov, no dampening, no decay),
+  - a new SGD with momentum 0.9 (no Nesterov, no dampening; no weight
+    decay unless `config.hide.named_weight_decay`),
     kept over all its epochs, at one rate per epoch
     (`hide.schedules.cosine_annealing`);
   - every epoch draws `per_centroid` samples from N(mean, diag(var) +
@@ -43,10 +44,13 @@ PER_CENTROID = {"tii": 24, "head": 120}
 PER_CENTROID_FIRST_RELEASE = {"tii": 120, "head": 24}
 
 
-def momentum_direction() -> optax.GradientTransformation:
-  """PyTorch SGD's momentum buffer (buf = 0.9 buf + grad, first buf =
-  grad) as the update direction; the rate is applied by the caller."""
-  return optax.trace(decay=MOMENTUM, nesterov=False)
+def momentum_direction(
+    weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """PyTorch SGD's momentum buffer (buf = 0.9 buf + g, first buf = g, with
+  g = grad + weight_decay * param) as the update direction; the rate is
+  applied by the caller."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=MOMENTUM, nesterov=False))
 
 
 def replayable(variances: jax.Array, present: jax.Array) -> jax.Array:
@@ -145,11 +149,13 @@ def align_epoch(params, opt_state, means, variances, present, key, num_seen,
   return jax.lax.fori_loop(0, iterations, iteration, (params, opt_state))
 
 
-def make_align_epoch(apply_fn: Callable, per_centroid: int):
-  """`align_epoch` jitted for one classifier and sample count."""
+def make_align_epoch(apply_fn: Callable, per_centroid: int, *,
+                     weight_decay: float = 0.0, **jit_options):
+  """`align_epoch` jitted for one classifier, sample count and decay."""
   return jax.jit(
       functools.partial(align_epoch, apply_fn=apply_fn,
-                        per_centroid=per_centroid, tx=momentum_direction()))
+                        per_centroid=per_centroid,
+                        tx=momentum_direction(weight_decay)), **jit_options)
 
 
 def align(params, means, variances, present, key, num_seen: int,

@@ -304,11 +304,16 @@ class HiDePrompts(base.PromptModule):
   def _routing(self, context, mode):
     return context.get("routing", "train" if mode == "train" else "eval")
 
+  def uses_query(self, context, mode: str) -> bool:
+    """Only the test routing reads the query (the TII classifier's input);
+    training and statistics take the given task's prompt. Initialising
+    reads it too, so that the classifier gets its parameters."""
+    return self.is_initializing() or self._routing(context, mode) == "eval"
+
   def prefix(self, layer, block_query, *, query, context, mode):
-    del block_query
     if layer >= self.num_layers:
       return None
-    batch = query.shape[0]
+    batch = block_query.shape[0]
     routing = self._routing(context, mode)
     predicted = None
     if routing == "eval":
@@ -322,9 +327,10 @@ class HiDePrompts(base.PromptModule):
     return head_major_prefix(keys, values, aux={"slot": slots})
 
   def outputs(self, aux, *, query, context, mode):
-    """Each sample's slot (B,) and the TII logits (B, C) of the query."""
+    """Each sample's slot (B,) and, after a query pass, the TII logits
+    (B, C) of the query."""
     del context, mode
-    return {
-        "prompt_slot": aux[min(aux)]["slot"],
-        "tii_logits": self.classify(query)
-    }
+    out = {"prompt_slot": aux[min(aux)]["slot"]}
+    if query is not None:
+      out["tii_logits"] = self.classify(query)
+    return out

@@ -103,16 +103,15 @@ def prompt_phase_rates(lr: float, larger_prompt_lr: bool) -> dict:
   }
 
 
-def adam(*, named_weight_decay: bool = False) -> optax.GradientTransformation:
+def adam(weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Adam's direction after clipping the gradient's global norm to 1.
 
   The order is the reference's: the whole gradient is clipped first, then
   an L2 decay term is added to it (PyTorch Adam, not AdamW), then Adam's
   moments (betas 0.9, 0.999, eps 1e-8) give the direction; the rate is
-  applied later. The runs had no decay; `named_weight_decay` applies the
-  5e-4 their configs name. The clip is PyTorch's (by 1 / (norm + 1e-6)).
+  applied later. The runs had no decay (0.0); the 5e-4 their configs name
+  is NAMED_WEIGHT_DECAY. The clip is PyTorch's (by 1 / (norm + 1e-6)).
   """
-  decay = NAMED_WEIGHT_DECAY if named_weight_decay else 0.0
   return optax.chain(losses.clip_global_norm(CLIP_NORM),
-                     optax.add_decayed_weights(decay),
+                     optax.add_decayed_weights(weight_decay),
                      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8))

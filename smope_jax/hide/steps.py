@@ -67,6 +67,14 @@ def plain_features(trainable, frozen, images, model) -> jax.Array:
                      images, None, mode="plain")["pre_logits"]
 
 
+def tii_logits(params, images, *, model, method) -> jax.Array:
+  """Stage 1's forward: the frozen backbone, then the TII classifier."""
+  features = model.apply({"params": params}, images, None,
+                         mode="plain")["pre_logits"]
+  return hide_prompts.TIIClassifier(method.num_classes).apply(
+      {"params": params["prompts"]["tii"]}, features)
+
+
 def _metrics(total, terms, logits, batch, class_range):
   predictions = train_step.predict_seen(logits, class_range[1], class_range[0])
   metrics = dict(terms, loss=total, count=jnp.sum(batch["mask"]))
@@ -193,11 +201,9 @@ def make_steps(config, model, method, replicated) -> Steps:
   classifier = hide_prompts.TIIClassifier(method.num_classes)
 
   def align_epoch(apply_fn, samples):
-    return jax.jit(
-        functools.partial(alignment.align_epoch, apply_fn=apply_fn,
-                          per_centroid=samples,
-                          tx=alignment.momentum_direction()),
-        out_shardings=replicated)
+    return alignment.make_align_epoch(apply_fn, samples,
+                                      weight_decay=method.weight_decay,
+                                      out_shardings=replicated)
 
   def merge(e_prompt, task):
     return hide_prompts.merge_momentum(e_prompt, task, config.hide.momentum)

@@ -4,14 +4,16 @@ A method is two things. Its prompt module (Flax, named `prompts` in the
 parameter tree) gives each prompted block its prefix; the model calls
 `prefix(layer, block_query, query=..., context=..., mode=...)` for every
 block and `outputs(aux, ...)` once, and the module says with `needs_query`
-whether the model must first run the frozen backbone without prompts to
-get the query (the final-LN CLS token, without gradient). Its `Method`
+(or, per call, `uses_query`) whether the model must first run the frozen
+backbone without prompts to get the query (the final-LN CLS token, without
+gradient). Its `Method`
 object (plain Python, static under jit) says what the trainer does around
 the model: the method's state, what happens when a task starts, the loss
 terms, the phases it needs.
 """
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -59,6 +61,11 @@ class PromptModule(nn.Module):
 
   needs_query: ClassVar[bool] = True
 
+  def uses_query(self, context, mode: str) -> bool:
+    """Whether this call needs the query pass (by default `needs_query`)."""
+    del context, mode
+    return self.needs_query
+
   def prefix(self, layer: int, block_query: jax.Array, *, query, context,
              mode: str):
     """The prefix of block `layer`, or None when the block is not prompted.
@@ -67,7 +74,7 @@ class PromptModule(nn.Module):
       layer: the block's index.
       block_query: the block's projected queries (B, N, H, d).
       query: (B, D) final-LN CLS of the prompt-free pass, or None when
-        `needs_query` is False.
+        `uses_query` is False.
       context: the method's per-step inputs (see `Method.context`).
       mode: one of MODES.
     """
@@ -95,6 +102,20 @@ class PoolPrompts(PromptModule):
         (self.num_layers, self.pool_size, self.length, self.hidden_size))
     self.keys = self.param("keys", uniform,
                            (self.num_layers, self.pool_size, self.hidden_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedStep:
+  """One of a method's own steps, for the benchmark.
+
+  `kind` "train": `fn` takes `train_step.train_step`'s arguments (trainable,
+  opt_state, frozen, batch, inputs, *, model, method, tx) with a rate per
+  name of `groups`; "forward": `fn(params, images, *, model, method)`.
+  """
+  description: str
+  kind: str
+  fn: Callable
+  groups: tuple = ()
 
 
 class Method:
@@ -166,6 +187,11 @@ class Method:
     """The update direction of the training phases (an optax transform
     whose rate is applied per step), or None for the config's Adam(W)."""
     return None
+
+  def timed_steps(self) -> dict[str, TimedStep]:
+    """The benchmark's rows of a method with steps of its own, by name
+    ("train" replaces the generic train step); empty for the others."""
+    return {}
 
   def loss_terms(self, out: dict, trainable: dict, state: dict, task,
                  mask: jax.Array, mode: str) -> dict:

@@ -22,6 +22,7 @@ from smope_jax.hide import losses as hide_losses
 from smope_jax.hide import phases as hide_phases
 from smope_jax.hide import prompts as hide_prompts
 from smope_jax.hide import schedules as hide_schedules
+from smope_jax.hide import steps as hide_steps
 from smope_jax.hide import statistics
 from smope_jax.methods import base
 
@@ -42,6 +43,8 @@ class HiDePrompt(base.Method):
     self.task_size = config.num_classes // num_tasks
     self.group_size = (None
                        if config.hide.one_group else hide_losses.DEVICE_BATCH)
+    self.weight_decay = (hide_schedules.NAMED_WEIGHT_DECAY
+                         if config.hide.named_weight_decay else 0.0)
 
   def prompts(self) -> hide_prompts.HiDePrompts:
     return hide_prompts.HiDePrompts(
@@ -53,7 +56,29 @@ class HiDePrompt(base.Method):
 
   def optimizer(self):
     """Adam after PyTorch's clip of the global norm to 1, as both stages."""
-    return hide_schedules.adam()
+    return hide_schedules.adam(self.weight_decay)
+
+  def timed_steps(self) -> dict[str, base.TimedStep]:
+    """Stage 1's forward and train step, and stage 2's train step."""
+    groups = hide_steps.SUBGROUPS
+    return {
+        "stage1":
+            base.TimedStep(
+                "HiDe-Prompt stage 1 forward: the frozen ViT, then the TII "
+                "classifier (the task choice of inference)", "forward",
+                hide_steps.tii_logits),
+        "tii_train":
+            base.TimedStep(
+                "HiDe-Prompt stage 1 train step: the frozen forward, the TII "
+                "classifier's forward and backward, the clipped Adam update",
+                "train", hide_steps.tii_step, groups),
+        "train":
+            base.TimedStep(
+                "HiDe-Prompt stage 2 train step: the prompted forward and "
+                "backward with the true task's prompt, the grouped CE and "
+                "contrastive term, the clipped Adam update", "train",
+                hide_steps.prompt_step, groups),
+    }
 
   def phases(self, task: int, classifier_alignment: bool) -> list[str]:
     """Stage 1's phases, then stage 2's; the alignments from task 1 on."""

@@ -224,7 +224,7 @@ class VisionTransformer(nn.Module):
     prompted = self.prompts is not None and mode != "plain"
     query = prefix_for = None
     if prompted:
-      if self.prompts.needs_query:
+      if self.prompts.uses_query(context, mode):
         plain, _ = encoder(x)
         query = jax.lax.stop_gradient(plain[:, 0].astype(jnp.float32))
       prefix_for = lambda i: functools.partial(  # noqa: E731
