@@ -190,7 +190,7 @@ def test_pair_key_value_equals_the_reference_reshape(batch, window, real):
   mask = (np.arange(batch) < real).astype(np.float32)  # Padding last.
   sources = hp.pairing_sources(jnp.asarray(mask), window)
   keys, values = hp.pair_key_value(jnp.asarray(per_sample, jnp.float32),
-                                   sources)
+                                   jnp.arange(batch), sources)
   chex.assert_shape((keys, values), (batch, 3, 2, 2))
   want_keys, want_values = np_pairing(per_sample, mask, window)
   _assert_close(keys, want_keys, 1e-6)
@@ -200,7 +200,8 @@ def test_pair_key_value_equals_the_reference_reshape(batch, window, real):
     # and value, the second half the value half.
     shared = np.broadcast_to(per_sample[:1],
                              per_sample.shape).astype(np.float32)
-    keys, values = hp.pair_key_value(jnp.asarray(shared), sources)
+    keys, values = hp.pair_key_value(jnp.asarray(shared[:1]),
+                                     jnp.zeros(batch, jnp.int32), sources)
     half = batch // 2
     np.testing.assert_array_equal(keys[:half], values[:half])
     np.testing.assert_array_equal(keys[:half], shared[:half, 0])
@@ -219,23 +220,32 @@ def _hand_slots(num_tasks=4):
       jnp.float32)
 
 
+def _per_sample(*args):
+  """`hp.route`'s (B, 2, Lp, H, d) prompt pairs and (B,) slots."""
+  table, rows, slots = hp.route(*args)
+  return table[rows], slots
+
+
 def test_route_train_stats_eval_by_hand():
   e = _hand_slots()
   # Training task 2 with m = 0.1: 0.9 (20 + h) + 0.1 ((0 + h) + (10 + h)) / 2.
-  prompts, slots = hp.route(e, "train", 2, 0.1, 3)
+  table, rows, _ = hp.route(e, "train", 2, 0.1, 3)
+  chex.assert_shape(table, (1, 2, 1, 1, 2))  # One prompt for all samples.
+  np.testing.assert_array_equal(rows, [0, 0, 0])
+  prompts, slots = _per_sample(e, "train", 2, 0.1, 3)
   chex.assert_shape(prompts, (3, 2, 1, 1, 2))
   chex.assert_type(slots, jnp.int32)
   np.testing.assert_array_equal(slots, [2, 2, 2])
   _assert_close(prompts[:, 0], np.full((3, 1, 1, 2), 18.5), 1e-6)
   _assert_close(prompts[:, 1], np.full((3, 1, 1, 2), 19.5), 1e-6)
   # Task 0 has no earlier slot: E_0 as it is.
-  prompts, _ = hp.route(e, "train", 0, 0.1, 3)
+  prompts, _ = _per_sample(e, "train", 0, 0.1, 3)
   _assert_close(prompts[:, 1], np.full((3, 1, 1, 2), 1.0), 1e-6)
   # The statistics pass: slot t, no blend.
-  prompts, _ = hp.route(e, "stats", 2, 0.1, 3)
+  prompts, _ = _per_sample(e, "stats", 2, 0.1, 3)
   _assert_close(prompts[:, 0], np.full((3, 1, 1, 2), 20.0), 1e-6)
   # Evaluation: each sample its predicted task's slot.
-  prompts, slots = hp.route(e, "eval", 2, 0.1, 3, jnp.asarray([3, 0, 1]))
+  prompts, slots = _per_sample(e, "eval", 2, 0.1, 3, jnp.asarray([3, 0, 1]))
   np.testing.assert_array_equal(slots, [3, 0, 1])
   _assert_close(prompts[:, 1, 0, 0, 0], [31.0, 1.0, 11.0], 1e-6)
   with pytest.raises(ValueError, match="routing"):
@@ -247,7 +257,7 @@ def test_momentum_blend_gradient_reaches_slot_t_scaled_by_one_minus_m():
   weights = np.random.default_rng(0).normal(size=(3, 2, 1, 1, 2))
 
   def loss(e, task):
-    prompts, _ = hp.route(e, "train", task, 0.1, 3)
+    prompts, _ = _per_sample(e, "train", task, 0.1, 3)
     return jnp.sum(prompts * weights)
 
   grad = jax.jit(jax.grad(loss))(e, jnp.int32(2))
@@ -279,7 +289,7 @@ def test_copy_and_merge_at_a_task_boundary():
     np.testing.assert_array_equal(merged[:, :, slot], copied[:, :, slot])
   np.testing.assert_array_equal(merge(e, jnp.int32(0), 0.1), e)
   # The merged slot is what training used with the blend.
-  used, _ = hp.route(copied[1], "train", 2, 0.1, 1)
+  used, _ = _per_sample(copied[1], "train", 2, 0.1, 1)
   _assert_close(merged[1, :, 2], np.asarray(used[0]), 1e-5)
 
 
@@ -493,7 +503,7 @@ def test_inference_through_a_given_stage1_prediction():
   chex.assert_type(tasks, jnp.int32)
   np.testing.assert_array_equal(tasks, [0, 1, 0])
   # The predicted task's slot.
-  _, slots = hp.route(_hand_slots(), "eval", 1, 0.1, 3, tasks)
+  _, slots = _per_sample(_hand_slots(), "eval", 1, 0.1, 3, tasks)
   np.testing.assert_array_equal(slots, [0, 1, 0])
   # The final argmax is over ALL classes: an unseen class can win.
   logits = jnp.asarray([[1.0, 0.0, 0.0, 0.0, 0.0, 4.0],

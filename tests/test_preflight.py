@@ -234,6 +234,32 @@ def test_demo_steps_compile_for_a_4_chip_tpu(method):
 
 @needs_libtpu
 @pytest.mark.slow
+def test_hideprompt_compiles_its_own_steps():
+  """Both stages' steps, as its phases call them; the replays and the merge
+  are costed per call."""
+  from smope_jax.preflight import check  # pylint: disable=g-import-not-at-top
+  result = check.Preflight(_demo_config("hideprompt"),
+                           chips.parse_target("tpu:v5e-4"), 0.9).run()
+  names = [s.name for s in result.steps]
+  assert names == [
+      "start", "train (stage 1)", "features (stage 1)", "alignment (stage 1)",
+      "train (stage 2)", "merge", "class statistics", "alignment (head)", "eval"
+  ]
+  assert result.fits
+  for step in result.steps:
+    assert step.error is None and step.total > 0, step
+  flops = {s.name: s.flops for s in result.steps}
+  # Stage 2 trains through the prompted forward; stage 1 only reads the
+  # frozen one.
+  assert flops["train (stage 2)"] > 1.5 * flops["train (stage 1)"]
+  lines = report.cost_table(result)
+  for name in ("merge", "alignment (stage 1)", "alignment (head)"):
+    assert any(l.startswith(f"  {name} ") and "*" in l for l in lines), name
+  assert report.train_rate(result)[1] == "train (stage 2)"
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_multi_host_slice_compiles_as_a_whole():
   from smope_jax.preflight import check  # pylint: disable=g-import-not-at-top
   target = chips.parse_target("tpu:v5e-16")

@@ -98,7 +98,10 @@ def merge_momentum(e_prompt: jax.Array, task, momentum: float) -> jax.Array:
 
 def route(e_layer: jax.Array, routing: str, task, momentum: float, batch: int,
           predicted_task: Optional[jax.Array] = None):
-  """Each sample's own (key, value) prompt pair before the pairing quirk.
+  """Each sample's own (key, value) prompt pair before the pairing quirk,
+  as rows of a table (sample b's pair is table[rows[b]]): the table holds
+  every slot at evaluation and the one prompt of all samples otherwise, so
+  that the pairing moves (B,) indices across the batch, not prompts.
 
   Args:
     e_layer: one block's prompts (2, T, Lp, H, d).
@@ -110,20 +113,20 @@ def route(e_layer: jax.Array, routing: str, task, momentum: float, batch: int,
     predicted_task: (B,) int task per sample, for `eval`.
 
   Returns:
-    (B, 2, Lp, H, d) prompts and the (B,) int32 slot of each sample.
+    The (S, 2, Lp, H, d) table, each sample's (B,) int32 row in it and its
+    (B,) int32 slot.
   """
   if routing == "eval":
     slots = predicted_task.astype(jnp.int32)
-    chosen = jnp.swapaxes(jnp.take(e_layer, slots, axis=1), 0, 1)
-    return chosen, slots
+    return jnp.swapaxes(e_layer, 0, 1), slots, slots
   if routing == "train":
     chosen = momentum_blend(e_layer, task, momentum)
   elif routing == "stats":
     chosen = _slot(e_layer, task)
   else:
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-  slots = jnp.full((batch,), task, jnp.int32)
-  return jnp.broadcast_to(chosen, (batch,) + chosen.shape), slots
+  return (chosen[None], jnp.zeros(
+      (batch,), jnp.int32), jnp.full((batch,), task, jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -183,10 +186,12 @@ def pairing_sources(mask: jax.Array, window: int = hide_losses.DEVICE_BATCH,
   return key, value
 
 
-def pair_key_value(prompts: jax.Array, sources):
-  """(B, 2, Lp, H, d) per-sample prompts -> keys, values (B, Lp, H, d)."""
+def pair_key_value(table: jax.Array, rows: jax.Array, sources):
+  """Keys and values (B, Lp, H, d) from the (S, 2, Lp, H, d) table of
+  `route`, each sample's (B,) row in it and the pairing `sources`."""
   (key_half, key_sample), (value_half, value_sample) = sources
-  return prompts[key_sample, key_half], prompts[value_sample, value_half]
+  return (table[rows[key_sample], key_half], table[rows[value_sample],
+                                                   value_half])
 
 
 def head_major_prefix(keys: jax.Array, values: jax.Array,
@@ -319,11 +324,11 @@ class HiDePrompts(base.PromptModule):
     if routing == "eval":
       predicted = predicted_task(self.classify(query), context["class_to_task"],
                                  context["seen_classes"])
-    prompts, slots = route(self.e_prompt[layer], routing, context["task"],
-                           self.momentum, batch, predicted)
+    table, rows, slots = route(self.e_prompt[layer], routing, context["task"],
+                               self.momentum, batch, predicted)
     mask = context.get("mask", jnp.ones((batch,), jnp.float32))
     sources = pairing_sources(mask, self.window, self.intended_pairing)
-    keys, values = pair_key_value(prompts, sources)
+    keys, values = pair_key_value(table, rows, sources)
     return head_major_prefix(keys, values, aux={"slot": slots})
 
   def outputs(self, aux, *, query, context, mode):

@@ -223,3 +223,42 @@ def make_steps(config, model, method, replicated) -> Steps:
                         lambda p, f: classifier.apply({"params": p}, f),
                         per_centroid["tii"]),
       head_align_epoch=align_epoch(head_logits, per_centroid["head"]))
+
+
+def preflight_calls(run) -> dict[str, tuple]:
+  """Step name -> (jitted step, abstract arguments) in run order, for the
+  preflight's `RunSteps` `run` (its mesh, shapes and builders): the steps
+  of `make_steps`, as the phases call them."""
+  config, steps = run.config, make_steps(run.config, run.model, run.method,
+                                         run.replicated)
+  task, key = run.scalar(), run.scalar(jnp.uint32, (2,))
+  batch = run.batch(config.batch_size)
+  inputs = train_step.TaskInputs(
+      class_range=run.scalar(shape=(2,)), task=task,
+      rates={g: run.scalar(jnp.float32) for g in SUBGROUPS},
+      method_state=run.method_state)
+  trained = (run.trainable, run.opt_state, run.frozen, batch, inputs)
+  features = (run.trainable, run.frozen, run.method_state, batch, task)
+
+  def replay(params, prefix):
+    momentum = jax.eval_shape(alignment.momentum_direction().init, params)
+    stored = (run.method_state[f"{prefix}{n}"]
+              for n in ("means", "vars", "present"))
+    return (params, run.abstract(momentum), *stored, key, task, task,
+            run.scalar(jnp.float32))
+
+  prompts = run.trainable["prompts"]
+  return {
+      "start": (run.steps.start, (run.trainable, run.method_state, task, key)),
+      "train (stage 1)": (steps.tii_train, trained),
+      "features (stage 1)": (steps.plain_features, features),
+      "alignment (stage 1)":
+          (steps.tii_align_epoch, replay(prompts["tii"], "tii_")),
+      "train (stage 2)": (steps.prompt_train, trained),
+      "merge": (steps.merge, (prompts["e_prompt"], task)),
+      "class statistics": (steps.prompt_features, features),
+      "alignment (head)": (steps.head_align_epoch,
+                           replay(run.trainable["head"], "")),
+      "eval": (steps.eval, (run.trainable, run.frozen, run.method_state,
+                            run.batch(config.eval_batch_size), task, task)),
+  }

@@ -13,7 +13,7 @@ terms, the phases it needs.
 """
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -192,6 +192,13 @@ class Method:
     """The benchmark's rows of a method with steps of its own, by name
     ("train" replaces the generic train step); empty for the others."""
     return {}
+
+  def preflight_calls(self, run_steps) -> Optional[dict]:
+    """{step name: (jitted step, abstract arguments)} in run order for the
+    preflight, built on its `RunSteps`, for a method whose phases run steps
+    of their own; None: the trainer's generic steps."""
+    del run_steps
+    return None
 
   def loss_terms(self, out: dict, trainable: dict, state: dict, task,
                  mask: jax.Array, mode: str) -> dict:

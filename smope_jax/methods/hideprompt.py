@@ -80,6 +80,9 @@ class HiDePrompt(base.Method):
                 hide_steps.prompt_step, groups),
     }
 
+  def preflight_calls(self, run_steps) -> dict:
+    return hide_steps.preflight_calls(run_steps)
+
   def phases(self, task: int, classifier_alignment: bool) -> list[str]:
     """Stage 1's phases, then stage 2's; the alignments from task 1 on."""
     align = classifier_alignment and task > 0

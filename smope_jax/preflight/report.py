@@ -73,7 +73,7 @@ def cost_table(result) -> list[str]:
   for step in result.steps:
     if step.error:
       continue
-    images = (0 if step.name in preflight_steps.WHOLE_CALL else
+    images = (0 if preflight_steps.whole_call(step.name) else
               result.per_device(step.batch_field))
     bound = result.bound(step)
     if step.flops is None:

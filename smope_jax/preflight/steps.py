@@ -22,8 +22,9 @@ from smope_jax import factory
 
 # Which config field sizes each step's batch.
 BATCH_FIELDS = {"eval": "eval_batch_size"}  # Every other step: batch_size.
-# Steps that see no batch of images: their cost is per call.
-WHOLE_CALL = ("start", "alignment")
+# Steps that see no batch of images (by the name's first word): their cost
+# is per call.
+WHOLE_CALL = ("start", "merge", "alignment")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
 # An instruction `%name = SHAPE op(...)`, SHAPE a tuple for combined ops.
@@ -62,6 +63,10 @@ def abstract(tree, sharding):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def whole_call(name: str) -> bool:
+  return name.split(" ")[0] in WHOLE_CALL
+
+
 class RunSteps:
   """The steps of one run (config, method, mesh) with their arguments."""
 
@@ -75,11 +80,17 @@ class RunSteps:
                                       self.replicated)
     params = factory.param_shapes(config, self.model, self.method)
     trainable, frozen = steps_lib.split_params(params)
-    rep = lambda tree: abstract(tree, self.replicated)  # noqa: E731
-    self.trainable, self.frozen = rep(trainable), rep(frozen)
-    self.opt_state = rep(jax.eval_shape(self.steps.tx.init, trainable))
-    self.method_state = rep(jax.eval_shape(self.method.init_state, trainable))
+    self.trainable, self.frozen = self.abstract(trainable), self.abstract(
+        frozen)
+    self.opt_state = self.abstract(
+        jax.eval_shape(self.steps.tx.init, trainable))
+    self.method_state = self.abstract(
+        jax.eval_shape(self.method.init_state, trainable))
     self.hidden = self.model.hidden_size
+
+  def abstract(self, tree):
+    """ShapeDtypeStructs of `tree`'s shapes, replicated."""
+    return abstract(tree, self.replicated)
 
   def scalar(self, dtype=jnp.int32, shape=()):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
@@ -107,8 +118,12 @@ class RunSteps:
 
     The class statistics read the training batches through the feature
     step; the alignment replays `batch_size * align_ratio` features per
-    iteration on every device.
+    iteration on every device. A method with steps of its own lists them
+    (`Method.preflight_calls`).
     """
+    own = self.method.preflight_calls(self)
+    if own is not None:
+      return own
     config, task = self.config, self.scalar()
     batch = self.batch(config.batch_size)
     state_args = (self.trainable, self.frozen, self.method_state)
