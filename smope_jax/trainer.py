@@ -11,6 +11,7 @@ uninterrupted run.
 """
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -220,26 +221,44 @@ class Run:
 
   def train_phase(self, state, position: Position):
     """The epochs of the dense warm-up or of the top-K training."""
-    config, task, phase = self.config, position.task, position.phase
-    mode = steps_lib.TRAINING_MODES[phase]
-    epochs = schedules.phase_epochs(config, phase)
+    config, task = self.config, position.task
+    mode = steps_lib.TRAINING_MODES[position.phase]
+    epochs = schedules.phase_epochs(config, position.phase)
     steps_per_epoch = self.data.steps_per_epoch(task, config.batch_size)
     rates = schedules.phase_schedules(config, epochs, steps_per_epoch)
+    return self.run_epochs(
+        state, position, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        mode=mode, step_fn=functools.partial(self.steps.train, mode),
+        rates_at=lambda epoch, step: {
+            g: s(epoch * steps_per_epoch + step) for g, s in rates.items()
+        }, batches=lambda epoch, step: self.data.train_batches(
+            task, epoch, config.batch_size, start_step=step))
+
+  def run_epochs(self, state, position: Position, *, epochs: int,
+                 steps_per_epoch: int, mode: str, step_fn, rates_at, batches):
+    """The epochs of a training phase, resumable mid-epoch, then the next
+    phase.
+
+    `step_fn(trainable, opt_state, frozen, batch, inputs)` is the jitted
+    step, `rates_at(epoch, step)` its rate per group, `batches(epoch,
+    start_step)` the epoch's local batches from `start_step` on; `mode` is
+    the log's name of the step ("train" counts towards the run's images/s).
+    """
+    config, task = self.config, position.task
     self.log.training_started(position, epochs, steps_per_epoch)
     while position.epoch < epochs:
       totals, logged = None, 0
-      for local in self.log.timed(
-          self.data.train_batches(task, position.epoch, config.batch_size,
-                                  start_step=position.step)):
+      for local in self.log.timed(batches(position.epoch, position.step)):
         batch = distributed.global_batch(local, self.batch_sharding)
-        phase_step = position.epoch * steps_per_epoch + position.step
-        step_rates = {g: np.float32(s(phase_step)) for g, s in rates.items()}
+        step_rates = {
+            g: np.float32(r)
+            for g, r in rates_at(position.epoch, position.step).items()
+        }
         inputs = steps_lib.TaskInputs(class_range=self.class_range(task),
                                       task=np.int32(task), rates=step_rates,
                                       method_state=state["method_state"])
-        state["trainable"], state["opt_state"], step_metrics = self.steps.train(
-            mode, state["trainable"], state["opt_state"], self.frozen, batch,
-            inputs)
+        state["trainable"], state["opt_state"], step_metrics = step_fn(
+            state["trainable"], state["opt_state"], self.frozen, batch, inputs)
         totals = step_metrics if totals is None else jax.tree_util.tree_map(
             jnp.add, totals, step_metrics)
         logged += 1
@@ -363,6 +382,11 @@ class Run:
       self.log.tick()
     self.log.phase_ended("task %d: evaluated %d tasks in %s", task + 1,
                          task + 1)
+    return self.finish_task(state, position, row)
+
+  def finish_task(self, state, position: Position, row: list):
+    """Adds the task's accuracy row (%, one per seen task), moves on, then
+    saves and reports the task."""
     state, position = self.next_phase(
         state,
         dataclasses.replace(

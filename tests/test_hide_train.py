@@ -11,6 +11,7 @@ import pytest
 from smope_jax.hide import alignment
 from smope_jax.hide import schedules
 from smope_jax.hide import statistics
+from smope_jax.methods import hideprompt_spec
 
 K, D = statistics.NUM_CENTROIDS, 4
 
@@ -321,11 +322,11 @@ def test_align_is_deterministic_and_fits_the_clusters():
 
 
 def test_lr_scaling_by_the_reference_device_batch():
-  assert schedules.scale_lr(5e-4) == pytest.approx(4.6875e-5)
-  assert schedules.scale_lr(0.03) == pytest.approx(2.8125e-3)
-  assert schedules.scale_lr(0.01) == pytest.approx(9.375e-4)
-  assert schedules.scale_lr(0.005) == pytest.approx(4.6875e-4)
-  assert schedules.scale_lr(0.1, batch=192) == pytest.approx(0.075)
+  """lr * 24 / 256: the reference's per-process batch of a global 192."""
+  assert hideprompt_spec.scaled(5e-4) == pytest.approx(4.6875e-5)
+  assert hideprompt_spec.scaled(0.03) == pytest.approx(2.8125e-3)
+  assert hideprompt_spec.scaled(0.01) == pytest.approx(9.375e-4)
+  assert hideprompt_spec.scaled(0.005) == pytest.approx(4.6875e-4)
   assert schedules.prompt_phase_rates(0.01, True) == {
       "prompt": 0.01,
       "head": pytest.approx(0.001)

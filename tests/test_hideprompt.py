@@ -75,6 +75,14 @@ def test_batches_off_the_windows_end_with_a_shorter_group():
   config.hide.momentum = 1.0
   with pytest.raises(ConfigError, match="momentum"):
     configuration.validate(config)
+  # Evaluation batches off the windows would change the pairing, and so
+  # the results (a resume may change the evaluation batch).
+  config.hide.momentum = 0.01
+  config.eval_batch_size = 40
+  with pytest.raises(ConfigError, match="eval_batch_size=40"):
+    configuration.validate(config)
+  config.hide.intended_pairing = True
+  configuration.validate(config)
 
 
 def _method(**hide):

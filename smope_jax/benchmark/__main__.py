@@ -1,8 +1,8 @@
 r"""Command line: `python -m smope_jax.benchmark --config=CONFIG [--out=F]`.
 
-Prints a table of every method's train step and inference (SMoPE, L2P++,
-Deep L2P++, DualPrompt, CODA-Prompt) next to the plain ViT, with their
-learnable parameters and FLOP ratios, and writes the full record as JSON.
+Prints a table of every registered method's train step and inference (and
+a method's own steps) next to the plain ViT, with their learnable
+parameters and FLOP ratios, and writes the full record as JSON.
 """
 
 import sys

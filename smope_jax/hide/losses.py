@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import optax
 
 from smope_jax import losses
+from smope_jax.methods import hideprompt_spec
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # The reference's per-process batch: loss groups and pairing windows.
-DEVICE_BATCH = 24
+DEVICE_BATCH = hideprompt_spec.DEVICE_BATCH
 _FLOOR = -1e30  # A logit that takes no part in a softmax.
 
 

@@ -9,16 +9,11 @@ Statistics read every training image of the task with the test transform
 and cluster each class on the host (`hide.statistics`).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from smope_jax import distributed
-from smope_jax import run_log
-from smope_jax import trainer
-from smope_jax import train_step as steps_lib
 from smope_jax.hide import alignment
 from smope_jax.hide import losses as hide_losses
 from smope_jax.hide import schedules
@@ -81,51 +76,24 @@ class Phases:
         })
 
   def _train(self, state, position, epochs, step_fn, mode, rates_of):
+    """`run.run_epochs` with a new optimizer, HiDe's batches (the last
+    partial one kept, real samples dealt over the windows) and one rate per
+    subgroup and epoch."""
     run, config, task = self.run, self.config, position.task
     if position.epoch == 0 and position.step == 0:  # A new optimizer.
       state["opt_state"] = run.steps.init_optimizer(state["trainable"])
-    steps_per_epoch = -(-run.data.train_size(task) // config.batch_size)
-    run.log.training_started(position, epochs, steps_per_epoch)
-    while position.epoch < epochs:
-      rates = {g: np.float32(r) for g, r in rates_of(position.epoch).items()}
-      totals, logged = None, 0
-      for local in run.log.timed(
-          run.data.train_batches(task, position.epoch, config.batch_size,
-                                 start_step=position.step,
-                                 drop_remainder=False)):
-        batch = distributed.global_batch(
-            hide_steps.spread_windows(local, WINDOW), run.batch_sharding)
-        inputs = steps_lib.TaskInputs(class_range=run.class_range(task),
-                                      task=np.int32(task), rates=rates,
-                                      method_state=state["method_state"])
-        state["trainable"], state["opt_state"], metrics = step_fn(
-            state["trainable"], state["opt_state"], run.frozen, batch, inputs)
-        totals = metrics if totals is None else jax.tree_util.tree_map(
-            jnp.add, totals, metrics)
-        logged += 1
-        position = dataclasses.replace(position, step=position.step + 1,
-                                       global_step=position.global_step + 1)
-        run.log.train_step(position, mode, metrics,
-                           local["image"].shape[0] * jax.process_count(),
-                           epochs)
-        if position.global_step == config.exit_at_step:
-          trainer.exit_abruptly(config.exit_at_step)
-        if (position.step % config.log_every_steps == 0 or
-            position.step == steps_per_epoch):
-          values = run_log.interval_means(totals, logged)
-          run.ensure_finite(state, position, loss=values["loss"])
-          position = position.logged(values)
-          run.log.interval(position, values, rates, epochs)
-          totals, logged = None, 0
-        if position.global_step % config.checkpoint_every_steps == 0:
-          position = run.save(state, position)
-      position = dataclasses.replace(position, epoch=position.epoch + 1, step=0)
-    images_per_second = run.log.training_ended(position)
-    if mode == "train":
-      position = dataclasses.replace(
-          position, train_images_per_second=(*position.train_images_per_second,
-                                             images_per_second))
-    return self._done(state, position)
+
+    def batches(epoch, start_step):
+      for local in run.data.train_batches(task, epoch, config.batch_size,
+                                          start_step=start_step,
+                                          drop_remainder=False):
+        yield hide_steps.spread_windows(local, WINDOW)
+
+    return run.run_epochs(
+        state, position, epochs=epochs,
+        steps_per_epoch=-(-run.data.train_size(task) // config.batch_size),
+        mode=mode, step_fn=step_fn,
+        rates_at=lambda epoch, step: rates_of(epoch), batches=batches)
 
   def _done(self, state, position):
     state, position = self.run.next_phase(state, position)
@@ -264,12 +232,4 @@ class Phases:
         {
             **host, "tii_accuracy": accuracy
         }, run.mesh)
-    state, position = run.next_phase(
-        state,
-        dataclasses.replace(
-            position, acc_matrix=(*position.acc_matrix, tuple(row)),
-            task_seconds=(*position.task_seconds, run.log.task_seconds())))
-    summary = run.summary(state, position)
-    position = run.save(state, position, force=True)
-    run.log.task_done(position, summary)
-    return state, position
+    return run.finish_task(state, position, row)

@@ -20,26 +20,17 @@ import numpy as np
 import optax
 
 from smope_jax.hide import losses
+from smope_jax.methods import hideprompt_spec
 
-KINDS = ("epoch_step", "epoch_cosine_min", "constant")
+KINDS = hideprompt_spec.SCHEDULES
 DECAY_EPOCHS = 30
 DECAY_RATE = 0.1
 MIN_LR = 1e-5
-# The reference scales its rates by its per-process batch over 256.
-REFERENCE_DEVICE_BATCH = 24
 # The weight decay the reference's configs name; argparse lets an earlier
 # default of 0 win, so the runs had none.
 NAMED_WEIGHT_DECAY = 5e-4
 CLIP_NORM = 1.0
 HEAD_RATE_FACTOR = 0.1
-
-
-def scale_lr(lr: float, batch: int = REFERENCE_DEVICE_BATCH) -> float:
-  """The rate the reference uses for a given one: lr * batch / 256.
-
-  The reference scales by its PER-PROCESS batch (24 of a global 192).
-  """
-  return lr * batch / 256.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -242,8 +242,8 @@ def preflight_calls(run) -> dict[str, tuple]:
 
   def replay(params, prefix):
     momentum = jax.eval_shape(alignment.momentum_direction().init, params)
-    stored = (run.method_state[f"{prefix}{n}"]
-              for n in ("means", "vars", "present"))
+    stored = (
+        run.method_state[f"{prefix}{n}"] for n in ("means", "vars", "present"))
     return (params, run.abstract(momentum), *stored, key, task, task,
             run.scalar(jnp.float32))
 
@@ -252,8 +252,8 @@ def preflight_calls(run) -> dict[str, tuple]:
       "start": (run.steps.start, (run.trainable, run.method_state, task, key)),
       "train (stage 1)": (steps.tii_train, trained),
       "features (stage 1)": (steps.plain_features, features),
-      "alignment (stage 1)":
-          (steps.tii_align_epoch, replay(prompts["tii"], "tii_")),
+      "alignment (stage 1)": (steps.tii_align_epoch,
+                              replay(prompts["tii"], "tii_")),
       "train (stage 2)": (steps.prompt_train, trained),
       "merge": (steps.merge, (prompts["e_prompt"], task)),
       "class statistics": (steps.prompt_features, features),

@@ -140,6 +140,13 @@ def check(config, dims: dict) -> None:
       "config.hide.tii_epochs must be positive and "
       "config.hide.crct_epochs not negative.")
   errors.require(
+      h.intended_pairing or config.eval_batch_size % DEVICE_BATCH == 0,
+      f"config.eval_batch_size={config.eval_batch_size}: HiDe-Prompt's "
+      f"evaluation pairs keys and values within windows of {DEVICE_BATCH} "
+      "from each batch's start, so its results depend on the batch unless "
+      f"it is a multiple of {DEVICE_BATCH} (or config.hide.intended_pairing"
+      "=True).")
+  errors.require(
       config.prompt_length >= 1,
       f"config.prompt_length={config.prompt_length} must be "
       "positive.")

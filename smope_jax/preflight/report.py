@@ -73,8 +73,8 @@ def cost_table(result) -> list[str]:
   for step in result.steps:
     if step.error:
       continue
-    images = (0 if preflight_steps.whole_call(step.name) else
-              result.per_device(step.batch_field))
+    whole = preflight_steps.whole_call(step.name)
+    images = 0 if whole else result.per_device(step.batch_field)
     bound = result.bound(step)
     if step.flops is None:
       gflops = f"{'-':>9}"

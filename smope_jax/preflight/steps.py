@@ -80,10 +80,10 @@ class RunSteps:
                                       self.replicated)
     params = factory.param_shapes(config, self.model, self.method)
     trainable, frozen = steps_lib.split_params(params)
-    self.trainable, self.frozen = self.abstract(trainable), self.abstract(
-        frozen)
-    self.opt_state = self.abstract(
-        jax.eval_shape(self.steps.tx.init, trainable))
+    self.trainable = self.abstract(trainable)
+    self.frozen = self.abstract(frozen)
+    self.opt_state = self.abstract(jax.eval_shape(self.steps.tx.init,
+                                                  trainable))
     self.method_state = self.abstract(
         jax.eval_shape(self.method.init_state, trainable))
     self.hidden = self.model.hidden_size
