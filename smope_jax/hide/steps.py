@@ -138,10 +138,8 @@ def feature_step(trainable, frozen, method_state, batch, task, *, model, method,
   prompted ones through the true task's prompt as it is."""
   if not instructed:
     return plain_features(trainable, frozen, batch["image"], model)
-  context = {
-      **method.context(method_state, task, mask=batch["mask"]), "routing":
-          "stats"
-  }
+  context = dict(method.context(method_state, task, mask=batch["mask"]),
+                 routing="stats")
   return model.apply({"params": train_step.merge_params(trainable, frozen)},
                      batch["image"], context, mode="eval")["pre_logits"]
 
@@ -154,12 +152,9 @@ def eval_step(trainable, frozen, method_state, batch, task, tii_seen, *, model,
   classes' tasks; that task's prompt gives the logits, whose argmax runs
   over all classes (`all_classes`) or over those seen by task `task`.
   """
-  context = {
-      **method.context(method_state, task, evaluating=True, mask=batch["mask"]), "seen_classes":
-          tii_seen,
-      "routing":
-          "eval"
-  }
+  context = dict(
+      method.context(method_state, task, evaluating=True, mask=batch["mask"]),
+      seen_classes=tii_seen, routing="eval")
   out = model.apply({"params": train_step.merge_params(trainable, frozen)},
                     batch["image"], context, mode="eval")
   seen = (task + 1) * method.task_size
