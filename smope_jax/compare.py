@@ -214,6 +214,11 @@ def format_markdown(record: dict) -> str:
       "Sources: " +
       "; ".join(f"[{k}] {v}" for k, v in record["sources"].items()), ""
   ]
+  methods = {r["method"] for e in record["benchmarks"] for r in e["rows"]}
+  lines += [
+      f"Note: {text}" for method, text in published.NOTES.items()
+      if method in methods
+  ]
   return "\n".join(lines)
 
 

@@ -82,6 +82,23 @@ def test_published_numbers_beside_ours(tmp_path):
   assert "89.23 +- 0.12 [S]" in (tmp_path / "out" / "comparison.md").read_text()
 
 
+def test_published_numbers_of_unknown_provenance_carry_their_note(tmp_path):
+  config = cifar100.get_config("method=hideprompt")
+  config.update(pretrained="", image_size=32)
+  config.model.update(variant="custom", patch_size=8, hidden_size=16,
+                      num_layers=2, num_heads=2, mlp_dim=32)
+  _write_run(tmp_path / "run", config, 80.0, 0, tasks=10, tasks_done=10)
+  record = compare.compare([str(tmp_path / "run")], str(tmp_path / "out"))
+  row = record["benchmarks"][0]["rows"][0]
+  assert row["published_faa"] == [{"mean": 88.27, "std": 0.59, "source": "S"}]
+  text = (tmp_path / "out" / "comparison.md").read_text()
+  assert "Note: HiDe-Prompt's published FAA" in text
+  assert "provenance" in text
+  # Without the method, no note.
+  smope = compare.format_markdown({**record, "benchmarks": []})
+  assert "Note:" not in smope
+
+
 def test_refuses_to_mix_protocols_in_one_row(tmp_path):
   _write_run(tmp_path / "a", _tiny(), 80.0, 0)
   _write_run(tmp_path / "b", _tiny(lr=0.01), 81.0, 1)

@@ -9,16 +9,25 @@ L2P++. Sources:
   C  CODA-Prompt (Smith et al., CVPR 2023), as reproduced in VQ-Prompt or
      quoted by OS-Prompt (Kim et al.), a secondary source;
   V  VQ-Prompt (Jiao et al., NeurIPS 2024), Tables 1-2.
-The SMoPE paper's HiDe-Prompt row has no recorded provenance: HiDe-Prompt's
-own scripts use the original ViT paper's ImageNet-21k backbone, 3 seeds
-(CUB-200: 1) and a random ImageNet-R split of their own; which backbone,
-seeds and split stand behind these numbers is unknown.
+What is known of a method's published numbers beyond their source is in
+NOTES, which the comparison prints under a table holding the method.
 """
 
 SOURCES = {
     "S": "SMoPE paper (arXiv 2509.24483)",
     "C": "CODA-Prompt paper, via VQ-Prompt / OS-Prompt",
     "V": "VQ-Prompt paper (NeurIPS 2024)",
+}
+
+NOTES = {
+    "hideprompt":
+        "HiDe-Prompt's published FAA (SMoPE paper) has no recorded "
+        "provenance: its authors' scripts use the original ViT paper's "
+        "ImageNet-21k backbone, 3 seeds (CUB-200: 1) and a random "
+        "ImageNet-R split of their own, and the SMoPE repository has no "
+        "HiDe-Prompt code or command; which backbone, seeds and split "
+        "stand behind these numbers is unknown. VQ-Prompt's paper reports "
+        "other numbers for it on ImageNet-R (ImageNet-1k weights).",
 }
 
 # (dataset, tasks) -> method -> ((mean, std, source), ...)
