@@ -511,6 +511,27 @@ def test_cached_file_for_another_model_is_kept(tmp_path, server):
   assert sorted(os.listdir(cache)) == [NAME, NAME + ".sha256"]
 
 
+def test_orig_in21k_loads_without_its_representation_layer(tmp_path, server):
+  """HiDe-Prompt's backbone: the original ImageNet-21k file, whose
+  `pre_logits` layer (and head, if any) are not backbone."""
+  state = numpy_vit.google_to_timm(random_backbone())
+  width = TINY["hidden_size"]
+  state.update({
+      "pre_logits.fc.weight": np.ones((width, width), np.float32),
+      "pre_logits.fc.bias": np.zeros(width, np.float32)
+  })
+  name = weights.PRESETS["orig_in21k"][1]
+  server.routes[f"/{name}"] = (200, {}, safetensors.numpy.save(state))
+  cache = tmp_path / "cache"
+  loaded = weights.load_backbone("orig_in21k", template(), cache_dir=str(cache),
+                                 base_url=server.url)
+  want = random_backbone()
+  assert flatten(loaded).keys() == want.keys()
+  for key, value in flatten(loaded).items():
+    np.testing.assert_allclose(value, want[key], rtol=1e-6, err_msg=key)
+  assert sorted(os.listdir(cache)) == [name, name + ".sha256"]
+
+
 def test_unwritable_cache_is_one_clear_error(tmp_path, server):
   (tmp_path / "afile").write_text("x")
   with pytest.raises(
