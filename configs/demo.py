@@ -53,8 +53,9 @@ def get_config(arg=None):
   config = configuration.use_method(config, args.method, epochs=8,
                                     batch_size=32)
   if args.tiny:  # Whatever the method's protocol, a run of seconds.
+    # An evaluation batch of whole windows of 24 (HiDe-Prompt's pairing).
     config.update(pretrained="", image_size=16, epochs=1, freeze_steps=1,
-                  align_epochs=1, eval_batch_size=128, progress_bar=False)
+                  align_epochs=1, eval_batch_size=96, progress_bar=False)
     config.model.update(patch_size=8, hidden_size=16, num_layers=2, num_heads=2,
                         mlp_dim=32)
     if args.method == "smope":  # A baseline keeps its protocol's prompts.
