@@ -6,10 +6,10 @@ parameter tree) gives each prompted block its prefix; the model calls
 block and `outputs(aux, ...)` once, and the module says with `needs_query`
 (or, per call, `uses_query`) whether the model must first run the frozen
 backbone without prompts to get the query (the final-LN CLS token, without
-gradient). Its `Method`
-object (plain Python, static under jit) says what the trainer does around
-the model: the method's state, what happens when a task starts, the loss
-terms, the phases it needs.
+gradient). Its `Method` object (plain Python, static under jit) says what
+the trainer does around the model: the method's state, what happens when a
+task starts, the loss terms, the phases it needs, and, for a method with
+steps of its own, those steps for the benchmark and the preflight.
 """
 
 import dataclasses
