@@ -285,6 +285,10 @@ class Run:
       position = dataclasses.replace(
           position, train_images_per_second=(*position.train_images_per_second,
                                              images_per_second))
+    return self.finish_phase(state, position)
+
+  def finish_phase(self, state, position: Position):
+    """Moves to the next phase and checkpoints there."""
     state, position = self.next_phase(state, position)
     return state, self.save(state, position)
 
@@ -307,8 +311,7 @@ class Run:
       self.log.tick(batch_size)
     self.log.phase_ended("task %d: counted expert use over %d batches in %s",
                          task + 1, total)
-    state, position = self.next_phase(state, position)
-    return state, self.save(state, position)
+    return self.finish_phase(state, position)
 
   def class_statistics(self, state, position: Position):
     """Mean and variance of each new class's pre-logits (train augmentation).

@@ -95,10 +95,6 @@ class Phases:
         mode=mode, step_fn=step_fn,
         rates_at=lambda epoch, step: rates_of(epoch), batches=batches)
 
-  def _done(self, state, position):
-    state, position = self.run.next_phase(state, position)
-    return state, self.run.save(state, position)
-
   # ------------------------------------------------------------ statistics
 
   def tii_stats(self, state, position):
@@ -145,7 +141,7 @@ class Phases:
     run.log.phase_ended("task %d, %s: %d clusters of %d classes in %s",
                         task + 1, position.phase, int(new.present.sum()),
                         len(classes))
-    return self._done(state, position)
+    return self.run.finish_phase(state, position)
 
   # ------------------------------------------------------------- alignment
 
@@ -187,7 +183,7 @@ class Phases:
       }
     run.ensure_finite(state, position, rate="lr")
     run.log.phase_ended("task %d, %s: replay took %s", task + 1, position.phase)
-    return self._done(state, position)
+    return self.run.finish_phase(state, position)
 
   # ----------------------------------------------------- merge, evaluation
 
@@ -201,7 +197,7 @@ class Phases:
                                  np.int32(position.task))
         }
     }
-    return self._done(state, position)
+    return self.run.finish_phase(state, position)
 
   def evaluate(self, state, position):
     """Accuracy and task-identity accuracy on every seen task."""
